@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from cnnops.errors import ConfigError
 
@@ -54,17 +62,50 @@ class DataParams(Section):
     hidden_files: Literal["error", "skip"] = Field(
         "skip", description="files or folders starting with '.' under data/: refuse, or skip with a warning"
     )
+    # 4 on the digits example: the largest group is 8 near-identical 6s and no group spans two classes;
+    # at 6 chaining glues 45 images into one group and the first two-class group appears.
     near_duplicate_distance: int = Field(
-        2, ge=0, le=64, description="max Hamming distance of 64-bit perceptual hashes for near duplicates"
+        4, ge=0, le=64, description="max Hamming distance of 64-bit perceptual hashes for near duplicates"
     )
 
 
 Severity = Literal["error", "warning", "off"]
 
 
+class Severities(Section):
+    """Per check of `cnnops validate`: error stops the pipeline, warning is reported, off skips it."""
+
+    decodes: Severity = "error"
+    format: Severity = "error"
+    mode: Severity = "error"
+    size: Severity = "error"
+    min_classes: Severity = "error"
+    min_images_per_class: Severity = "error"
+    imbalance: Severity = "warning"
+    label_conflict: Severity = "error"
+    exact_duplicates: Severity = "warning"
+    near_duplicates: Severity = "warning"
+
+
+def _pillow_names() -> dict[str, set[str]]:
+    """Format and mode names Pillow knows, so a typo in allowed_* is an error, not a silent no-match."""
+    from PIL import Image, ImageMode
+
+    Image.init()
+    candidates = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+                  "LAB", "HSV", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # fmt: skip
+    modes = {m for m in candidates if ImageMode.getmode(m)}
+    return {"allowed_formats": set(Image.OPEN), "allowed_modes": modes}
+
+
 class ValidateParams(Section):
-    allowed_formats: tuple[str, ...] = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")
-    allowed_modes: tuple[str, ...] = ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I;16B", "I", "F")
+    allowed_formats: tuple[str, ...] = Field(
+        ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP"), description="Pillow format names accepted"
+    )
+    allowed_modes: tuple[str, ...] = Field(
+        ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I;16B", "I", "F"),
+        description="Pillow modes accepted (as stored in the file)",
+    )
     min_width: int = Field(8, ge=1)
     min_height: int = Field(8, ge=1)
     max_width: int = Field(10_000, ge=1)
@@ -72,31 +113,23 @@ class ValidateParams(Section):
     min_classes: int = Field(2, ge=2)
     min_images_per_class: int = Field(10, ge=1)
     max_imbalance_ratio: float = Field(10.0, ge=1.0, description="largest class count / smallest")
-    severity: dict[str, Severity] = Field(
-        default_factory=lambda: {
-            "decodes": "error",
-            "format": "error",
-            "mode": "error",
-            "size": "error",
-            "min_classes": "error",
-            "min_images_per_class": "error",
-            "imbalance": "warning",
-            "label_conflict": "error",
-            "exact_duplicates": "warning",
-            "near_duplicates": "warning",
-        },
-        description="per check: error stops the pipeline, warning is reported, off skips it",
-    )
+    severity: Severities = Severities()
+
+    @field_validator("allowed_formats", "allowed_modes")
+    @classmethod
+    def _pillow_name(cls, names: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        known = _pillow_names()[str(info.field_name)]
+        for name in names:
+            if name not in known:
+                raise ValueError(f"{name!r} is not a Pillow name{_suggest(name, known)}")
+        return names
 
     @model_validator(mode="after")
-    def _known_checks(self) -> ValidateParams:
-        known = {
-            "decodes", "format", "mode", "size", "min_classes", "min_images_per_class",
-            "imbalance", "label_conflict", "exact_duplicates", "near_duplicates",
-        }  # fmt: skip
-        for name in self.severity:
-            if name not in known:
-                raise ValueError(f"unknown check {name!r}{_suggest(name, known)}; checks are {sorted(known)}")
+    def _ordered_bounds(self) -> ValidateParams:
+        for side in ("width", "height"):
+            low, high = getattr(self, f"min_{side}"), getattr(self, f"max_{side}")
+            if low > high:
+                raise ValueError(f"min_{side} {low} is larger than max_{side} {high}")
         return self
 
 

@@ -1,0 +1,239 @@
+"""`cnnops prepare`: a hash-stable, duplicate-aware train/val/test split cached as uint8 tensors.
+
+Split rule (`assign_splits`): images are first grouped into duplicate groups (identical bytes or
+perceptual hashes within `data.near_duplicate_distance`, see `cnnops.manifest`). Each group gets a
+number u in [0, 1) from SHA-256 of (seed, the smallest SHA-256 of its files); u < test_fraction
+is test, u < test_fraction + val_fraction is val, the rest train. So an image's split depends only
+on its own content and the seed: adding images never moves existing ones (unless a new image joins
+an existing duplicate group), and a duplicate group never straddles two splits.
+
+Coverage: when the thresholds leave a split without any image of a class that has at least three
+groups, the group of that class whose u lies nearest to the empty split's interval is moved there
+(reported under `coverage_moves`). Only small classes need this, and only they can see an image
+move when images are added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnops.config import DataParams, Params, PrepareParams, ValidateParams
+from cnnops.dataset import SPLITS, PreparedSplit
+from cnnops.errors import DataError, StageInputError
+from cnnops.images import scan_image_folder, to_tensor
+from cnnops.manifest import ManifestEntry, describe, duplicate_groups
+
+log = logging.getLogger(__name__)
+
+
+def split_position(key: str, seed: int) -> float:
+    """A content key's place in [0, 1): the first 64 bits of SHA-256(seed:key)."""
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:16], 16) / 2.0**64
+
+
+def assign_splits(
+    sha256: Sequence[str],
+    labels: Sequence[str],
+    groups: np.ndarray,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> tuple[list[str], list[tuple[str, str, str, list[int]]]]:
+    """Split name per image (by its duplicate group), and the coverage moves made (module docstring).
+
+    A move is (class, from split, to split, indices of the moved group's images).
+    """
+    members: dict[int, list[int]] = defaultdict(list)
+    for index, group in enumerate(groups):
+        members[int(group)].append(index)
+    bounds = {"test": (0.0, test_fraction), "val": (test_fraction, test_fraction + val_fraction)}
+    bounds["train"] = (test_fraction + val_fraction, 1.0)
+    position = {g: split_position(min(sha256[i] for i in idx), seed) for g, idx in members.items()}
+    split_of = {g: next(s for s, (lo, hi) in bounds.items() if lo <= u < hi) for g, u in position.items()}
+
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for g, idx in members.items():
+        by_class[Counter(labels[i] for i in idx).most_common(1)[0][0]].append(g)
+    moves: list[tuple[str, str, str, list[int]]] = []
+    for label, class_groups in sorted(by_class.items()):
+        if len(class_groups) < len(SPLITS):
+            log.warning(
+                "class %r has %d distinct image groups: it cannot be in all 3 splits",
+                label,
+                len(class_groups),
+            )
+            continue
+        for split in SPLITS:
+            count = Counter(split_of[g] for g in class_groups)
+            if count[split]:
+                continue
+            lo, hi = bounds[split]
+            donors = [g for g in class_groups if count[split_of[g]] > 1]
+            moved = min(donors, key=lambda g: min(abs(position[g] - lo), abs(position[g] - hi)))
+            moves.append((label, split_of[moved], split, members[moved]))
+            split_of[moved] = split
+    return [split_of[int(g)] for g in groups], moves
+
+
+def run(
+    data_dir: str | Path,
+    *,
+    out_dir: str | Path,
+    report_path: str | Path,
+    seed: int,
+    data: DataParams,
+    prepare: PrepareParams,
+    validate: ValidateParams,
+    validation_report: str | Path | None = None,
+) -> dict[str, object]:
+    """Split `data_dir`, write `<out_dir>/{train,val,test}.pt` and the report; returns the report.
+
+    With `validation_report`, refuses data that failed validation or changed since it ran.
+    Undecodable files raise a DataError naming them, unless `validate.severity.decodes` is not
+    "error": then they are skipped with a warning and listed under `skipped`.
+    """
+    scan = scan_image_folder(data_dir, hidden_files=data.hidden_files, min_classes=2)
+    entries: list[ManifestEntry] = []
+    tensors: list[torch.Tensor] = []
+    skipped: list[dict[str, str]] = [{"path": p, "reason": why} for p, why in scan.skipped]
+    for record in scan.records:
+        entry, image = describe(record, color_mode=data.color_mode, max_pixels=data.max_image_pixels)
+        if image is None:
+            skipped.append({"path": entry.path, "reason": str(entry.error)})
+            continue
+        entries.append(entry)
+        tensors.append(to_tensor(image, prepare.image_size))
+    _check_decoding(skipped, validate, scan.root)
+    if validation_report is not None:
+        _check_validated(Path(validation_report), entries, scan.root)
+
+    shas = [str(e.sha256) for e in entries]
+    groups = duplicate_groups(shas, [str(e.phash) for e in entries], data.near_duplicate_distance)
+    labels = [e.label for e in entries]
+    splits, moves = assign_splits(
+        shas,
+        labels,
+        groups,
+        val_fraction=prepare.val_fraction,
+        test_fraction=prepare.test_fraction,
+        seed=seed,
+    )
+    out_dir = Path(out_dir)
+    counts: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        index = [i for i, s in enumerate(splits) if s == split]
+        PreparedSplit(
+            images=torch.stack([tensors[i] for i in index]) if index else _empty(prepare, data),
+            labels=torch.tensor([scan.class_names.index(labels[i]) for i in index], dtype=torch.int64),
+            paths=[entries[i].path for i in index],
+            class_names=scan.class_names,
+            color_mode=data.color_mode,
+        ).save(out_dir / f"{split}.pt")
+        per_class = Counter(labels[i] for i in index)
+        counts[split] = {name: per_class.get(name, 0) for name in scan.class_names}
+        log.info("%s: %d images -> %s", split, len(index), out_dir / f"{split}.pt")
+
+    group_files: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        group_files[int(g)].append(i)
+    report = {
+        "classes": scan.class_names,
+        "color_mode": data.color_mode,
+        "image_size": list(prepare.image_size),
+        "totals": {split: sum(counts[split].values()) for split in SPLITS},
+        "counts": counts,
+        "duplicate_groups": [
+            {"split": splits[idx[0]], "files": [entries[i].path for i in idx]}
+            for idx in group_files.values()
+            if len(idx) > 1
+        ],
+        "coverage_moves": [
+            {"class": label, "from": source, "to": target, "files": [entries[i].path for i in idx]}
+            for label, source, target, idx in moves
+        ],
+        "skipped": skipped,
+    }
+    Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(report_path).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _empty(prepare: PrepareParams, data: DataParams) -> torch.Tensor:
+    return torch.zeros((0, 3 if data.color_mode == "RGB" else 1, *prepare.image_size), dtype=torch.uint8)
+
+
+def _check_decoding(skipped: list[dict[str, str]], validate: ValidateParams, root: Path) -> None:
+    failed = [s for s in skipped if s["reason"] != "hidden"]
+    if not failed:
+        return
+    if validate.severity.get("decodes", "error") == "error":
+        raise DataError(
+            f"{len(failed)} file(s) under {root} do not decode:\n"
+            + "\n".join(s["reason"] for s in failed)
+            + "\nfix or remove them (or set validate.severity.decodes: warning to skip them)"
+        )
+    for s in failed:
+        log.warning("skipping %s (validate.severity.decodes is not 'error'): %s", s["path"], s["reason"])
+
+
+def _check_validated(path: Path, entries: list[ManifestEntry], root: Path) -> None:
+    """The data must be the data that `validate` passed: same files, same bytes."""
+    if not path.exists():
+        raise StageInputError(
+            f"{path}: validation report not found; run `cnnops validate` (or `dvc repro`) first"
+        )
+    try:
+        report = json.loads(path.read_text())
+        validated = {row["path"]: row["sha256"] for row in report["manifest"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StageInputError(
+            f"{path}: not a cnnops validation report ({exc}); re-run `cnnops validate`"
+        ) from None
+    if not report.get("success", False):
+        raise StageInputError(
+            f"{path}: records failed error-level checks ({', '.join(report.get('failed_errors', []))}); "
+            "fix the data and re-run `cnnops validate`"
+        )
+    changed = [e.path for e in entries if validated.get(e.path) != e.sha256]
+    if changed:
+        raise StageInputError(
+            f"{len(changed)} file(s) under {root} changed or appeared since {path} was written "
+            f"(first: {root / changed[0]}); re-run `cnnops validate` (or `dvc repro`)"
+        )
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prepare", help="hash-stable, duplicate-aware split cached as uint8 tensors"
+    )
+    parser.add_argument("data_dir", metavar="DATA", help="ImageFolder root, e.g. data")
+    parser.add_argument(
+        "--out", default="prepared", help="folder for {train,val,test}.pt (default: prepared)"
+    )
+    parser.add_argument("--report", default="reports/prepare.json", help="JSON report (default: %(default)s)")
+    parser.add_argument("--validation", default=None, help="validation report to check the data against")
+    parser.set_defaults(handler=_main)
+
+
+def _main(args: argparse.Namespace, params: Params) -> int:
+    run(
+        args.data_dir,
+        out_dir=args.out,
+        report_path=args.report,
+        seed=params.base.seed,
+        data=params.data,
+        prepare=params.prepare,
+        validate=params.validate,
+        validation_report=args.validation,
+    )
+    return 0

@@ -21,6 +21,7 @@ from cnnops.errors import CnnopsError
 COMMAND_MODULES = (
     "cnnops.stages.validate",
     "cnnops.stages.prepare",
+    "cnnops.example",
 )
 
 

@@ -221,14 +221,28 @@ class ReleaseParams(Section):
 
 
 class OrchestrateParams(Section):
-    incoming: str | None = Field(None, description="folder whose <class>/<image> files retrain merges into data/")
-    schedule: str = Field("0 3 * * *", description="cron schedule of the retrain deployment")
-    timezone: str = "UTC"
-    notify_webhook: str | None = Field(None, description="URL posted to on failure or a new champion")
-    notify_block: str | None = Field(None, description="name of a Prefect notification block")
-    git_commit: bool = Field(False, description="commit data.dvc and dvc.lock after a retrain")
-    git_branch: str = "cnnops/retrain"
-    retries: int = Field(1, ge=0)
+    incoming: str | None = Field(
+        None, description="folder (relative to the workspace) whose <class>/<image> files retrain adds to data/"
+    )
+    schedule: str = Field(
+        "0 3 * * *", description="cron schedule of the retrain deployment (checked by Prefect when deploying)"
+    )
+    timezone: str = Field("UTC", description="IANA time zone of the schedule")
+    notify_webhook: str | None = Field(
+        None, pattern=r"^https?://", description="URL posted to (JSON) on failure or a new champion"
+    )
+    notify_block: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9-]+/[^/]+$",
+        description="Prefect notification block as <block-type-slug>/<name>, e.g. slack-webhook/ops",
+    )
+    git_commit: bool = Field(False, description="commit data.dvc and dvc.lock to git_branch after a retrain")
+    git_branch: str = Field("cnnops/retrain", min_length=1)
+    retries: int = Field(2, ge=0, description="retries of a stage that failed for a transient reason")
+    retry_delay: float = Field(10.0, ge=0.0, description="seconds before the first retry; doubles each retry")
+    lock_timeout: float = Field(
+        0.0, ge=0.0, description="seconds a run waits for another to free the workspace; 0 refuses at once"
+    )
 
 
 class Params(Section):

@@ -1,0 +1,83 @@
+"""Deployments: `retrain` on the cron schedule of params.yaml, `reproduce` on demand.
+
+Two ways to run them, same flows and schedule:
+- `serve`: this process registers both deployments and runs their flow runs itself (no work pool);
+  with no PREFECT_API_URL, Prefect starts its local ephemeral API for it.
+- `deploy`: registers them on the Prefect server of PREFECT_API_URL for a process work pool; a
+  `prefect worker start --pool <pool>` started in this project's environment runs them.
+The schedule lives in params.yaml (orchestrate.schedule, orchestrate.timezone) and nowhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from cnnops.config import OrchestrateParams, load_params
+from cnnops.errors import ConfigError
+from pipelines.flows import reproduce, retrain
+
+CODE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding pipelines/ (the flows' source)
+ENTRYPOINTS = {"retrain": "pipelines/flows.py:retrain", "reproduce": "pipelines/flows.py:reproduce"}
+
+
+def schedules(orchestrate: OrchestrateParams) -> list[Any]:
+    """The retrain schedule as Prefect's Cron; a bad cron string or zone names the params key."""
+    from prefect.schedules import Cron
+
+    try:
+        return [Cron(orchestrate.schedule, timezone=orchestrate.timezone)]
+    except (ValidationError, ValueError) as exc:
+        raise ConfigError(
+            f"params.yaml: orchestrate.schedule = {orchestrate.schedule!r} / orchestrate.timezone = "
+            f"{orchestrate.timezone!r} is not a valid cron schedule: {exc}. Use five cron fields "
+            "(e.g. '0 3 * * *' for 03:00 daily) and an IANA zone (e.g. UTC, Europe/Paris)"
+        ) from None
+
+
+def _settings(workspace: Path) -> tuple[dict[str, Any], list[Any]]:
+    root = workspace.resolve()
+    orchestrate = load_params(root / "params.yaml").orchestrate
+    return {"workspace": str(root)}, schedules(orchestrate)
+
+
+def serve(workspace: Path) -> None:
+    """Serve `retrain` (scheduled) and `reproduce` from this process until stopped (Ctrl-C)."""
+    from prefect import serve as prefect_serve
+
+    parameters, retrain_schedules = _settings(workspace)
+    prefect_serve(
+        retrain.to_deployment(name="retrain", parameters=parameters, schedules=retrain_schedules),
+        reproduce.to_deployment(name="reproduce", parameters=parameters),
+        limit=1,  # one flow run at a time from this process; the workspace lock guards the rest
+    )
+
+
+def deploy(workspace: Path, pool: str) -> list[str]:
+    """Register both deployments for the process work pool `pool`; returns their ids.
+
+    The worker runs the flows from this checkout (CODE_ROOT) against `workspace`; both must be
+    reachable from the worker's machine, so start the worker where the project lives.
+    """
+    from prefect import Flow
+
+    parameters, retrain_schedules = _settings(workspace)
+    ids = []
+    for name, entrypoint in ENTRYPOINTS.items():
+        source = Flow.from_source(source=str(CODE_ROOT), entrypoint=entrypoint)
+        ids.append(
+            str(
+                source.deploy(
+                    name=name,
+                    work_pool_name=pool,
+                    parameters=parameters,
+                    schedules=retrain_schedules if name == "retrain" else None,
+                    build=False,
+                    push=False,
+                    print_next_steps=False,
+                )
+            )
+        )
+    return ids

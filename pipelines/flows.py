@@ -1,0 +1,261 @@
+"""Prefect flows: `reproduce` the DVC pipeline on demand, `retrain` it when new data has arrived.
+
+Prefect owns when and where; DVC owns the DAG. Each DVC stage is one task running
+`dvc repro --single-item <stage>` in dependency order read from dvc.yaml, so dvc.lock stays the
+record and a stage added to dvc.yaml needs no change here. Stage output goes to the Prefect logs
+line by line; only failures worth retrying (lock contention, a server that did not answer) are
+retried, with exponential backoff; any other failure ends the flow with the stage and its error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import FlowRun, State, TaskRun
+from prefect.runtime import flow_run as current_flow_run
+from prefect.tasks import Task, exponential_backoff
+
+from cnnops import tracking
+from cnnops.config import OrchestrateParams, Params, TrackingParams, load_params
+from cnnops.errors import StageInputError
+from pipelines import Logger, dvc, gitops, notify
+from pipelines.workspace import (
+    MergeResult,
+    check_workspace,
+    clear_incoming,
+    data_version,
+    merge_incoming,
+    recover,
+    workspace_lock,
+)
+
+DATA_DIR = "data"
+TRAIN_REPORT = Path("reports/train.json")
+RELEASE_REPORT = Path("reports/release.json")
+VERSIONED_FILES = ("data.dvc", "dvc.lock")
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    """What a retrain did; `changed` False means it found nothing new and ran nothing."""
+
+    changed: bool
+    reason: str
+    data_version: str | None = None
+    mlflow_run_id: str | None = None
+    release: dict[str, Any] | None = None
+    git_commit: str | None = None
+
+
+def _retry_transient(task: Task[..., Any], task_run: TaskRun, state: State) -> bool:
+    """Retry only what can succeed on a second try (see dvc.TRANSIENT_MARKERS)."""
+    try:
+        state.result()
+    except dvc.TransientDvcError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(task_run_name="{stage}")
+def run_stage(root: Path, stage: str) -> None:
+    """One DVC stage, and only it: its upstream stages ran as the tasks before."""
+    dvc.run(["repro", "--single-item", stage], root, get_run_logger(), f"stage {stage!r}")
+
+
+@task
+def version_data(root: Path) -> str | None:
+    """`dvc add data`: the new data version goes into data.dvc (and the DVC cache)."""
+    dvc.run(["add", DATA_DIR], root, get_run_logger(), "dvc add data")
+    return data_version(root)
+
+
+@task
+def tag_mlflow_run(tracking_params: TrackingParams, run_id: str, tags: dict[str, str]) -> None:
+    """Point the MLflow run at this flow run (and its data version), so each record leads to the other."""
+    tracking.tag_run(tracking_params, run_id, tags)
+
+
+@task
+def commit_versions(root: Path, branch: str, message: str) -> str:
+    commit = gitops.commit_to_branch(root, branch, VERSIONED_FILES, message)
+    get_run_logger().info("committed %s to branch %s as %s", ", ".join(VERSIONED_FILES), branch, commit[:12])
+    return commit
+
+
+def _params(root: Path) -> Params:
+    check_workspace(root)
+    return load_params(root / "params.yaml")
+
+
+def _run_pipeline(root: Path, orchestrate: OrchestrateParams) -> list[str]:
+    """Every stage of dvc.yaml in order, each retried only on transient failures."""
+    stages = dvc.pipeline_stages(root)
+    get_run_logger().info("pipeline: %s", " -> ".join(stages))
+    stage_task = run_stage.with_options(
+        retries=orchestrate.retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=orchestrate.retry_delay),
+        retry_condition_fn=_retry_transient,
+    )
+    for stage in stages:
+        stage_task(root, stage)
+    return stages
+
+
+def _notify_failure(flow_: Any, flow_run: FlowRun, state: State) -> None:
+    """on_failure hook: say which flow failed, where, and why (the state message names the stage)."""
+    logger = get_run_logger()
+    try:
+        params = _params(Path(flow_run.parameters.get("workspace", ".")).resolve())
+    except Exception as exc:  # params themselves may be what failed: then there is no channel to use
+        logger.error("no failure notification sent: the notification settings could not be read: %s", exc)
+        return
+    subject = f"cnnops {flow_run.flow_name or flow_.name} failed: flow run {flow_run.name}"
+    notify.send(params.orchestrate, "failure", subject, state.message or "failed", logger)
+
+
+@contextmanager
+def _workspace(root: Path, orchestrate: OrchestrateParams, lock_timeout: float | None) -> Iterator[None]:
+    """Hold the workspace, then clear what a killed run left: a DVC still running, half-merged files."""
+    logger = get_run_logger()
+    timeout = orchestrate.lock_timeout if lock_timeout is None else lock_timeout
+    with workspace_lock(root, timeout, str(current_flow_run.id), logger):
+        dvc.stop_orphans(root, logger)
+        recover(root, root / DATA_DIR, logger)
+        yield
+
+
+@flow(name="reproduce", on_failure=[_notify_failure])
+def reproduce(workspace: str = ".", lock_timeout: float | None = None) -> list[str]:
+    """Run the whole DVC pipeline in `workspace`; stages already up to date are skipped by DVC."""
+    root = Path(workspace).resolve()
+    params = _params(root)
+    with _workspace(root, params.orchestrate, lock_timeout):
+        return _run_pipeline(root, params.orchestrate)
+
+
+@flow(name="retrain", on_failure=[_notify_failure])
+def retrain(workspace: str = ".", lock_timeout: float | None = None) -> RetrainResult:
+    """New data (in data/ or the incoming folder) -> new data version, pipeline, release, a record.
+
+    With nothing new it ends after one `dvc status`. It also finishes a pipeline an earlier run left
+    incomplete (data versioned, stages not run), since `dvc status` reports those stages as changed.
+    """
+    root = Path(workspace).resolve()
+    params = _params(root)
+    orchestrate = params.orchestrate
+    logger = get_run_logger()
+    with _workspace(root, orchestrate, lock_timeout):
+        incoming = (root / orchestrate.incoming) if orchestrate.incoming else None
+        merged = merge_incoming(incoming, root / DATA_DIR, logger) if incoming else MergeResult()
+        pending = dvc.status(root, logger)
+        data_changed = "data.dvc" in pending or data_version(root) is None
+        if not pending and not merged.copied:
+            if incoming:
+                clear_incoming(merged, incoming, logger)
+            reason = (
+                f"nothing new: data/ matches data.dvc ({data_version(root)}) and every stage matches dvc.lock"
+            )
+            logger.info(reason)
+            return RetrainResult(changed=False, reason=reason, data_version=data_version(root))
+        reason = _describe(merged, data_changed, pending)
+        logger.info("retraining: %s", reason)
+        version = version_data(root) if data_changed else data_version(root)
+        if incoming:
+            clear_incoming(merged, incoming, logger)
+        _run_pipeline(root, orchestrate)
+        result = _record(root, params, reason, version)
+    _announce_champion(orchestrate, result, logger)
+    return result
+
+
+def _describe(merged: MergeResult, data_changed: bool, pending: dict[str, list[object]]) -> str:
+    parts = []
+    if merged.copied:
+        parts.append(f"{len(merged.copied)} new file(s) merged from the incoming folder")
+    if data_changed:
+        parts.append("data/ differs from data.dvc")
+    stages = [name for name in pending if name != "data.dvc"]
+    if stages and not data_changed:
+        parts.append(
+            f"stages out of date with dvc.lock: {', '.join(stages)} (an interrupted run or a changed param)"
+        )
+    return "; ".join(parts)
+
+
+def _record(root: Path, params: Params, reason: str, version: str | None) -> RetrainResult:
+    """Tag the MLflow run, commit the versions if asked, and publish the record as a markdown artifact."""
+    logger = get_run_logger()
+    run_id = tracking.run_id_from_report(root / TRAIN_REPORT)
+    release = _read_json(root / RELEASE_REPORT)
+    flow_run_tags = {
+        "prefect.flow_run_id": str(current_flow_run.id),
+        "prefect.flow_run_name": str(current_flow_run.name),
+        "cnnops.data_version": version or "",
+    }
+    tag_mlflow_run(_absolute_store(params.tracking, root), run_id, flow_run_tags)
+    commit = None
+    if params.orchestrate.git_commit:
+        message = f"retrain: data {version}, MLflow run {run_id}, flow run {current_flow_run.id}"
+        commit = commit_versions(root, params.orchestrate.git_branch, message)
+    result = RetrainResult(True, reason, version, run_id, release, commit)
+    create_markdown_artifact(
+        key="retrain-record", markdown=_markdown(result), description="cnnops retrain record"
+    )
+    logger.info("record: %s", json.dumps(asdict(result), default=str))
+    return result
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise StageInputError(f"{path} is missing after the pipeline ran: is `release` a stage of dvc.yaml?")
+    return json.loads(path.read_text())
+
+
+def _absolute_store(tracking_params: TrackingParams, root: Path) -> TrackingParams:
+    """A relative SQLite store is relative to the workspace (where DVC ran the stages), not to this cwd."""
+    uri = tracking_params.resolved_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(root / uri[len(prefix) :])
+    return tracking_params.model_copy(update={"uri": uri})
+
+
+def _markdown(result: RetrainResult) -> str:
+    release = result.release or {}
+    decision = "champion (promoted)" if release.get("promoted") else "challenger (not promoted)"
+    rows = [
+        ("data version (data.dvc md5)", result.data_version),
+        ("why it ran", result.reason),
+        ("MLflow run id", result.mlflow_run_id),
+        ("registered model", f"{release.get('model_name')} v{release.get('version')}"),
+        ("release decision", decision),
+        ("release reason", release.get("reason")),
+        (f"test {release.get('metric')}", release.get("score")),
+        ("audit verdict", release.get("audit_verdict")),
+        ("flow run", f"{current_flow_run.name} ({current_flow_run.id})"),
+        ("git commit", result.git_commit or "off (orchestrate.git_commit)"),
+    ]
+    lines = ["# cnnops retrain", "", "| item | value |", "| --- | --- |"]
+    lines += [f"| {name} | {'-' if v is None else str(v).replace('|', '/')} |" for name, v in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _announce_champion(orchestrate: OrchestrateParams, result: RetrainResult, logger: Logger) -> None:
+    release = result.release or {}
+    if not release.get("promoted"):
+        return
+    subject = f"cnnops: {release.get('model_name')} v{release.get('version')} is the new champion"
+    body = (
+        f"{release.get('reason')}\nMLflow run {result.mlflow_run_id}, data version {result.data_version}, "
+        f"flow run {current_flow_run.name}"
+    )
+    notify.send(orchestrate, "champion", subject, body, logger)

@@ -1,0 +1,300 @@
+"""`cnnops validate`: a manifest of every file under data/, checked by a Great Expectations suite.
+
+The manifest (one row per file: path, class, format, mode, size, bit depth, bytes, sha256,
+perceptual hash, decoding error) is built through the data contract (`cnnops.manifest.describe`).
+Class-level and duplicate facts are added as columns, so every check is one GX expectation on
+one dataframe and the data docs show them all. Each check has a severity from params
+(`validate.severity.<check>`): error-level failures raise `ValidationFailed` after the report and
+the docs are written; warnings are logged and reported; "off" leaves the expectation out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cnnops.config import DataParams, Params, ValidateParams
+from cnnops.errors import CnnopsError, ValidationFailed
+from cnnops.images import scan_image_folder
+from cnnops.manifest import ManifestEntry, describe, duplicate_groups
+
+log = logging.getLogger(__name__)
+
+SUITE = "cnnops_data"
+DOCS_SITE = "cnnops_validation"  # the ephemeral context already owns "local_site"
+MAX_NAMED = 20  # files named per check in the error message; the report lists all
+
+
+def build_manifest(
+    data_dir: str | Path, data: DataParams
+) -> tuple[pd.DataFrame, list[str], list[tuple[str, str]]]:
+    """The manifest dataframe (with the derived check columns), class names and skipped files."""
+    scan = scan_image_folder(data_dir, hidden_files=data.hidden_files, min_classes=1)
+    rows = [
+        describe(r, color_mode=data.color_mode, max_pixels=data.max_image_pixels)[0].as_dict()
+        for r in scan.records
+    ]
+    df = pd.DataFrame(rows)
+    counts = df.groupby("label")["path"].transform("count")
+    df["class_count"] = counts
+    df["class_ratio"] = counts / counts.min()
+    decoded = df["sha256"].notna()
+    df["labels_sharing_bytes"] = df[decoded].groupby("sha256")["label"].transform("nunique")
+    df["duplicate_group"] = float("nan")
+    df["near_duplicates"] = float("nan")
+    if decoded.any():
+        ok = df[decoded]
+        groups = duplicate_groups(list(ok["sha256"]), list(ok["phash"]), data.near_duplicate_distance)
+        distinct = ok.assign(group=groups).groupby("group")["sha256"].transform("nunique")
+        df.loc[decoded, "duplicate_group"] = groups
+        df.loc[decoded, "near_duplicates"] = (distinct - 1).to_numpy()
+    return df, scan.class_names, scan.skipped
+
+
+def _expectations(validate: ValidateParams) -> dict[str, list[Any]]:
+    """GX expectations per check name (the keys of `validate.severity`)."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    v = validate
+    return {
+        "decodes": [E.ExpectColumnValuesToBeNull(column="error", description="every file decodes")],
+        "format": [E.ExpectColumnValuesToBeInSet(column="format", value_set=list(v.allowed_formats))],
+        "mode": [E.ExpectColumnValuesToBeInSet(column="mode", value_set=list(v.allowed_modes))],
+        "size": [
+            E.ExpectColumnValuesToBeBetween(column="width", min_value=v.min_width, max_value=v.max_width),
+            E.ExpectColumnValuesToBeBetween(column="height", min_value=v.min_height, max_value=v.max_height),
+        ],
+        "min_classes": [E.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=v.min_classes)],
+        "min_images_per_class": [
+            E.ExpectColumnValuesToBeBetween(column="class_count", min_value=v.min_images_per_class)
+        ],
+        "imbalance": [E.ExpectColumnValuesToBeBetween(column="class_ratio", max_value=v.max_imbalance_ratio)],
+        "label_conflict": [
+            E.ExpectColumnValuesToBeBetween(
+                column="labels_sharing_bytes", max_value=1, description="no identical file under two classes"
+            )
+        ],
+        "exact_duplicates": [
+            E.ExpectColumnValuesToBeUnique(column="sha256", description="no two identical files")
+        ],
+        "near_duplicates": [
+            E.ExpectColumnValuesToBeBetween(
+                column="near_duplicates", max_value=0, description="no perceptual near duplicates"
+            )
+        ],
+    }
+
+
+def run_suite(df: pd.DataFrame, validate: ValidateParams, docs_dir: Path) -> list[dict[str, Any]]:
+    """Run the suite through an ephemeral GX context; returns one record per check, and writes the docs."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    site = {
+        "class_name": "SiteBuilder",
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "store_backend": {
+            "class_name": "TupleFilesystemStoreBackend",
+            "base_directory": str(docs_dir.resolve()),
+        },
+    }
+    context = gx.get_context(
+        mode="ephemeral",
+        project_config=DataContextConfig(
+            analytics_enabled=False,  # nothing reaches the network
+            store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+            progress_bars=ProgressBarsConfig(globally=False),
+            data_docs_sites={DOCS_SITE: site},
+        ),
+    )
+    batch = context.data_sources.add_pandas("cnnops").add_dataframe_asset("manifest")
+    suite = context.suites.add(gx.ExpectationSuite(name=SUITE))
+    severity = validate.severity.model_dump()
+    records: list[dict[str, Any]] = []
+    for check, expectations in _expectations(validate).items():
+        if severity[check] == "off":
+            records.append({"check": check, "severity": "off", "success": None})
+            continue
+        for expectation in expectations:
+            expectation.meta = {"check": check, "severity": severity[check]}
+            suite.add_expectation(expectation)
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(
+            name=SUITE, data=batch.add_batch_definition_whole_dataframe("all"), suite=suite
+        )
+    )
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name=SUITE,
+            validation_definitions=[definition],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=[DOCS_SITE])],
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["path"]},
+        )
+    )
+    result = checkpoint.run(batch_parameters={"dataframe": df})
+    for validation in result.run_results.values():
+        records.extend(_record(r.to_json_dict(), df) for r in validation.results)
+    return records
+
+
+def _record(result: dict[str, Any], df: pd.DataFrame) -> dict[str, Any]:
+    config, outcome = result["expectation_config"], result["result"]
+    meta = config["meta"]
+    column = config["kwargs"].get("column")
+    offending = [
+        {"path": row["path"], "value": _plain(row.get(column))}
+        for row in outcome.get("unexpected_index_list") or []
+    ]
+    files = sorted({o["path"] for o in offending})
+    record = {
+        "check": meta["check"],
+        "severity": meta["severity"],
+        "expectation": config["type"],
+        "kwargs": {k: v for k, v in config["kwargs"].items() if k not in ("batch_id",)},
+        "success": bool(result["success"]),
+        "unexpected_count": outcome.get("unexpected_count", 0),
+        "files": files,
+        "offending": offending,
+    }
+    if "observed_value" in outcome:
+        record["observed_value"] = _plain(outcome["observed_value"])
+    if files:
+        record["classes"] = sorted(df.loc[df["path"].isin(files), "label"].unique().tolist())
+    return record
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly scalars (numpy and NaN out)."""
+    if value is None or isinstance(value, str | bool):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if number != number:
+        return None
+    return int(number) if number.is_integer() else number
+
+
+def run(
+    data_dir: str | Path,
+    *,
+    report_path: str | Path,
+    docs_dir: str | Path,
+    data: DataParams,
+    validate: ValidateParams,
+) -> dict[str, Any]:
+    """Validate `data_dir`; write the JSON report and the GX data docs; raise on error-level failures."""
+    docs_dir = Path(docs_dir)
+    _reset_docs(docs_dir)
+    df, class_names, skipped = build_manifest(data_dir, data)
+    checks = run_suite(df, validate, docs_dir)
+    failed_errors = sorted({c["check"] for c in checks if c["success"] is False and c["severity"] == "error"})
+    failed_warnings = sorted(
+        {c["check"] for c in checks if c["success"] is False and c["severity"] == "warning"}
+    )
+    report = {
+        "success": not failed_errors,
+        "n_files": len(df),
+        "n_classes": len(class_names),
+        "n_failed_errors": len(failed_errors),
+        "n_failed_warnings": len(failed_warnings),
+        "failed_errors": failed_errors,
+        "failed_warnings": failed_warnings,
+        "class_counts": {name: int((df["label"] == name).sum()) for name in class_names},
+        "checks": checks,
+        "duplicate_groups": [  # exact and near duplicates together, as prepare keeps each in one split
+            sorted(group["path"]) for _, group in df.groupby("duplicate_group") if len(group) > 1
+        ],
+        "skipped": [{"path": p, "reason": why} for p, why in skipped],
+        "manifest": [
+            {k: _plain(v) for k, v in row.items()}
+            for row in df[[f.name for f in fields(ManifestEntry)]].to_dict("records")
+        ],
+    }
+    Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(report_path).write_text(json.dumps(report, indent=1) + "\n")
+    root = Path(data_dir)
+    for check in checks:
+        if check["success"] is False and check["severity"] == "warning":
+            log.warning("validate warning: %s", _describe(check, root))
+    if failed_errors:
+        failures = [_describe(c, root) for c in checks if c["success"] is False and c["severity"] == "error"]
+        raise ValidationFailed(
+            f"{len(failed_errors)} error-level check(s) failed on {root}:\n- "
+            + "\n- ".join(failures)
+            + f"\nsee {report_path} and {docs_dir / 'index.html'}; fix or remove the files, or set "
+            "validate.severity.<check> in params.yaml to warning or off"
+        )
+    log.info(
+        "validated %d files in %d classes: %d warning(s)", len(df), len(class_names), len(failed_warnings)
+    )
+    return report
+
+
+_HINTS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "min_classes": lambda c: (
+        f"{c['observed_value']} class folder(s), need at least {c['kwargs']['min_value']}"
+    ),
+    "min_images_per_class": lambda c: (
+        f"classes {c['classes']} have fewer than {c['kwargs']['min_value']} images"
+    ),
+    "imbalance": lambda c: f"classes {c['classes']} exceed {c['kwargs']['max_value']}x the smallest class",
+}
+
+
+def _describe(check: dict[str, Any], root: Path) -> str:
+    """One line per failed check: what failed and which files (with their offending value)."""
+    head = f"{check['check']} ({check['expectation']})"
+    if check["check"] in _HINTS:
+        return f"{head}: {_HINTS[check['check']](check)}"
+    named = [f"{root / o['path']} ({o['value']})" for o in check["offending"][:MAX_NAMED]]
+    more = len(check["offending"]) - len(named)
+    return (
+        f"{head}: {len(check['files'])} file(s): "
+        + ", ".join(named)
+        + (f" and {more} more" if more > 0 else "")
+    )
+
+
+def _reset_docs(docs_dir: Path) -> None:
+    """The docs folder is this stage's output: cleared before a run, never someone else's folder."""
+    if docs_dir.exists() and any(docs_dir.iterdir()):
+        if not (docs_dir / "index.html").exists():
+            raise CnnopsError(
+                f"{docs_dir}: exists and is not a data docs folder; choose another --docs folder"
+            )
+        shutil.rmtree(docs_dir)
+    docs_dir.mkdir(parents=True, exist_ok=True)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("validate", help="check data/ with a Great Expectations suite")
+    parser.add_argument("data_dir", metavar="DATA", help="ImageFolder root, e.g. data")
+    parser.add_argument(
+        "--report", default="reports/validation.json", help="JSON report (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--docs", default="reports/validation_docs", help="GX data docs folder (default: %(default)s)"
+    )
+    parser.set_defaults(handler=_main)
+
+
+def _main(args: argparse.Namespace, params: Params) -> int:
+    run(
+        args.data_dir, report_path=args.report, docs_dir=args.docs, data=params.data, validate=params.validate
+    )
+    return 0

@@ -22,6 +22,9 @@ COMMAND_MODULES = (
     "cnnops.stages.validate",
     "cnnops.stages.prepare",
     "cnnops.example",
+    "cnnops.stages.export",
+    "cnnops.stages.release",
+    "cnnops.predict",
 )
 
 

@@ -1,0 +1,208 @@
+"""The ONNX model contract: export a Classifier, describe it in metadata_props, run it with ONNX Runtime.
+
+An exported model is self-describing: its input is float32 NCHW in [0, 1] with a dynamic batch axis,
+normalisation is inside the graph, and metadata_props say how to feed it (`input_size`,
+`color_mode`), how to read it (`class_names`, `output`) and where it came from (MLflow run, git
+commit, data version). `predict` and `release` need nothing but the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from cnnops.errors import ExportError, StageInputError
+
+INPUT_NAME = "image"
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+OutputKind = Literal["logits", "probabilities"]
+
+
+@dataclass(frozen=True)
+class OnnxMetadata:
+    """The metadata_props of every cnnops ONNX file; lists and sizes are stored as JSON strings."""
+
+    class_names: list[str]
+    input_size: tuple[int, int]  # (H, W)
+    color_mode: str  # "RGB" or "L"
+    output: OutputKind
+    model: str  # architecture name, e.g. convnet or resnet18
+    mlflow_run_id: str
+    git_commit: str
+    data_version: str
+    compression: str = "none"  # none, int8 or fp16
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.color_mode == "RGB" else 1
+
+    def to_props(self) -> dict[str, str]:
+        props = {k: v if isinstance(v, str) else json.dumps(list(v)) for k, v in asdict(self).items()}
+        return props
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: str) -> OnnxMetadata:
+        missing = [name for name in cls.__dataclass_fields__ if name not in props and name != "compression"]
+        if missing:
+            raise StageInputError(
+                f"{source}: metadata_props lack {', '.join(missing)}; it was not exported by `cnnops export` "
+                "(re-export it with `cnnops export`)"
+            )
+        try:
+            size = json.loads(props["input_size"])
+            meta = cls(
+                class_names=[str(c) for c in json.loads(props["class_names"])],
+                input_size=(int(size[0]), int(size[1])),
+                color_mode=props["color_mode"],
+                output=props["output"],  # type: ignore[arg-type]
+                model=props["model"],
+                mlflow_run_id=props["mlflow_run_id"],
+                git_commit=props["git_commit"],
+                data_version=props["data_version"],
+                compression=props.get("compression", "none"),
+            )
+        except (ValueError, TypeError, IndexError) as exc:
+            raise StageInputError(
+                f"{source}: malformed metadata_props ({exc}); re-export with `cnnops export`"
+            ) from None
+        if meta.color_mode not in ("RGB", "L") or meta.output not in ("logits", "probabilities"):
+            raise StageInputError(
+                f"{source}: metadata color_mode={meta.color_mode!r} output={meta.output!r}; "
+                "expected RGB|L and logits|probabilities"
+            )
+        return meta
+
+
+def set_metadata(proto: onnx.ModelProto, metadata: OnnxMetadata) -> None:
+    """Write the cnnops keys into metadata_props, replacing any earlier values and keeping other keys."""
+    props = metadata.to_props()
+    kept = [p for p in proto.metadata_props if p.key not in props]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in props.items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+
+
+def read_metadata(path: str | Path) -> OnnxMetadata:
+    proto = load_proto(path)
+    return OnnxMetadata.from_props({p.key: p.value for p in proto.metadata_props}, str(path))
+
+
+def load_proto(path: str | Path) -> onnx.ModelProto:
+    path = Path(path)
+    if not path.is_file():
+        raise StageInputError(f"{path}: ONNX model not found; run `cnnops export` (or `dvc repro export`)")
+    try:
+        return onnx.load(path)
+    except Exception as exc:  # onnx raises protobuf's DecodeError and others for non-ONNX bytes
+        raise StageInputError(
+            f"{path}: not a readable ONNX model ({exc}); re-export it with `cnnops export`"
+        ) from None
+
+
+def with_output(model: nn.Module, output: OutputKind) -> nn.Module:
+    """The module whose outputs the graph holds: the Classifier, or the Classifier followed by softmax."""
+    return model if output == "logits" else nn.Sequential(model, nn.Softmax(dim=1))
+
+
+def export_classifier(model: nn.Module, path: str | Path, *, opset: int, metadata: OnnxMetadata) -> None:
+    """Export `model` (a Classifier in eval mode) to a single checked ONNX file with a dynamic batch axis."""
+    graph = with_output(model, metadata.output).eval()
+    # A batch of 2: torch.export specialises a size-1 dimension to the constant 1.
+    example = torch.zeros(2, metadata.channels, *metadata.input_size)
+    try:
+        program = torch.onnx.export(
+            graph,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[metadata.output],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+        )
+    except Exception as exc:  # the exporter raises many types (torch._dynamo, onnxscript, ...)
+        raise ExportError(
+            f"torch.onnx.export failed for model {metadata.model!r} at opset {opset}: {exc}; "
+            "try another export.opset in params.yaml"
+        ) from exc
+    proto = program.model_proto
+    set_metadata(proto, metadata)
+    check_dynamic_batch(proto, str(path))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(
+            f"{path}: onnx.checker rejected the exported graph at opset {opset}: {exc}"
+        ) from exc
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(proto, path)
+
+
+def check_dynamic_batch(proto: onnx.ModelProto, source: str) -> None:
+    """Fail if the exporter fixed the batch axis (pytorch/pytorch#157621) instead of leaving it symbolic."""
+    for value in [*proto.graph.input, *proto.graph.output]:
+        dim = value.type.tensor_type.shape.dim[0]
+        if not dim.dim_param:
+            raise ExportError(
+                f"{source}: the batch axis of {value.name!r} was fixed to {dim.dim_value} by the exporter; "
+                "it must be dynamic. Try another export.opset or torch version"
+            )
+
+
+def best_provider() -> str:
+    return available_providers()[-1]
+
+
+def available_providers() -> list[str]:
+    """CPU always; CUDA only when torch sees a GPU (asking ORT for CUDA without one logs load errors)."""
+    return [CPU, CUDA] if torch.cuda.is_available() and CUDA in ort.get_available_providers() else [CPU]
+
+
+def open_session(model: str | Path | bytes, provider: str = CPU) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
+    source = model if isinstance(model, bytes) else str(model)
+    providers = [provider] if provider == CPU else [provider, CPU]
+    return ort.InferenceSession(source, sess_options=options, providers=providers)
+
+
+def infer(session: ort.InferenceSession, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Run float32 NCHW [0, 1] images through the model in batches; returns the graph's outputs."""
+    name = session.get_inputs()[0].name
+    chunks = [
+        session.run(None, {name: np.ascontiguousarray(images[i : i + batch_size], dtype=np.float32)})[0]
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def check_parity(expected: np.ndarray, actual: np.ndarray, atol: float, source: str) -> dict[str, float]:
+    """Max abs difference and argmax agreement of ORT against PyTorch; ExportError past the limits."""
+    max_diff = float(np.abs(expected - actual).max()) if expected.size else 0.0
+    agreement = float((expected.argmax(1) == actual.argmax(1)).mean()) if len(expected) else 1.0
+    if not max_diff <= atol or agreement < 1.0:  # `not <=` also catches NaN
+        raise ExportError(
+            f"{source}: ONNX Runtime differs from PyTorch on the test split: "
+            f"max abs difference {max_diff:.3g} "
+            f"(limit export.parity_atol = {atol:g}), argmax agreement {agreement:.2%} (must be 100%) over "
+            f"{len(expected)} images; try another export.opset, or raise export.parity_atol if the model is "
+            "numerically sensitive"
+        )
+    return {"images": len(expected), "max_abs_diff": max_diff, "argmax_agreement": agreement, "atol": atol}
+
+
+def probabilities(outputs: np.ndarray, output: OutputKind) -> np.ndarray:
+    if output == "probabilities":
+        return outputs
+    return torch.softmax(torch.from_numpy(outputs), dim=1).numpy()

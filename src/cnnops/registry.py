@@ -1,0 +1,98 @@
+"""The MLflow Model Registry side of `release`: register once per exported file, aliases, tags.
+
+A model version's source is the ONNX model (the deployable artifact, self-describing through its
+metadata); the PyTorch model is logged to the same run and linked from the version's
+`pytorch_model_uri` tag. A version is identified by (run id, sha256 of the ONNX file), which is
+what makes `cnnops release` idempotent: the same export is never registered twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import version as package_version
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from cnnops import tracking
+from cnnops.config import TrackingParams
+from cnnops.models import Classifier
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+SHA_TAG = "onnx_sha256"
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def find_version(client: MlflowClient, name: str, run_id: str, sha256: str) -> ModelVersion | None:
+    """The version already registered from this run for this exact ONNX file, if any."""
+    for candidate in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if candidate.tags.get(SHA_TAG) == sha256:
+            return candidate
+    return None
+
+
+def register(
+    tracking_params: TrackingParams, name: str, run_id: str, onnx_path: Path, model: Classifier
+) -> ModelVersion:
+    """Log the ONNX and PyTorch models to the model's run and register the ONNX one as a new version."""
+    spec = model.spec
+    # pt2 bakes the example's batch into the saved program when it is 1 (docs/STACK.md): use 2.
+    example = np.zeros((2, spec.in_channels, *spec.image_size), dtype=np.float32)
+    with tracking.continue_run(tracking_params, run_id):
+        pytorch_info = mlflow.pytorch.log_model(
+            model,
+            name="pytorch",
+            input_example=example,
+            pip_requirements=[f"torch=={package_version('torch')}"],
+        )
+        onnx_info = mlflow.onnx.log_model(
+            onnx.load(onnx_path),
+            name="onnx",
+            input_example=example,
+            registered_model_name=name,
+            save_as_external_data=False,
+            pip_requirements=[
+                f"onnx=={package_version('onnx')}",
+                f"onnxruntime-gpu=={package_version('onnxruntime-gpu')}",
+            ],
+        )
+    client = MlflowClient()
+    version = str(onnx_info.registered_model_version)
+    client.set_model_version_tag(name, version, SHA_TAG, file_sha256(onnx_path))
+    client.set_model_version_tag(name, version, "pytorch_model_uri", pytorch_info.model_uri)
+    return client.get_model_version(name, version)
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+@contextmanager
+def downloaded_onnx(name: str, version: str) -> Iterator[Path]:
+    """The ONNX file of a registered version, in a temporary folder for the duration of the block."""
+    with tempfile.TemporaryDirectory(prefix="cnnops-champion-") as tmp:
+        local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp)
+        yield Path(local) / "model.onnx"
+
+
+def set_tags(client: MlflowClient, name: str, version: ModelVersion, tags: dict[str, str]) -> None:
+    """The same tags on the model version and on its run, so either view shows the decision."""
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, value)
+        client.set_tag(version.run_id, key, value)

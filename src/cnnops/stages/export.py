@@ -1,0 +1,221 @@
+"""`cnnops export`: the checkpoint as a self-describing ONNX file, proven equal to PyTorch and timed.
+
+The graph is written to a staging folder first and moved to `--out` only after onnx.checker, the
+parity check on the test split and the optional compression succeed, so a failed export leaves
+the previous model.onnx in place. Figures go to the report (a DVC metrics file) and the model's
+MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnnops import tracking
+from cnnops.compression import compress
+from cnnops.config import ExportParams, Params, TrackingParams
+from cnnops.dataset import PreparedSplit
+from cnnops.errors import StageInputError
+from cnnops.latency import compare
+from cnnops.lineage import lineage
+from cnnops.models import ModelSpec, load_classifier
+from cnnops.onnx_model import (
+    OnnxMetadata,
+    available_providers,
+    check_parity,
+    export_classifier,
+    infer,
+    open_session,
+    with_output,
+)
+
+log = logging.getLogger(__name__)
+COMPRESSED_NAME = "model.{kind}.onnx"
+
+
+def run(
+    params: ExportParams,
+    tracking_params: TrackingParams,
+    *,
+    checkpoint: Path,
+    prepared: Path,
+    train_report: Path,
+    out: Path,
+    report: Path,
+    compressed_dir: Path,
+) -> dict[str, Any]:
+    """Export, check parity, time, optionally compress; write `out`, `report` and log to the model's run."""
+    run_id = tracking.run_id_from_report(train_report)
+    model, _ = load_classifier(checkpoint)
+    test = PreparedSplit.load(Path(prepared) / "test.pt")
+    _check_split(model.spec, test, checkpoint, Path(prepared) / "test.pt")
+    metadata = OnnxMetadata(
+        class_names=list(model.spec.class_names),
+        input_size=model.spec.image_size,
+        color_mode=model.spec.color_mode,
+        output=params.output,
+        model=model.spec.model,
+        mlflow_run_id=run_id,
+        **lineage().as_tags(),
+    )
+    images = test.floats()
+    labels = test.labels.numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
+        staged = Path(tmp) / out.name
+        export_classifier(model, staged, opset=params.opset, metadata=metadata)
+        reference = _torch_outputs(with_output(model, params.output), images, params.throughput_batch)
+        onnx_out = infer(open_session(staged), images.numpy(), params.throughput_batch)
+        parity = check_parity(reference, onnx_out, params.parity_atol, staged.name)
+        result: dict[str, Any] = {
+            "run_id": run_id,
+            "onnx": str(out),
+            "opset": params.opset,
+            "output": params.output,
+            "size_mb": staged.stat().st_size / 2**20,
+            "parity": parity,
+            "accuracy": {"pytorch": _accuracy(reference, labels), "onnx": _accuracy(onnx_out, labels)},
+            "latency": {
+                provider.removesuffix("ExecutionProvider").lower(): compare(
+                    with_output(model, params.output),
+                    open_session(staged, provider),
+                    images[0],
+                    provider=provider,
+                    runs=params.latency_runs,
+                    throughput_batch=params.throughput_batch,
+                )
+                for provider in available_providers()
+            },
+            "compression": _compress(params, staged, compressed_dir, images, labels, onnx_out),
+            "lineage": {"git_commit": metadata.git_commit, "data_version": metadata.data_version},
+        }
+        staged.replace(out)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(result, indent=2) + "\n")
+    _log_to_mlflow(tracking_params, run_id, result, out, report)
+    return result
+
+
+def _check_split(spec: ModelSpec, test: PreparedSplit, checkpoint: Path, split_path: Path) -> None:
+    found = (test.class_names, test.color_mode, test.image_size)
+    wanted = (spec.class_names, spec.color_mode, tuple(spec.image_size))
+    if list(found[0]) != list(wanted[0]) or found[1:] != wanted[1:]:
+        raise StageInputError(
+            f"{split_path} (classes {found[0]}, {found[1]}, {list(found[2])}) does not match the model in "
+            f"{checkpoint} (classes {wanted[0]}, {wanted[1]}, {list(wanted[2])}); re-run `dvc repro train`"
+        )
+
+
+@torch.inference_mode()
+def _torch_outputs(model: nn.Module, images: torch.Tensor, batch_size: int) -> np.ndarray:
+    return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]).numpy()
+
+
+def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
+    return float((outputs.argmax(1) == labels).mean()) if len(labels) else 0.0
+
+
+def _compress(
+    params: ExportParams,
+    fp32: Path,
+    directory: Path,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    fp32_out: np.ndarray,
+) -> dict[str, Any]:
+    """Write the compressed copy (if asked) and report its accuracy change against the fp32 graph."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for kind in ("int8", "fp16"):  # a stale copy from an earlier setting must not outlive it
+        directory.joinpath(COMPRESSED_NAME.format(kind=kind)).unlink(missing_ok=True)
+    if params.compression == "none":
+        return {"kind": "none"}
+    path = directory / COMPRESSED_NAME.format(kind=params.compression)
+    compress(fp32, path, params.compression)
+    outputs = infer(open_session(path), images.numpy(), params.throughput_batch)
+    fp32_accuracy, accuracy = _accuracy(fp32_out, labels), _accuracy(outputs, labels)
+    return {
+        "kind": params.compression,
+        "path": str(path),
+        "size_mb": path.stat().st_size / 2**20,
+        "fp32_size_mb": fp32.stat().st_size / 2**20,
+        "accuracy": accuracy,
+        "fp32_accuracy": fp32_accuracy,
+        "accuracy_change": accuracy - fp32_accuracy,
+        "argmax_agreement_with_fp32": float((outputs.argmax(1) == fp32_out.argmax(1)).mean()),
+        "max_abs_diff_from_fp32": float(np.abs(outputs - fp32_out).max()),
+    }
+
+
+def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+def _log_to_mlflow(
+    tracking_params: TrackingParams, run_id: str, result: dict[str, Any], onnx_path: Path, report: Path
+) -> None:
+    # Settings are tags, not params: MLflow refuses to change a param, and re-exporting the same run
+    # with another opset or output is legitimate.
+    with tracking.continue_run(tracking_params, run_id):
+        tracking.log_metrics(_flatten(result, "export."))
+        tracking.set_tags(
+            {
+                "export.opset": result["opset"],
+                "export.output": result["output"],
+                "export.compression": result["compression"]["kind"],
+                "export.onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+            }
+        )
+        tracking.log_files([report], "export")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export the model to ONNX, check parity with PyTorch, measure latency",
+        description=__doc__,
+    )
+    parser.add_argument("checkpoint", type=Path, nargs="?", default=Path("models/model.pt"))
+    parser.add_argument("--prepared", type=Path, default=Path("prepared"), help="folder with test.pt")
+    parser.add_argument("--train-report", type=Path, default=Path("reports/train.json"))
+    parser.add_argument("--out", type=Path, default=Path("models/model.onnx"))
+    parser.add_argument("--compressed-dir", type=Path, default=Path("models/compressed"))
+    parser.add_argument("--report", type=Path, default=Path("reports/export.json"))
+    parser.set_defaults(handler=_main)
+
+
+def _main(args: argparse.Namespace, params: Params) -> int:
+    result = run(
+        params.export,
+        params.tracking,
+        checkpoint=args.checkpoint,
+        prepared=args.prepared,
+        train_report=args.train_report,
+        out=args.out,
+        report=args.report,
+        compressed_dir=args.compressed_dir,
+    )
+    cpu = result["latency"]["cpu"]
+    log.info(
+        "exported %s: max abs diff %.2g, batch-1 p50 ORT %.2f ms vs PyTorch %.2f ms (%.2fx)",
+        args.out,
+        result["parity"]["max_abs_diff"],
+        cpu["ort_batch1_p50_ms"],
+        cpu["torch_batch1_p50_ms"],
+        cpu["speedup_batch1"],
+    )
+    return 0

@@ -1,0 +1,99 @@
+"""Export/release fixtures: synthetic prepared splits whose accuracy is known, models of chosen
+quality, and MLflow runs in a SQLite store, so ONNX and registry tests run in seconds.
+
+Class k's images are a flat grey level (k + 1) / (n + 1) plus noise: a briefly trained ConvNet
+gets them all right, while a `constant_model` always answers one class and so scores exactly
+that class's share of the split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from cnnops import tracking
+from cnnops.config import TrackingParams
+from cnnops.dataset import PreparedSplit
+from cnnops.models import Classifier, create_classifier, default_spec, save_checkpoint
+
+CLASSES = ["a", "b", "c"]
+SIZE = (16, 16)
+TEST_COUNTS = (6, 3, 3)  # constant class a: accuracy 0.5; constant class b: 0.25
+
+
+def synthetic_split(
+    counts: tuple[int, ...], color_mode: str = "L", size: tuple[int, int] = SIZE, seed: int = 0
+) -> PreparedSplit:
+    generator = torch.Generator().manual_seed(seed)
+    channels = 3 if color_mode == "RGB" else 1
+    images, labels = [], []
+    for label, count in enumerate(counts):
+        level = (label + 1) / (len(counts) + 1)
+        noise = 0.05 * torch.randn(count, channels, *size, generator=generator)
+        images.append(((level + noise).clamp(0, 1) * 255).round().to(torch.uint8))
+        labels += [label] * count
+    names = CLASSES[: len(counts)]
+    paths = [f"{names[y]}/{i}.png" for i, y in enumerate(labels)]
+    return PreparedSplit(torch.cat(images), torch.tensor(labels), paths, names, color_mode)
+
+
+def constant_model(label: int, color_mode: str = "L") -> Classifier:
+    """A ConvNet that answers `label` for every image (zero head weights, one-hot bias)."""
+    model = create_classifier(default_spec("convnet", CLASSES, color_mode, SIZE))
+    head = model.head
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(label), len(CLASSES)).float() * 10)
+    return model.eval()
+
+
+def trained_model(color_mode: str = "L", steps: int = 40, seed: int = 0) -> Classifier:
+    """A ConvNet trained for a few steps on the synthetic classes: it separates them perfectly."""
+    torch.manual_seed(seed)
+    split = synthetic_split((16, 16, 16), color_mode, seed=seed + 100)
+    model = create_classifier(default_spec("convnet", CLASSES, color_mode, SIZE)).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    images = split.floats()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), split.labels).backward()
+        optimizer.step()
+    return model.eval()
+
+
+def tracking_params(root: Path) -> TrackingParams:
+    return TrackingParams(
+        uri=f"sqlite:///{root / 'mlflow.db'}", artifact_location=str(root / "mlartifacts"), experiment="test"
+    )
+
+
+def model_run(root: Path, name: str, model: Classifier, params: TrackingParams) -> tuple[Path, Path]:
+    """What `train` leaves behind for one model: a checkpoint, an MLflow run and the train report."""
+    tracking.configure(params)
+    with mlflow.start_run(run_name=name) as run:
+        mlflow.log_param("model", model.spec.model)
+    checkpoint = root / name / "model.pt"
+    save_checkpoint(checkpoint, model)
+    report = root / name / "train.json"
+    report.write_text(json.dumps({"run_id": run.info.run_id}))
+    return checkpoint, report
+
+
+@pytest.fixture(scope="session")
+def prepared_synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A prepared folder (test.pt only) per colour mode, with the imbalanced TEST_COUNTS split."""
+    folders = {}
+    for mode in ("L", "RGB"):
+        folder = tmp_path_factory.mktemp(f"prepared_{mode}")
+        synthetic_split(TEST_COUNTS, mode).save(folder / "test.pt")
+        folders[mode] = folder
+    return folders
+
+
+@pytest.fixture(scope="session")
+def good_model() -> Classifier:
+    return trained_model("L")

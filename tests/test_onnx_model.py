@@ -1,0 +1,130 @@
+"""The ONNX contract: parity with PyTorch across architectures, a dynamic batch, metadata, compression."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from fixtures_export import CLASSES, SIZE, synthetic_split, trained_model
+
+from cnnops.compression import compress
+from cnnops.errors import ExportError, StageInputError
+from cnnops.models import create_classifier, default_spec
+from cnnops.onnx_model import (
+    OnnxMetadata,
+    check_parity,
+    export_classifier,
+    infer,
+    open_session,
+    read_metadata,
+    with_output,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def metadata_for(model, output: str = "logits") -> OnnxMetadata:
+    spec = model.spec
+    return OnnxMetadata(
+        class_names=spec.class_names,
+        input_size=spec.image_size,
+        color_mode=spec.color_mode,
+        output=output,
+        model=spec.model,
+        mlflow_run_id="run123",
+        git_commit="abc",
+        data_version="d41d8.dir",
+    )
+
+
+def export(model, tmp_path: Path, output: str = "logits") -> Path:
+    path = tmp_path / "model.onnx"
+    export_classifier(model, path, opset=18, metadata=metadata_for(model, output))
+    return path
+
+
+def eager(model, images: torch.Tensor, output: str = "logits") -> np.ndarray:
+    with torch.inference_mode():
+        return with_output(model, output)(images).numpy()
+
+
+@pytest.mark.parametrize(
+    ("arch", "color_mode", "size"),
+    [
+        ("convnet", "L", (16, 16)),
+        ("convnet", "RGB", (16, 16)),
+        ("resnet18", "L", (32, 32)),
+        ("resnet18", "RGB", (32, 32)),
+        pytest.param("mobilenet_v3_small", "L", (32, 32), marks=pytest.mark.slow),
+        pytest.param("efficientnet_b0", "RGB", (32, 32), marks=pytest.mark.slow),
+    ],
+)
+def test_parity_and_dynamic_batch(arch: str, color_mode: str, size: tuple[int, int], tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_classifier(default_spec(arch, CLASSES, color_mode, size)).eval()
+    path = export(model, tmp_path)
+    session = open_session(path)
+    channels = 3 if color_mode == "RGB" else 1
+    for batch in (1, 7):  # some exporter versions silently fix the batch axis to the example's
+        images = torch.rand(batch, channels, *size)
+        outputs = infer(session, images.numpy(), batch_size=batch)
+        assert outputs.shape == (batch, len(CLASSES))
+        parity = check_parity(eager(model, images), outputs, 1e-4, path.name)
+        assert parity["argmax_agreement"] == 1.0
+    proto = onnx.load(path)
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic, not a number
+    assert not list(tmp_path.glob("*.data"))  # one self-contained file
+
+
+def test_metadata_round_trip_and_softmax_in_graph(tmp_path: Path) -> None:
+    model = trained_model("L", steps=5)
+    path = export(model, tmp_path, output="probabilities")
+    meta = read_metadata(path)
+    assert meta == metadata_for(model, "probabilities")
+    props = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert props["class_names"] == '["a", "b", "c"]' and props["input_size"] == "[16, 16]"
+    assert props["color_mode"] == "L" and props["output"] == "probabilities"
+    outputs = infer(open_session(path), synthetic_split((2, 2, 2)).floats().numpy(), batch_size=4)
+    np.testing.assert_allclose(outputs.sum(1), 1.0, atol=1e-5)
+
+
+def test_parity_failure_names_the_numbers() -> None:
+    expected = np.array([[0.0, 1.0], [1.0, 0.0]], dtype=np.float32)
+    actual = np.array([[0.0, 1.0], [0.0, 1.0]], dtype=np.float32)
+    with pytest.raises(ExportError, match=r"max abs difference 1 .*parity_atol = 0.0001.*agreement 50\.00%"):
+        check_parity(expected, actual, 1e-4, "model.onnx")
+    with pytest.raises(ExportError, match="max abs difference nan"):
+        check_parity(expected, np.full_like(expected, np.nan), 1e-4, "model.onnx")
+
+
+def test_foreign_or_broken_onnx_is_refused(tmp_path: Path) -> None:
+    model = create_classifier(default_spec("convnet", CLASSES, "L", SIZE)).eval()
+    path = export(model, tmp_path)
+    proto = onnx.load(path)
+    del proto.metadata_props[:]
+    onnx.save(proto, tmp_path / "foreign.onnx")
+    with pytest.raises(StageInputError, match=r"foreign.onnx: metadata_props lack class_names"):
+        read_metadata(tmp_path / "foreign.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(StageInputError, match="junk.onnx: not a readable ONNX model"):
+        read_metadata(tmp_path / "junk.onnx")
+    with pytest.raises(StageInputError, match="missing.onnx: ONNX model not found"):
+        read_metadata(tmp_path / "missing.onnx")
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp16"])
+def test_compression_keeps_contract_and_predictions(kind: str, tmp_path: Path) -> None:
+    model = trained_model("L")
+    path = export(model, tmp_path)
+    out = tmp_path / f"model.{kind}.onnx"
+    compress(path, out, kind)
+    assert read_metadata(out) == replace(metadata_for(model), compression=kind)
+    images = synthetic_split((4, 4, 4), seed=3).floats().numpy()
+    fp32, small = infer(open_session(path), images, 5), infer(open_session(out), images, 5)
+    assert small.dtype == np.float32 and small.shape == fp32.shape
+    assert (small.argmax(1) == fp32.argmax(1)).all()
+    assert out.stat().st_size < path.stat().st_size

@@ -21,6 +21,8 @@ from cnnops.errors import CnnopsError
 COMMAND_MODULES = (
     "cnnops.stages.validate",
     "cnnops.stages.prepare",
+    "cnnops.stages.train",
+    "cnnops.stages.evaluate",
     "cnnops.example",
     "cnnops.stages.export",
     "cnnops.stages.release",

@@ -182,6 +182,11 @@ class TrainParams(Section):
     def _weights_need_mode(self) -> TrainParams:
         if self.mode != "scratch" and self.weights is None:
             raise ValueError(f"mode {self.mode!r} needs pretrained weights: set train.weights (e.g. DEFAULT)")
+        if self.mode == "scratch" and self.weights is not None:
+            raise ValueError(
+                f"mode 'scratch' trains from random weights but train.weights is {self.weights!r}: "
+                "set train.weights: null, or train.mode: finetune (or linear_probe)"
+            )
         return self
 
 

@@ -7,6 +7,7 @@ networks), so preprocessing travels with the model into evaluate, audit and the 
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnops.errors import ConfigError, StageInputError
+from cnnops.errors import ConfigError, StageInputError, WeightsNotFoundError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,7 +74,9 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        return cls(**{**d, "image_size": tuple(d["image_size"]), "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+        return cls(
+            **{**d, "image_size": tuple(d["image_size"]), "mean": tuple(d["mean"]), "std": tuple(d["std"])}
+        )
 
 
 class Classifier(nn.Module):
@@ -84,6 +87,7 @@ class Classifier(nn.Module):
         self.net = net
         self.spec = spec
         self.expand_gray = spec.in_channels == 1 and net_channels == 3
+        self.frozen_backbone = False
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -92,50 +96,175 @@ class Classifier(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         return self.net((x - self.mean) / self.std)
 
+    @property
+    def head(self) -> nn.Linear:
+        """The classification layer: the network's last Linear."""
+        return self.net.get_submodule(_head_name(self.net))
 
-def _replace_head(net: nn.Module, num_classes: int) -> None:
-    """Swap the last Linear layer (the head of every torchvision classifier) for one of num_classes."""
-    name, last = None, None
+    def freeze_backbone(self) -> None:
+        """Linear probe: only the head trains; the backbone keeps its weights *and* BatchNorm statistics."""
+        self.frozen_backbone = True
+        for param in self.net.parameters():
+            param.requires_grad_(False)
+        for param in self.head.parameters():
+            param.requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Classifier:
+        # A frozen backbone stays in eval mode so BatchNorm running stats (and dropout) never change.
+        super().train(mode)
+        if mode and self.frozen_backbone:
+            self.net.eval()
+            self.head.train()
+        return self
+
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone, head) trainable parameters, for a lower backbone learning rate when fine-tuning."""
+        head_ids = {id(p) for p in self.head.parameters()}
+        trainable = [p for p in self.net.parameters() if p.requires_grad]
+        return [p for p in trainable if id(p) not in head_ids], [p for p in trainable if id(p) in head_ids]
+
+
+def _head_name(net: nn.Module) -> str:
+    """The last Linear layer is the head of every torchvision classifier and of SmallConvNet."""
+    name = None
     for module_name, module in net.named_modules():
         if isinstance(module, nn.Linear):
-            name, last = module_name, module
-    if last is None:
+            name = module_name
+    if name is None:
         raise ConfigError(f"{type(net).__name__} has no Linear head to replace")
-    net.set_submodule(name, nn.Linear(last.in_features, num_classes))
+    return name
 
 
-def build_network(spec: ModelSpec) -> tuple[nn.Module, int]:
-    """The bare network (randomly initialised) and the channel count it expects."""
+def _replace_head(net: nn.Module, num_classes: int) -> None:
+    name = _head_name(net)
+    net.set_submodule(name, nn.Linear(net.get_submodule(name).in_features, num_classes))
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision.models
+    from torchvision.models import list_models
+
+    return list_models(module=torchvision.models)
+
+
+def resolve_weights(model: str, weights: str) -> Any:
+    """The torchvision weights enum member `weights` of `model` (e.g. DEFAULT, IMAGENET1K_V1)."""
+    from torchvision.models import get_model_weights
+
+    if model == SMALL_CONVNET:
+        raise ConfigError("train.weights: the 'convnet' has no pretrained weights; set train.weights: null")
+    enum = get_model_weights(model)
+    try:
+        return enum[weights]
+    except KeyError:
+        valid = ["DEFAULT", *enum.__members__]
+        raise ConfigError(
+            f"train.weights: {model} has no weights {weights!r}; valid: {', '.join(valid)}"
+        ) from None
+
+
+def weights_file(weights: Any) -> Path:
+    """Where torchvision's hub cache keeps a weights file: $TORCH_HOME/hub/checkpoints/<file of the URL>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+def _fetch_command(model: str, weights: Any) -> str:
+    return (
+        f'python -c "from torchvision.models import get_model_weights; '
+        f"get_model_weights('{model}').{weights.name}.get_state_dict(progress=True)\" "
+        f"(it saves into that machine's $TORCH_HOME/hub/checkpoints/), or "
+        f"curl -L -o {Path(weights.url).name} {weights.url}"
+    )
+
+
+def _pretrained_network(model: str, weights_name: str) -> nn.Module:
+    """Build `model` with weights from the local cache only: cnnops never downloads at run time."""
+    from torchvision.models import get_model
+
+    weights = resolve_weights(model, weights_name)
+    path = weights_file(weights)
+    if not path.is_file():
+        torch_home = Path(torch.hub.get_dir()).parent
+        raise WeightsNotFoundError(
+            f"pretrained weights {model}.{weights.name} are not in the local cache: the file {path.name} "
+            f"must be at {path} (TORCH_HOME={torch_home}; cnnops never downloads). On a connected machine "
+            f"run {_fetch_command(model, weights)}; then copy the file to {path}"
+        )
+    # torchvision loads an existing cache file without touching the network (it only downloads when absent).
+    return get_model(model, weights=weights)
+
+
+def build_network(spec: ModelSpec, weights: str | None = None) -> tuple[nn.Module, int]:
+    """The bare network and the channel count it expects; random unless `weights` names an enum member."""
     if spec.model == SMALL_CONVNET:
+        if weights is not None:
+            resolve_weights(spec.model, weights)  # raises: the ConvNet has no pretrained weights
         return SmallConvNet(spec.in_channels, spec.num_classes), spec.in_channels
-    from torchvision.models import get_model, list_models
-
-    available = list_models(module=__import__("torchvision.models", fromlist=["models"]))
+    available = _torchvision_names()
     if spec.model not in available:
-        import difflib
-
         close = difflib.get_close_matches(spec.model, available, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(
-            f"train.model: unknown model {spec.model!r}{hint}; use 'convnet' or a torchvision classification model"
+            f"train.model: unknown model {spec.model!r}{hint}; use 'convnet' or a torchvision classification "
+            "model (torchvision.models.list_models(module=torchvision.models))"
         )
-    net = get_model(spec.model, weights=None)
+    from torchvision.models import get_model
+
+    net = get_model(spec.model, weights=None) if weights is None else _pretrained_network(spec.model, weights)
     _replace_head(net, spec.num_classes)
     return net, 3
 
 
-def create_classifier(spec: ModelSpec) -> Classifier:
-    net, channels = build_network(spec)
-    return Classifier(net, spec, channels)
+def _check_input_size(model: Classifier) -> None:
+    """Fail early, naming the fix, when the images are too small for the network's downsampling."""
+    probe = torch.zeros(1, model.spec.in_channels, *model.spec.image_size)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(probe)
+    except RuntimeError as exc:
+        h, w = model.spec.image_size
+        raise ConfigError(
+            f"train.model: {model.spec.model} cannot take {h}x{w} images ({str(exc).splitlines()[0]}); "
+            "set a larger prepare.image_size (alexnet needs at least 63x63)"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
+def create_classifier(
+    spec: ModelSpec, weights: str | None = None, *, check_input: bool = False
+) -> Classifier:
+    """Build the Classifier for `spec`; `weights` (a torchvision weights enum name) loads from TORCH_HOME.
+
+    Example: ``create_classifier(default_spec("resnet18", names, "L", (32, 32)), "IMAGENET1K_V1")``.
+    """
+    net, channels = build_network(spec, weights)
+    model = Classifier(net, spec, channels)
+    if check_input:
+        _check_input_size(model)
+    return model
 
 
 def default_spec(
-    model: str, class_names: list[str], color_mode: str, image_size: tuple[int, int]
+    model: str,
+    class_names: list[str],
+    color_mode: str,
+    image_size: tuple[int, int],
+    weights: str | None = None,
 ) -> ModelSpec:
-    """The spec for a model on a dataset: ImageNet statistics for torchvision nets, 0.5/0.5 for the ConvNet."""
+    """The spec for a model on a dataset; mean and std come from the model.
+
+    0.5/0.5 for the ConvNet, the weights' own preset for pretrained torchvision nets, ImageNet
+    statistics for torchvision nets trained from scratch.
+    """
     channels = 3 if color_mode == "RGB" else 1
     if model == SMALL_CONVNET:
         mean, std = (0.5,) * channels, (0.5,) * channels
+    elif weights is not None:
+        preset = resolve_weights(model, weights).transforms()
+        mean, std = tuple(preset.mean), tuple(preset.std)
     else:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     return ModelSpec(model, len(class_names), list(class_names), color_mode, tuple(image_size), mean, std)
@@ -150,11 +279,15 @@ def save_checkpoint(path: str | Path, model: Classifier, extra: dict[str, Any] |
     tmp.replace(path)  # atomic: a killed run never leaves a half-written checkpoint
 
 
-def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
+def load_classifier(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[Classifier, dict[str, Any]]:
     """Rebuild a Classifier from a checkpoint; returns it in eval mode with the checkpoint's extra dict."""
     path = Path(path)
     if not path.exists():
-        raise StageInputError(f"{path}: model checkpoint not found; run `cnnops train` (or `dvc repro train`)")
+        raise StageInputError(
+            f"{path}: model checkpoint not found; run `cnnops train` (or `dvc repro train`)"
+        )
     blob = torch.load(path, map_location=map_location, weights_only=True)
     model = create_classifier(ModelSpec.from_dict(blob["spec"]))
     model.load_state_dict(blob["state_dict"])

@@ -8,14 +8,23 @@ used by configuration alone (`tracking.uri` in params.yaml or MLFLOW_TRACKING_UR
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import mlflow
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
-from cnnops.config import TrackingParams
+from cnnops.config import Params, TrackingParams
 from cnnops.errors import StageInputError
+from cnnops.lineage import lineage
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_LENGTH = 6000  # MLflow refuses longer param values
 
 
 def configure(tracking: TrackingParams) -> str:
@@ -52,8 +61,106 @@ def continue_run(tracking: TrackingParams, run_id: str) -> Iterator[mlflow.Activ
         mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException as exc:
         raise StageInputError(
-            f"MLflow run {run_id} not found at {tracking.resolved_uri}: the train report points at a run "
-            "in another tracking store; set tracking.uri (or MLFLOW_TRACKING_URI) to it, or re-run `cnnops train`"
+            f"MLflow run {run_id} not found at {tracking.resolved_uri}: the train report points at a run in "
+            "another tracking store; set tracking.uri (or MLFLOW_TRACKING_URI) to it, or rerun `cnnops train`"
         ) from exc
     with mlflow.start_run(run_id=run_id) as run:
         yield run
+
+
+@contextmanager
+def training_run(tracking: TrackingParams, run_id: str | None, run_name: str) -> Iterator[mlflow.ActiveRun]:
+    """Start the model's run, or continue `run_id` (a resumed training) so it stays one run per model."""
+    if run_id is not None:
+        with continue_run(tracking, run_id) as run:
+            yield run
+        return
+    configure(tracking)
+    with mlflow.start_run(run_name=run_name) as run:
+        yield run
+
+
+def lineage_tags(repo: str | Path = ".", stage: str = "train") -> dict[str, str]:
+    """What made the model: git commit, dirty tree, data version (data.dvc) and the DVC stage."""
+    found = lineage(repo, Path(repo) / "data.dvc")
+    commit = found.git_commit.removesuffix("-dirty")
+    return {
+        MLFLOW_GIT_COMMIT: commit,
+        "cnnops.git_commit": commit,
+        "cnnops.git_dirty": str(found.git_commit.endswith("-dirty")).lower(),
+        "cnnops.data_version": found.data_version,
+        # DVC sets DVC_STAGE for every command it runs; outside `dvc repro` the stage ran by hand.
+        "cnnops.dvc_stage": os.environ.get("DVC_STAGE", f"{stage} (run outside dvc repro)"),
+        "cnnops.dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+    }
+
+
+def flat_params(params: Params) -> dict[str, str]:
+    """Every params.yaml key as a dotted MLflow param (e.g. train.augment.mixup_alpha)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        else:
+            flat[prefix] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+
+    walk("", params.model_dump(mode="json", by_alias=True))
+    return {k: v[:MAX_PARAM_LENGTH] for k, v in flat.items()}
+
+
+def log_run_inputs(
+    params: Params, class_names: list[str], params_file: Path | None, tags: dict[str, str]
+) -> None:
+    """Params, lineage tags, class names and the params file: what a new run records first."""
+    mlflow.log_params(flat_params(params))
+    mlflow.set_tags(tags)
+    mlflow.log_dict({"class_names": class_names}, "class_names.json")
+    if params_file is not None:
+        mlflow.log_artifact(str(params_file))
+
+
+def log_files(paths: Iterable[Path], artifact_path: str) -> None:
+    """Log files and folders (e.g. the validate and prepare reports and the GX data docs).
+
+    A missing one is skipped with a warning: the run still records everything else.
+    """
+    for path in paths:
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), f"{artifact_path}/{path.name}")
+        elif path.is_file():
+            mlflow.log_artifact(str(path), artifact_path)
+        else:
+            log.warning(
+                "%s not found: not logged to the MLflow run (run the stage that writes it first)", path
+            )
+
+
+def log_epoch(metrics: Mapping[str, float], epoch: int) -> None:
+    mlflow.log_metrics(dict(metrics), step=epoch)
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    """Epochs already logged for `key`: a resumed run logs only the ones its killed process missed."""
+    return {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key)}
+
+
+def log_metrics(metrics: Mapping[str, float]) -> None:
+    mlflow.log_metrics(dict(metrics))
+
+
+def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
+    mlflow.log_dict(dict(data), artifact_file)
+
+
+def set_tags(tags: Mapping[str, str]) -> None:
+    mlflow.set_tags(dict(tags))
+
+
+def tag_run(tracking: TrackingParams, run_id: str, tags: Mapping[str, str]) -> None:
+    """Tag a finished run without re-opening it (its status and end time stay), e.g. with the Prefect
+    flow run that produced it, so the MLflow record and the orchestration record lead to each other."""
+    client = mlflow.MlflowClient(tracking.resolved_uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)

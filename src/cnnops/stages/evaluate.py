@@ -1,0 +1,144 @@
+"""`cnnops evaluate`: the best checkpoint on the un-augmented test split, added to the model's run.
+
+Writes reports/metrics.json (a DVC metrics file: accuracy, balanced accuracy, macro-F1, top-k,
+ECE, per-class precision/recall/F1), the per-image confusion data DVC plots renders with its
+confusion template, and a confusion-matrix PNG; the same numbers and files go to the MLflow run
+that `train` created (its id is in the train report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnnops import plots, tracking
+from cnnops.config import Params
+from cnnops.dataset import PreparedSplit
+from cnnops.engine import LoopSettings, evaluate_epoch
+from cnnops.errors import StageInputError
+from cnnops.loaders import SplitDataset, eval_loader
+from cnnops.metrics import classification_report
+from cnnops.models import load_classifier
+from cnnops.transforms import EvalPreset
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH = 256
+
+
+@dataclass(frozen=True)
+class EvaluatePaths:
+    """Where the stage writes (paths come from dvc.yaml through the CLI)."""
+
+    metrics: Path = Path("reports/metrics.json")
+    confusion: Path = Path("reports/plots/confusion.csv")
+    confusion_png: Path = Path("reports/plots/confusion.png")
+
+
+def run(
+    params: Params,
+    model_path: str | Path,
+    prepared: str | Path,
+    train_report: str | Path,
+    paths: EvaluatePaths = EvaluatePaths(),
+) -> dict[str, Any]:
+    """Evaluate `model_path` on `<prepared>/test.pt`; returns the metrics written to `paths.metrics`."""
+    run_id = tracking.run_id_from_report(train_report)
+    model, extra = load_classifier(model_path)
+    if extra.get("run_id") not in (None, run_id):
+        raise StageInputError(
+            f"{model_path} was trained in MLflow run {extra['run_id']} but {train_report} names run "
+            f"{run_id}; rerun `cnnops train` so both come from the same run"
+        )
+    test_path = Path(prepared) / "test.pt"
+    test = PreparedSplit.load(test_path)
+    if test.class_names != model.spec.class_names:
+        raise StageInputError(
+            f"{test_path}: classes {test.class_names} differ from the model's {model.spec.class_names}; "
+            "rerun `cnnops train` on this prepared data"
+        )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    output = evaluate_epoch(
+        model.to(device),
+        eval_loader(SplitDataset(test, EvalPreset()), batch_size=EVAL_BATCH),
+        LoopSettings(device),
+    )
+    report = classification_report(
+        output.logits,
+        output.labels,
+        test.class_names,
+        top_k=params.evaluate.top_k,
+        ece_bins=params.evaluate.ece_bins,
+    )
+    matrix = report.pop("confusion_matrix")
+    metrics = {**report, "loss": output.stats.loss, "n_test": len(test)}
+    paths.metrics.parent.mkdir(parents=True, exist_ok=True)
+    paths.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    _write_confusion(paths.confusion, test, output.logits.argmax(1))
+    plots.confusion_matrix(matrix, test.class_names, paths.confusion_png)
+
+    scalars = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+    with tracking.continue_run(params.tracking, run_id):
+        tracking.log_metrics(scalars)
+        tracking.log_dict({**metrics, "confusion_matrix": matrix}, "evaluate/metrics.json")
+        tracking.log_files([paths.confusion, paths.confusion_png], "evaluate")
+        tracking.set_tags({"cnnops.test_data_md5": _md5(test_path)})
+    summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece"))
+    log.info("test %s on %d images (MLflow run %s)", summary, len(test), run_id)
+    return metrics
+
+
+def _write_confusion(path: Path, split: PreparedSplit, predicted: torch.Tensor) -> None:
+    """One row per test image (actual, predicted class names): the input of DVC's confusion template."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = split.class_names
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "actual", "predicted"])
+        for image, actual, pred in zip(split.paths, split.labels.tolist(), predicted.tolist(), strict=True):
+            writer.writerow([image, names[actual], names[pred]])
+
+
+def _md5(path: Path) -> str:
+    """The test split's content hash, so a comparison between runs can check it used the same test set."""
+    digest = hashlib.md5()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("evaluate", help="test-split metrics and plots, added to the model's run")
+    parser.add_argument("model", metavar="MODEL", help="checkpoint, e.g. models/model.pt")
+    parser.add_argument(
+        "--prepared", default="prepared", help="prepare's output folder (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--train-report", default="reports/train.json", help="holds the run id (default: %(default)s)"
+    )
+    defaults = EvaluatePaths()
+    parser.add_argument(
+        "--metrics", default=str(defaults.metrics), help="metrics JSON (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--confusion", default=str(defaults.confusion), help="per-image CSV (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--confusion-png", default=str(defaults.confusion_png), help="figure (default: %(default)s)"
+    )
+    parser.set_defaults(handler=_main)
+
+
+def _main(args: argparse.Namespace, params: Params) -> int:
+    paths = EvaluatePaths(Path(args.metrics), Path(args.confusion), Path(args.confusion_png))
+    run(params, args.model, args.prepared, args.train_report, paths)
+    return 0

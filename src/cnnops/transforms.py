@@ -1,0 +1,63 @@
+"""Train and eval presets on torchvision.transforms.v2, built from `train.augment` params.
+
+The presets take one uint8 CxHxW image (the prepared-split format) and return float32 in [0, 1]:
+normalisation lives inside the model (`models.Classifier`), so evaluation, audit and ONNX can
+never drift from training. Validation and test use the eval preset only: never augmented.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+from cnnops.config import AugmentParams
+
+
+class TrainPreset:
+    """Random augmentation for one training image, configured by AugmentParams."""
+
+    def __init__(self, augment: AugmentParams, image_size: tuple[int, int], color_mode: str) -> None:
+        steps: list[v2.Transform] = []
+        if augment.random_resized_crop:
+            steps.append(v2.RandomResizedCrop(image_size, scale=augment.crop_scale, antialias=True))
+        if augment.horizontal_flip > 0:
+            steps.append(v2.RandomHorizontalFlip(augment.horizontal_flip))
+        if augment.vertical_flip > 0:
+            steps.append(v2.RandomVerticalFlip(augment.vertical_flip))
+        if augment.random_rotation > 0:
+            steps.append(v2.RandomRotation(augment.random_rotation))
+        if augment.color_jitter > 0:
+            s = augment.color_jitter
+            # Saturation is meaningless on one channel, so grayscale data jitters brightness/contrast only.
+            steps.append(
+                v2.ColorJitter(brightness=s, contrast=s, saturation=s if color_mode == "RGB" else 0.0)
+            )
+        if augment.randaugment:
+            steps.append(v2.RandAugment(magnitude=augment.randaugment_magnitude))
+        steps.append(v2.ToDtype(torch.float32, scale=True))
+        self.transforms = v2.Compose(steps)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.transforms(image)
+
+
+class EvalPreset:
+    """Validation/test preprocessing: uint8 to float [0, 1], nothing random."""
+
+    def __init__(self) -> None:
+        self.transforms = v2.ToDtype(torch.float32, scale=True)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.transforms(image)
+
+
+def get_mixup_cutmix(*, mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> v2.Transform | None:
+    """A batch transform (images, labels) -> (mixed images, soft labels); None when both are off."""
+    choices: list[v2.Transform] = []
+    if mixup_alpha > 0:
+        choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not choices:
+        return None
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)

@@ -1,0 +1,106 @@
+"""Session fixture `trained_digits`: a model really trained and evaluated by the train and evaluate stages.
+
+Built once per session from `prepared_digits` (400 grayscale 32x32 digits) with the ConvNet for a
+few epochs, tracked in a real MLflow SQLite store under the fixture's own folder. Later stages
+(audit, export, release, flows) use it as their "model the pipeline made". Read-only: copy files
+before changing them; add to the MLflow run freely (e.g. `tracking.continue_run(t.tracking, t.run_id)`).
+
+Interface (`TrainedDigits`):
+    root          project folder holding everything below, plus params.yaml, mlflow.db, mlartifacts/
+    prepared      {train,val,test}.pt (the `prepared_digits` folder)
+    model         models/model.pt, the best checkpoint (`cnnops.models.load_classifier(path)`)
+    train_report  reports/train.json: {"run_id", "model", "mode", "best_epoch", "best_val_accuracy", ...}
+    metrics       reports/metrics.json from evaluate: accuracy, balanced_accuracy, macro_f1, top3_accuracy,
+                  ece, loss, n_test, per_class
+    params        the cnnops Params used; params.tracking points at the SQLite store (absolute paths)
+    params_file   root / "params.yaml" with the same params
+    run_id        the MLflow run id (also in train_report and the checkpoint's extra["run_id"])
+    tracking      shortcut for params.tracking
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cnnops.config import Params, TrackingParams, parse_params
+from cnnops.stages import evaluate, train
+
+FIXTURE_EPOCHS = 4
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Train tiny models on one thread: on the shared 2-core test machine, two intra-op threads
+    contend with other test processes and were measured 10x slower per step."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class TrainedDigits:
+    root: Path
+    prepared: Path
+    model: Path
+    train_report: Path
+    metrics: Path
+    params: Params
+    params_file: Path
+    run_id: str
+
+    @property
+    def tracking(self) -> TrackingParams:
+        return self.params.tracking
+
+
+def digits_train_params(root: Path, base: Params, **train: object) -> Params:
+    """`base` (the digits params) with a quick ConvNet training and an MLflow SQLite store under `root`."""
+    raw = base.model_dump(mode="json", by_alias=True)
+    raw["train"] = {**raw["train"], "epochs": FIXTURE_EPOCHS, "batch_size": 32, **train}
+    raw["tracking"] = {
+        "uri": f"sqlite:///{root / 'mlflow.db'}",
+        "artifact_location": str(root / "mlartifacts"),
+        "experiment": "cnnops-tests",
+    }
+    return parse_params(raw, "trained_digits fixture")
+
+
+@pytest.fixture(scope="session")
+def trained_digits(
+    tmp_path_factory: pytest.TempPathFactory, prepared_digits: Path, digits_params
+) -> TrainedDigits:
+    root = tmp_path_factory.mktemp("trained_digits")
+    params = digits_train_params(root, digits_params)
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False))
+    paths = train.TrainPaths(
+        model=root / "models" / "model.pt",
+        report=root / "reports" / "train.json",
+        history=root / "reports" / "plots" / "train_history.csv",
+        curves=root / "reports" / "plots" / "train_history.png",
+        state=root / ".cnnops" / "train" / "state.pt",
+        params_file=params_file,
+        evidence=(prepared_digits.parent / "prepare.json",),
+    )
+    metrics = evaluate.EvaluatePaths(
+        metrics=root / "reports" / "metrics.json",
+        confusion=root / "reports" / "plots" / "confusion.csv",
+        confusion_png=root / "reports" / "plots" / "confusion.png",
+    )
+    with one_thread():
+        result = train.run(params, prepared_digits, paths)
+        evaluate.run(params, paths.model, prepared_digits, paths.report, metrics)
+    assert result.run_id is not None
+    return TrainedDigits(
+        root, prepared_digits, paths.model, paths.report, metrics.metrics, params, params_file, result.run_id
+    )

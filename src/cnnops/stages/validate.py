@@ -103,6 +103,7 @@ def run_suite(df: pd.DataFrame, validate: ValidateParams, docs_dir: Path) -> lis
         ProgressBarsConfig,
     )
 
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines are internals
     site = {
         "class_name": "SiteBuilder",
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},

@@ -23,6 +23,8 @@ COMMAND_MODULES = (
     "cnnops.stages.prepare",
     "cnnops.stages.train",
     "cnnops.stages.evaluate",
+    "cnnops.stages.audit",
+    "cnnops.planted",
     "cnnops.example",
     "cnnops.stages.export",
     "cnnops.stages.release",

@@ -196,17 +196,22 @@ class EvaluateParams(Section):
 
 
 class AuditParams(Section):
-    methods: tuple[Literal["gradcam", "gradcam++", "scorecam", "ablationcam"], ...] = ("gradcam",)
-    target_layer: str | None = Field(None, description="dotted module path; null finds the last conv block")
+    methods: tuple[Literal["gradcam", "gradcam++", "scorecam"], ...] = Field(
+        ("gradcam", "scorecam"),
+        min_length=1,
+        description="saliency methods; the first drives the evidence, the others are compared with it",
+    )
+    target_layer: str | None = Field(None, description="dotted module path in the network; null finds it")
     batch_size: int = Field(64, ge=1)
-    max_images_per_class: int = Field(100, ge=1)
+    max_images_per_class: int = Field(100, ge=1, description="images audited per class (and recipients)")
     seed: int = Field(0, ge=0)
     top_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="share of pixels called most-attended")
-    border_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="width of the outer band")
-    transplant_flip_threshold: float = Field(0.3, gt=0.0, le=1.0)
-    deletion_gap_threshold: float = Field(0.4, gt=0.0, le=1.0)
-    mask_energy_threshold: float = Field(0.3, gt=0.0, le=1.0)
-    property_accuracy_threshold: float = Field(0.9, gt=0.0, le=1.0)
+    border_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="width of the outer band (share of side)")
+    corner_fraction: float = Field(0.3, gt=0.0, le=0.5, description="side of each corner region (share of side)")
+    transplant_flip_threshold: float = Field(0.2, gt=0.0, le=1.0, description="flip rate minus control")
+    deletion_gap_threshold: float = Field(0.25, gt=0.0, le=1.0, description="drop(top) minus drop(random)")
+    mask_energy_threshold: float = Field(0.3, gt=0.0, le=1.0, description="min saliency share inside masks")
+    property_f1_threshold: float = Field(0.9, gt=0.0, le=1.0, description="probe F1 that raises a warning")
     gallery_images_per_class: int = Field(8, ge=1)
 
 

@@ -1,0 +1,1 @@
+"""The shortcut audit: saliency (where to look), evidence (interventions), verdict, gallery."""

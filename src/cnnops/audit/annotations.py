@@ -1,0 +1,88 @@
+"""data/annotations.csv: where the objects are, when the user knows (a mask image or a box).
+
+Columns: `path` (the image, relative to data/), then `mask` (a mask image relative to data/, where
+non-zero pixels are the object) and/or `box` ("x0 y0 x1 y1" in the image's own pixels, corners
+inclusive-exclusive). Put masks in a hidden folder such as data/.masks/ so they are not read as a
+class. Paths are user input: any that resolves outside data/ is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cnnops.errors import DataError
+from cnnops.images import ANNOTATIONS_FILE, read_image
+
+
+def _inside(root: Path, rel: str, csv_path: Path, line: int, column: str) -> Path:
+    """`root / rel`, refused when it resolves (through `..` or a symlink) outside `root`."""
+    resolved = (root / rel).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise DataError(
+            f"{csv_path}:{line}: {column} {rel!r} resolves outside {root}; annotation paths must stay inside "
+            "the data folder (write them relative to it, without '..')"
+        )
+    return resolved
+
+
+def _box(text: str, csv_path: Path, line: int) -> tuple[float, float, float, float]:
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise DataError(f"{csv_path}:{line}: box {text!r} is not four numbers 'x0 y0 x1 y1'") from None
+    if not (x1 > x0 and y1 > y0):
+        raise DataError(
+            f"{csv_path}:{line}: box {text!r} is empty; write 'x0 y0 x1 y1' with x1 > x0, y1 > y0"
+        )
+    return x0, y0, x1, y1
+
+
+def load_object_masks(data_dir: str | Path, paths: list[str], size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Object masks (bool H x W at the prepared `size`) for the images of `paths` that are annotated.
+
+    No annotations file means an empty dict: the audit then estimates objects from pixels.
+    """
+    root = Path(data_dir)
+    csv_path = root / ANNOTATIONS_FILE
+    if not csv_path.exists():
+        return {}
+    wanted = set(paths)
+    h, w = size
+    out: dict[str, np.ndarray] = {}
+    with csv_path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if (
+            reader.fieldnames is None
+            or "path" not in reader.fieldnames
+            or not {"mask", "box"} & set(reader.fieldnames)
+        ):
+            raise DataError(
+                f"{csv_path}: needs a header 'path,mask' or 'path,box' (or both); got {reader.fieldnames}"
+            )
+        for line, row in enumerate(reader, start=2):
+            rel = (row.get("path") or "").strip()
+            image_path = _inside(root, rel, csv_path, line, "path")
+            mask_rel, box_text = (row.get("mask") or "").strip(), (row.get("box") or "").strip()
+            if mask_rel:
+                mask_path = _inside(root, mask_rel, csv_path, line, "mask")
+                if not mask_path.is_file():
+                    raise DataError(f"{csv_path}:{line}: mask {mask_rel!r} not found under {root}")
+                mask = np.asarray(Image.open(mask_path).convert("L").resize((w, h), Image.NEAREST)) > 0
+            elif box_text:
+                x0, y0, x1, y1 = _box(box_text, csv_path, line)
+                if not image_path.is_file():
+                    raise DataError(f"{csv_path}:{line}: image {rel!r} not found under {root}")
+                decoded = read_image(image_path, color_mode="L")
+                sx, sy = w / decoded.width, h / decoded.height
+                mask = np.zeros((h, w), dtype=bool)
+                mask[int(y0 * sy) : max(int(np.ceil(y1 * sy)), int(y0 * sy) + 1),
+                     int(x0 * sx) : max(int(np.ceil(x1 * sx)), int(x0 * sx) + 1)] = True  # fmt: skip
+            else:
+                raise DataError(f"{csv_path}:{line}: row for {rel!r} has neither a mask nor a box")
+            if rel in wanted:
+                out[rel] = out[rel] | mask if rel in out else mask
+    return out

@@ -1,0 +1,321 @@
+"""Evidence of shortcuts, per class: statistics of where saliency sits, and interventions.
+
+Saliency statistics (attention consistency, border and corner energy) only point at a place.
+The interventions test it: paste the place into other classes' images and count flips to the class
+(transplant), or remove it and compare with removing a random place of the same size (deletion).
+Every intervention has a control beside it so a number means the same on every dataset.
+All functions take tensors and arrays, never files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+from cnnops.models import Classifier
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The audited images of a split with the model's view of them."""
+
+    x: torch.Tensor  # float [0, 1] NCHW
+    labels: np.ndarray  # int, N
+    preds: np.ndarray  # int, N
+    maps: np.ndarray  # saliency for the predicted class, N x H x W in [0, 1]
+    objects: np.ndarray  # bool N x H x W: object extent (from masks, or estimated from pixels)
+    annotated: np.ndarray  # bool N: whether `objects` came from data/annotations.csv
+
+
+def predict_proba(model: Classifier, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            out.append(model(x[i : i + batch_size].to(device)).softmax(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def top_mask(maps: np.ndarray, fraction: float) -> np.ndarray:
+    """The `fraction` most salient pixels of each map (ties broken by order), whatever their shape."""
+    n, h, w = maps.shape
+    k = max(1, round(fraction * h * w))
+    if n == 0:
+        return np.zeros(maps.shape, dtype=bool)
+    order = np.argsort(-maps.reshape(n, -1), axis=1, kind="stable")[:, :k]
+    mask = np.zeros((n, h * w), dtype=bool)
+    np.put_along_axis(mask, order, True, axis=1)
+    return mask.reshape(n, h, w)
+
+
+def candidate_regions(
+    h: int, w: int, border_fraction: float, corner_fraction: float
+) -> dict[str, np.ndarray]:
+    """Fixed places where shortcuts usually sit: the outer band and each corner."""
+    b = max(1, round(border_fraction * min(h, w)))
+    c = max(1, round(corner_fraction * min(h, w)))
+    band = np.ones((h, w), dtype=bool)
+    band[b:-b, b:-b] = False
+    regions = {"outer band": band}
+    for name, (ys, xs) in {
+        "top-left corner": (slice(0, c), slice(0, c)),
+        "top-right corner": (slice(0, c), slice(w - c, w)),
+        "bottom-left corner": (slice(h - c, h), slice(0, c)),
+        "bottom-right corner": (slice(h - c, h), slice(w - c, w)),
+    }.items():
+        m = np.zeros((h, w), dtype=bool)
+        m[ys, xs] = True
+        regions[name] = m
+    return regions
+
+
+def estimate_objects(x: torch.Tensor) -> np.ndarray:
+    """Object extent from pixels alone: the bounding box of the largest blob that stands out.
+
+    A pixel stands out when it differs from the image's median by more than Otsu's threshold;
+    the largest connected blob is taken as the object, so a small planted square is not.
+    A heuristic for when no masks are given; the docs say so.
+    """
+    gray = x.mean(1).numpy()
+    out = np.zeros(gray.shape, dtype=bool)
+    for i, g in enumerate(gray):
+        diff = np.abs(g - np.median(g))
+        if diff.max() - diff.min() < 1e-6:
+            out[i] = True
+            continue
+        labels, n = ndimage.label(diff > threshold_otsu(diff))
+        if n == 0:
+            out[i] = True
+            continue
+        largest = 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(g), labels, range(1, n + 1))))
+        ys, xs = np.nonzero(labels == largest)
+        out[i, ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
+    return out
+
+
+def _centroids(weights: np.ndarray) -> np.ndarray:
+    n, h, w = weights.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    total = weights.reshape(n, -1).sum(1).clip(1e-8)
+    return np.stack(
+        [(weights * yy).reshape(n, -1).sum(1) / total, (weights * xx).reshape(n, -1).sum(1) / total], 1
+    )
+
+
+def _spread(points: np.ndarray, diagonal: float) -> float:
+    if len(points) < 2:
+        return 0.0
+    return float(np.linalg.norm(points - points.mean(0), axis=1).mean() / diagonal)
+
+
+def attention_consistency(maps: np.ndarray, objects: np.ndarray) -> dict[str, float]:
+    """How fixed the saliency peak is across a class's images, against how much its objects move."""
+    n, h, w = maps.shape
+    flat = maps.reshape(n, -1).argmax(1)
+    peaks = np.stack([flat // w, flat % w], 1).astype(float)
+    diagonal = float(np.hypot(h, w))
+    off = ~objects[np.arange(n), peaks[:, 0].astype(int), peaks[:, 1].astype(int)]
+    return {
+        "peak_spread": round(_spread(peaks, diagonal), 4),
+        "object_spread": round(_spread(_centroids(objects.astype(float)), diagonal), 4),
+        "peak_off_object": round(float(off.mean()) if n else 0.0, 4),
+    }
+
+
+def region_energy(maps: np.ndarray, regions: dict[str, np.ndarray]) -> dict[str, float]:
+    """Share of saliency mass in each region (mean over images)."""
+    total = maps.reshape(len(maps), -1).sum(1).clip(1e-8)
+    return {
+        name: round(float(((maps * m).reshape(len(maps), -1).sum(1) / total).mean()), 4)
+        for name, m in regions.items()
+    }
+
+
+def transplant(
+    model: Classifier,
+    donors: torch.Tensor,
+    masks: np.ndarray,
+    recipients: torch.Tensor,
+    controls: torch.Tensor,
+    cls: int,
+    rng: np.random.Generator,
+    batch_size: int,
+) -> dict[str, float]:
+    """Paste each recipient with a random donor's masked pixels; the share now predicted `cls`.
+
+    The control pastes the same pixels taken from images of other classes, so the figure that
+    matters, flip minus control, is what the class's content adds beyond the damage of pasting.
+    Recipients are images of other classes that the model classified correctly.
+    """
+    n = len(recipients)
+    if n == 0 or len(donors) == 0:
+        return {"flip_rate": 0.0, "control_flip_rate": 0.0, "pairs": 0}
+    pick = rng.integers(0, len(donors), n)
+    m = torch.as_tensor(masks[pick] if masks.ndim == 3 else np.repeat(masks[None], n, 0))[:, None].float()
+    pasted = recipients * (1 - m) + donors[pick] * m
+    ctrl = recipients * (1 - m) + controls[rng.integers(0, len(controls), n)] * m
+    flip = predict_proba(model, pasted, batch_size).argmax(1).numpy() == cls
+    ctrl_flip = predict_proba(model, ctrl, batch_size).argmax(1).numpy() == cls
+    return {
+        "flip_rate": round(float(flip.mean()), 4),
+        "control_flip_rate": round(float(ctrl_flip.mean()), 4),
+        "pairs": n,
+    }
+
+
+def deletion(
+    model: Classifier,
+    x: torch.Tensor,
+    masks: np.ndarray,
+    fill: torch.Tensor,
+    cls: int,
+    rng: np.random.Generator,
+    batch_size: int,
+) -> dict[str, float]:
+    """Confidence drop when the most-attended pixels are replaced by `fill`, against a random place.
+
+    The random place is the same mask shifted by a random offset (wrapping), so size and shape match.
+    """
+    if len(x) == 0:
+        return {"drop_top": 0.0, "drop_random": 0.0, "gap": 0.0}
+    h, w = masks.shape[1:]
+    rolled = np.stack([np.roll(m, (int(rng.integers(h)), int(rng.integers(w))), axis=(0, 1)) for m in masks])
+    base = predict_proba(model, x, batch_size)[:, cls]
+
+    def drop(mask: np.ndarray) -> float:
+        m = torch.as_tensor(mask)[:, None].float()
+        p = predict_proba(model, x * (1 - m) + fill * m, batch_size)[:, cls]
+        return float((base - p).mean())
+
+    top, rand = drop(masks), drop(rolled)
+    return {"drop_top": round(top, 4), "drop_random": round(rand, 4), "gap": round(top - rand, 4)}
+
+
+def mask_agreement(maps: np.ndarray, objects: np.ndarray) -> dict[str, float]:
+    """With annotations: saliency energy inside the mask or box, and the pointing-game hit rate."""
+    n, _h, w = maps.shape
+    total = maps.reshape(n, -1).sum(1).clip(1e-8)
+    inside = (maps * objects).reshape(n, -1).sum(1) / total
+    flat = maps.reshape(n, -1).argmax(1)
+    hits = objects[np.arange(n), flat // w, flat % w]
+    return {
+        "energy_inside": round(float(inside.mean()), 4),
+        "pointing_hit_rate": round(float(hits.mean()), 4),
+    }
+
+
+def describe_place(mask: np.ndarray) -> str:
+    """Where a (mean) mask sits, in words a person can find on the image."""
+    h, w = mask.shape
+    cy, cx = _centroids(mask[None].astype(float))[0]
+    vert = "top" if cy < h / 3 else "bottom" if cy > 2 * h / 3 else "middle"
+    horiz = "left" if cx < w / 3 else "right" if cx > 2 * w / 3 else "centre"
+    if vert == "middle" and horiz == "centre":
+        return "centre"
+    if vert == "middle" or horiz == "centre":
+        return f"{vert if vert != 'middle' else horiz} edge"
+    return f"{vert}-{horiz} corner"
+
+
+def class_figures(
+    model: Classifier,
+    batch: Batch,
+    cls: int,
+    *,
+    top_fraction: float,
+    regions: dict[str, np.ndarray],
+    max_images: int,
+    batch_size: int,
+    rng: np.random.Generator,
+) -> dict:
+    """Every test's figures for one class: on its correctly classified images, and its errors apart."""
+    correct = np.flatnonzero((batch.labels == cls) & (batch.preds == cls))
+    errors = np.flatnonzero((batch.labels == cls) & (batch.preds != cls))
+    others = np.flatnonzero((batch.labels != cls) & (batch.preds == batch.labels))
+    correct = _subsample(correct, max_images, rng)
+    others = _subsample(others, max_images, rng)
+    maps, objects = batch.maps[correct], batch.objects[correct]
+    tops = top_mask(maps, top_fraction)
+    donors, recipients = batch.x[correct], batch.x[others]
+    fill = batch.x.mean(0, keepdim=True)
+    figures: dict = {
+        "n_correct": len(correct),
+        "n_errors": len(errors),
+        "attention": attention_consistency(maps, objects),
+        "top_off_object": round(float((tops & ~objects).sum() / max(tops.sum(), 1)), 4),
+        "energy": region_energy(maps, regions),
+        "energy_others": region_energy(batch.maps[others], regions),
+        "transplant_top": {
+            **transplant(model, donors, tops, recipients, recipients, cls, rng, batch_size),
+            "pixels": int(tops[0].sum()) if len(tops) else 0,
+            "where": describe_place(tops.mean(0) > 0.5)
+            if len(tops) and (tops.mean(0) > 0.5).any()
+            else "spread out",
+        },
+        "transplant_regions": {
+            name: transplant(model, donors, region, recipients, recipients, cls, rng, batch_size)
+            for name, region in regions.items()
+        },
+        "transplant_tone": tone_transplant(model, donors, recipients, recipients, cls, rng, batch_size),
+        "deletion": deletion(model, donors, tops, fill, cls, rng, batch_size),
+        "masks": None,
+        "errors": {
+            "n": len(errors),
+            "energy": region_energy(batch.maps[errors], regions) if len(errors) else None,
+            "attention": attention_consistency(batch.maps[errors], batch.objects[errors])
+            if len(errors)
+            else None,
+        },
+    }
+    annotated = correct[batch.annotated[correct]]
+    if len(annotated):
+        figures["masks"] = {
+            "n": len(annotated),
+            **mask_agreement(batch.maps[annotated], batch.objects[annotated]),
+        }
+    return figures
+
+
+def _subsample(idx: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    return idx if len(idx) <= k else np.sort(rng.choice(idx, k, replace=False))
+
+
+def tone_transplant(
+    model: Classifier,
+    donors: torch.Tensor,
+    recipients: torch.Tensor,
+    controls: torch.Tensor,
+    cls: int,
+    rng: np.random.Generator,
+    batch_size: int,
+) -> dict[str, float]:
+    """Give each recipient a random donor's per-channel brightness and contrast; the share now `cls`.
+
+    The candidate "region" of a tint or exposure shortcut is the whole image, so what moves is the
+    tone, not pixels: (r - mean_r) / std_r * std_d + mean_d keeps the recipient's shapes.
+    """
+    n = len(recipients)
+    if n == 0 or len(donors) == 0:
+        return {"flip_rate": 0.0, "control_flip_rate": 0.0, "pairs": 0}
+
+    def moved(src: torch.Tensor) -> torch.Tensor:
+        mu_r, sd_r = (
+            recipients.mean((2, 3), keepdim=True),
+            recipients.std((2, 3), keepdim=True).clamp_min(1e-4),
+        )
+        mu_d, sd_d = src.mean((2, 3), keepdim=True), src.std((2, 3), keepdim=True)
+        return ((recipients - mu_r) / sd_r * sd_d + mu_d).clamp(0, 1)
+
+    flip = predict_proba(model, moved(donors[rng.integers(0, len(donors), n)]), batch_size).argmax(1) == cls
+    ctrl = (
+        predict_proba(model, moved(controls[rng.integers(0, len(controls), n)]), batch_size).argmax(1) == cls
+    )
+    return {
+        "flip_rate": round(float(flip.float().mean()), 4),
+        "control_flip_rate": round(float(ctrl.float().mean()), 4),
+        "pairs": n,
+    }

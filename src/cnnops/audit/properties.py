@@ -1,0 +1,103 @@
+"""The data-property probe: can simple image properties alone predict the label?
+
+If brightness, a corner's mean or the file format predicts the class, the data carries a cue a
+model may take, whatever the model did. A depth-limited decision tree (scikit-learn) is fitted on
+the train split and scored on the test split; its per-class F1 and the properties it used are
+reported. It is a warning, never a `fail`: a cue in the data is not proof the model uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from sklearn.metrics import f1_score
+from sklearn.tree import DecisionTreeClassifier
+
+from cnnops.dataset import PreparedSplit
+
+log = logging.getLogger(__name__)
+
+FILE_FIELDS = ("width", "height", "aspect", "bytes", "format", "mode")
+
+
+def pixel_properties(
+    split: PreparedSplit, border_fraction: float, corner_fraction: float
+) -> tuple[np.ndarray, list[str]]:
+    """Per image: brightness and contrast per channel, outer band, centre and corner means."""
+    x = split.images.float().div(255.0).numpy()
+    _, c, h, w = x.shape
+    b = max(1, round(border_fraction * min(h, w)))
+    k = max(1, round(corner_fraction * min(h, w)))
+    band = np.ones((h, w), dtype=bool)
+    band[b:-b, b:-b] = False
+    columns, names = [], []
+    for ch in range(c):
+        img = x[:, ch]
+        tag = f"[{'RGB'[ch]}]" if c == 3 else ""
+        feats = {
+            "brightness": img.mean((1, 2)),
+            "contrast": img.std((1, 2)),
+            "band mean": img[:, band].mean(1),
+            "band std": img[:, band].std(1),
+            "centre mean": img[:, ~band].mean(1),
+            "top-left mean": img[:, :k, :k].mean((1, 2)),
+            "top-right mean": img[:, :k, -k:].mean((1, 2)),
+            "bottom-left mean": img[:, -k:, :k].mean((1, 2)),
+            "bottom-right mean": img[:, -k:, -k:].mean((1, 2)),
+        }
+        for name, values in feats.items():
+            columns.append(values)
+            names.append(name + tag)
+    return np.stack(columns, 1), names
+
+
+def file_properties(paths: list[str], manifest: dict[str, dict]) -> tuple[np.ndarray, list[str]]:
+    """Per image: stored size, aspect ratio, bytes, format and mode, from the validate manifest."""
+    formats = sorted({str(manifest[p].get("format")) for p in paths if p in manifest})
+    modes = sorted({str(manifest[p].get("mode")) for p in paths if p in manifest})
+    rows = []
+    for p in paths:
+        m = manifest.get(p, {})
+        width, height = float(m.get("width") or 0), float(m.get("height") or 0)
+        rows.append([
+            width, height, width / height if height else 0.0, float(m.get("bytes") or 0),
+            formats.index(str(m.get("format"))) if p in manifest else -1,
+            modes.index(str(m.get("mode"))) if p in manifest else -1,
+        ])  # fmt: skip
+    return np.asarray(rows, dtype=float).reshape(len(paths), len(FILE_FIELDS)), list(FILE_FIELDS)
+
+
+def probe(
+    train: PreparedSplit,
+    test: PreparedSplit,
+    manifest: dict[str, dict] | None,
+    *,
+    border_fraction: float,
+    corner_fraction: float,
+    seed: int,
+) -> dict:
+    """Fit the shallow probe on train properties; per-class F1 on test and the properties it relied on."""
+    features = []
+    for split in (train, test):
+        pix, names = pixel_properties(split, border_fraction, corner_fraction)
+        if manifest is not None:
+            files, file_names = file_properties(split.paths, manifest)
+            pix, names = np.concatenate([pix, files], 1), names + file_names
+        features.append(pix)
+    tree = DecisionTreeClassifier(max_depth=3, min_samples_leaf=5, random_state=seed)
+    tree.fit(features[0], train.labels.numpy())
+    pred = tree.predict(features[1])
+    y = test.labels.numpy()
+    labels = list(range(len(test.class_names)))
+    f1 = f1_score(y, pred, labels=labels, average=None, zero_division=0)
+    importance = sorted(zip(names, tree.feature_importances_, strict=True), key=lambda t: -t[1])
+    return {
+        "accuracy": round(float((pred == y).mean()), 4) if len(y) else 0.0,
+        "majority_accuracy": round(float(np.bincount(y).max() / len(y)), 4) if len(y) else 0.0,
+        "used_file_properties": manifest is not None,
+        "top_properties": [
+            {"property": n, "importance": round(float(v), 4)} for n, v in importance[:3] if v > 0
+        ],
+        "per_class_f1": {name: round(float(v), 4) for name, v in zip(test.class_names, f1, strict=True)},
+    }

@@ -1,0 +1,149 @@
+"""From figures to a verdict, with one sentence per finding that a person can act on.
+
+Saliency maps alone miss unknown spurious signals and raise false alarms (Adebayo et al., ICLR
+2022, "Post hoc explanations may be ineffective for detecting unknown spurious correlation"), so
+a `fail` rests only on an intervention (transplant, deletion) or on annotated masks. Saliency
+statistics and the data-property probe become warnings: they say where to look.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cnnops.config import AuditParams
+
+OFF_OBJECT_FOR_DELETION = 0.5  # deletion counts only when most of the removed pixels lie off the object
+BAND_EXCESS_WARNING = 0.1  # outer-band saliency share above the other classes' by this much: a pointer
+MIN_IMAGES = 5  # fewer correctly classified images than this: the class cannot be judged
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.0f}%"
+
+
+def _transplant_findings(name: str, f: dict[str, Any], a: AuditParams) -> list[dict[str, Any]]:
+    q = f"'{name}'"
+    out = []
+    top = f["transplant_top"]
+    candidates = [
+        (
+            "transplant_top",
+            top,
+            f"pasting its most-attended {top['pixels']} pixels ({_pct(a.top_fraction)} of the image, "
+            f"mostly at the "
+            f"{top['where']}) into other classes' images",
+        ),
+        *[
+            (f"transplant:{region}", r, f"pasting the {region} of its images into other classes' images")
+            for region, r in f["transplant_regions"].items()
+        ],
+        (
+            "transplant_tone",
+            f["transplant_tone"],
+            "giving other classes' images the brightness and contrast of its images",
+        ),
+    ]
+    for test, r, what in candidates:
+        excess = r["flip_rate"] - r["control_flip_rate"]
+        if r["pairs"] and excess >= a.transplant_flip_threshold:
+            out.append(
+                {
+                    "class": name,
+                    "test": test,
+                    "value": round(excess, 4),
+                    "threshold": a.transplant_flip_threshold,
+                    "sentence": f"class {q}: {what} flips {_pct(r['flip_rate'])} of them to {q} "
+                    f"({_pct(r['control_flip_rate'])} when the same pixels come from other classes)",
+                }
+            )
+    return out
+
+
+def class_findings(name: str, f: dict[str, Any], a: AuditParams) -> tuple[list[dict], list[dict]]:
+    """(failures, warnings) of one class."""
+    q = f"'{name}'"
+    if f["n_correct"] < MIN_IMAGES:
+        return [], [
+            {
+                "class": name,
+                "test": "coverage",
+                "value": f["n_correct"],
+                "threshold": MIN_IMAGES,
+                "sentence": f"class {q}: only {f['n_correct']} correctly classified test image(s); "
+                "too few to audit "
+                "(add test images or train longer)",
+            }
+        ]
+    failures = _transplant_findings(name, f, a)
+    d = f["deletion"]
+    if d["gap"] >= a.deletion_gap_threshold and f["top_off_object"] >= OFF_OBJECT_FOR_DELETION:
+        failures.append(
+            {
+                "class": name,
+                "test": "deletion",
+                "value": d["gap"],
+                "threshold": a.deletion_gap_threshold,
+                "sentence": f"class {q}: removing its most-attended pixels "
+                f"({_pct(f['top_off_object'])} of them off the "
+                f"object) lowers its confidence by {d['drop_top']:.2f}, {d['gap']:.2f} more than removing "
+                "a random region of the same size",
+            }
+        )
+    masks = f.get("masks")
+    if masks and masks["energy_inside"] < a.mask_energy_threshold:
+        failures.append(
+            {
+                "class": name,
+                "test": "masks",
+                "value": masks["energy_inside"],
+                "threshold": a.mask_energy_threshold,
+                "sentence": f"class {q}: only {_pct(masks['energy_inside'])} of its saliency lies inside the "
+                f"annotated objects (the peak hits the object in {_pct(masks['pointing_hit_rate'])} "
+                f"of {masks['n']} images)",
+            }
+        )
+    warnings = []
+    band, band_others = f["energy"]["outer band"], f["energy_others"]["outer band"]
+    if band - band_others >= BAND_EXCESS_WARNING:
+        warnings.append(
+            {
+                "class": name,
+                "test": "border_energy",
+                "value": round(band, 4),
+                "threshold": BAND_EXCESS_WARNING,
+                "sentence": f"class {q}: {_pct(band)} of its saliency sits in the outer band against "
+                f"{_pct(band_others)} for other classes (saliency only: see the transplant figures)",
+            }
+        )
+    return failures, warnings
+
+
+def decide(figures: dict[str, dict], probe: dict | None, a: AuditParams) -> dict[str, Any]:
+    """The verdict block of reports/audit.json: verdict, failures (worst first), warnings."""
+    failures, warnings = [], []
+    for name, f in figures.items():
+        fail, warn = class_findings(name, f, a)
+        failures += fail
+        warnings += warn
+    if probe is not None:
+        top = ", ".join(p["property"] for p in probe["top_properties"]) or "none"
+        for name, f1 in probe["per_class_f1"].items():
+            if f1 >= a.property_f1_threshold:
+                warnings.append(
+                    {
+                        "class": name,
+                        "test": "data_properties",
+                        "value": f1,
+                        "threshold": a.property_f1_threshold,
+                        "sentence": f"class '{name}': simple image properties alone (mostly {top}) "
+                        f"predict it with F1 "
+                        f"{f1:.2f}: a cue in the data the model may have taken",
+                    }
+                )
+    failures.sort(key=lambda r: -r["value"] if r["test"] != "masks" else r["value"] - 1)
+    return {
+        "verdict": "fail" if failures else "pass",
+        "failed_classes": sorted({r["class"] for r in failures}),
+        "failures": failures,
+        "warnings": warnings,
+    }

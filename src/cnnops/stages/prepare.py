@@ -176,7 +176,7 @@ def _check_decoding(skipped: list[dict[str, str]], validate: ValidateParams, roo
     failed = [s for s in skipped if s["reason"] != "hidden"]
     if not failed:
         return
-    if validate.severity.get("decodes", "error") == "error":
+    if validate.severity.decodes == "error":
         raise DataError(
             f"{len(failed)} file(s) under {root} do not decode:\n"
             + "\n".join(s["reason"] for s in failed)

@@ -96,6 +96,7 @@ def _expectations(validate: ValidateParams) -> dict[str, list[Any]]:
 
 def run_suite(df: pd.DataFrame, validate: ValidateParams, docs_dir: Path) -> list[dict[str, Any]]:
     """Run the suite through an ephemeral GX context; returns one record per check, and writes the docs."""
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines are internals
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -103,7 +104,6 @@ def run_suite(df: pd.DataFrame, validate: ValidateParams, docs_dir: Path) -> lis
         ProgressBarsConfig,
     )
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines are internals
     site = {
         "class_name": "SiteBuilder",
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
@@ -248,12 +248,12 @@ def run(
 
 _HINTS: dict[str, Callable[[dict[str, Any]], str]] = {
     "min_classes": lambda c: (
-        f"{c['observed_value']} class folder(s), need at least {c['kwargs']['min_value']}"
+        f"{c['observed_value']} class folder(s), need at least {c['kwargs']['min_value']:g}"
     ),
     "min_images_per_class": lambda c: (
-        f"classes {c['classes']} have fewer than {c['kwargs']['min_value']} images"
+        f"classes {c['classes']} have fewer than {c['kwargs']['min_value']:g} images"
     ),
-    "imbalance": lambda c: f"classes {c['classes']} exceed {c['kwargs']['max_value']}x the smallest class",
+    "imbalance": lambda c: f"classes {c['classes']} exceed {c['kwargs']['max_value']:g}x the smallest class",
 }
 
 

@@ -1,0 +1,153 @@
+"""`cnnops validate`: the real Great Expectations suite on real image files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from cnnops.config import parse_params
+from cnnops.errors import ValidationFailed
+from cnnops.stages import validate
+
+
+def _noise(path: Path, seed: int, size: int = 16) -> Path:
+    """A distinct random image (perceptual hashes of different seeds are far apart)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)).save(path)
+    return path
+
+
+def _corpus(root: Path) -> dict[str, Path]:
+    """Two healthy classes plus one file for each problem validate must report."""
+    for i in range(12):
+        _noise(root / "a" / f"{i:02d}.png", i)
+        _noise(root / "b" / f"{i:02d}.png", 100 + i)
+    bad = {
+        "zero": root / "a" / "zero.png",
+        "text": root / "a" / "notes.txt",
+        "truncated": root / "a" / "truncated.png",
+        "bomb": root / "a" / "bomb.png",
+        "tiny": root / "b" / "tiny.png",
+        "jpeg": root / "b" / "photo.jpg",
+        "deep": root / "b" / "deep.png",
+        "conflict": root / "b" / "copy_of_a00.png",
+        "near": root / "a" / "00_touched.png",
+    }
+    bad["zero"].write_bytes(b"")
+    bad["text"].write_text("a note that is not an image")
+    bad["truncated"].write_bytes((root / "a" / "01.png").read_bytes()[:80])
+    Image.new("L", (200, 200), 3).save(bad["bomb"])
+    _noise(bad["tiny"], 7, size=4)
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(bad["jpeg"])
+    Image.fromarray(np.full((16, 16), 4000, np.uint16)).save(bad["deep"])
+    shutil.copy(root / "a" / "00.png", bad["conflict"])
+    touched = np.asarray(Image.open(root / "a" / "00.png")).copy()
+    touched[0, 0] ^= 1
+    Image.fromarray(touched).save(bad["near"])
+    return bad
+
+
+PARAMS = {
+    "data": {"color_mode": "L", "max_image_pixels": 100 * 100, "near_duplicate_distance": 2},
+    "validate": {
+        "allowed_formats": ["PNG"],
+        "allowed_modes": ["L"],
+        "min_width": 8,
+        "min_height": 8,
+        "min_images_per_class": 5,
+    },
+}
+
+
+def test_bad_corpus_fails_with_every_file_named_and_a_full_report(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    bad = _corpus(root)
+    params = parse_params(PARAMS)
+    report_path, docs = tmp_path / "reports" / "validation.json", tmp_path / "reports" / "docs"
+    with pytest.raises(ValidationFailed) as info:
+        validate.run(root, report_path=report_path, docs_dir=docs, data=params.data, validate=params.validate)
+    message = str(info.value)
+    for key in ("zero", "text", "truncated", "bomb", "tiny", "jpeg", "deep", "conflict"):
+        assert str(bad[key]) in message, key
+    assert str(report_path) in message and "validate.severity" in message
+
+    report = json.loads(report_path.read_text())  # written before the failure was raised
+    assert report["success"] is False
+    assert report["failed_errors"] == ["decodes", "format", "label_conflict", "mode", "size"]
+    assert report["failed_warnings"] == ["exact_duplicates", "near_duplicates"]
+    failed = {c["check"]: set(c["files"]) for c in report["checks"] if c["success"] is False}
+    assert failed["decodes"] == {"a/zero.png", "a/notes.txt", "a/truncated.png", "a/bomb.png"}
+    assert failed["format"] == {"b/photo.jpg"} and failed["mode"] == {"b/photo.jpg", "b/deep.png"}
+    assert failed["size"] == {"b/tiny.png"}
+    assert failed["label_conflict"] == failed["exact_duplicates"] == {"a/00.png", "b/copy_of_a00.png"}
+    assert {"a/00.png", "a/00_touched.png"} <= failed["near_duplicates"]
+    passed = {c["check"] for c in report["checks"] if c["success"] is True}
+    assert passed == {"min_classes", "min_images_per_class", "imbalance"}
+    decode = next(c for c in report["checks"] if c["check"] == "decodes")
+    assert any("is empty" in o["value"] for o in decode["offending"])
+    manifest = {row["path"]: row for row in report["manifest"]}
+    assert len(manifest) == 24 + len(bad)
+    assert manifest["b/deep.png"]["mode"] == "I;16" and manifest["b/deep.png"]["bit_depth"] == 16
+    assert manifest["a/zero.png"]["bytes"] == 0 and manifest["a/zero.png"]["sha256"] is None
+    assert ["a/00.png", "a/00_touched.png", "b/copy_of_a00.png"] in report["duplicate_groups"]
+    assert (docs / "index.html").exists()
+    assert list((docs / "validations").rglob("*.html"))
+
+
+def test_warnings_never_stop_and_off_checks_are_left_out(
+    tmp_path: Path, digits_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    params = parse_params(
+        {
+            "data": {"color_mode": "L"},
+            "validate": {
+                "min_images_per_class": 50,  # the fixture has 40 per class
+                "severity": {"min_images_per_class": "warning", "imbalance": "off"},
+            },
+        }
+    )
+    with caplog.at_level(logging.WARNING, logger="cnnops.stages.validate"):
+        report = validate.run(
+            digits_folder,
+            report_path=tmp_path / "v.json",
+            docs_dir=tmp_path / "docs",
+            data=params.data,
+            validate=params.validate,
+        )
+    assert report["success"] is True and report["n_files"] == 400 and report["n_classes"] == 10
+    assert "min_images_per_class" in report["failed_warnings"]
+    assert "min_images_per_class" in caplog.text
+    imbalance = [c for c in report["checks"] if c["check"] == "imbalance"]
+    assert imbalance == [{"check": "imbalance", "severity": "off", "success": None}]
+    assert json.loads((tmp_path / "v.json").read_text()) == report
+
+
+def test_one_small_class_fails_through_the_cli(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for i in range(3):
+        _noise(root / "only" / f"{i}.png", i)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"color_mode": "L"}}))
+    cnnops = Path(sys.executable).with_name("cnnops")
+    result = subprocess.run(
+        [str(cnnops), "validate", "data", "--report", "reports/v.json", "--docs", "reports/docs"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{cnnops.parent}{os.pathsep}{os.environ['PATH']}"},
+    )
+    assert result.returncode == 1, result.stderr
+    assert "cnnops validate: error: 2 error-level check(s) failed on data" in result.stderr
+    assert "min_classes" in result.stderr and "1 class folder(s), need at least 2" in result.stderr
+    assert "classes ['only'] have fewer than 10 images" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.loads((tmp_path / "reports" / "v.json").read_text())["n_classes"] == 1

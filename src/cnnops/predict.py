@@ -137,7 +137,8 @@ def write_table(predictions: list[Prediction], top_k: int = 3) -> None:
     for p in predictions:
         ranked = sorted(p.probabilities.items(), key=lambda kv: kv[1], reverse=True)[:top_k]
         table.add_row(p.path, p.label, f"{p.confidence:.3f}", "  ".join(f"{c} {v:.3f}" for c, v in ranked))
-    Console().print(table)
+    # Off a terminal (piped to a file) the table keeps whole paths on one line instead of wrapping at 80.
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

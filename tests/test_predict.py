@@ -1,0 +1,89 @@
+"""`cnnops predict` through the real command line, on odd images and a corrupt file among good ones."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures_export import SIZE
+from PIL import Image
+
+from cnnops.onnx_model import OnnxMetadata, export_classifier
+
+pytestmark = pytest.mark.integration
+CNNOPS = str(Path(sys.executable).with_name("cnnops"))
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory: pytest.TempPathFactory, good_model) -> Path:
+    path = tmp_path_factory.mktemp("predict") / "model.onnx"
+    meta = OnnxMetadata(["a", "b", "c"], SIZE, "L", "logits", "convnet", "run", "commit", "data")
+    export_classifier(good_model, path, opset=18, metadata=meta)
+    return path
+
+
+def grey(level: float, size: tuple[int, int] = (20, 24)) -> np.ndarray:
+    return np.full(size, round(level * 255), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def odd_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Class levels are a = 0.25, b = 0.5, c = 0.75 grey; each file is named after its true class."""
+    root = tmp_path_factory.mktemp("images")
+    rgba = np.dstack([grey(0.25)] * 3 + [np.full((20, 24), 255, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(root / "a_rgba.png")
+    Image.fromarray(np.full((30, 30), round(0.5 * 65535), np.uint16)).save(root / "b_16bit.png")
+    Image.fromarray(np.dstack([grey(0.75)] * 3), "RGB").convert("CMYK").save(root / "c_cmyk.jpg")
+    Image.fromarray(grey(0.25)).convert("P").save(root / "a_palette.gif")
+    Image.fromarray(grey(0.5)).save(root / "b_plain.bmp")
+    good = io.BytesIO()
+    Image.fromarray(grey(0.5)).save(good, "PNG")
+    (root / "corrupt.png").write_bytes(good.getvalue()[:40])  # truncated
+    (root / "notes.txt").write_text("not an image: skipped with a warning")
+    return root
+
+
+def predict(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CNNOPS, "predict", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_folder_json_with_odd_modes_and_a_corrupt_file(onnx_file: Path, odd_images: Path) -> None:
+    done = predict(str(onnx_file), str(odd_images), "--format", "json", "--batch-size", "2")
+    assert done.returncode == 1  # one file failed
+    payload = json.loads(done.stdout)
+    got = {Path(p["path"]).name: p for p in payload["predictions"]}
+    assert sorted(got) == ["a_palette.gif", "a_rgba.png", "b_16bit.png", "b_plain.bmp", "c_cmyk.jpg"]
+    for name, prediction in got.items():
+        assert prediction["class"] == name[0], prediction
+        assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert [Path(e["path"]).name for e in payload["errors"]] == ["corrupt.png"]
+    assert f"cnnops predict: error: {odd_images / 'corrupt.png'}: is " in done.stderr
+    assert "notes.txt" in done.stderr  # skipped with a warning, not silently
+
+
+def test_files_as_csv(onnx_file: Path, odd_images: Path) -> None:
+    files = [str(odd_images / "c_cmyk.jpg"), str(odd_images / "a_rgba.png")]
+    done = predict(str(onnx_file), *files, "--format", "csv")
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    assert [(Path(r["path"]).name, r["class"]) for r in rows] == [("c_cmyk.jpg", "c"), ("a_rgba.png", "a")]
+    assert set(rows[0]) == {"path", "class", "confidence", "a", "b", "c"}
+
+
+def test_table_with_a_missing_path_and_a_foreign_model(
+    onnx_file: Path, odd_images: Path, tmp_path: Path
+) -> None:
+    done = predict(str(onnx_file), str(odd_images / "b_plain.bmp"), str(tmp_path / "nope.png"))
+    assert done.returncode == 1
+    assert "nope.png: no such file or folder" in done.stderr
+    table_row = next(line for line in done.stdout.splitlines() if "b_plain.bmp" in line)
+    assert "│ b " in table_row and "confidence" in done.stdout
+    (tmp_path / "x.onnx").write_bytes(b"junk")
+    bad = predict(str(tmp_path / "x.onnx"), str(odd_images))
+    assert bad.returncode == 1 and "x.onnx: not a readable ONNX model" in bad.stderr

@@ -157,6 +157,13 @@ class AugmentParams(Section):
     cutmix_alpha: float = Field(0.0, ge=0.0)
     random_rotation: float = Field(0.0, ge=0.0, le=180.0, description="max degrees")
 
+    @model_validator(mode="after")
+    def _crop_scale_range(self) -> AugmentParams:
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"crop_scale {list(self.crop_scale)} must be [min, max], 0 < min <= max <= 1")
+        return self
+
 
 class TrainParams(Section):
     model: str = Field("convnet", description="'convnet' or any torchvision classification model name")

@@ -14,7 +14,7 @@ from cnnops.config import AuditParams
 
 OFF_OBJECT_FOR_DELETION = 0.5  # deletion counts only when most of the removed pixels lie off the object
 BAND_EXCESS_WARNING = 0.1  # outer-band saliency share above the other classes' by this much: a pointer
-MIN_IMAGES = 5  # fewer correctly classified images than this: the class cannot be judged
+MIN_IMAGES = 3  # fewer correctly classified images than this: the class cannot be judged
 
 
 def _pct(v: float) -> str:

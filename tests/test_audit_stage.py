@@ -1,0 +1,214 @@
+"""The audit end to end on real images: planted shortcuts fail, clean data passes.
+
+Each case writes a planted copy of scikit-learn's digits (or scikit-image's lfw faces) with
+`cnnops.planted`, then runs the real validate, prepare, train and audit stages on it with a real
+MLflow SQLite store. The cue kind, position, size and intensity vary with the seed.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures_model import one_thread
+
+from cnnops.audit import gallery
+from cnnops.config import Params, parse_params
+from cnnops.planted import CueSpec, make_planted
+from cnnops.stages import audit, prepare, train, validate
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+PER_CLASS = 60  # 600 digits: trains in seconds on one thread, enough test images per class
+
+
+@dataclass(frozen=True)
+class Audited:
+    root: Path
+    spec: CueSpec
+    report: dict
+    params: Params
+    paths: audit.AuditPaths
+    run_id: str
+
+
+def _pipeline(
+    root: Path, cue: str, cls: str | None, seed: int, source: str = "digits", **cue_args
+) -> Audited:
+    per_class = PER_CLASS if source == "digits" else None
+    spec = make_planted(root / "data", cue, cls, source=source, seed=seed, per_class=per_class, **cue_args)
+    params = parse_params(
+        {
+            "data": {"color_mode": "L", "near_duplicate_distance": 0},
+            "prepare": {"image_size": [32, 32]},
+            "train": {"epochs": 4 if source == "digits" else 25, "batch_size": 32},
+            "audit": {"methods": ["gradcam"]},
+            "tracking": {
+                "uri": f"sqlite:///{root / 'mlflow.db'}",
+                "artifact_location": str(root / "mlartifacts"),
+                "experiment": "audit-tests",
+            },
+        },
+        "audit test",
+    )
+    reports = root / "reports"
+    validate.run(
+        root / "data", report_path=reports / "validation.json", docs_dir=reports / "validation_docs",
+        data=params.data, validate=params.validate,
+    )  # fmt: skip
+    prepare.run(
+        root / "data", out_dir=root / "prepared", report_path=reports / "prepare.json", seed=params.base.seed,
+        data=params.data, prepare=params.prepare, validate=params.validate,
+    )  # fmt: skip
+    tp = train.TrainPaths(
+        model=root / "models" / "model.pt", report=reports / "train.json", history=reports / "history.csv",
+        curves=reports / "history.png", state=root / ".cnnops" / "state.pt",
+    )  # fmt: skip
+    paths = audit.AuditPaths(
+        reports / "audit.json", reports / "audit", reports / "validation.json", root / "data"
+    )
+    with one_thread():
+        result = train.run(params, root / "prepared", tp)
+        report = audit.run(params, tp.model, root / "prepared", tp.report, paths)
+    assert result.run_id is not None
+    return Audited(root, spec, report, params, paths, result.run_id)
+
+
+# (cue, cued class, seed, source, fixed cue arguments): seeds move position, size and intensity.
+PLANTED = {
+    "corner": ("corner", "3", 1, "digits", {}),
+    "watermark": ("watermark", "7", 2, "digits", {}),
+    "frame": ("frame", "5", 3, "digits", {}),
+    "tint": ("tint", "2", 4, "digits", {"intensity": 90}),
+    "faces-corner": ("corner", "face", 5, "faces", {"size": 4}),
+}
+
+
+_RUNS: dict[str, Audited] = {}  # one pipeline per case per session, shared by the tests below
+
+
+def _planted(name: str, factory: pytest.TempPathFactory) -> Audited:
+    if name not in _RUNS:
+        cue, cls, seed, source, extra = PLANTED[name]
+        _RUNS[name] = _pipeline(factory.mktemp(f"planted-{name}"), cue, cls, seed, source, **extra)
+    return _RUNS[name]
+
+
+@pytest.fixture(params=list(PLANTED))
+def planted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Audited:
+    return _planted(request.param, tmp_path_factory)
+
+
+@pytest.fixture
+def planted_corner(tmp_path_factory: pytest.TempPathFactory) -> Audited:
+    return _planted("corner", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> Audited:
+    return _pipeline(tmp_path_factory.mktemp("clean"), "none", None, 0)
+
+
+def test_planted_cue_fails_naming_the_cued_class(planted: Audited) -> None:
+    report = json.loads(planted.paths.report.read_text())
+    cued = planted.spec.cued_class
+    assert report["verdict"] == "fail", report["failures"]
+    assert report["failures"][0]["class"] == cued  # the worst finding names the cued class
+    assert report["failures"][0]["test"] in {"transplant_top", "transplant_tone", "deletion"} or report[
+        "failures"
+    ][0]["test"].startswith("transplant:")
+    assert f"class '{cued}'" in report["failures"][0]["sentence"]
+    assert any(char.isdigit() for char in report["failures"][0]["sentence"])
+    figures = report["classes"][cued]
+    assert set(figures) >= {"attention", "energy", "transplant_top", "transplant_regions", "deletion"}
+
+
+def test_clean_data_passes(clean: Audited) -> None:
+    report = json.loads(clean.paths.report.read_text())
+    assert report["verdict"] == "pass", report["failures"]
+    assert set(report["classes"]) == {str(d) for d in range(10)}
+    for figures in report["classes"].values():
+        top = figures["transplant_top"]
+        assert top["flip_rate"] - top["control_flip_rate"] < clean.params.audit.transplant_flip_threshold
+
+
+def test_audit_is_logged_to_the_models_run(clean: Audited) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(clean.params.tracking.resolved_uri)
+    run = client.get_run(clean.run_id)
+    assert run.data.tags["cnnops.audit_verdict"] == "pass"
+    assert run.data.metrics["audit_fail"] == 0.0
+    logged = {a.path for a in client.list_artifacts(clean.run_id, "audit")}
+    assert "audit/audit.json" in logged and "audit/audit" in logged
+    gallery_files = {a.path for a in client.list_artifacts(clean.run_id, "audit/audit")}
+    assert "audit/audit/index.html" in gallery_files
+
+
+def _chromium_dom(page: Path, tmp_path: Path) -> str:
+    chromium = shutil.which("chromium")
+    if chromium is None:  # scripts/test installs it; a developer machine without it must say so, not pass
+        pytest.fail("chromium is not installed: run `apt-get install -y chromium` (scripts/test does)")
+    out = subprocess.run(
+        [
+            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=3000", "--dump-dom", page.resolve().as_uri(),
+        ],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    return out.stdout
+
+
+def test_gallery_renders_verdict_and_images_in_chromium(planted_corner: Audited, tmp_path: Path) -> None:
+    page = planted_corner.paths.gallery / "index.html"
+    dom = _chromium_dom(page, tmp_path)
+    assert 'id="verdict">FAIL<' in dom
+    assert dom.count('class="overlay"') >= 10  # 8 per class by default
+    assert "data:image/png;base64," in dom
+    assert html.escape(planted_corner.report["failures"][0]["sentence"], quote=False) in dom
+    assert "http://" not in page.read_text() and "https://" not in page.read_text()  # offline
+
+
+def test_gallery_escapes_hostile_class_and_file_names(clean: Audited, tmp_path: Path) -> None:
+    hostile = "<img src=x onerror=\"document.title='pwned'\">&'"
+    report = json.loads(clean.paths.report.read_text())
+    report["classes"] = {hostile: report["classes"]["0"]}
+    report["failed_classes"] = [hostile]
+    report["verdict"] = "fail"
+    report["failures"] = [
+        {"class": hostile, "test": "x", "value": 1.0, "threshold": 0.2, "sentence": hostile}
+    ]
+    picture = gallery.overlay(np.zeros((1, 8, 8)), np.zeros((8, 8)))
+    page = tmp_path / "index.html"
+    gallery.render(page, report, {hostile: [(f"{hostile}/x<script>alert(1)</script>.png", "c", picture)]})
+    text = page.read_text()
+    assert "<script>" not in text and "<img src=x" not in text
+    assert html.escape(hostile) in text
+    dom = _chromium_dom(page, tmp_path)
+    assert "<title>cnnops audit: fail</title>" in dom  # the onerror handler never ran
+
+
+def test_audit_does_not_exit_nonzero_on_fail(planted_corner: Audited) -> None:
+    planted = planted_corner
+    from cnnops.cli import main
+
+    params_file = planted.root / "params.yaml"
+    params_file.write_text(json.dumps(planted.params.model_dump(mode="json", by_alias=True)))
+    out = planted.root / "cli"
+    root, reports = planted.root, planted.root / "reports"
+    with one_thread():
+        code = main([
+            "--params", str(params_file), "audit", str(root / "models" / "model.pt"),
+            "--prepared", str(root / "prepared"), "--train-report", str(reports / "train.json"),
+            "--report", str(out / "audit.json"), "--gallery", str(out / "audit"),
+            "--validation", str(reports / "validation.json"), "--data", str(root / "data"),
+        ])  # fmt: skip
+    assert code == 0
+    assert json.loads((out / "audit.json").read_text())["verdict"] == "fail"

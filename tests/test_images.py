@@ -248,3 +248,9 @@ def test_too_few_classes(tmp_path: Path, classes: dict[str, int], words: str) ->
 def test_missing_root_says_how_to_get_data(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="dvc pull"):
         scan_image_folder(tmp_path / "nope")
+
+
+def test_mode_without_faithful_conversion_is_refused(tmp_path: Path) -> None:
+    path = _save(Image.new("LAB", (9, 9), (50, 0, 0)), tmp_path / "lab.tif")
+    with pytest.raises(DataError, match=rf"{path}: mode 'LAB' has no faithful conversion; save it as RGB"):
+        read_image(path, color_mode="RGB")

@@ -15,7 +15,8 @@ configured colour mode ("RGB" or "L") is fixed and documented here:
    - "F" (32-bit float) is read as intensities in [0, 1] -> round(v * 255); values outside [0, 1]
      or NaN are refused, never clipped.
    - "P" (palette) -> "RGBA" when it declares transparency, else "RGB"; "PA" -> "RGBA".
-   - "CMYK", "YCbCr", ... -> "RGB" with Pillow's conversion (no ICC colour management).
+   - "CMYK", "YCbCr", "RGBX" -> "RGB" with Pillow's conversion (no ICC colour management); modes
+     with no faithful conversion (LAB, HSV) are refused.
 4. Flatten alpha ("LA", "RGBA", palette transparency) by compositing onto a white background, the
    colour a viewer shows behind a transparent image; the hidden colour of fully transparent pixels
    therefore never leaks into the data.
@@ -56,6 +57,7 @@ DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default, as in params `data.max_
 ANNOTATIONS_FILE = "annotations.csv"  # the one file allowed directly in the data root (audit masks/boxes)
 WHITE = {"L": 255, "RGB": (255, 255, 255)}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_PILLOW_CONVERTS = {"PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "RGBX": "RGB"}  # Pillow's own conversions
 
 
 @dataclass(frozen=True)
@@ -153,13 +155,11 @@ def _to_color_mode(image: Image.Image, color_mode: ColorMode, path: Path) -> Ima
     elif mode == "P":
         transparent = "transparency" in image.info or image.palette.mode == "RGBA"
         image = image.convert("RGBA" if transparent else "RGB")
-    elif mode not in ("L", "LA", "RGB", "RGBA"):
-        try:
-            image = image.convert("RGBA" if "A" in image.getbands() or "a" in image.getbands() else "RGB")
-        except ValueError as exc:
-            raise DataError(
-                f"{path}: mode {mode!r} cannot be converted ({exc}); save it as RGB or grayscale"
-            ) from None
+    elif mode in _PILLOW_CONVERTS:
+        image = image.convert(_PILLOW_CONVERTS[mode])
+    elif mode not in ("L", "LA", "La", "RGB", "RGBA", "RGBa"):
+        # e.g. LAB or HSV: Pillow "converts" them without colour science, so the pixels would be wrong.
+        raise DataError(f"{path}: mode {mode!r} has no faithful conversion; save it as RGB or grayscale")
     if image.mode in ("LA", "RGBA", "La", "RGBa"):
         base = "L" if image.mode[0] == "L" else "RGB"
         image = image.convert(base + "A")  # undo premultiplication ("La"/"RGBa") before compositing

@@ -83,6 +83,14 @@ def model_run(root: Path, name: str, model: Classifier, params: TrackingParams) 
     return checkpoint, report
 
 
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TrackingParams:
+    """A fresh SQLite store under tmp_path. mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI,
+    which TrackingParams.resolved_uri prefers, so without this an earlier test's store would win."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tracking_params(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def prepared_synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A prepared folder (test.pt only) per colour mode, with the imbalanced TEST_COUNTS split."""

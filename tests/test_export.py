@@ -12,9 +12,9 @@ import mlflow
 import pytest
 import torch
 import yaml
-from fixtures_export import model_run, tracking_params
+from fixtures_export import model_run
 
-from cnnops.config import ExportParams
+from cnnops.config import ExportParams, TrackingParams
 from cnnops.errors import StageInputError
 from cnnops.onnx_model import read_metadata
 from cnnops.stages import export
@@ -24,9 +24,9 @@ CNNOPS = str(Path(sys.executable).with_name("cnnops"))
 
 
 def test_cli_export_writes_checked_model_report_and_mlflow_record(
-    tmp_path: Path, prepared_synthetic: dict[str, Path], good_model
+    tmp_path: Path, mlflow_store: TrackingParams, prepared_synthetic: dict[str, Path], good_model
 ) -> None:
-    tracking = tracking_params(tmp_path)
+    tracking = mlflow_store
     checkpoint, train_report = model_run(tmp_path, "m", good_model, tracking)
     params = tmp_path / "params.yaml"
     params.write_text(
@@ -82,9 +82,9 @@ def test_cli_export_writes_checked_model_report_and_mlflow_record(
 
 
 def test_failed_export_leaves_previous_outputs(
-    tmp_path: Path, prepared_synthetic: dict[str, Path], good_model
+    tmp_path: Path, mlflow_store: TrackingParams, prepared_synthetic: dict[str, Path], good_model
 ) -> None:
-    tracking = tracking_params(tmp_path)
+    tracking = mlflow_store
     checkpoint, train_report = model_run(tmp_path, "m", good_model, tracking)
     out, report = tmp_path / "model.onnx", tmp_path / "export.json"
     paths = dict(checkpoint=checkpoint, train_report=train_report, out=out, report=report)

@@ -21,10 +21,12 @@ import onnx
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
 
 from cnnops import tracking
 from cnnops.config import TrackingParams
 from cnnops.models import Classifier
+from cnnops.onnx_model import infer, open_session
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SHA_TAG = "onnx_sha256"
@@ -34,18 +36,18 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def find_version(client: MlflowClient, name: str, run_id: str, sha256: str) -> ModelVersion | None:
-    """The version already registered from this run for this exact ONNX file, if any."""
+def find_version(client: MlflowClient, name: str, run_id: str, sha256: str) -> str | None:
+    """The version number already registered from this run for this exact ONNX file, if any."""
     for candidate in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         if candidate.tags.get(SHA_TAG) == sha256:
-            return candidate
+            return _number(candidate)
     return None
 
 
 def register(
     tracking_params: TrackingParams, name: str, run_id: str, onnx_path: Path, model: Classifier
-) -> ModelVersion:
-    """Log the ONNX and PyTorch models to the model's run and register the ONNX one as a new version."""
+) -> str:
+    """Log the ONNX and PyTorch models to the model's run, register the ONNX one; returns its version."""
     spec = model.spec
     # pt2 bakes the example's batch into the saved program when it is 1 (docs/STACK.md): use 2.
     example = np.zeros((2, spec.in_channels, *spec.image_size), dtype=np.float32)
@@ -56,10 +58,12 @@ def register(
             input_example=example,
             pip_requirements=[f"torch=={package_version('torch')}"],
         )
+        # A signature rather than an input example: MLflow would run the example on its default
+        # providers, CUDA first, which logs load errors on a machine without a GPU.
         onnx_info = mlflow.onnx.log_model(
             onnx.load(onnx_path),
             name="onnx",
-            input_example=example,
+            signature=infer_signature(example, infer(open_session(onnx_path), example, len(example))),
             registered_model_name=name,
             save_as_external_data=False,
             pip_requirements=[
@@ -71,12 +75,17 @@ def register(
     version = str(onnx_info.registered_model_version)
     client.set_model_version_tag(name, version, SHA_TAG, file_sha256(onnx_path))
     client.set_model_version_tag(name, version, "pytorch_model_uri", pytorch_info.model_uri)
-    return client.get_model_version(name, version)
+    return version
 
 
-def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+def _number(version: ModelVersion) -> str:
+    """MLflow gives version numbers as int or str depending on the call: always str here."""
+    return str(version.version)
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
     try:
-        return client.get_model_version_by_alias(name, alias)
+        return _number(client.get_model_version_by_alias(name, alias))
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
@@ -91,8 +100,9 @@ def downloaded_onnx(name: str, version: str) -> Iterator[Path]:
         yield Path(local) / "model.onnx"
 
 
-def set_tags(client: MlflowClient, name: str, version: ModelVersion, tags: dict[str, str]) -> None:
+def set_tags(client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
     """The same tags on the model version and on its run, so either view shows the decision."""
+    run_id = client.get_model_version(name, version).run_id
     for key, value in tags.items():
-        client.set_model_version_tag(name, version.version, key, value)
-        client.set_tag(version.run_id, key, value)
+        client.set_model_version_tag(name, version, key, value)
+        client.set_tag(run_id, key, value)

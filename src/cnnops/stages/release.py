@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
 
 from cnnops import registry, tracking
 from cnnops.config import Params, ReleaseParams, TrackingParams
@@ -94,35 +93,32 @@ def run(
     if version is None:
         model, _ = load_classifier(checkpoint)
         version = registry.register(tracking_params, params.model_name, run_id, onnx_path, model)
-        log.info("registered %s version %s from run %s", params.model_name, version.version, run_id)
+        log.info("registered %s version %s from run %s", params.model_name, version, run_id)
     else:
         log.info(
-            "%s version %s already holds this export (run %s): reusing it",
-            params.model_name,
-            version.version,
-            run_id,
+            "%s version %s already holds this export (run %s): reusing it", params.model_name, version, run_id
         )
-    client.set_registered_model_alias(params.model_name, registry.CHALLENGER, version.version)
+    client.set_registered_model_alias(params.model_name, registry.CHALLENGER, version)
     decision = decide(client, params, version, test, score, verdict)
     if decision.promoted:
-        client.set_registered_model_alias(params.model_name, registry.CHAMPION, version.version)
+        client.set_registered_model_alias(params.model_name, registry.CHAMPION, version)
     registry.set_tags(client, params.model_name, version, decision.as_tags(params.metric, score, verdict))
     result = {
         "model_name": params.model_name,
-        "version": version.version,
+        "version": version,
         "run_id": run_id,
         "audit_verdict": verdict,
         "metric": params.metric,
         "score": score,
         "margin": params.margin,
         **asdict(decision),
-        "champion": version.version if decision.promoted else decision.champion_version,
+        "champion": version if decision.promoted else decision.champion_version,
     }
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps(result, indent=2) + "\n")
     log.info(
         "release: version %s %s: %s",
-        version.version,
+        version,
         "promoted" if decision.promoted else "not promoted",
         decision.reason,
     )
@@ -132,65 +128,53 @@ def run(
 def decide(
     client: MlflowClient,
     params: ReleaseParams,
-    version: ModelVersion,
+    version: str,
     test: PreparedSplit,
     score: float,
     verdict: str,
 ) -> Decision:
     """Whether `version` (scoring `score` on `test`) takes alias champion, and why."""
     champion = registry.alias_version(client, params.model_name, registry.CHAMPION)
-    if champion is not None and champion.version == version.version:
+    if champion == version:
         if verdict != "pass":
             log.warning(
                 "version %s is the champion but its audit verdict is now %r; release never demotes: "
                 "move alias champion by hand if it should go",
-                version.version,
+                version,
                 verdict,
             )
-        tags = client.get_model_version(params.model_name, version.version).tags
+        tags = client.get_model_version(params.model_name, version).tags
         if "release.decision" in tags:
             return Decision.from_tags(tags)  # the decision that made it champion, unchanged
         return Decision(True, "already the champion (alias set outside cnnops release)", None, None)
-    name, metric = params.model_name, params.metric
+    champion_score = None
     if champion is None:
         compared = "there is no champion yet"
-        champion_version, champion_score = None, None
     else:
-        champion_version = champion.version
-        with registry.downloaded_onnx(name, champion.version) as path:
+        with registry.downloaded_onnx(params.model_name, champion) as path:
             mismatch = _incomparable(path, test)
             if mismatch:
                 return Decision(
                     False,
-                    f"champion v{champion.version} cannot be evaluated on this test split ({mismatch}); "
-                    f"promote by hand or use a new release.model_name for a new task",
-                    champion.version,
+                    f"champion v{champion} cannot be evaluated on this test split ({mismatch}); "
+                    "promote by hand or use a new release.model_name for a new task",
+                    champion,
                     None,
                 )
-            champion_score = evaluate_onnx(path, test, metric)
+            champion_score = evaluate_onnx(path, test, params.metric)
         compared = (
-            f"{metric} {score:.4f} vs champion v{champion_version} {champion_score:.4f} "
+            f"{params.metric} {score:.4f} vs champion v{champion} {champion_score:.4f} "
             f"(margin {params.margin:g})"
         )
     if verdict != "pass":
-        return Decision(
-            False,
-            f"audit verdict is {verdict!r}: a model that failed its audit is never promoted; {compared}",
-            champion_version,
-            champion_score,
-        )
+        reason = f"audit verdict is {verdict!r}: a model that failed its audit is never promoted; {compared}"
+        return Decision(False, reason, champion, champion_score)
     if champion_score is None:
         return Decision(True, f"audit passed and {compared}", None, None)
     if score > champion_score + params.margin:
-        return Decision(
-            True, f"audit passed and it beats the champion: {compared}", champion_version, champion_score
-        )
-    return Decision(
-        False,
-        f"audit passed but it does not beat the champion by more than the margin: {compared}",
-        champion_version,
-        champion_score,
-    )
+        return Decision(True, f"audit passed and it beats the champion: {compared}", champion, champion_score)
+    reason = f"audit passed but it does not beat the champion by more than the margin: {compared}"
+    return Decision(False, reason, champion, champion_score)
 
 
 def _incomparable(path: Path, test: PreparedSplit) -> str:
@@ -211,7 +195,9 @@ def evaluate_onnx(path: Path, test: PreparedSplit, metric: str) -> float:
     outputs = infer(open_session(path), test.floats().numpy(), batch_size=64)
     # The evaluate stage's metric definitions; they depend on the argmax only, so logits or
     # probabilities give the same figure.
-    return float(classification_report(torch.from_numpy(outputs), test.labels, test.class_names)[metric])
+    return float(
+        classification_report(torch.from_numpy(outputs), test.labels, test.class_names, top_k=1)[metric]
+    )
 
 
 def audit_verdict(audit_report: Path) -> str:

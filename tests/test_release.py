@@ -1,0 +1,113 @@
+"""`cnnops release` decisions on a real MLflow registry (SQLite store in tmp_path)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from fixtures_export import constant_model, model_run
+from mlflow import MlflowClient
+
+from cnnops.config import ReleaseParams, TrackingParams
+from cnnops.errors import StageInputError
+from cnnops.models import Classifier
+from cnnops.onnx_model import OnnxMetadata, export_classifier
+from cnnops.stages import release
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+PARAMS = ReleaseParams(model_name="clf", metric="accuracy", margin=0.0)
+
+
+def exported(
+    root: Path, name: str, model: Classifier, tracking: TrackingParams, verdict: str
+) -> dict[str, Path]:
+    """What train, audit and export leave for one model: checkpoint, reports and the ONNX file."""
+    checkpoint, train_report = model_run(root, name, model, tracking)
+    run_id = json.loads(train_report.read_text())["run_id"]
+    spec = model.spec
+    meta = OnnxMetadata(
+        spec.class_names, spec.image_size, spec.color_mode, "logits", spec.model, run_id, "c", "d"
+    )
+    onnx_path = root / name / "model.onnx"
+    export_classifier(model, onnx_path, opset=18, metadata=meta)
+    audit = root / name / "audit.json"
+    audit.write_text(json.dumps({"verdict": verdict, "checks": []}))
+    return dict(onnx_path=onnx_path, checkpoint=checkpoint, train_report=train_report, audit_report=audit)
+
+
+def do_release(paths: dict[str, Path], tracking: TrackingParams, prepared: Path) -> dict:
+    report = paths["onnx_path"].with_name("release.json")
+    return release.run(PARAMS, tracking, prepared=prepared, report=report, **paths)
+
+
+def aliases(client: MlflowClient) -> dict[str, str]:
+    return {alias: str(v) for alias, v in client.get_registered_model("clf").aliases.items()}
+
+
+def test_champion_challenger_decisions_and_idempotence(
+    tmp_path: Path, mlflow_store: TrackingParams, prepared_synthetic: dict[str, Path], good_model: Classifier
+) -> None:
+    tracking, prepared = mlflow_store, prepared_synthetic["L"]
+    first = exported(tmp_path, "first", constant_model(0), tracking, "pass")  # accuracy 0.5
+    result = do_release(first, tracking, prepared)
+    client = MlflowClient(tracking.uri)
+    assert (result["promoted"], result["version"], result["score"]) == (True, "1", 0.5)
+    assert "no champion yet" in result["reason"]
+    assert aliases(client) == {"champion": "1", "challenger": "1"}
+
+    again = do_release(first, tracking, prepared)  # idempotent: no new version, same record
+    assert again == result
+    assert len(client.search_model_versions("name = 'clf'")) == 1
+    assert first["onnx_path"].with_name("release.json").read_text() == json.dumps(result, indent=2) + "\n"
+
+    worse = do_release(exported(tmp_path, "worse", constant_model(1), tracking, "pass"), tracking, prepared)
+    assert (worse["promoted"], worse["score"], worse["champion_score"]) == (False, 0.25, 0.5)
+    assert "does not beat the champion" in worse["reason"]
+    assert aliases(client) == {"champion": "1", "challenger": "2"}
+
+    failed = do_release(exported(tmp_path, "failed", good_model, tracking, "fail"), tracking, prepared)
+    assert (failed["promoted"], failed["score"], failed["champion"]) == (False, 1.0, "1")
+    assert "audit verdict is 'fail'" in failed["reason"]
+    assert aliases(client)["champion"] == "1"
+
+    better = exported(tmp_path, "better", good_model, tracking, "pass")
+    promoted = do_release(better, tracking, prepared)
+    assert (promoted["promoted"], promoted["version"], promoted["champion_version"]) == (True, "4", "1")
+    assert promoted["champion_score"] == 0.5 and "beats the champion" in promoted["reason"]
+    assert aliases(client) == {"champion": "4", "challenger": "4"}
+    assert do_release(better, tracking, prepared) == promoted
+    assert len(client.search_model_versions("name = 'clf'")) == 4
+
+    version = client.get_model_version("clf", "4")
+    assert (
+        version.tags["release.decision"] == "champion"
+        and version.tags["release.reason"] == promoted["reason"]
+    )
+    assert client.get_run(version.run_id).data.tags["release.decision"] == "champion"
+    loser = client.get_model_version("clf", "3")
+    assert loser.tags["release.decision"] == "challenger" and loser.tags["release.audit_verdict"] == "fail"
+    mlflow.set_tracking_uri(tracking.uri)
+    pytorch_model = mlflow.pytorch.load_model(version.tags["pytorch_model_uri"])
+    images = torch.rand(3, 1, 16, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(pytorch_model(images), good_model(images))
+
+
+def test_failed_audit_is_never_first_champion_and_stale_export_is_refused(
+    tmp_path: Path, mlflow_store: TrackingParams, prepared_synthetic: dict[str, Path]
+) -> None:
+    tracking, prepared = mlflow_store, prepared_synthetic["L"]
+    paths = exported(tmp_path, "m", constant_model(0), tracking, "fail")
+    result = do_release(paths, tracking, prepared)
+    assert (result["promoted"], result["champion"]) == (False, None)
+    assert aliases(MlflowClient(tracking.uri)) == {"challenger": "1"}
+
+    _, other_report = model_run(tmp_path, "other", constant_model(0), tracking)
+    with pytest.raises(StageInputError, match=r"model.onnx was exported from MLflow run \w+, but .*stale"):
+        do_release({**paths, "train_report": other_report}, tracking, prepared)
+    paths["audit_report"].write_text(json.dumps({"status": "ok"}))
+    with pytest.raises(StageInputError, match=r"audit.json: top-level 'verdict' is None"):
+        do_release(paths, tracking, prepared)

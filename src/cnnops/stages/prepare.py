@@ -104,16 +104,16 @@ def run(
     """
     scan = scan_image_folder(data_dir, hidden_files=data.hidden_files, min_classes=2)
     entries: list[ManifestEntry] = []
+    undecodable: list[ManifestEntry] = []
     tensors: list[torch.Tensor] = []
-    skipped: list[dict[str, str]] = [{"path": p, "reason": why} for p, why in scan.skipped]
     for record in scan.records:
         entry, image = describe(record, color_mode=data.color_mode, max_pixels=data.max_image_pixels)
         if image is None:
-            skipped.append({"path": entry.path, "reason": str(entry.error)})
+            undecodable.append(entry)
             continue
         entries.append(entry)
         tensors.append(to_tensor(image, prepare.image_size))
-    _check_decoding(skipped, validate, scan.root)
+    _check_decoding(undecodable, validate, scan.root)
     if validation_report is not None:
         _check_validated(Path(validation_report), entries, scan.root)
 
@@ -161,7 +161,8 @@ def run(
             {"class": label, "from": source, "to": target, "files": [entries[i].path for i in idx]}
             for label, source, target, idx in moves
         ],
-        "skipped": skipped,
+        "skipped": [{"path": p, "reason": why} for p, why in scan.skipped]
+        + [{"path": e.path, "reason": str(e.error)} for e in undecodable],
     }
     Path(report_path).parent.mkdir(parents=True, exist_ok=True)
     Path(report_path).write_text(json.dumps(report, indent=2) + "\n")
@@ -172,18 +173,15 @@ def _empty(prepare: PrepareParams, data: DataParams) -> torch.Tensor:
     return torch.zeros((0, 3 if data.color_mode == "RGB" else 1, *prepare.image_size), dtype=torch.uint8)
 
 
-def _check_decoding(skipped: list[dict[str, str]], validate: ValidateParams, root: Path) -> None:
-    failed = [s for s in skipped if s["reason"] != "hidden"]
-    if not failed:
-        return
-    if validate.severity.decodes == "error":
+def _check_decoding(undecodable: list[ManifestEntry], validate: ValidateParams, root: Path) -> None:
+    if undecodable and validate.severity.decodes == "error":
         raise DataError(
-            f"{len(failed)} file(s) under {root} do not decode:\n"
-            + "\n".join(s["reason"] for s in failed)
+            f"{len(undecodable)} file(s) under {root} do not decode:\n"
+            + "\n".join(str(e.error) for e in undecodable)
             + "\nfix or remove them (or set validate.severity.decodes: warning to skip them)"
         )
-    for s in failed:
-        log.warning("skipping %s (validate.severity.decodes is not 'error'): %s", s["path"], s["reason"])
+    for entry in undecodable:
+        log.warning("skipping %s (validate.severity.decodes is not 'error'): %s", entry.path, entry.error)
 
 
 def _check_validated(path: Path, entries: list[ManifestEntry], root: Path) -> None:

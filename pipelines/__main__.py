@@ -1,7 +1,7 @@
 """`python -m pipelines <command>`: run a flow now, serve the deployments, or deploy them to a server.
 
     python -m pipelines retrain   [--workspace .] [--lock-timeout S]
-    python -m pipelines reproduce [--workspace .] [--lock-timeout S]
+    python -m pipelines reproduce [--workspace .] [--lock-timeout S] [--target STAGE]
     python -m pipelines serve     [--workspace .]
     python -m pipelines deploy    --pool NAME [--workspace .]
 
@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         run.add_argument(
             "--lock-timeout", type=float, default=None, help="seconds to wait for a busy workspace"
         )
+        if name == "reproduce":
+            run.add_argument("--target", help="run only this stage and the stages it depends on")
     serve = commands.add_parser(
         "serve", help="serve retrain (on its schedule) and reproduce from this process"
     )
@@ -54,8 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         from pipelines import flows
 
-        flow = flows.retrain if args.command == "retrain" else flows.reproduce
-        state = flow(workspace=str(args.workspace), lock_timeout=args.lock_timeout, return_state=True)
+        options = {"workspace": str(args.workspace), "lock_timeout": args.lock_timeout}
+        if args.command == "reproduce":
+            state = flows.reproduce(target=args.target, **options, return_state=True)
+        else:
+            state = flows.retrain(**options, return_state=True)
     except CnnopsError as exc:
         print(f"pipelines {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -68,11 +69,17 @@ def failure(what: str, returncode: int, tail: Sequence[str]) -> DvcCommandError:
 
 
 def _reason(tail: Sequence[str]) -> str:
-    """The line that says why: the last `... error: ...` line, else the last non-empty line."""
+    """Why, from the output's end: the stage's own `cnnops <stage>: error: ...` message when it
+    printed one, else DVC's last ERROR (with the output line before it, e.g. an exception)."""
     lines = [line.strip() for line in tail if line.strip()]
-    for line in reversed(lines):
-        if "error:" in line.lower() or line.startswith("ERROR"):
-            return line
+    dvc_errors = [i for i, line in enumerate(lines) if line.startswith("ERROR")]
+    end = dvc_errors[-1] if dvc_errors else len(lines)
+    stage_errors = [i for i, line in enumerate(lines[:end]) if ": error:" in line]
+    if stage_errors:
+        return " ".join(lines[stage_errors[-1] : end])
+    if dvc_errors:
+        before = f" (output before it: {lines[end - 1]})" if end > 0 else ""
+        return " ".join(lines[end:]) + before
     return lines[-1] if lines else "no output"
 
 
@@ -179,20 +186,28 @@ def _group_exits(pgid: int) -> Callable[[float], bool]:
     return wait
 
 
-def pipeline_stages(root: Path) -> list[str]:
-    """dvc.yaml stage names in dependency order (ties keep file order), from DVC's own graph.
+def pipeline_stages(root: Path, target: str | None = None) -> list[str]:
+    """dvc.yaml stages in dependency order (ties keep file order), from DVC's own graph.
 
-    Reading DVC's graph instead of a list in this module means a stage added to dvc.yaml is run by
-    the flows without editing them.
+    With `target`, only that stage and the stages it depends on, like `dvc repro <target>`.
+    Reading DVC's graph instead of a list kept here means a stage added to dvc.yaml is run by the
+    flows without editing them.
     """
     import networkx as nx
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
-    with Repo(str(root)) as repo:
+    with Repo(str(root)) as repo, warnings.catch_warnings():
+        # DVC's own graph code trips a pygtrie DeprecationWarning: noise for anyone running flows.
+        warnings.simplefilter("ignore", DeprecationWarning)
         stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
-        position = {stage: i for i, stage in enumerate(stages)}
+        names = {_address(stage, root): stage for stage in stages}
         graph = repo.index.graph.subgraph(stages).reverse()  # DVC's edges point at the dependency
+        if target is not None:
+            if target not in names:
+                raise CnnopsError(f"stage {target!r} is not in dvc.yaml; its stages are {sorted(names)}")
+            graph = graph.subgraph(nx.ancestors(graph, names[target]) | {names[target]})
+        position = {stage: i for i, stage in enumerate(stages)}
         ordered = nx.lexicographical_topological_sort(graph, key=lambda s: position[s])
         return [_address(stage, root) for stage in ordered]
 

@@ -25,7 +25,7 @@ from prefect.tasks import Task, exponential_backoff
 from cnnops import tracking
 from cnnops.config import OrchestrateParams, Params, TrackingParams, load_params
 from cnnops.errors import StageInputError
-from pipelines import Logger, dvc, gitops, notify
+from pipelines import Logger, dvc_cli, gitops, notify
 from pipelines.workspace import (
     MergeResult,
     check_workspace,
@@ -55,10 +55,10 @@ class RetrainResult:
 
 
 def _retry_transient(task: Task[..., Any], task_run: TaskRun, state: State) -> bool:
-    """Retry only what can succeed on a second try (see dvc.TRANSIENT_MARKERS)."""
+    """Retry only what can succeed on a second try (see dvc_cli.TRANSIENT_MARKERS)."""
     try:
         state.result()
-    except dvc.TransientDvcError:
+    except dvc_cli.TransientDvcError:
         return True
     except Exception:
         return False
@@ -68,13 +68,13 @@ def _retry_transient(task: Task[..., Any], task_run: TaskRun, state: State) -> b
 @task(task_run_name="{stage}")
 def run_stage(root: Path, stage: str) -> None:
     """One DVC stage, and only it: its upstream stages ran as the tasks before."""
-    dvc.run(["repro", "--single-item", stage], root, get_run_logger(), f"stage {stage!r}")
+    dvc_cli.run(["repro", "--single-item", stage], root, get_run_logger(), f"stage {stage!r}")
 
 
 @task
 def version_data(root: Path) -> str | None:
     """`dvc add data`: the new data version goes into data.dvc (and the DVC cache)."""
-    dvc.run(["add", DATA_DIR], root, get_run_logger(), "dvc add data")
+    dvc_cli.run(["add", DATA_DIR], root, get_run_logger(), "dvc add data")
     return data_version(root)
 
 
@@ -96,9 +96,9 @@ def _params(root: Path) -> Params:
     return load_params(root / "params.yaml")
 
 
-def _run_pipeline(root: Path, orchestrate: OrchestrateParams) -> list[str]:
-    """Every stage of dvc.yaml in order, each retried only on transient failures."""
-    stages = dvc.pipeline_stages(root)
+def _run_pipeline(root: Path, orchestrate: OrchestrateParams, target: str | None = None) -> list[str]:
+    """The stages of dvc.yaml (up to `target`) in order, each retried only on transient failures."""
+    stages = dvc_cli.pipeline_stages(root, target)
     get_run_logger().info("pipeline: %s", " -> ".join(stages))
     stage_task = run_stage.with_options(
         retries=orchestrate.retries,
@@ -118,7 +118,7 @@ def _notify_failure(flow_: Any, flow_run: FlowRun, state: State) -> None:
     except Exception as exc:  # params themselves may be what failed: then there is no channel to use
         logger.error("no failure notification sent: the notification settings could not be read: %s", exc)
         return
-    subject = f"cnnops {flow_run.flow_name or flow_.name} failed: flow run {flow_run.name}"
+    subject = f"cnnops {flow_.name} failed: flow run {flow_run.name}"
     notify.send(params.orchestrate, "failure", subject, state.message or "failed", logger)
 
 
@@ -128,18 +128,20 @@ def _workspace(root: Path, orchestrate: OrchestrateParams, lock_timeout: float |
     logger = get_run_logger()
     timeout = orchestrate.lock_timeout if lock_timeout is None else lock_timeout
     with workspace_lock(root, timeout, str(current_flow_run.id), logger):
-        dvc.stop_orphans(root, logger)
+        dvc_cli.stop_orphans(root, logger)
         recover(root, root / DATA_DIR, logger)
         yield
 
 
 @flow(name="reproduce", on_failure=[_notify_failure])
-def reproduce(workspace: str = ".", lock_timeout: float | None = None) -> list[str]:
-    """Run the whole DVC pipeline in `workspace`; stages already up to date are skipped by DVC."""
+def reproduce(
+    workspace: str = ".", target: str | None = None, lock_timeout: float | None = None
+) -> list[str]:
+    """Run the DVC pipeline in `workspace` (up to stage `target`); DVC skips stages up to date."""
     root = Path(workspace).resolve()
     params = _params(root)
     with _workspace(root, params.orchestrate, lock_timeout):
-        return _run_pipeline(root, params.orchestrate)
+        return _run_pipeline(root, params.orchestrate, target)
 
 
 @flow(name="retrain", on_failure=[_notify_failure])
@@ -156,7 +158,7 @@ def retrain(workspace: str = ".", lock_timeout: float | None = None) -> RetrainR
     with _workspace(root, orchestrate, lock_timeout):
         incoming = (root / orchestrate.incoming) if orchestrate.incoming else None
         merged = merge_incoming(incoming, root / DATA_DIR, logger) if incoming else MergeResult()
-        pending = dvc.status(root, logger)
+        pending = dvc_cli.status(root, logger)
         data_changed = "data.dvc" in pending or data_version(root) is None
         if not pending and not merged.copied:
             if incoming:

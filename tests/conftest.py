@@ -14,4 +14,4 @@ import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-pytest_plugins: list[str] = ["fixtures_data", "fixtures_export", "fixtures_model"]
+pytest_plugins: list[str] = ["fixtures_data", "fixtures_export", "fixtures_model", "fixtures_prefect"]

@@ -1,0 +1,108 @@
+"""Deployments on a real Prefect server: `prefect server start`, a process work pool, a worker.
+
+Everything talks to the server through PREFECT_API_URL alone, the way a user points the project
+at one. The worker runs the deployed retrain in a process of its own, against a tiny workspace.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fixtures_prefect import PROJECT, tool_env
+
+from cnnops.config import OrchestrateParams
+from cnnops.errors import ConfigError
+from pipelines.deploy import schedules
+
+POOL = "cnnops-test"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prefect_env(home: Path, api: str) -> dict[str, str]:
+    return tool_env(PREFECT_HOME=str(home), PREFECT_API_URL=api)
+
+
+def wait_healthy(api: str, server: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {server.returncode}")
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"no answer from {api}/health in {timeout:.0f} s")
+
+
+def run_cli(env: dict[str, str], *command: str, timeout: float = 300) -> str:
+    proc = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(command)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def test_a_bad_schedule_names_the_params_keys() -> None:
+    with pytest.raises(ConfigError, match=r"orchestrate.schedule = 'every day'.*five cron fields"):
+        schedules(OrchestrateParams(schedule="every day"))
+    with pytest.raises(ConfigError, match=r"orchestrate.timezone = 'Mars/Olympus'"):
+        schedules(OrchestrateParams(timezone="Mars/Olympus"))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_deployed_retrain_runs_on_a_server_through_a_process_worker(make_workspace, tmp_path: Path) -> None:
+    root = make_workspace(schedule="30 2 * * 1", timezone="Europe/Paris")
+    api = f"http://127.0.0.1:{free_port()}/api"
+    env = prefect_env(tmp_path / "prefect_home", api)
+    prefect = str(Path(sys.executable).parent / "prefect")
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", api.split(":")[-1].split("/")[0]],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_healthy(api, server)
+        run_cli(env, prefect, "work-pool", "create", POOL, "--type", "process")
+        run_cli(env, sys.executable, "-m", "pipelines", "deploy", "--pool", POOL, "--workspace", str(root))
+
+        deployment = httpx.get(f"{api}/deployments/name/retrain/retrain").json()
+        assert deployment["work_pool_name"] == POOL
+        assert deployment["parameters"] == {"workspace": str(root)}
+        schedule = deployment["schedules"][0]["schedule"]
+        assert (schedule["cron"], schedule["timezone"]) == ("30 2 * * 1", "Europe/Paris")
+
+        flow_run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}).json()
+        run_cli(env, prefect, "worker", "start", "--pool", POOL, "--run-once", "--limit", "1", timeout=900)
+
+        state = httpx.get(f"{api}/flow_runs/{flow_run['id']}").json()["state"]
+        assert state["type"] == "COMPLETED", state["message"]
+        release = json.loads((root / "reports/release.json").read_text())
+        assert isinstance(release["promoted"], bool)
+        artifacts = httpx.post(
+            f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}}
+        ).json()
+        record = next(a for a in artifacts if a["key"] == "retrain-record")
+        assert release["run_id"] in record["data"] and flow_run["id"] in record["data"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()

@@ -1,0 +1,270 @@
+"""The Prefect flows in ephemeral mode (Prefect's test harness) on a tiny real DVC workspace.
+
+One full pipeline run serves the retrain tests (module fixture `retrained`); the failure tests stop
+at the first stage. Real DVC, MLflow (SQLite in the workspace) and Prefect; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+from filelock import FileLock
+from fixtures_prefect import CLASSES, NEW_PER_CLASS, PER_CLASS, PROJECT, sh, tool_env
+from prefect.artifacts import Artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_API_URL
+
+from cnnops.errors import CnnopsError
+from pipelines import dvc_cli
+from pipelines.flows import RetrainResult, reproduce, retrain
+from pipelines.workspace import LOCK_FILE
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
+
+
+def task_runs(state: Any) -> dict[str, Any]:
+    """The flow run's task runs by name."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    return {run.name: run for run in runs}
+
+
+def images(root: Path) -> int:
+    return sum(1 for p in (root / "data").rglob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def retrained(workspace_template: Path, tmp_path_factory: pytest.TempPathFactory, webhook, prefect_harness):
+    """One retrain of a copy of the template whose incoming/ holds new images; the webhook is set."""
+    import shutil
+
+    from fixtures_prefect import write_params
+
+    url, messages = webhook
+    root = tmp_path_factory.mktemp("retrained") / "ws"
+    shutil.copytree(workspace_template, root, symlinks=True)
+    write_params(root, notify_webhook=url)
+    sh(root, "git", "commit", "-q", "-am", "notify the test webhook")
+    head = sh(root, "git", "rev-parse", "HEAD").strip()
+    before = (root / "data.dvc").read_text()
+    messages.clear()
+    state = retrain(workspace=str(root), return_state=True)
+    return {"root": root, "state": state, "head": head, "data_dvc_before": before, "messages": list(messages)}
+
+
+def test_new_images_give_a_new_model_and_a_release_decision(retrained) -> None:
+    root, state = retrained["root"], retrained["state"]
+    assert state.is_completed(), state.message
+    result: RetrainResult = state.result()
+    assert result.changed and "new file(s) merged" in result.reason
+    assert images(root) == len(CLASSES) * (PER_CLASS + NEW_PER_CLASS)
+    assert not any((root / "incoming").rglob("*.png")), "merged images are removed from incoming/"
+    assert (root / "data.dvc").read_text() != retrained["data_dvc_before"]
+    assert result.data_version and result.data_version in (root / "data.dvc").read_text()
+    train = json.loads((root / "reports/train.json").read_text())
+    release = json.loads((root / "reports/release.json").read_text())
+    assert result.mlflow_run_id == train["run_id"] == release["run_id"]
+    assert result.release == release and isinstance(release["promoted"], bool)
+    assert dvc_cli.status(root, _quiet()) == {}, "the workspace is up to date after a retrain"
+
+
+def test_retrain_is_recorded_in_prefect_and_mlflow(retrained) -> None:
+    root, state = retrained["root"], retrained["state"]
+    result: RetrainResult = state.result()
+    flow_run_id = str(state.state_details.flow_run_id)
+    artifact = Artifact.get("retrain-record")
+    assert artifact is not None and str(artifact.flow_run_id) == flow_run_id
+    for value in (result.data_version, result.mlflow_run_id, result.release["reason"], flow_run_id):
+        assert str(value) in artifact.data
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    tags = client.get_run(result.mlflow_run_id).data.tags
+    assert tags["prefect.flow_run_id"] == flow_run_id
+    assert tags["cnnops.data_version"] == result.data_version
+    runs = task_runs(state)
+    assert {"version_data", "validate", "prepare", "train", "release"} <= {n.split("-")[0] for n in runs}
+
+
+def test_retrain_commits_the_versions_to_a_branch_and_leaves_the_checkout(retrained) -> None:
+    root, result = retrained["root"], retrained["state"].result()
+    assert sh(root, "git", "rev-parse", "HEAD").strip() == retrained["head"], "HEAD did not move"
+    assert sh(root, "git", "branch", "--show-current").strip() == "main"
+    assert result.git_commit == sh(root, "git", "rev-parse", "cnnops/retrain").strip()
+    for name in ("data.dvc", "dvc.lock"):
+        assert sh(root, "git", "show", f"cnnops/retrain:{name}") == (root / name).read_text()
+    assert sh(root, "git", "merge-base", "--is-ancestor", retrained["head"], "cnnops/retrain") == ""
+
+
+def test_a_new_champion_is_announced(retrained) -> None:
+    release = retrained["state"].result().release
+    champion = [m for m in retrained["messages"] if m["event"] == "champion"]
+    if release["promoted"]:
+        assert len(champion) == 1 and f"v{release['version']}" in champion[0]["subject"]
+    else:
+        assert champion == [], "no champion message for a model that was not promoted"
+    assert [m for m in retrained["messages"] if m["event"] == "failure"] == []
+
+
+def test_no_new_data_is_a_fast_skip(retrained, webhook) -> None:
+    root = retrained["root"]
+    lock_before = (root / "dvc.lock").read_text()
+    mtimes = {p: p.stat().st_mtime_ns for p in (root / "reports").rglob("*.json")}
+    _, messages = webhook
+    messages.clear()
+    state = retrain(workspace=str(root), return_state=True)
+    assert state.is_completed(), state.message
+    result: RetrainResult = state.result()
+    assert not result.changed and result.reason.startswith("nothing new")
+    assert result.data_version == retrained["state"].result().data_version
+    assert task_runs(state) == {}, "nothing but the status check ran"
+    assert (root / "dvc.lock").read_text() == lock_before
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert messages == []
+
+
+def test_a_waiting_run_goes_on_once_the_workspace_is_free(retrained) -> None:
+    root = retrained["root"]
+    holder = FileLock(root / LOCK_FILE)
+    holder.acquire()
+    releaser = threading.Timer(2.0, holder.release)
+    started = time.monotonic()
+    releaser.start()
+    state = retrain(workspace=str(root), lock_timeout=60, return_state=True)
+    releaser.join()
+    assert state.is_completed(), state.message
+    assert time.monotonic() - started >= 2.0, "it waited for the holder"
+    assert not state.result().changed
+
+
+def test_a_busy_workspace_refuses_a_second_run_with_a_clear_message(make_workspace, webhook) -> None:
+    url, messages = webhook
+    root = make_workspace(notify_webhook=url)
+    messages.clear()
+    holder = FileLock(root / LOCK_FILE)
+    with holder:
+        state = retrain(workspace=str(root), return_state=True)  # params: lock_timeout 0
+    assert state.is_failed()
+    assert "is busy" in state.message and "this run does nothing" in state.message
+    assert task_runs(state) == {}
+    assert images(root) == len(CLASSES) * PER_CLASS, "nothing was merged"
+    assert [m["event"] for m in messages] == ["failure"]
+    assert "is busy" in messages[0]["text"]
+
+
+def test_a_stage_error_fails_the_run_naming_the_stage_without_retrying(make_workspace, webhook) -> None:
+    url, messages = webhook
+    root = make_workspace(notify_webhook=url)
+    (root / "incoming" / CLASSES[0] / "broken.png").write_text("not an image")
+    messages.clear()
+    state = retrain(workspace=str(root), return_state=True)
+    assert state.is_failed()
+    assert "stage 'validate' failed" in state.message and "broken.png" in state.message
+    runs = task_runs(state)
+    assert runs["validate"].run_count == 1, "a data error is not retried"
+    assert "prepare" not in runs, "no stage runs after the failed one"
+    assert [m["event"] for m in messages] == ["failure"] and "validate" in messages[0]["text"]
+
+
+def test_lock_contention_is_retried_then_reported(make_workspace) -> None:
+    root = make_workspace(retries=1, retry_delay=0.0)  # the template's, said here for the assert
+    # A live process (this one) holding DVC's lock on the stage's output, as a concurrent
+    # `dvc repro` started by hand would.
+    holder = {"pid": os.getpid(), "cmd": "dvc repro (by hand)"}
+    rwlock = {"write": {str(root / "reports/validation.json"): holder}}
+    (root / ".dvc/tmp").mkdir(exist_ok=True)
+    (root / ".dvc/tmp/rwlock").write_text(json.dumps(rwlock))
+    state = reproduce(workspace=str(root), target="validate", return_state=True)
+    assert state.is_failed()
+    assert "stage 'validate' failed" in state.message and "dvc repro (by hand)" in state.message
+    assert task_runs(state)["validate"].run_count == 2, "tried once, retried once (orchestrate.retries)"
+
+
+def test_stages_come_in_dependency_order_from_dvc_yaml(workspace_template: Path) -> None:
+    stages = dvc_cli.pipeline_stages(workspace_template)
+    assert stages[:2] == ["validate", "prepare"] and len(stages) == len(set(stages))
+    assert dvc_cli.pipeline_stages(workspace_template, target="prepare") == ["validate", "prepare"]
+    with pytest.raises(CnnopsError, match=r"stage 'trian' is not in dvc.yaml; its stages are \["):
+        dvc_cli.pipeline_stages(workspace_template, target="trian")
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_pipeline_is_finished_by_the_next_run(make_workspace, tmp_path: Path) -> None:
+    root = make_workspace()
+    victim = dvc_cli.pipeline_stages(root)[-2]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "retrain", "--workspace", str(root)],
+        cwd=PROJECT,
+        env=tool_env(PREFECT_API_URL=str(PREFECT_API_URL.value())),  # the harness's API, like a worker's run
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output = _read_until(first, f"Running stage '{victim}'", timeout=900)
+        # A second trigger while the first one runs the pipeline is refused, naming the holder.
+        second = retrain(workspace=str(root), return_state=True)
+        assert second.is_failed() and f"pid {first.pid}" in second.message and "is busy" in second.message
+        assert task_runs(second) == {}
+    finally:
+        first.kill()  # SIGKILL to the flow's process: no clean-up of its own runs
+        first.wait()
+    assert first.returncode == -signal.SIGKILL, output
+    assert (root / dvc_cli.PID_FILE).exists(), "it left the DVC process group it ran on record"
+
+    third = retrain(workspace=str(root), return_state=True)
+    assert third.is_completed(), third.message
+    result: RetrainResult = third.result()
+    assert result.changed and "stages out of date with dvc.lock" in result.reason
+    assert "stopping DVC (process group" in _logs(third)
+    assert json.loads((root / "reports/release.json").read_text())["run_id"] == result.mlflow_run_id
+    assert images(root) == len(CLASSES) * (PER_CLASS + NEW_PER_CLASS)
+    assert not (root / dvc_cli.PID_FILE).exists()
+    assert dvc_cli.status(root, _quiet()) == {}
+
+
+def _read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
+    """The process's output up to the line holding `marker`; fails if it ends or times out first."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if marker in line:
+                found.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    if not found.wait(timeout):
+        raise AssertionError(f"{marker!r} never appeared; output:\n{''.join(lines)}")
+    return "".join(lines)
+
+
+def _logs(state: Any) -> str:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # logs reach the API in background batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
+    return "\n".join(log.message for log in logs)
+
+
+def _quiet():
+    import logging
+
+    return logging.getLogger("test")

@@ -110,9 +110,9 @@ def test_foreign_or_broken_onnx_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StageInputError, match=r"foreign.onnx: metadata_props lack class_names"):
         read_metadata(tmp_path / "foreign.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
-    with pytest.raises(StageInputError, match="junk.onnx: not a readable ONNX model"):
+    with pytest.raises(StageInputError, match=r"junk\.onnx: not a readable ONNX model"):
         read_metadata(tmp_path / "junk.onnx")
-    with pytest.raises(StageInputError, match="missing.onnx: ONNX model not found"):
+    with pytest.raises(StageInputError, match=r"missing\.onnx: ONNX model not found"):
         read_metadata(tmp_path / "missing.onnx")
 
 

@@ -224,11 +224,15 @@ class AuditParams(Section):
 
 class ExportParams(Section):
     opset: int = Field(18, ge=11, le=23)
-    parity_atol: float = Field(1e-4, gt=0.0)
-    latency_runs: int = Field(50, ge=5)
-    throughput_batch: int = Field(32, ge=1)
-    output: Literal["logits", "probabilities"] = "logits"
-    compression: Literal["none", "int8", "fp16"] = "none"
+    parity_atol: float = Field(1e-4, gt=0.0, description="max abs difference of ORT from PyTorch on test")
+    latency_runs: int = Field(50, ge=5, description="timed batch-1 runs per engine")
+    throughput_batch: int = Field(32, ge=1, description="batch of the images/s figures and the parity run")
+    output: Literal["logits", "probabilities"] = Field(
+        "logits", description="graph output; probabilities appends a softmax"
+    )
+    compression: Literal["none", "int8", "fp16"] = Field(
+        "none", description="also write an ORT dynamic-INT8 or FP16 copy and report its accuracy change"
+    )
 
 
 class ReleaseParams(Section):

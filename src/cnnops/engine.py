@@ -119,3 +119,30 @@ def evaluate_epoch(
     loss = float(criterion(logits, labels)) if len(labels) else float("nan")
     accuracy = float((logits.argmax(1) == labels).float().mean()) if len(labels) else float("nan")
     return EvalOutput(EpochStats(loss, accuracy, len(labels)), logits, labels)
+
+
+@dataclass
+class BestEpoch:
+    """Best-checkpoint selection and early stopping: higher val accuracy wins, lower val loss breaks ties.
+
+    The tie-break matters on small validation sets, where accuracy saturates epochs before the model
+    stops improving.
+    """
+
+    patience: int | None
+    epoch: int = 0
+    val_accuracy: float = float("-inf")
+    val_loss: float = float("inf")
+    bad_epochs: int = 0
+
+    def update(self, epoch: int, val_accuracy: float, val_loss: float) -> bool:
+        """Record an epoch's validation result; True when it is the new best."""
+        if (val_accuracy, -val_loss) > (self.val_accuracy, -self.val_loss):
+            self.epoch, self.val_accuracy, self.val_loss, self.bad_epochs = epoch, val_accuracy, val_loss, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_epochs >= self.patience

@@ -158,7 +158,7 @@ def resolve_weights(model: str, weights: str) -> Any:
     try:
         return enum[weights]
     except KeyError:
-        valid = ["DEFAULT", *enum.__members__]
+        valid = list(enum.__members__)
         raise ConfigError(
             f"train.weights: {model} has no weights {weights!r}; valid: {', '.join(valid)}"
         ) from None

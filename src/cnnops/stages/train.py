@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from cnnops import distributed, plots, resume, tracking
 from cnnops.config import Params, TrainParams
-from cnnops.dataset import load_splits
-from cnnops.engine import LoopSettings, evaluate_epoch, train_one_epoch
+from cnnops.dataset import PreparedSplit, load_splits
+from cnnops.engine import BatchTransform, BestEpoch, LoopSettings, evaluate_epoch, train_one_epoch
 from cnnops.errors import StageInputError
 from cnnops.loaders import SplitDataset, eval_loader, train_loader
 from cnnops.models import Classifier, create_classifier, default_spec, save_checkpoint
@@ -68,13 +69,35 @@ def run(params: Params, prepared: str | Path, paths: TrainPaths = TrainPaths()) 
         distributed.teardown(dist)
 
 
-def _train(params: Params, prepared: Path, paths: TrainPaths, dist: distributed.Dist) -> TrainResult:
-    t, seed = params.train, params.base.seed
-    splits = load_splits(prepared, ("train", "val"))
-    train_split, val_split = splits["train"], splits["val"]
-    if val_split.class_names != train_split.class_names:
-        raise StageInputError(f"{prepared}: train and val splits have different class names; rerun prepare")
-    torch.manual_seed(seed)
+@dataclass
+class _Parts:
+    """Everything the loop needs, built from params and data (the state dicts are what resume restores)."""
+
+    model: Classifier
+    settings: LoopSettings
+    loader: DataLoader
+    val_loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    mix: BatchTransform | None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            name: getattr(self, name).state_dict() for name in ("model", "optimizer", "scheduler", "scaler")
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in ("model", "optimizer", "scheduler", "scaler"):
+            getattr(self, name).load_state_dict(state[name])
+
+
+def _build(
+    params: Params, train_split: PreparedSplit, val_split: PreparedSplit, dist: distributed.Dist
+) -> _Parts:
+    t = params.train
+    torch.manual_seed(params.base.seed)
     spec = default_spec(
         t.model, train_split.class_names, train_split.color_mode, train_split.image_size, t.weights
     )
@@ -85,11 +108,10 @@ def _train(params: Params, prepared: Path, paths: TrainPaths, dist: distributed.
     model.to(
         dist.device, memory_format=torch.channels_last if settings.channels_last else torch.preserve_format
     )
-    train_data = SplitDataset(train_split, TrainPreset(t.augment, spec.image_size, spec.color_mode))
     loader = train_loader(
-        train_data,
+        SplitDataset(train_split, TrainPreset(t.augment, spec.image_size, spec.color_mode)),
         batch_size=t.batch_size,
-        seed=seed,
+        seed=params.base.seed,
         rank=dist.rank,
         world_size=dist.world_size,
         num_workers=t.num_workers,
@@ -106,107 +128,107 @@ def _train(params: Params, prepared: Path, paths: TrainPaths, dist: distributed.
         momentum=t.momentum,
     )
     steps = len(loader)
-    scheduler = build_scheduler(optimizer, warmup_steps=t.warmup_epochs * steps, total_steps=t.epochs * steps)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=settings.amp_dtype == torch.float16)
-    mix = get_mixup_cutmix(
-        mixup_alpha=t.augment.mixup_alpha, cutmix_alpha=t.augment.cutmix_alpha, num_classes=spec.num_classes
+    return _Parts(
+        model=model,
+        settings=settings,
+        loader=loader,
+        val_loader=val_loader,
+        optimizer=optimizer,
+        scheduler=build_scheduler(
+            optimizer, warmup_steps=t.warmup_epochs * steps, total_steps=t.epochs * steps
+        ),
+        scaler=torch.amp.GradScaler(dist.device.type, enabled=settings.amp_dtype == torch.float16),
+        criterion=nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
+        mix=get_mixup_cutmix(
+            mixup_alpha=t.augment.mixup_alpha,
+            cutmix_alpha=t.augment.cutmix_alpha,
+            num_classes=spec.num_classes,
+        ),
     )
-    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
 
+
+def _train(params: Params, prepared: Path, paths: TrainPaths, dist: distributed.Dist) -> TrainResult:
+    t = params.train
+    splits = load_splits(prepared, ("train", "val"))
+    if splits["val"].class_names != splits["train"].class_names:
+        raise StageInputError(f"{prepared}: train and val splits have different class names; rerun prepare")
+    parts = _build(params, splits["train"], splits["val"], dist)
     fingerprint = resume.fingerprint(
-        {"train": t.model_dump(mode="json"), "seed": seed, "world_size": dist.world_size},
+        {"train": t.model_dump(mode="json"), "seed": params.base.seed, "world_size": dist.world_size},
         [prepared / "train.pt", prepared / "val.pt"],
     )
+    best = BestEpoch(t.early_stopping_patience)
+    record: dict[str, Any] = {"epoch": 0, "history": [], "best_state": None, "run_id": None, "seconds": 0.0}
     saved = resume.load(paths.state, fingerprint)
-    record: dict[str, Any] = {
-        "epoch": 0,
-        "history": [],
-        "best": None,
-        "best_state": None,
-        "bad_epochs": 0,
-        "stopped": False,
-        "run_id": None,
-        "seconds": 0.0,
-    }
     if saved is not None:
-        model.load_state_dict(saved.pop("model"))
-        optimizer.load_state_dict(saved.pop("optimizer"))
-        scheduler.load_state_dict(saved.pop("scheduler"))
-        scaler.load_state_dict(saved.pop("scaler"))
+        parts.load_state_dict(saved)
         record.update({k: saved[k] for k in record})
+        best = BestEpoch(**saved["best"])
         log.info("resuming %s after epoch %d of %d from %s", t.model, record["epoch"], t.epochs, paths.state)
+    model = parts.model
     net = DistributedDataParallel(model, device_ids=_device_ids(dist)) if dist.enabled else model
 
     with ExitStack() as stack:
         if dist.is_main:
+            run_name = f"{t.model}-{t.mode}"
             mlflow_run = stack.enter_context(
-                tracking.training_run(params.tracking, record["run_id"], f"{t.model}-{t.mode}")
+                tracking.training_run(params.tracking, record["run_id"], run_name)
             )
             if record["run_id"] is None:
-                tracking.log_run_inputs(
-                    params, spec.class_names, paths.params_file, tracking.lineage_tags(stage="train")
-                )
+                tags = tracking.lineage_tags(stage="train")
+                tracking.log_run_inputs(params, model.spec.class_names, paths.params_file, tags)
             record["run_id"] = mlflow_run.info.run_id
             _log_missed_epochs(record)
-        for epoch in range(record["epoch"], 0 if record["stopped"] else t.epochs):
+        for epoch in range(record["epoch"], 0 if best.should_stop else t.epochs):
             started = time.perf_counter()
-            loader.sampler.set_epoch(epoch)
-            torch.manual_seed(_epoch_seed(seed, epoch, dist.rank))  # augmentation, mixing, dropout
-            with epoch_bar(f"epoch {epoch + 1}/{t.epochs}", steps, enabled=dist.is_main) as advance:
+            parts.loader.sampler.set_epoch(epoch)
+            torch.manual_seed(
+                _epoch_seed(params.base.seed, epoch, dist.rank)
+            )  # augmentation, mixing, dropout
+            with epoch_bar(
+                f"epoch {epoch + 1}/{t.epochs}", len(parts.loader), enabled=dist.is_main
+            ) as advance:
                 train_stats = train_one_epoch(
                     net,
-                    criterion,
-                    optimizer,
-                    scheduler,
-                    loader,
-                    settings,
-                    scaler=scaler,
-                    batch_transform=mix,
+                    parts.criterion,
+                    parts.optimizer,
+                    parts.scheduler,
+                    parts.loader,
+                    parts.settings,
+                    scaler=parts.scaler,
+                    batch_transform=parts.mix,
                     on_step=advance,
                     reduce=lambda totals: distributed.all_reduce_sum(totals, dist),
                 )
             if dist.is_main:
-                val = evaluate_epoch(model, val_loader, settings).stats
+                val = evaluate_epoch(model, parts.val_loader, parts.settings).stats
                 row = {
                     "epoch": epoch + 1,
                     "train_loss": train_stats.loss,
                     "train_accuracy": train_stats.accuracy,
                     "val_loss": val.loss,
                     "val_accuracy": val.accuracy,
-                    "lr": optimizer.param_groups[-1]["lr"],
+                    "lr": parts.optimizer.param_groups[-1]["lr"],
                 }
-                _select(record, row, model, t.early_stopping_patience)
+                record["history"].append(row)
+                if best.update(epoch + 1, val.accuracy, val.loss):
+                    record["best_state"] = {
+                        k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                    }
                 record["epoch"], record["seconds"] = (
                     epoch + 1,
                     record["seconds"] + time.perf_counter() - started,
                 )
-                resume.save(
-                    paths.state,
-                    {
-                        **record,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "fingerprint": fingerprint,
-                    },
-                )
+                state = {**record, **parts.state_dict(), "best": asdict(best), "fingerprint": fingerprint}
+                resume.save(paths.state, state)  # before logging: a kill in between re-logs on resume
                 tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
-                log.info(
-                    "epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.2e",
-                    epoch + 1,
-                    t.epochs,
-                    row["train_loss"],
-                    row["train_accuracy"],
-                    row["val_loss"],
-                    row["val_accuracy"],
-                    row["lr"],
-                )
-            if distributed.broadcast_flag(record["stopped"], dist):
+                summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+                log.info("epoch %d/%d: %s", epoch + 1, t.epochs, summary)
+            if distributed.broadcast_flag(best.should_stop, dist):
                 break
         if not dist.is_main:
             return TrainResult(None, {}, [])
-        report = _finish(params, model, record, paths)
+        report = _finish(params, model, record, best, paths)
     resume.clear(paths.state)
     return TrainResult(record["run_id"], report, record["history"])
 
@@ -232,19 +254,6 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-def _select(record: dict[str, Any], row: dict[str, float], model: Classifier, patience: int | None) -> None:
-    """Keep the best epoch (val accuracy, then val loss) and decide early stopping."""
-    record["history"].append(row)
-    best = record["best"]
-    if best is None or (row["val_accuracy"], -row["val_loss"]) > (best["val_accuracy"], -best["val_loss"]):
-        record["best"] = {k: row[k] for k in ("epoch", "val_accuracy", "val_loss")}
-        record["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        record["bad_epochs"] = 0
-    else:
-        record["bad_epochs"] += 1
-    record["stopped"] = patience is not None and record["bad_epochs"] >= patience
-
-
 def _log_missed_epochs(record: dict[str, Any]) -> None:
     """A run killed between saving its state and logging an epoch logs that epoch on resume."""
     if not record["history"]:
@@ -255,17 +264,19 @@ def _log_missed_epochs(record: dict[str, Any]) -> None:
             tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
 
 
-def _finish(params: Params, model: Classifier, record: dict[str, Any], paths: TrainPaths) -> dict[str, Any]:
+def _finish(
+    params: Params, model: Classifier, record: dict[str, Any], best: BestEpoch, paths: TrainPaths
+) -> dict[str, Any]:
     """Write the best checkpoint, history, curves and report; log them to the run."""
     model.load_state_dict(record["best_state"])
     model.to("cpu", memory_format=torch.contiguous_format)
-    best, history = record["best"], record["history"]
+    history = record["history"]
     save_checkpoint(
         paths.model,
         model,
         {
             "run_id": record["run_id"],
-            "best_epoch": best["epoch"],
+            "best_epoch": best.epoch,
             "mode": params.train.mode,
             "weights": params.train.weights,
         },
@@ -280,20 +291,20 @@ def _finish(params: Params, model: Classifier, record: dict[str, Any], paths: Tr
         "run_id": record["run_id"],
         "model": params.train.model,
         "mode": params.train.mode,
-        "best_epoch": best["epoch"],
-        "best_val_accuracy": best["val_accuracy"],
-        "best_val_loss": best["val_loss"],
+        "best_epoch": best.epoch,
+        "best_val_accuracy": best.val_accuracy,
+        "best_val_loss": best.val_loss,
         "epochs_run": len(history),
-        "stopped_early": record["stopped"],
+        "stopped_early": len(history) < params.train.epochs,
         "train_seconds": round(record["seconds"], 2),
     }
     paths.report.parent.mkdir(parents=True, exist_ok=True)
     paths.report.write_text(json.dumps(report, indent=2) + "\n")
     tracking.log_metrics(
         {
-            "best_val_accuracy": best["val_accuracy"],
-            "best_val_loss": best["val_loss"],
-            "best_epoch": best["epoch"],
+            "best_val_accuracy": best.val_accuracy,
+            "best_val_loss": best.val_loss,
+            "best_epoch": best.epoch,
             "epochs_run": len(history),
         }
     )
@@ -302,8 +313,8 @@ def _finish(params: Params, model: Classifier, record: dict[str, Any], paths: Tr
     tracking.log_files(list(paths.evidence), "data")
     log.info(
         "best epoch %d: val accuracy %.4f; model %s; MLflow run %s",
-        best["epoch"],
-        best["val_accuracy"],
+        best.epoch,
+        best.val_accuracy,
         paths.model,
         record["run_id"],
     )

@@ -1,0 +1,48 @@
+"""Metrics against hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cnnops.metrics import classification_report, expected_calibration_error
+
+
+def test_classification_report_on_a_known_confusion() -> None:
+    # true: a a a b, predicted: a a b b; class c never appears
+    logits = torch.tensor([[3.0, 0, 1], [3, 1, 0], [1, 3, 0], [1, 3, 0]])
+    labels = torch.tensor([0, 0, 0, 1])
+    report = classification_report(logits, labels, ["a", "b", "c"], top_k=2, ece_bins=10)
+    assert report["accuracy"] == pytest.approx(0.75)
+    assert report["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
+    assert report["per_class"]["a"] == {
+        "precision": 1.0,
+        "recall": pytest.approx(2 / 3),
+        "f1": 0.8,
+        "support": 3,
+    }
+    assert report["per_class"]["b"]["precision"] == 0.5
+    assert report["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert report["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 0) / 3)
+    assert report["top2_accuracy"] == 1.0  # the third image has "a" second
+    assert report["confusion_matrix"] == [[2, 1, 0], [0, 1, 0], [0, 0, 0]]
+
+
+def test_top_k_is_capped_at_the_number_of_classes() -> None:
+    report = classification_report(torch.tensor([[1.0, 0.0]]), torch.tensor([1]), ["x", "y"], top_k=5)
+    assert report["top2_accuracy"] == 1.0 and report["accuracy"] == 0.0
+
+
+def test_ece_of_calibrated_and_overconfident_predictions() -> None:
+    labels = np.array([0, 0, 0, 1])
+    calibrated = np.array([[0.75, 0.25]] * 4)  # 75% confident, 75% right
+    assert expected_calibration_error(calibrated, labels, bins=10) == pytest.approx(0.0)
+    overconfident = np.array([[1.0, 0.0]] * 4)
+    assert expected_calibration_error(overconfident, labels, bins=10) == pytest.approx(0.25)
+    mixed = np.array(
+        [[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]]
+    )  # bins 0.9 (2 right), 0.6 (1 right, 1 right)
+    assert expected_calibration_error(mixed, np.array([0, 0, 0, 1]), bins=10) == pytest.approx(
+        0.5 * 0.1 + 0.5 * 0.4
+    )

@@ -1,0 +1,146 @@
+"""Model factory: every supported architecture trains a step on grayscale input; pretrained weights
+come only from TORCH_HOME; a linear probe never changes the backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models import get_model, get_model_weights
+
+from cnnops.errors import ConfigError, WeightsNotFoundError
+from cnnops.models import (
+    Classifier,
+    create_classifier,
+    default_spec,
+    load_classifier,
+    save_checkpoint,
+    weights_file,
+)
+
+CLASSES = ["a", "b", "c"]
+
+# The architectures issue 4 requires, each at the smallest input it takes (alexnet needs >= 63 px).
+ARCHITECTURES = {
+    "convnet": 16,
+    "resnet18": 32,
+    "resnet34": 32,
+    "resnet50": 32,
+    "vgg16_bn": 32,
+    "alexnet": 64,
+    "mobilenet_v3_small": 32,
+    "mobilenet_v3_large": 32,
+    "efficientnet_b0": 32,
+    "convnext_tiny": 32,
+}
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_architecture_trains_a_step_on_grayscale(name: str) -> None:
+    size = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    model = create_classifier(default_spec(name, CLASSES, "L", (size, size)), check_input=True).train()
+    assert model.head.out_features == len(CLASSES)
+    assert model.expand_gray == (name != "convnet")
+    images, labels = torch.rand(2, 1, size, size), torch.tensor([0, 2])
+    before = model.head.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    logits = model(images)
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    optimizer.step()
+    assert logits.shape == (2, len(CLASSES))
+    assert not torch.equal(before, model.head.weight)
+
+
+def test_unknown_model_suggests_close_names() -> None:
+    with pytest.raises(ConfigError, match=r"unknown model 'resnet81'.*resnet18"):
+        create_classifier(default_spec("resnet81", CLASSES, "L", (32, 32)))
+
+
+def test_too_small_input_names_the_fix() -> None:
+    with pytest.raises(ConfigError, match=r"alexnet cannot take 32x32 images.*prepare.image_size"):
+        create_classifier(default_spec("alexnet", CLASSES, "L", (32, 32)), check_input=True)
+
+
+def test_unknown_weights_lists_valid_ones() -> None:
+    with pytest.raises(ConfigError, match=r"resnet18 has no weights 'IMAGENET9K'.*IMAGENET1K_V1"):
+        default_spec("resnet18", CLASSES, "L", (32, 32), weights="IMAGENET9K")
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    model = create_classifier(default_spec("convnet", CLASSES, "RGB", (16, 16))).eval()
+    save_checkpoint(tmp_path / "m.pt", model, {"run_id": "abc"})
+    loaded, extra = load_classifier(tmp_path / "m.pt")
+    x = torch.rand(3, 3, 16, 16)
+    assert extra == {"run_id": "abc"}
+    assert torch.equal(model(x), loaded(x))
+
+
+@pytest.fixture()
+def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty local weights cache: TORCH_HOME is where torchvision's hub looks."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    return tmp_path / "torch_home"
+
+
+def cache_fake_resnet18(torch_home: Path) -> dict[str, torch.Tensor]:
+    """A locally made resnet18 state dict under the exact file name of IMAGENET1K_V1 (never downloaded)."""
+    weights = get_model_weights("resnet18").IMAGENET1K_V1
+    path = torch_home / "hub" / "checkpoints" / Path(weights.url).name
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(123)
+    state = get_model("resnet18", weights=None).state_dict()
+    torch.save(state, path)
+    return state
+
+
+def test_missing_weights_error_names_file_path_and_command(torch_home: Path) -> None:
+    expected = torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert weights_file(get_model_weights("resnet18").IMAGENET1K_V1) == expected
+    with pytest.raises(WeightsNotFoundError) as caught:
+        create_classifier(default_spec("resnet18", CLASSES, "L", (32, 32)), "IMAGENET1K_V1")
+    message = str(caught.value)
+    assert f"must be at {expected}" in message
+    assert "get_model_weights('resnet18').IMAGENET1K_V1.get_state_dict" in message
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert not expected.exists()  # nothing was downloaded
+
+
+def test_pretrained_weights_load_from_torch_home(torch_home: Path) -> None:
+    state = cache_fake_resnet18(torch_home)
+    spec = default_spec("resnet18", CLASSES, "L", (32, 32), weights="DEFAULT")
+    model = create_classifier(spec, "DEFAULT")
+    assert torch.equal(model.net.conv1.weight, state["conv1.weight"])
+    assert torch.equal(model.net.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
+    assert model.head.out_features == len(CLASSES)  # the ImageNet head is replaced
+    assert spec.mean == pytest.approx((0.485, 0.456, 0.406))  # the weights' own normalisation
+
+
+def test_linear_probe_keeps_backbone_weights_and_batchnorm_stats(torch_home: Path) -> None:
+    cache_fake_resnet18(torch_home)
+    model = create_classifier(default_spec("resnet18", CLASSES, "L", (32, 32)), "IMAGENET1K_V1")
+    model.freeze_backbone()
+    model.train()
+    before = {k: v.clone() for k, v in model.net.state_dict().items() if not k.startswith("fc.")}
+    head_before = model.head.weight.detach().clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(torch.rand(4, 1, 32, 32)), torch.tensor([0, 1, 2, 0]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = model.net.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    assert changed == []  # conv weights, BN affine params, running_mean/var, num_batches_tracked
+    assert not torch.equal(head_before, model.head.weight)
+    assert model.net.bn1.training is False and model.head.training is True
+    backbone, head = model.parameter_groups()
+    assert backbone == [] and len(head) == 2
+
+
+def test_finetune_parameter_groups_split_backbone_and_head() -> None:
+    model: Classifier = create_classifier(default_spec("convnet", CLASSES, "L", (16, 16)))
+    backbone, head = model.parameter_groups()
+    assert {id(p) for p in head} == {id(model.head.weight), id(model.head.bias)}
+    assert len(backbone) + len(head) == len(list(model.parameters()))

@@ -1,0 +1,61 @@
+"""Presets: training images are augmented as configured, evaluation images never are."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+from cnnops.config import AugmentParams
+from cnnops.transforms import EvalPreset, TrainPreset, get_mixup_cutmix
+
+
+def image(channels: int = 1) -> torch.Tensor:
+    return (
+        torch.arange(channels * 16 * 16, dtype=torch.int64)
+        .remainder(256)
+        .to(torch.uint8)
+        .view(channels, 16, 16)
+    )
+
+
+def test_eval_preset_only_scales_to_unit_range() -> None:
+    x = image()
+    torch.testing.assert_close(EvalPreset()(x), x.float() / 255)
+
+
+def test_train_preset_without_augmentation_is_the_eval_preset() -> None:
+    x = image()
+    assert torch.equal(TrainPreset(AugmentParams(), (16, 16), "L")(x), EvalPreset()(x))
+
+
+def test_train_preset_builds_each_configured_transform() -> None:
+    augment = AugmentParams(
+        random_resized_crop=True, horizontal_flip=0.5, vertical_flip=0.5, random_rotation=10,
+        color_jitter=0.3, randaugment=True,
+    )  # fmt: skip
+    preset = TrainPreset(augment, (16, 16), "RGB")
+    kinds = [type(t) for t in preset.transforms.transforms]
+    assert kinds == [
+        v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.RandomVerticalFlip, v2.RandomRotation,
+        v2.ColorJitter, v2.RandAugment, v2.ToDtype,
+    ]  # fmt: skip
+    torch.manual_seed(0)
+    out = preset(image(3))
+    assert out.shape == (3, 16, 16) and out.dtype == torch.float32 and 0 <= out.min() <= out.max() <= 1
+
+
+def test_grayscale_color_jitter_has_no_saturation() -> None:
+    preset = TrainPreset(AugmentParams(color_jitter=0.4), (16, 16), "L")
+    jitter = preset.transforms.transforms[0]
+    assert jitter.saturation is None and jitter.brightness == (0.6, 1.4)
+    assert preset(image()).shape == (1, 16, 16)
+
+
+def test_mixup_cutmix_is_none_when_off_and_gives_soft_labels_when_on() -> None:
+    assert get_mixup_cutmix(mixup_alpha=0.0, cutmix_alpha=0.0, num_classes=3) is None
+    mix = get_mixup_cutmix(mixup_alpha=0.4, cutmix_alpha=1.0, num_classes=3)
+    assert isinstance(mix, v2.RandomChoice)
+    torch.manual_seed(0)
+    images, targets = mix(torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0]))
+    assert images.shape == (4, 1, 8, 8) and targets.shape == (4, 3)
+    assert torch.allclose(targets.sum(1), torch.ones(4))

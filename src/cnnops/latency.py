@@ -17,15 +17,19 @@ from torch import nn
 from cnnops.onnx_model import CPU
 
 
-def timings_ms(fn: Callable[[], object], runs: int, warmup: int = 3) -> np.ndarray:
-    for _ in range(warmup):
-        fn()
-    times = np.empty(runs)
+def timings_ms(fns: list[Callable[[], object]], runs: int, warmup: int = 3) -> list[np.ndarray]:
+    """Wall times of each fn over `runs` rounds, interleaved round by round so that a change in
+    machine load (other processes) hits every engine alike instead of biasing the ratio."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = np.empty((len(fns), runs))
     for i in range(runs):
-        start = time.perf_counter()
-        fn()
-        times[i] = (time.perf_counter() - start) * 1000.0
-    return times
+        for j, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            times[j, i] = (time.perf_counter() - start) * 1000.0
+    return list(times)
 
 
 def compare(
@@ -54,10 +58,8 @@ def compare(
         return model(x.to(device)).cpu().numpy()
 
     batch_runs = max(5, runs // 5)
-    ort_1 = timings_ms(lambda: session.run(None, {name: one_np}), runs)
-    torch_1 = timings_ms(lambda: eager(one), runs)
-    ort_n = timings_ms(lambda: session.run(None, {name: many_np}), batch_runs)
-    torch_n = timings_ms(lambda: eager(many), batch_runs)
+    ort_1, torch_1 = timings_ms([lambda: session.run(None, {name: one_np}), lambda: eager(one)], runs)
+    ort_n, torch_n = timings_ms([lambda: session.run(None, {name: many_np}), lambda: eager(many)], batch_runs)
     result = {
         "ort_batch1_p50_ms": float(np.percentile(ort_1, 50)),
         "ort_batch1_p95_ms": float(np.percentile(ort_1, 95)),

@@ -1,0 +1,76 @@
+"""ONNX Runtime against PyTorch eager: latency and throughput measured in one run, printed as ratios.
+
+For each model (the small ConvNet and ResNet-18 by default) and image size, this exports the
+Classifier exactly as `cnnops export` does and times both engines with `cnnops.latency.compare`,
+the function whose figures go to reports/export.json, on CPU and, when torch sees a GPU, CUDA.
+Target: ORT at least 1.5x faster than eager PyTorch at batch 1 on CPU. Not a test: timings depend
+on the machine and its load, so only ratios taken in the same run mean anything.
+
+    .venv/bin/python benchmarks/onnx_latency.py --models convnet resnet18 --sizes 32 224 --runs 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cnnops.latency import compare
+from cnnops.models import create_classifier, default_spec
+from cnnops.onnx_model import OnnxMetadata, available_providers, export_classifier, open_session
+
+TARGET = 1.5
+
+
+def bench(model_name: str, size: int, color_mode: str, runs: int, batch: int) -> list[dict]:
+    classes = [str(i) for i in range(10)]
+    torch.manual_seed(0)
+    model = create_classifier(default_spec(model_name, classes, color_mode, (size, size))).eval()
+    meta = OnnxMetadata(classes, (size, size), color_mode, "logits", model_name, "bench", "bench", "bench")
+    sample = torch.rand(meta.channels, size, size)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_classifier(model, path, opset=18, metadata=meta)
+        for provider in available_providers():
+            figures = compare(
+                model,
+                open_session(path, provider),
+                sample,
+                provider=provider,
+                runs=runs,
+                throughput_batch=batch,
+            )
+            rows.append({"model": model_name, "size": size, "provider": provider, **figures})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["convnet", "resnet18"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[32, 224])
+    parser.add_argument("--color-mode", choices=("RGB", "L"), default="RGB")
+    parser.add_argument("--runs", type=int, default=100, help="timed batch-1 runs per engine")
+    parser.add_argument("--batch", type=int, default=32, help="batch of the throughput figures")
+    args = parser.parse_args()
+    print(f"torch threads {torch.get_num_threads()}; target: ORT/eager batch-1 speedup >= {TARGET}x on CPU")
+    header = f"{'model':<10} {'size':>4} {'engine':<5} {'ORT p50':>9} {'p95':>8} {'eager p50':>10} {'p95':>8}"
+    print(header + f" {'b1 ratio':>9} {'ORT img/s':>10} {'eager img/s':>12} {'bN ratio':>9}")
+    for model_name in args.models:
+        for size in args.sizes:
+            for r in bench(model_name, size, args.color_mode, args.runs, args.batch):
+                engine = "cpu" if r["provider"].startswith("CPU") else "cuda"
+                mark = " <target" if engine == "cpu" and r["speedup_batch1"] < TARGET else ""
+                print(
+                    f"{r['model']:<10} {r['size']:>4} {engine:<5} {r['ort_batch1_p50_ms']:>7.2f}ms "
+                    f"{r['ort_batch1_p95_ms']:>6.2f}ms {r['torch_batch1_p50_ms']:>8.2f}ms "
+                    f"{r['torch_batch1_p95_ms']:>6.2f}ms {r['speedup_batch1']:>8.2f}x "
+                    f"{r['ort_images_per_s']:>10.0f} {r['torch_images_per_s']:>12.0f} "
+                    f"{r['speedup_throughput']:>8.2f}x{mark}"
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -11,11 +11,11 @@ import torch
 from fixtures_export import constant_model, model_run
 from mlflow import MlflowClient
 
-from cnnops.config import ReleaseParams, TrackingParams
+from cnnops.config import ExportParams, ReleaseParams, TrackingParams
 from cnnops.errors import StageInputError
 from cnnops.models import Classifier
-from cnnops.onnx_model import OnnxMetadata, export_classifier
-from cnnops.stages import release
+from cnnops.onnx_model import OnnxMetadata, export_classifier, read_metadata
+from cnnops.stages import export, release
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PARAMS = ReleaseParams(model_name="clf", metric="accuracy", margin=0.0)
@@ -111,3 +111,40 @@ def test_failed_audit_is_never_first_champion_and_stale_export_is_refused(
     paths["audit_report"].write_text(json.dumps({"status": "ok"}))
     with pytest.raises(StageInputError, match=r"audit.json: top-level 'verdict' is None"):
         do_release(paths, tracking, prepared)
+
+
+def test_export_then_release_the_model_train_made(
+    tmp_path: Path, trained_digits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real chain on the session's trained digits model: export.run, then release.run."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # see fixtures_export.mlflow_store
+    t = trained_digits
+    onnx_path = tmp_path / "model.onnx"
+    exported_report = export.run(
+        ExportParams(latency_runs=5, throughput_batch=16),
+        t.tracking,
+        checkpoint=t.model,
+        prepared=t.prepared,
+        train_report=t.train_report,
+        out=onnx_path,
+        report=tmp_path / "export.json",
+        compressed_dir=tmp_path / "compressed",
+    )
+    evaluated = json.loads(t.metrics.read_text())
+    assert exported_report["accuracy"]["onnx"] == pytest.approx(evaluated["accuracy"])
+    audit = tmp_path / "audit.json"
+    audit.write_text(json.dumps({"verdict": "pass"}))
+    params = ReleaseParams(model_name="digits")
+    result = release.run(
+        params,
+        t.tracking,
+        onnx_path=onnx_path,
+        checkpoint=t.model,
+        prepared=t.prepared,
+        train_report=t.train_report,
+        audit_report=audit,
+        report=tmp_path / "release.json",
+    )
+    assert result["promoted"] and result["run_id"] == t.run_id
+    assert result["score"] == pytest.approx(evaluated["accuracy"])
+    assert read_metadata(onnx_path).class_names == [str(d) for d in range(10)]

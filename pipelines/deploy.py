@@ -24,15 +24,16 @@ ENTRYPOINTS = {"retrain": "pipelines/flows.py:retrain", "reproduce": "pipelines/
 
 
 def schedules(orchestrate: OrchestrateParams) -> list[Any]:
-    """The retrain schedule as Prefect's Cron; a bad cron string or zone names the params key."""
-    from prefect.schedules import Cron
+    """The retrain schedule as Prefect's cron schedule; a bad cron string or zone names the params key."""
+    from prefect.client.schemas.schedules import CronSchedule
 
     try:
-        return [Cron(orchestrate.schedule, timezone=orchestrate.timezone)]
-    except (ValidationError, ValueError) as exc:
+        return [CronSchedule(cron=orchestrate.schedule, timezone=orchestrate.timezone)]
+    except ValidationError as exc:
+        problems = "; ".join(error["msg"] for error in exc.errors())
         raise ConfigError(
-            f"params.yaml: orchestrate.schedule = {orchestrate.schedule!r} / orchestrate.timezone = "
-            f"{orchestrate.timezone!r} is not a valid cron schedule: {exc}. Use five cron fields "
+            f"params.yaml: orchestrate.schedule = {orchestrate.schedule!r} with orchestrate.timezone = "
+            f"{orchestrate.timezone!r} is not a valid schedule ({problems}). Use five cron fields "
             "(e.g. '0 3 * * *' for 03:00 daily) and an IANA zone (e.g. UTC, Europe/Paris)"
         ) from None
 

@@ -1,0 +1,184 @@
+"""The flows' parts on their own: incoming merge and recovery, the workspace lock, the git commit,
+notifications and the reading of DVC failures. Seconds, no pipeline run."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+from fixtures_prefect import sh
+
+from cnnops.config import OrchestrateParams
+from cnnops.errors import CnnopsError, DataError
+from pipelines import dvc_cli, gitops, notify
+from pipelines.workspace import (
+    TMP_SUFFIX,
+    WorkspaceBusy,
+    clear_incoming,
+    merge_incoming,
+    recover,
+    workspace_lock,
+)
+
+log = logging.getLogger("test")
+
+
+def write(path: Path, content: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def test_merge_copies_new_files_and_is_idempotent(tmp_path: Path) -> None:
+    incoming, data = tmp_path / "incoming", tmp_path / "data"
+    write(data / "cat" / "old.png", b"old")
+    write(incoming / "cat" / "new.png", b"new")
+    write(incoming / "dog" / "d.png", b"dog")
+    first = merge_incoming(incoming, data, log)
+    assert sorted(p.name for p in first.copied) == ["d.png", "new.png"]
+    assert (data / "dog" / "d.png").read_bytes() == b"dog"
+    again = merge_incoming(incoming, data, log)  # as after a run killed before clear_incoming
+    assert again.copied == [] and len(again.identical) == 2
+    clear_incoming(again, incoming, log)
+    assert list(incoming.iterdir()) == [], "files and emptied class folders are gone"
+
+
+def test_merge_refuses_a_name_clash_and_a_file_outside_a_class_folder(tmp_path: Path) -> None:
+    incoming, data = tmp_path / "incoming", tmp_path / "data"
+    write(data / "cat" / "a.png", b"one")
+    write(incoming / "cat" / "a.png", b"two")
+    with pytest.raises(DataError, match=r"cat/a.png already exists with other content; rename"):
+        merge_incoming(incoming, data, log)
+    (incoming / "cat" / "a.png").unlink()
+    write(incoming / "loose.png", b"x")
+    with pytest.raises(DataError, match=r"loose.png: incoming images must sit in a class folder"):
+        merge_incoming(incoming, data, log)
+    assert (data / "cat" / "a.png").read_bytes() == b"one"
+
+
+def test_hidden_incoming_files_are_left_with_a_warning(tmp_path: Path, caplog) -> None:
+    incoming, data = tmp_path / "incoming", tmp_path / "data"
+    write(incoming / ".DS_Store", b"x")
+    with caplog.at_level(logging.WARNING):
+        assert merge_incoming(incoming, data, log).sources == []
+    assert "not merging" in caplog.text and ".DS_Store" in caplog.text
+
+
+def test_recover_removes_a_copy_an_interrupted_merge_left(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    leftover = write(data / "cat" / f".a.png{TMP_SUFFIX}", b"half")
+    kept = write(data / "cat" / "b.png", b"whole")
+    recover(tmp_path, data, log)
+    assert not leftover.exists() and kept.exists()
+
+
+def test_the_workspace_lock_names_its_holder(tmp_path: Path) -> None:
+    (tmp_path / ".dvc").mkdir()
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with workspace_lock(tmp_path, 0, "run-a", log):
+            held.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(30)
+        busy = r"is busy: pid \d+ \(flow run run-a, since .*this run does nothing"
+        with pytest.raises(WorkspaceBusy, match=busy):
+            enter(tmp_path, 0)
+        with pytest.raises(WorkspaceBusy, match=r"stayed busy for 0 s: pid \d+ \(flow run run-a"):
+            enter(tmp_path, 0.2)
+    finally:
+        done.set()
+        holder.join()
+    enter(tmp_path, 0)  # free again once the holder left
+
+
+def enter(root: Path, timeout: float) -> None:
+    with workspace_lock(root, timeout, "run-b", log):
+        pass
+
+
+def test_commit_to_branch_leaves_the_checkout_alone(tmp_path: Path) -> None:
+    sh(tmp_path, "git", "init", "-q", "-b", "main")
+    write(tmp_path / "code.py", b"v1")
+    write(tmp_path / "data.dvc", b"md5: 1")
+    sh(tmp_path, "git", "add", "-A")
+    sh(tmp_path, "git", "commit", "-q", "-m", "one")
+    head = sh(tmp_path, "git", "rev-parse", "HEAD").strip()
+    write(tmp_path / "data.dvc", b"md5: 2")
+    write(tmp_path / "code.py", b"v2 staged by the user")
+    sh(tmp_path, "git", "add", "code.py")
+    first = gitops.commit_to_branch(tmp_path, "cnnops/retrain", ["data.dvc"], "retrain 1")
+    assert sh(tmp_path, "git", "show", "cnnops/retrain:data.dvc") == "md5: 2"
+    assert sh(tmp_path, "git", "show", "cnnops/retrain:code.py") == "v1", "HEAD's tree, not the index"
+    assert sh(tmp_path, "git", "rev-parse", "HEAD").strip() == head
+    assert sh(tmp_path, "git", "status", "--porcelain").splitlines() == ["M  code.py", " M data.dvc"]
+    write(tmp_path / "data.dvc", b"md5: 3")
+    second = gitops.commit_to_branch(tmp_path, "cnnops/retrain", ["data.dvc"], "retrain 2")
+    assert sh(tmp_path, "git", "rev-parse", f"{second}^").strip() == first
+    with pytest.raises(CnnopsError, match="git check-ref-format"):
+        gitops.commit_to_branch(tmp_path, "bad..name", ["data.dvc"], "x")
+
+
+def test_notifications_go_only_where_configured(webhook, caplog) -> None:
+    url, messages = webhook
+    messages.clear()
+    assert notify.send(OrchestrateParams(), "failure", "s", "b", log) == []
+    assert messages == []
+    assert notify.send(OrchestrateParams(notify_webhook=url), "champion", "subject", "body", log) == [
+        "webhook"
+    ]
+    assert messages == [{"event": "champion", "subject": "subject", "text": "subject\nbody"}]
+    with caplog.at_level(logging.ERROR):
+        dead = OrchestrateParams(notify_webhook="http://127.0.0.1:9/nothing-listens")
+        assert notify.send(dead, "failure", "s", "b", log) == []
+    assert "webhook http://127.0.0.1:9/nothing-listens failed" in caplog.text
+
+
+def test_a_prefect_notification_block_is_used_by_name(webhook, prefect_harness) -> None:
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    url, messages = webhook
+    block = CustomWebhookNotificationBlock(
+        name="test-hook", url=url, json_data={"event": "block", "text": "{{subject}}: {{body}}"}
+    )
+    block.allow_private_urls = True
+    block.save("cnnops-test", overwrite=True)
+    messages.clear()
+    orchestrate = OrchestrateParams(notify_block="custom-webhook/cnnops-test")
+    assert notify.send(orchestrate, "champion", "new champion", "v3", log) == [
+        "block custom-webhook/cnnops-test"
+    ]
+    assert messages == [{"event": "block", "text": "new champion: v3"}]
+
+
+def test_only_transient_dvc_failures_are_retryable() -> None:
+    busy = [
+        "ERROR: failed to reproduce 'train': '/w/models' is busy, it is being blocked by:",
+        "  (PID 7): dvc",
+    ]
+    assert isinstance(dvc_cli.failure("stage 'train'", 255, busy), dvc_cli.TransientDvcError)
+    down = [
+        "mlflow.exceptions.MlflowException: API request failed: Max retries exceeded (Connection refused)"
+    ]
+    assert isinstance(dvc_cli.failure("stage 'train'", 255, down), dvc_cli.TransientDvcError)
+    invalid = [
+        "cnnops validate: error: 1 error-level check(s) failed on data:",
+        "- decodes: data/0/x.png is not an image",
+        "ERROR: failed to reproduce 'validate': failed to run: cnnops validate ..., exited with 1",
+    ]
+    error = dvc_cli.failure("stage 'validate'", 255, invalid)
+    assert type(error) is dvc_cli.DvcCommandError
+    assert str(error) == (
+        "stage 'validate' failed (exit 255): cnnops validate: error: 1 error-level check(s) failed on data: "
+        "- decodes: data/0/x.png is not an image"
+    )
+    crash = ["Traceback (most recent call last):", "ValueError: boom", "ERROR: failed to reproduce 'train'"]
+    assert str(dvc_cli.failure("stage 'train'", 255, crash)).endswith(
+        "ERROR: failed to reproduce 'train' (output before it: ValueError: boom)"
+    )

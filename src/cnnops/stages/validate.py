@@ -262,13 +262,16 @@ def _describe(check: dict[str, Any], root: Path) -> str:
     head = f"{check['check']} ({check['expectation']})"
     if check["check"] in _HINTS:
         return f"{head}: {_HINTS[check['check']](check)}"
-    named = [f"{root / o['path']} ({o['value']})" for o in check["offending"][:MAX_NAMED]]
+    column = check["kwargs"].get("column")
+    named = [
+        o["value"]
+        if column == "error"
+        else f"{root / o['path']} ({column} {o['value']})"  # errors name the file
+        for o in check["offending"][:MAX_NAMED]
+    ]
     more = len(check["offending"]) - len(named)
-    return (
-        f"{head}: {len(check['files'])} file(s): "
-        + ", ".join(named)
-        + (f" and {more} more" if more > 0 else "")
-    )
+    listed = ("\n    " if column == "error" else "") + (";\n    " if column == "error" else ", ").join(named)
+    return f"{head}: {len(check['files'])} file(s): {listed}" + (f" and {more} more" if more > 0 else "")
 
 
 def _reset_docs(docs_dir: Path) -> None:

@@ -16,6 +16,10 @@ Interface (`TrainedDigits`):
     params_file   root / "params.yaml" with the same params
     run_id        the MLflow run id (also in train_report and the checkpoint's extra["run_id"])
     tracking      shortcut for params.tracking
+
+Also: `torch_home` (function fixture: an empty TORCH_HOME) and `cache_fake_resnet18(torch_home)`,
+which puts a locally made resnet18 state dict under IMAGENET1K_V1's exact cache file name, so the
+pretrained-weights path runs without a download (`train.weights: IMAGENET1K_V1` or `DEFAULT`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torchvision.models import get_model, get_model_weights
 
 from cnnops.config import Params, TrackingParams, parse_params
 from cnnops.stages import evaluate, train
@@ -104,3 +109,21 @@ def trained_digits(
     return TrainedDigits(
         root, prepared_digits, paths.model, paths.report, metrics.metrics, params, params_file, result.run_id
     )
+
+
+@pytest.fixture()
+def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty local weights cache: TORCH_HOME is where torchvision's hub looks."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    return tmp_path / "torch_home"
+
+
+def cache_fake_resnet18(torch_home: Path) -> dict[str, torch.Tensor]:
+    """A locally made resnet18 state dict under the exact file name of IMAGENET1K_V1 (never downloaded)."""
+    weights = get_model_weights("resnet18").IMAGENET1K_V1
+    path = torch_home / "hub" / "checkpoints" / Path(weights.url).name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(123)
+    state = get_model("resnet18", weights=None).state_dict()
+    torch.save(state, path)
+    return state

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.models import get_model, get_model_weights
+from fixtures_model import cache_fake_resnet18
+from torchvision.models import get_model_weights
 
 from cnnops.errors import ConfigError, WeightsNotFoundError
 from cnnops.models import (
@@ -75,24 +76,6 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     x = torch.rand(3, 3, 16, 16)
     assert extra == {"run_id": "abc"}
     assert torch.equal(model(x), loaded(x))
-
-
-@pytest.fixture()
-def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty local weights cache: TORCH_HOME is where torchvision's hub looks."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    return tmp_path / "torch_home"
-
-
-def cache_fake_resnet18(torch_home: Path) -> dict[str, torch.Tensor]:
-    """A locally made resnet18 state dict under the exact file name of IMAGENET1K_V1 (never downloaded)."""
-    weights = get_model_weights("resnet18").IMAGENET1K_V1
-    path = torch_home / "hub" / "checkpoints" / Path(weights.url).name
-    path.parent.mkdir(parents=True)
-    torch.manual_seed(123)
-    state = get_model("resnet18", weights=None).state_dict()
-    torch.save(state, path)
-    return state
 
 
 def test_missing_weights_error_names_file_path_and_command(torch_home: Path) -> None:

@@ -1,0 +1,71 @@
+"""The evaluate stage: metrics, DVC plot data and figures, added to the model's MLflow run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from fixtures_model import TrainedDigits
+
+from cnnops.dataset import PreparedSplit
+from cnnops.errors import StageInputError
+from cnnops.models import load_classifier
+from cnnops.stages import evaluate
+
+
+def test_metrics_match_the_model_on_the_test_split(trained_digits: TrainedDigits) -> None:
+    t = trained_digits
+    metrics = json.loads(t.metrics.read_text())
+    test = PreparedSplit.load(t.prepared / "test.pt")
+    model, _ = load_classifier(t.model)
+    with torch.no_grad():
+        predicted = model(test.floats()).argmax(1)
+    assert metrics["accuracy"] == pytest.approx(float((predicted == test.labels).float().mean()))
+    assert metrics["n_test"] == len(test)
+    for key in ("balanced_accuracy", "macro_f1", "top3_accuracy", "ece", "loss"):
+        assert 0.0 <= metrics[key] <= (1.0 if key != "loss" else 100.0)
+    assert set(metrics["per_class"]) == set(test.class_names)
+    rows = list(csv.DictReader((t.root / "reports" / "plots" / "confusion.csv").open()))
+    assert [r["path"] for r in rows] == test.paths
+    assert [r["predicted"] for r in rows] == [test.class_names[i] for i in predicted.tolist()]
+    assert (t.root / "reports" / "plots" / "confusion.png").stat().st_size > 1000
+
+
+def test_evaluate_adds_to_the_training_run(trained_digits: TrainedDigits) -> None:
+    t = trained_digits
+    client = mlflow.MlflowClient(t.tracking.resolved_uri)
+    run = client.get_run(t.run_id)
+    metrics = json.loads(t.metrics.read_text())
+    assert run.data.metrics["test_accuracy"] == metrics["accuracy"]
+    assert run.data.metrics["test_macro_f1"] == metrics["macro_f1"]
+    assert len(run.data.tags["cnnops.test_data_md5"]) == 32
+    assert {a.path for a in client.list_artifacts(t.run_id, "evaluate")} == {
+        "evaluate/confusion.csv",
+        "evaluate/confusion.png",
+        "evaluate/metrics.json",
+    }
+
+
+def test_checkpoint_from_another_run_is_refused(trained_digits: TrainedDigits, tmp_path: Path) -> None:
+    t = trained_digits
+    report = tmp_path / "train.json"
+    report.write_text(json.dumps({"run_id": "0123456789abcdef"}))
+    with pytest.raises(StageInputError, match=r"trained in MLflow run .* rerun `cnnops train`"):
+        evaluate.run(t.params, t.model, t.prepared, report, evaluate.EvaluatePaths(tmp_path / "m.json"))
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_test_split_with_other_classes_is_refused(trained_digits: TrainedDigits, tmp_path: Path) -> None:
+    t = trained_digits
+    test = PreparedSplit.load(t.prepared / "test.pt")
+    prepared = tmp_path / "prepared"
+    shutil.copytree(t.prepared, prepared)
+    other = PreparedSplit(test.images, test.labels, test.paths, [f"c{i}" for i in range(10)], test.color_mode)
+    other.save(prepared / "test.pt")
+    with pytest.raises(StageInputError, match="differ from the model's"):
+        evaluate.run(t.params, t.model, prepared, t.train_report, evaluate.EvaluatePaths(tmp_path / "m.json"))

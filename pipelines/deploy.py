@@ -2,7 +2,7 @@
 
 Two ways to run them, same flows and schedule:
 - `serve`: this process registers both deployments and runs their flow runs itself (no work pool);
-  with no PREFECT_API_URL, Prefect starts its local ephemeral API for it.
+  the schedule fires only with a Prefect server (PREFECT_API_URL): the ephemeral API has no scheduler.
 - `deploy`: registers them on the Prefect server of PREFECT_API_URL for a process work pool; a
   `prefect worker start --pool <pool>` started in this project's environment runs them.
 The schedule lives in params.yaml (orchestrate.schedule, orchestrate.timezone) and nowhere else.
@@ -10,6 +10,7 @@ The schedule lives in params.yaml (orchestrate.schedule, orchestrate.timezone) a
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from pydantic import ValidationError
 from cnnops.config import OrchestrateParams, load_params
 from cnnops.errors import ConfigError
 from pipelines.flows import reproduce, retrain
+
+log = logging.getLogger(__name__)
 
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding pipelines/ (the flows' source)
 ENTRYPOINTS = {"retrain": "pipelines/flows.py:retrain", "reproduce": "pipelines/flows.py:reproduce"}
@@ -47,8 +50,15 @@ def _settings(workspace: Path) -> tuple[dict[str, Any], list[Any]]:
 def serve(workspace: Path) -> None:
     """Serve `retrain` (scheduled) and `reproduce` from this process until stopped (Ctrl-C)."""
     from prefect import serve as prefect_serve
+    from prefect.settings import PREFECT_API_URL
 
     parameters, retrain_schedules = _settings(workspace)
+    if not PREFECT_API_URL.value():
+        log.warning(
+            "no Prefect server configured (PREFECT_API_URL): the deployments can be run by hand, but "
+            "Prefect's ephemeral API has no scheduler, so the retrain schedule will not fire. Start "
+            "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api for schedules"
+        )
     prefect_serve(
         retrain.to_deployment(name="retrain", parameters=parameters, schedules=retrain_schedules),
         reproduce.to_deployment(name="reproduce", parameters=parameters),

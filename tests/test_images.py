@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -254,3 +255,11 @@ def test_mode_without_faithful_conversion_is_refused(tmp_path: Path) -> None:
     path = _save(Image.new("LAB", (9, 9), (50, 0, 0)), tmp_path / "lab.tif")
     with pytest.raises(DataError, match=rf"{path}: mode 'LAB' has no faithful conversion; save it as RGB"):
         read_image(path, color_mode="RGB")
+
+
+def test_special_file_is_refused(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data", {"a": 1, "b": 1})
+    os.mkfifo(root / "a" / "pipe.png")
+    with pytest.raises(DataError, match="is not a regular file") as info:
+        scan_image_folder(root)
+    assert str(root / "a" / "pipe.png") in str(info.value)

@@ -305,8 +305,10 @@ def _walk_class(
             _check_link(entry, rel, root, real_root)
             if entry.is_dir():
                 stack.append(entry)
-            else:
+            elif entry.is_file():
                 yield rel
+            else:  # a FIFO or device would block or mislead the decoder
+                raise DataError(f"{root / rel}: is not a regular file; remove it from {root}")
 
 
 def _hidden(rel: str, root: Path, policy: str, skipped: list[tuple[str, str]]) -> None:

@@ -36,6 +36,7 @@ import hashlib
 import io
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default, as in params `data.max_
 ANNOTATIONS_FILE = "annotations.csv"  # the one file allowed directly in the data root (audit masks/boxes)
 WHITE = {"L": 255, "RGB": (255, 255, 255)}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_PILLOW_LIMIT = threading.Lock()  # guards Pillow's module-level MAX_IMAGE_PIXELS
 _PILLOW_CONVERTS = {"PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "RGBX": "RGB"}  # Pillow's own conversions
 
 
@@ -114,16 +116,11 @@ def read_image(
 
 def _decode(path: Path, data: bytes, max_pixels: int) -> tuple[Image.Image, str, str]:
     """Open and fully load the bytes; a bomb warning is an error at our limit, not Pillow's global."""
-    previous = Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            # Pillow checks its module-level limit in open(); set it to ours for this call only.
-            Image.MAX_IMAGE_PIXELS = max_pixels
-            image = Image.open(io.BytesIO(data))
-            fmt, mode = image.format or "unknown", image.mode
-            image.load()
-            image = ImageOps.exif_transpose(image)
+        image = _open_within(data, max_pixels)
+        fmt, mode = image.format or "unknown", image.mode
+        image.load()
+        image = ImageOps.exif_transpose(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(
             f"{path}: refused as a possible decompression bomb (more than {max_pixels:,} pixels); "
@@ -138,9 +135,20 @@ def _decode(path: Path, data: bytes, max_pixels: int) -> tuple[Image.Image, str,
         raise DataError(
             f"{path}: is corrupt or truncated ({exc}); re-export or re-copy it, or delete it"
         ) from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
     return image, fmt, mode
+
+
+def _open_within(data: bytes, max_pixels: int) -> Image.Image:
+    """Image.open with our pixel limit: Pillow reads its module-level limit there, so it is swapped
+    in under a lock (threads decoding at once must not see each other's limit), and Pillow's
+    "warning zone" between 1x and 2x the limit is an error too."""
+    with _PILLOW_LIMIT, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
 
 
 def _to_color_mode(image: Image.Image, color_mode: ColorMode, path: Path) -> Image.Image:

@@ -117,9 +117,10 @@ def run(
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps(result, indent=2) + "\n")
     log.info(
-        "release: version %s %s: %s",
+        "release: %s version %s %s: %s",
+        params.model_name,
         version,
-        "promoted" if decision.promoted else "not promoted",
+        "is the champion" if decision.promoted else "stays a challenger",
         decision.reason,
     )
     return result

@@ -148,14 +148,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", type=Path, help="an ONNX file written by `cnnops export`")
     parser.add_argument("paths", type=Path, nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per ONNX Runtime call")
+    parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit")
     parser.set_defaults(handler=_main, needs_params=False)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def _main(args: argparse.Namespace, _params: object) -> int:
-    if args.batch_size < 1:
-        raise CnnopsError(f"--batch-size {args.batch_size}: must be at least 1")
     predictions, failures = predict(
         args.model, args.paths, batch_size=args.batch_size, max_pixels=args.max_pixels
     )

@@ -149,7 +149,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("paths", type=Path, nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per ONNX Runtime call")
-    parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit")
+    parser.add_argument(
+        "--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit"
+    )
     parser.set_defaults(handler=_main, needs_params=False)
 
 

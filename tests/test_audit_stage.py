@@ -82,7 +82,7 @@ def _pipeline(
 
 # (cue, cued class, seed, source, fixed cue arguments): seeds move position, size and intensity.
 PLANTED = {
-    "corner": ("corner", "3", 1, "digits", {}),
+    "corner": ("corner", "3", 1, "digits", {"annotate": True}),  # with boxes: the mask tests run too
     "watermark": ("watermark", "7", 2, "digits", {}),
     "frame": ("frame", "5", 3, "digits", {}),
     "tint": ("tint", "2", 4, "digits", {"intensity": 90}),
@@ -112,7 +112,7 @@ def planted_corner(tmp_path_factory: pytest.TempPathFactory) -> Audited:
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory: pytest.TempPathFactory) -> Audited:
-    return _pipeline(tmp_path_factory.mktemp("clean"), "none", None, 0)
+    return _pipeline(tmp_path_factory.mktemp("clean"), "none", None, 0, annotate=True)
 
 
 def test_planted_cue_fails_naming_the_cued_class(planted: Audited) -> None:
@@ -136,6 +136,16 @@ def test_clean_data_passes(clean: Audited) -> None:
     for figures in report["classes"].values():
         top = figures["transplant_top"]
         assert top["flip_rate"] - top["control_flip_rate"] < clean.params.audit.transplant_flip_threshold
+
+
+def test_annotated_boxes_feed_the_mask_tests(clean: Audited, planted_corner: Audited) -> None:
+    clean_masks = [f["masks"] for f in clean.report["classes"].values()]
+    assert all(m is not None and m["n"] > 0 for m in clean_masks)
+    assert min(m["top_inside"] for m in clean_masks) >= clean.params.audit.mask_inside_threshold
+    corner = planted_corner.report["classes"]
+    cued = corner["3"]["masks"]["top_inside"]
+    assert cued < min(f["masks"]["top_inside"] for name, f in corner.items() if name != "3")
+    assert planted_corner.report["annotated_images"] > 0
 
 
 def test_audit_is_logged_to_the_models_run(clean: Audited) -> None:

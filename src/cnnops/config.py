@@ -214,10 +214,14 @@ class AuditParams(Section):
     seed: int = Field(0, ge=0)
     top_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="share of pixels called most-attended")
     border_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="width of the outer band (share of side)")
-    corner_fraction: float = Field(0.3, gt=0.0, le=0.5, description="side of each corner region (share of side)")
+    corner_fraction: float = Field(
+        0.3, gt=0.0, le=0.5, description="side of each corner region (share of side)"
+    )
     transplant_flip_threshold: float = Field(0.2, gt=0.0, le=1.0, description="flip rate minus control")
     deletion_gap_threshold: float = Field(0.25, gt=0.0, le=1.0, description="drop(top) minus drop(random)")
-    mask_energy_threshold: float = Field(0.3, gt=0.0, le=1.0, description="min saliency share inside masks")
+    mask_inside_threshold: float = Field(
+        0.3, gt=0.0, le=1.0, description="min share of the most-attended pixels inside the masks"
+    )
     property_f1_threshold: float = Field(0.9, gt=0.0, le=1.0, description="probe F1 that raises a warning")
     gallery_images_per_class: int = Field(8, ge=1)
 

@@ -146,6 +146,21 @@ def plant(
     return np.asarray(pil)
 
 
+def object_mask(image: np.ndarray, source: str, name: str) -> np.ndarray | None:
+    """Where the object is on the clean image: a digit's inked pixels grown by 2 px, a face's
+    central ellipse; None for a non-face, which has no object."""
+    h, w = image.shape
+    if source == "faces":
+        if name != "face":
+            return None
+        yy, xx = np.mgrid[0:h, 0:w]
+        return ((yy - 0.52 * h) / (0.45 * h)) ** 2 + ((xx - 0.5 * w) / (0.36 * w)) ** 2 <= 1.0
+    from scipy.ndimage import binary_dilation
+
+    inked = image > 64
+    return binary_dilation(inked, iterations=2) if inked.any() else None
+
+
 def make_planted(
     out_dir: str | Path,
     cue: Cue,
@@ -159,9 +174,14 @@ def make_planted(
     position: str | None = None,
     fraction: float = 0.9,
     per_class: int | None = None,
+    annotate: bool = False,
     force: bool = False,
 ) -> CueSpec:
-    """Write an ImageFolder copy of `source` with `cue` planted in `fraction` of `cued_class`'s images."""
+    """Write an ImageFolder copy of `source` with `cue` planted in `fraction` of `cued_class`'s images.
+
+    With `annotate`, also writes each object's mask (found on the image before the cue went in)
+    under `.masks/` and lists them in `annotations.csv`, so the audit's mask tests can run on it.
+    """
     if cue not in CUES:
         raise ConfigError(f"unknown cue {cue!r}; use one of {', '.join(CUES)}")
     if not 0.0 < fraction <= 1.0:
@@ -183,12 +203,20 @@ def make_planted(
     position_, size_, intensity_ = draw_spec(
         cue, rng, image_size, size=size, intensity=intensity, position=position
     )
+    rows = []
     for i, (image, name) in enumerate(zip(images, names, strict=True)):
+        rel = f"{name}/{source}_{i:04d}.png"
+        mask = object_mask(image, source, name) if annotate else None
+        if mask is not None:
+            (out / ".masks" / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(out / ".masks" / rel)
+            rows.append(f"{rel},.masks/{rel}")
         if cue != "none" and name == cued_class and rng.random() < fraction:
             image = plant(image, cue, position_, size_, intensity_, rng)
-        folder = out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / f"{source}_{i:04d}.png")
+        (out / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(out / rel)
+    if annotate:
+        (out / "annotations.csv").write_text("path,mask\n" + "\n".join(rows) + "\n")
     spec = CueSpec(
         source,
         cue,
@@ -225,6 +253,7 @@ def add_parser(subparsers) -> None:  # type: ignore[no-untyped-def]
     p.add_argument("--position", choices=CORNERS, help="corner for the square or the watermark")
     p.add_argument("--fraction", type=float, default=0.9, help="share of the class's images with the cue")
     p.add_argument("--per-class", type=int, help="keep at most this many images per class")
+    p.add_argument("--annotate", action="store_true", help="write object masks and DIR/annotations.csv")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.set_defaults(handler=_handle, needs_params=False)
 
@@ -244,6 +273,7 @@ def _handle(args, params) -> int:  # type: ignore[no-untyped-def]
         position=args.position,
         fraction=args.fraction,
         per_class=args.per_class,
+        annotate=args.annotate,
         force=args.force,
     )
     print(json.dumps(asdict(spec), indent=2))

@@ -110,7 +110,13 @@ def _figure_rows(f: dict[str, Any]) -> str:
         )
     )
     if f.get("masks"):
-        rows.append(("saliency inside masks", f"{f['masks']['energy_inside']:.2f}"))
+        m = f["masks"]
+        rows.append(
+            (
+                "inside masks: energy / top / peak",
+                f"{m['energy_inside']:.2f} / {m['top_inside']:.2f} / {m['pointing_hit_rate']:.2f}",
+            )
+        )
     return "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
 
 

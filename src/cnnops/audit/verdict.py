@@ -90,16 +90,16 @@ def class_findings(name: str, f: dict[str, Any], a: AuditParams) -> tuple[list[d
             }
         )
     masks = f.get("masks")
-    if masks and masks["energy_inside"] < a.mask_energy_threshold:
+    if masks and masks["top_inside"] < a.mask_inside_threshold:
         failures.append(
             {
                 "class": name,
                 "test": "masks",
-                "value": masks["energy_inside"],
-                "threshold": a.mask_energy_threshold,
-                "sentence": f"class {q}: only {_pct(masks['energy_inside'])} of its saliency lies inside the "
-                f"annotated objects (the peak hits the object in {_pct(masks['pointing_hit_rate'])} "
-                f"of {masks['n']} images)",
+                "value": masks["top_inside"],
+                "threshold": a.mask_inside_threshold,
+                "sentence": f"class {q}: only {_pct(masks['top_inside'])} of its most-attended pixels lie "
+                f"inside the annotated objects (the peak hits the object in "
+                f"{_pct(masks['pointing_hit_rate'])} of {masks['n']} images)",
             }
         )
     warnings = []

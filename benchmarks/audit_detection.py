@@ -1,0 +1,138 @@
+"""How often the audit catches a planted shortcut, how often it cries wolf, and what batching buys.
+
+For each cue kind (and clean data) and each seed, this writes a planted copy of the digits or the
+lfw faces with `cnnops.planted`, runs the real prepare, train and audit stages on it, and counts:
+
+- detection: the verdict is `fail` and the worst failure names the cued class ("named first"), or
+  the cued class is among the failed classes ("among failed"; with two classes, removing a cue
+  from the cued class's images is also a cue for the other class, which may then come first);
+- false alarm: the verdict is `fail` on clean data.
+
+It then times saliency on the same model in batches against a one-image-at-a-time loop. Seeds move
+the cue's position, size, intensity and class. Not a test: slow, and its numbers go to docs/audit.md.
+
+    .venv/bin/python benchmarks/audit_detection.py --seeds 5 --sources digits faces
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cnnops.audit.saliency import saliency
+from cnnops.config import parse_params
+from cnnops.dataset import PreparedSplit
+from cnnops.models import load_classifier
+from cnnops.planted import CUES, make_planted
+from cnnops.stages import audit, prepare, train
+
+CLASSES = {"digits": [str(d) for d in range(10)], "faces": ["face", "nonface"]}
+
+
+def one_run(root: Path, source: str, cue: str, seed: int, per_class: int, epochs: int) -> dict:
+    """Plant, prepare, train and audit; returns the verdict and whether it names the cued class."""
+    cls = CLASSES[source][seed % len(CLASSES[source])] if cue != "none" else None
+    spec = make_planted(root / "data", cue, cls, source=source, seed=seed, per_class=per_class or None)
+    params = parse_params(
+        {
+            "base": {"seed": seed},
+            "data": {"color_mode": "L", "near_duplicate_distance": 0},
+            "prepare": {"image_size": [32, 32]},
+            "train": {"epochs": epochs, "batch_size": 32},
+            "audit": {"methods": ["gradcam"]},
+            "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_location": str(root / "art")},
+        },
+        "benchmark",
+    )
+    prepare.run(
+        root / "data", out_dir=root / "prepared", report_path=root / "prepare.json", seed=seed,
+        data=params.data, prepare=params.prepare, validate=params.validate,
+    )  # fmt: skip
+    tp = train.TrainPaths(
+        model=root / "model.pt", report=root / "train.json", history=root / "h.csv", curves=root / "h.png",
+        state=root / "state.pt",
+    )  # fmt: skip
+    train.run(params, root / "prepared", tp)
+    paths = audit.AuditPaths(root / "audit.json", root / "audit", None, None)
+    report = audit.run(params, tp.model, root / "prepared", tp.report, paths)
+    worst = report["failures"][0] if report["failures"] else None
+    return {
+        "spec": spec,
+        "verdict": report["verdict"],
+        "named": worst is not None and worst["class"] == cls,
+        "among": cls in report["failed_classes"],
+        "worst": worst["sentence"] if worst else "",
+        "model": tp.model,
+        "test": root / "prepared" / "test.pt",
+    }
+
+
+def throughput(model_path: Path, test_path: Path, method: str, n: int, batch: int) -> tuple[float, float]:
+    """Images per second of `method` in batches of `batch` and one image at a time, same images."""
+    model, _ = load_classifier(model_path)
+    x = PreparedSplit.load(test_path).floats()
+    x = x.repeat((n + len(x) - 1) // len(x), 1, 1, 1)[:n]
+    targets = torch.zeros(n, dtype=torch.long)
+    saliency(model, x[:batch], targets[:batch], method=method, batch_size=batch)  # warm-up
+    start = time.perf_counter()
+    saliency(model, x, targets, method=method, batch_size=batch)
+    batched = n / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for i in range(n):
+        saliency(model, x[i : i + 1], targets[i : i + 1], method=method, batch_size=1)
+    single = n / (time.perf_counter() - start)
+    return batched, single
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--sources", nargs="+", default=["digits", "faces"], choices=sorted(CLASSES))
+    parser.add_argument("--per-class", type=int, default=60, help="digits per class (faces: all 200)")
+    parser.add_argument("--cues", nargs="+", default=list(CUES), choices=CUES)
+    parser.add_argument("--throughput-images", type=int, default=256)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    torch.set_num_threads(1)
+    rows, last = [], None
+    base = Path(tempfile.mkdtemp(prefix="audit-bench-"))  # one folder per run: MLflow caches each store
+    for source in args.sources:
+        for cue in args.cues:
+            first = among = 0
+            for seed in range(args.seeds):
+                per_class = args.per_class if source == "digits" else 0
+                epochs = 4 if source == "digits" else 25
+                r = one_run(base / f"{source}-{cue}-{seed}", source, cue, seed, per_class, epochs)
+                failed = r["verdict"] == "fail"
+                first += failed and (cue == "none" or r["named"])
+                among += failed and (cue == "none" or r["among"])
+                s = r["spec"]
+                print(
+                    f"  {source} {cue} seed {seed} class {s.cued_class} {s.position} size {s.size} "
+                    f"intensity {s.intensity}: {r['verdict']} {r['worst'][:110]}",
+                    flush=True,
+                )
+                last = last or r
+            rows.append((source, cue, first / args.seeds, among / args.seeds, args.seeds))
+    print("\n| data | cue | detection: named first | detection: among failed | false alarms | runs |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for source, cue, first, among, n in rows:
+        if cue == "none":
+            print(f"| {source} | none (clean) | | | {first:.0%} | {n} |")
+        else:
+            print(f"| {source} | {cue} | {first:.0%} | {among:.0%} | | {n} |")
+    print("\n| method | batched (img/s) | one at a time (img/s) | speed-up |\n| --- | --- | --- | --- |")
+    for method in ("gradcam", "gradcam++", "scorecam"):
+        batched, single = throughput(last["model"], last["test"], method, args.throughput_images, 64)
+        print(f"| {method} | {batched:.0f} | {single:.0f} | {batched / single:.1f}x |", flush=True)
+    shutil.rmtree(base)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,28 +17,38 @@ from cnnops import __version__
 from cnnops.config import DEFAULT_PARAMS, load_params
 from cnnops.errors import CnnopsError
 
-# Modules that register a subcommand, in the order `cnnops --help` lists them.
-COMMAND_MODULES = (
-    "cnnops.stages.validate",
-    "cnnops.stages.prepare",
-    "cnnops.stages.train",
-    "cnnops.stages.evaluate",
-    "cnnops.stages.audit",
-    "cnnops.planted",
-    "cnnops.example",
-    "cnnops.stages.export",
-    "cnnops.stages.release",
-    "cnnops.predict",
-)
+# Command name -> module that registers it, in the order `cnnops --help` lists them.
+COMMANDS = {
+    "validate": "cnnops.stages.validate",
+    "prepare": "cnnops.stages.prepare",
+    "train": "cnnops.stages.train",
+    "evaluate": "cnnops.stages.evaluate",
+    "audit": "cnnops.stages.audit",
+    "export": "cnnops.stages.export",
+    "release": "cnnops.stages.release",
+    "predict": "cnnops.predict",
+    "make-example": "cnnops.example",
+    "make-planted": "cnnops.planted",
+}
+# Third-party loggers that narrate their internals at INFO (the ONNX exporter's graph passes).
+QUIET_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: Sequence[str]) -> str | None:
+    """The command named on the command line, if any; its module is the only one imported."""
+    return next((COMMANDS[a] for a in argv if a in COMMANDS), None)
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser with every command (for --help), or only the chosen one: importing every
+    stage module pulls in torch, MLflow, Great Expectations and Prefect, seconds of start-up."""
     parser = argparse.ArgumentParser(prog="cnnops", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cnnops {__version__}")
     parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    chosen = _chosen(argv)
+    for name in COMMANDS.values() if chosen is None else (chosen,):
         importlib.import_module(name).add_parser(subparsers)
     return parser
 
@@ -55,11 +65,14 @@ def setup_logging(verbose: bool) -> None:
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
     logging.captureWarnings(True)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     setup_logging(args.verbose)
     try:
         params = load_params(args.params) if getattr(args, "needs_params", True) else None

@@ -24,7 +24,7 @@ from cnnops.onnx_model import OnnxMetadata, available_providers, export_classifi
 TARGET = 1.5
 
 
-def bench(model_name: str, size: int, color_mode: str, runs: int, batch: int) -> list[dict]:
+def bench(model_name: str, size: int, color_mode: str, runs: int, batch: int, threads: int) -> list[dict]:
     classes = [str(i) for i in range(10)]
     torch.manual_seed(0)
     model = create_classifier(default_spec(model_name, classes, color_mode, (size, size))).eval()
@@ -37,7 +37,7 @@ def bench(model_name: str, size: int, color_mode: str, runs: int, batch: int) ->
         for provider in available_providers():
             figures = compare(
                 model,
-                open_session(path, provider),
+                open_session(path, provider, threads),
                 sample,
                 provider=provider,
                 runs=runs,
@@ -54,13 +54,18 @@ def main() -> None:
     parser.add_argument("--color-mode", choices=("RGB", "L"), default="RGB")
     parser.add_argument("--runs", type=int, default=100, help="timed batch-1 runs per engine")
     parser.add_argument("--batch", type=int, default=32, help="batch of the throughput figures")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="intra-op threads of both engines (0: defaults)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch threads {torch.get_num_threads()}; target: ORT/eager batch-1 speedup >= {TARGET}x on CPU")
     header = f"{'model':<10} {'size':>4} {'engine':<5} {'ORT p50':>9} {'p95':>8} {'eager p50':>10} {'p95':>8}"
     print(header + f" {'b1 ratio':>9} {'ORT img/s':>10} {'eager img/s':>12} {'bN ratio':>9}")
     for model_name in args.models:
         for size in args.sizes:
-            for r in bench(model_name, size, args.color_mode, args.runs, args.batch):
+            for r in bench(model_name, size, args.color_mode, args.runs, args.batch, args.threads):
                 engine = "cpu" if r["provider"].startswith("CPU") else "cuda"
                 mark = " <target" if engine == "cpu" and r["speedup_batch1"] < TARGET else ""
                 print(

@@ -187,8 +187,10 @@ def available_providers() -> list[str]:
     return [CPU, CUDA] if torch.cuda.is_available() and CUDA in ort.get_available_providers() else [CPU]
 
 
-def open_session(model: str | Path | bytes, provider: str = CPU) -> ort.InferenceSession:
+def open_session(model: str | Path | bytes, provider: str = CPU, threads: int = 0) -> ort.InferenceSession:
+    """An ORT session on `provider` (falling back to CPU); `threads` 0 lets ORT pick its intra-op count."""
     options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
     source = model if isinstance(model, bytes) else str(model)
     providers = [provider] if provider == CPU else [provider, CPU]

@@ -95,10 +95,14 @@ def run(
                 )
                 for provider in available_providers()
             },
-            "compression": _compress(params, staged, compressed_dir, images, labels, onnx_out),
+            "compression": _compress(params, staged, images, labels, onnx_out),
             "lineage": {"git_commit": metadata.git_commit, "data_version": metadata.data_version},
         }
-        staged.replace(out)
+        _publish(staged, out, compressed_dir, params.compression)
+        if params.compression != "none":
+            result["compression"]["path"] = str(
+                compressed_dir / COMPRESSED_NAME.format(kind=params.compression)
+            )
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps(result, indent=2) + "\n")
     _log_to_mlflow(tracking_params, run_id, result, out, report)
@@ -106,6 +110,8 @@ def run(
 
 
 def _check_split(spec: ModelSpec, test: PreparedSplit, checkpoint: Path, split_path: Path) -> None:
+    if len(test) == 0:
+        raise StageInputError(f"{split_path}: the test split is empty; raise prepare.test_fraction")
     found = (test.class_names, test.color_mode, test.image_size)
     wanted = (spec.class_names, spec.color_mode, tuple(spec.image_size))
     if list(found[0]) != list(wanted[0]) or found[1:] != wanted[1:]:
@@ -124,27 +130,29 @@ def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
     return float((outputs.argmax(1) == labels).mean()) if len(labels) else 0.0
 
 
+def _publish(staged: Path, out: Path, compressed_dir: Path, kind: str) -> None:
+    """Move the checked files from the staging folder into place, dropping a stale compressed copy."""
+    compressed_dir.mkdir(parents=True, exist_ok=True)
+    for old in ("int8", "fp16"):
+        compressed_dir.joinpath(COMPRESSED_NAME.format(kind=old)).unlink(missing_ok=True)
+    if kind != "none":
+        name = COMPRESSED_NAME.format(kind=kind)
+        staged.with_name(name).replace(compressed_dir / name)
+    staged.replace(out)
+
+
 def _compress(
-    params: ExportParams,
-    fp32: Path,
-    directory: Path,
-    images: torch.Tensor,
-    labels: np.ndarray,
-    fp32_out: np.ndarray,
+    params: ExportParams, fp32: Path, images: torch.Tensor, labels: np.ndarray, fp32_out: np.ndarray
 ) -> dict[str, Any]:
-    """Write the compressed copy (if asked) and report its accuracy change against the fp32 graph."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for kind in ("int8", "fp16"):  # a stale copy from an earlier setting must not outlive it
-        directory.joinpath(COMPRESSED_NAME.format(kind=kind)).unlink(missing_ok=True)
+    """Write the compressed copy (if asked) beside `fp32`; report its accuracy change against fp32."""
     if params.compression == "none":
         return {"kind": "none"}
-    path = directory / COMPRESSED_NAME.format(kind=params.compression)
+    path = fp32.with_name(COMPRESSED_NAME.format(kind=params.compression))
     compress(fp32, path, params.compression)
     outputs = infer(open_session(path), images.numpy(), params.throughput_batch)
     fp32_accuracy, accuracy = _accuracy(fp32_out, labels), _accuracy(outputs, labels)
     return {
         "kind": params.compression,
-        "path": str(path),
         "size_mb": path.stat().st_size / 2**20,
         "fp32_size_mb": fp32.stat().st_size / 2**20,
         "accuracy": accuracy,

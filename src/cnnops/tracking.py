@@ -29,14 +29,14 @@ MAX_PARAM_LENGTH = 6000  # MLflow refuses longer param values
 
 def configure(tracking: TrackingParams) -> str:
     """Point MLflow at the configured store and experiment; returns the experiment id."""
-    uri = tracking.resolved_uri
+    uri = store_uri(tracking)
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(tracking.experiment)
     if experiment is not None:
         mlflow.set_experiment(experiment_id=experiment.experiment_id)
         return experiment.experiment_id
     local_store = uri.startswith(("sqlite:", "file:")) or "://" not in uri
-    location = Path(tracking.artifact_location).resolve().as_uri() if local_store else None
+    location = anchored(tracking.artifact_location).resolve().as_uri() if local_store else None
     experiment_id = mlflow.create_experiment(tracking.experiment, artifact_location=location)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
@@ -61,7 +61,7 @@ def continue_run(tracking: TrackingParams, run_id: str) -> Iterator[mlflow.Activ
         mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException as exc:
         raise StageInputError(
-            f"MLflow run {run_id} not found at {tracking.resolved_uri}: the train report points at a run in "
+            f"MLflow run {run_id} not found at {store_uri(tracking)}: the train report points at a run in "
             "another tracking store; set tracking.uri (or MLFLOW_TRACKING_URI) to it, or rerun `cnnops train`"
         ) from exc
     with mlflow.start_run(run_id=run_id) as run:
@@ -76,7 +76,7 @@ def training_run(tracking: TrackingParams, run_id: str | None, run_name: str) ->
             yield run
         return
     configure(tracking)
-    with mlflow.start_run(run_name=run_name) as run:
+    with mlflow.start_run(run_name=experiment_run_name(run_name)) as run:
         yield run
 
 
@@ -92,6 +92,7 @@ def lineage_tags(repo: str | Path = ".", stage: str = "train") -> dict[str, str]
         # DVC sets DVC_STAGE for every command it runs; outside `dvc repro` the stage ran by hand.
         "cnnops.dvc_stage": os.environ.get("DVC_STAGE", f"{stage} (run outside dvc repro)"),
         "cnnops.dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        **experiment_tags(),
     }
 
 
@@ -161,6 +162,44 @@ def set_tags(tags: Mapping[str, str]) -> None:
 def tag_run(tracking: TrackingParams, run_id: str, tags: Mapping[str, str]) -> None:
     """Tag a finished run without re-opening it (its status and end time stay), e.g. with the Prefect
     flow run that produced it, so the MLflow record and the orchestration record lead to each other."""
-    client = mlflow.MlflowClient(tracking.resolved_uri)
+    client = mlflow.MlflowClient(store_uri(tracking))
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
+
+
+# --- DVC experiments (`dvc exp run`, docs/experiments.md) -------------------------------------------
+# `dvc exp run --temp` and queued experiments (`--queue`, `dvc queue start`) run the stages in a
+# temporary copy of the repo that is deleted afterwards. DVC sets DVC_ROOT to the parent project's
+# root for every stage command (the project itself under `dvc repro`), DVC_EXP_NAME and
+# DVC_EXP_BASELINE_REV for experiments (dvc/repo/experiments/queue/base.py).
+
+SQLITE_PREFIX = "sqlite:///"
+
+
+def anchored(path: str | Path) -> Path:
+    """A relative path of the local store, taken from DVC_ROOT when DVC runs the stage, so that a
+    temporary experiment copy writes to the project's store instead of one deleted with the copy."""
+    root = os.environ.get("DVC_ROOT")
+    return Path(root) / path if root and not Path(path).is_absolute() else Path(path)
+
+
+def store_uri(tracking: TrackingParams) -> str:
+    """The tracking URI to use: a relative SQLite file (the default `sqlite:///mlflow.db`) is anchored
+    at DVC_ROOT; servers and absolute paths are used as given."""
+    uri = tracking.resolved_uri
+    if uri.startswith(SQLITE_PREFIX) and not uri.startswith(SQLITE_PREFIX + "/"):
+        return SQLITE_PREFIX + str(anchored(uri[len(SQLITE_PREFIX) :]))
+    return uri
+
+
+def experiment_tags() -> dict[str, str]:
+    """`dvc.experiment` (search runs with `tags.dvc.experiment = '<name>'`) and the baseline commit;
+    none outside `dvc exp run`."""
+    names = {"dvc.experiment": "DVC_EXP_NAME", "dvc.baseline_rev": "DVC_EXP_BASELINE_REV"}
+    return {tag: os.environ[env] for tag, env in names.items() if os.environ.get(env)}
+
+
+def experiment_run_name(run_name: str) -> str:
+    """The run's name in the MLflow UI: the DVC experiment name first, when there is one."""
+    name = os.environ.get("DVC_EXP_NAME")
+    return f"{name} ({run_name})" if name else run_name

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_model import cache_fake_resnet18
+from fixtures_model import cache_fake_resnet18, one_thread
 from torchvision.models import get_model_weights
 
 from cnnops.errors import ConfigError, WeightsNotFoundError
@@ -47,9 +47,10 @@ def test_architecture_trains_a_step_on_grayscale(name: str) -> None:
     images, labels = torch.rand(2, 1, size, size), torch.tensor([0, 2])
     before = model.head.weight.detach().clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    logits = model(images)
-    torch.nn.functional.cross_entropy(logits, labels).backward()
-    optimizer.step()
+    with one_thread():
+        logits = model(images)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        optimizer.step()
     assert logits.shape == (2, len(CLASSES))
     assert not torch.equal(before, model.head.weight)
 
@@ -108,11 +109,13 @@ def test_linear_probe_keeps_backbone_weights_and_batchnorm_stats(torch_home: Pat
     before = {k: v.clone() for k, v in model.net.state_dict().items() if not k.startswith("fc.")}
     head_before = model.head.weight.detach().clone()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    for _ in range(3):
-        loss = torch.nn.functional.cross_entropy(model(torch.rand(4, 1, 32, 32)), torch.tensor([0, 1, 2, 0]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    with one_thread():
+        for _ in range(3):
+            logits = model(torch.rand(4, 1, 32, 32))
+            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
     after = model.net.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
     assert changed == []  # conv weights, BN affine params, running_mean/var, num_batches_tracked

@@ -62,8 +62,3 @@ def broadcast_flag(flag: bool, d: Dist) -> bool:
     box = [flag]
     dist.broadcast_object_list(box, src=0)
     return bool(box[0])
-
-
-def barrier(d: Dist) -> None:
-    if d.enabled:
-        dist.barrier()

@@ -117,7 +117,7 @@ def evaluate_epoch(
         all_labels.append(labels)
     logits, labels = torch.cat(all_logits), torch.cat(all_labels)
     loss = float(criterion(logits, labels)) if len(labels) else float("nan")
-    accuracy = float((logits.argmax(1) == labels).float().mean()) if len(labels) else float("nan")
+    accuracy = float((logits.argmax(1) == labels).double().mean()) if len(labels) else float("nan")
     return EvalOutput(EpochStats(loss, accuracy, len(labels)), logits, labels)
 
 

@@ -152,6 +152,11 @@ def _train(params: Params, prepared: Path, paths: TrainPaths, dist: distributed.
     splits = load_splits(prepared, ("train", "val"))
     if splits["val"].class_names != splits["train"].class_names:
         raise StageInputError(f"{prepared}: train and val splits have different class names; rerun prepare")
+    if len(splits["val"]) == 0:
+        raise StageInputError(
+            f"{prepared / 'val.pt'} has no images: best-checkpoint selection needs a validation split; "
+            "raise prepare.val_fraction or add images, then rerun prepare"
+        )
     parts = _build(params, splits["train"], splits["val"], dist)
     fingerprint = resume.fingerprint(
         {"train": t.model_dump(mode="json"), "seed": params.base.seed, "world_size": dist.world_size},

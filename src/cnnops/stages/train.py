@@ -159,7 +159,12 @@ def _train(params: Params, prepared: Path, paths: TrainPaths, dist: distributed.
         )
     parts = _build(params, splits["train"], splits["val"], dist)
     fingerprint = resume.fingerprint(
-        {"train": t.model_dump(mode="json"), "seed": params.base.seed, "world_size": dist.world_size},
+        {
+            "train": t.model_dump(mode="json"),
+            "seed": params.base.seed,
+            "world_size": dist.world_size,
+            "tracking": [params.tracking.resolved_uri, params.tracking.experiment],  # the run to continue
+        },
         [prepared / "train.pt", prepared / "val.pt"],
     )
     best = BestEpoch(t.early_stopping_patience)

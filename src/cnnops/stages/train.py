@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ class TrainPaths:
     curves: Path = Path("reports/plots/train_history.png")
     state: Path = Path(".cnnops/train/state.pt")  # resume state: outside DVC outs, which DVC deletes
     params_file: Path | None = None  # logged to the run as params.yaml
-    evidence: tuple[Path, ...] = field(default=())  # validate/prepare reports, data docs: logged to the run
+    evidence: tuple[Path, ...] = ()  # validate/prepare reports, data docs: logged to the run
 
 
 @dataclass(frozen=True)
@@ -192,9 +192,8 @@ def _train(params: Params, prepared: Path, paths: TrainPaths, dist: distributed.
         for epoch in range(record["epoch"], 0 if best.should_stop else t.epochs):
             started = time.perf_counter()
             parts.loader.sampler.set_epoch(epoch)
-            torch.manual_seed(
-                _epoch_seed(params.base.seed, epoch, dist.rank)
-            )  # augmentation, mixing, dropout
+            # One seed per (seed, epoch, rank) for augmentation, mixing and dropout.
+            torch.manual_seed(_epoch_seed(params.base.seed, epoch, dist.rank))
             with epoch_bar(
                 f"epoch {epoch + 1}/{t.epochs}", len(parts.loader), enabled=dist.is_main
             ) as advance:
@@ -225,10 +224,8 @@ def _train(params: Params, prepared: Path, paths: TrainPaths, dist: distributed.
                     record["best_state"] = {
                         k: v.detach().cpu().clone() for k, v in model.state_dict().items()
                     }
-                record["epoch"], record["seconds"] = (
-                    epoch + 1,
-                    record["seconds"] + time.perf_counter() - started,
-                )
+                record["epoch"] = epoch + 1
+                record["seconds"] += time.perf_counter() - started
                 state = {**record, **parts.state_dict(), "best": asdict(best), "fingerprint": fingerprint}
                 resume.save(paths.state, state)  # before logging: a kill in between re-logs on resume
                 tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)

@@ -2,10 +2,13 @@
 
 `prefect_harness`: Prefect's test harness (a temporary API with its own database, 13-15 s to start),
 shared by every flow test of the session. `workspace_template`: a git + DVC project with the
-project's dvc.yaml and sources, tiny params (3 digit classes, 16x16, 1 epoch) and `data/` versioned
+project's dvc.yaml and sources, tiny params (3 digit classes, 16x16, 8 tiny epochs) and `data/` versioned
 in data.dvc; the pipeline has not run in it. Its `incoming/` holds NEW_PER_CLASS more images per
 class for retrain to merge. Tests copy it with `make_workspace` and never change the template.
 `webhook`: an HTTP server on 127.0.0.1 that records the JSON bodies posted to it.
+`retrained`: the one full pipeline run of the session: `retrain` on a copy of the template (webhook
+set), with what the tests need to check it. Tests that need a reproduced workspace copy its root
+with `copy_workspace` and re-run only late stages (see `touch_export_params`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ TINY_PARAMS: dict[str, Any] = {
     "data": {"color_mode": "L"},
     "validate": {"min_images_per_class": 5},
     "prepare": {"image_size": [16, 16], "val_fraction": 0.2, "test_fraction": 0.2},
-    "train": {"epochs": 1, "batch_size": 16, "warmup_epochs": 0},
+    # 8 short epochs: every class gets test images right, so the audit has evidence for each class
+    # and passes, and the first release is a champion.
+    "train": {"epochs": 8, "batch_size": 8, "warmup_epochs": 0},
     "audit": {"max_images_per_class": 4, "gallery_images_per_class": 2},
     "export": {"latency_runs": 5, "throughput_batch": 4},
     "orchestrate": {"incoming": "incoming", "retries": 1, "retry_delay": 0.0, "git_commit": True},
@@ -116,13 +121,39 @@ def workspace_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def copy_workspace(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target, symlinks=True)
+    return target
+
+
+def touch_export_params(root: Path) -> None:
+    """Change a param only `export` reads, so the next retrain re-runs export (and what follows) only."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["export"]["latency_runs"] += 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def retrained(workspace_template: Path, tmp_path_factory: pytest.TempPathFactory, webhook, prefect_harness):
+    from pipelines.flows import retrain
+
+    url, messages = webhook
+    root = copy_workspace(workspace_template, tmp_path_factory.mktemp("retrained") / "ws")
+    write_params(root, notify_webhook=url)
+    sh(root, "git", "commit", "-q", "-am", "notify the test webhook")
+    head = sh(root, "git", "rev-parse", "HEAD").strip()
+    before = (root / "data.dvc").read_text()
+    messages.clear()
+    state = retrain(workspace=str(root), return_state=True)
+    return {"root": root, "state": state, "head": head, "data_dvc_before": before, "messages": list(messages)}
+
+
 @pytest.fixture
 def make_workspace(workspace_template: Path, tmp_path: Path):
     """A fresh copy of the template (git history and DVC cache included); kwargs override orchestrate."""
 
     def make(name: str = "ws", **orchestrate: Any) -> Path:
-        root = tmp_path / name
-        shutil.copytree(workspace_template, root, symlinks=True)
+        root = copy_workspace(workspace_template, tmp_path / name)
         if orchestrate:
             write_params(root, **orchestrate)
             sh(root, "git", "commit", "-q", "--allow-empty", "-am", "params for this test")

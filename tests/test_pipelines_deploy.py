@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import httpx
+import mlflow
 import pytest
-from fixtures_prefect import PROJECT, tool_env
+import yaml
+from fixtures_prefect import PROJECT, copy_workspace, tool_env, touch_export_params
 
 from cnnops.config import OrchestrateParams
 from cnnops.errors import ConfigError
@@ -66,8 +68,13 @@ def test_a_bad_schedule_names_the_params_keys() -> None:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_deployed_retrain_runs_on_a_server_through_a_process_worker(make_workspace, tmp_path: Path) -> None:
-    root = make_workspace(schedule="30 2 * * 1", timezone="Europe/Paris")
+def test_deployed_retrain_runs_on_a_server_through_a_process_worker(retrained, tmp_path: Path) -> None:
+    root = copy_workspace(retrained["root"], tmp_path / "ws")
+    touch_export_params(root)  # something to retrain for, cheaply: export and what follows
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["orchestrate"].update(schedule="30 2 * * 1", timezone="Europe/Paris")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = json.loads((root / "reports/export.json").read_text())
     api = f"http://127.0.0.1:{free_port()}/api"
     env = prefect_env(tmp_path / "prefect_home", api)
     prefect = str(Path(sys.executable).parent / "prefect")
@@ -94,8 +101,10 @@ def test_deployed_retrain_runs_on_a_server_through_a_process_worker(make_workspa
 
         state = httpx.get(f"{api}/flow_runs/{flow_run['id']}").json()["state"]
         assert state["type"] == "COMPLETED", state["message"]
+        assert json.loads((root / "reports/export.json").read_text()) != before, "export ran again"
         release = json.loads((root / "reports/release.json").read_text())
-        assert isinstance(release["promoted"], bool)
+        tags = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(release["run_id"]).data.tags
+        assert tags["prefect.flow_run_id"] == flow_run["id"]
         artifacts = httpx.post(
             f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}}
         ).json()

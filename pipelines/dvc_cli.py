@@ -8,6 +8,7 @@ Every call goes through the `dvc` of this interpreter's environment, with that e
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -83,6 +84,14 @@ def _reason(tail: Sequence[str]) -> str:
     return lines[-1] if lines else "no output"
 
 
+def _level(line: str) -> int:
+    """The severity a line announces (DVC's `ERROR:`, a stage's `WARNING`), kept in the Prefect logs."""
+    head = line[:60]
+    if "ERROR" in head or ": error:" in line:
+        return logging.ERROR
+    return logging.WARNING if "WARNING" in head else logging.INFO
+
+
 def environment() -> dict[str, str]:
     """The child environment: this venv's bin first (dvc.yaml runs `cnnops`), DVC analytics off."""
     env = dict(os.environ)
@@ -119,7 +128,7 @@ def run(args: Sequence[str], root: Path, logger: Logger, what: str) -> None:
             assert proc.stdout is not None  # set by stdout=PIPE, not user input
             for raw in proc.stdout:
                 tail.append(raw.rstrip("\n"))
-                logger.info("%s", tail[-1])
+                logger.log(_level(tail[-1]), "%s", tail[-1])
             returncode = proc.wait()
         except BaseException:  # cancelled, timed out or interrupted: take DVC and its stage down too
             _stop_group(proc.pid, _child_exits(proc))

@@ -51,6 +51,7 @@ class RetrainResult:
     data_version: str | None = None
     mlflow_run_id: str | None = None
     release: dict[str, Any] | None = None
+    new_champion: bool = False
     git_commit: str | None = None
 
 
@@ -173,8 +174,9 @@ def retrain(workspace: str = ".", lock_timeout: float | None = None) -> RetrainR
         version = version_data(root) if data_changed else data_version(root)
         if incoming:
             clear_incoming(merged, incoming, logger)
+        champion_before = _champion(root)
         _run_pipeline(root, orchestrate)
-        result = _record(root, params, reason, version)
+        result = _record(root, params, reason, version, champion_before)
     _announce_champion(orchestrate, result, logger)
     return result
 
@@ -187,17 +189,25 @@ def _describe(merged: MergeResult, data_changed: bool, pending: dict[str, list[o
         parts.append("data/ differs from data.dvc")
     stages = [name for name in pending if name != "data.dvc"]
     if stages and not data_changed:
-        parts.append(
-            f"stages out of date with dvc.lock: {', '.join(stages)} (an interrupted run or a changed param)"
-        )
+        why = "an interrupted run, a changed param or source"
+        parts.append(f"stages out of date with dvc.lock: {', '.join(stages)} ({why})")
     return "; ".join(parts)
 
 
-def _record(root: Path, params: Params, reason: str, version: str | None) -> RetrainResult:
+def _champion(root: Path) -> str | None:
+    """The champion version the last release reported (None before any release)."""
+    path = root / RELEASE_REPORT
+    return json.loads(path.read_text()).get("champion") if path.exists() else None
+
+
+def _record(
+    root: Path, params: Params, reason: str, version: str | None, champion_before: str | None
+) -> RetrainResult:
     """Tag the MLflow run, commit the versions if asked, and publish the record as a markdown artifact."""
     logger = get_run_logger()
     run_id = tracking.run_id_from_report(root / TRAIN_REPORT)
     release = _read_json(root / RELEASE_REPORT)
+    new_champion = bool(release.get("promoted")) and release.get("champion") != champion_before
     flow_run_tags = {
         "prefect.flow_run_id": str(current_flow_run.id),
         "prefect.flow_run_name": str(current_flow_run.name),
@@ -208,7 +218,7 @@ def _record(root: Path, params: Params, reason: str, version: str | None) -> Ret
     if params.orchestrate.git_commit:
         message = f"retrain: data {version}, MLflow run {run_id}, flow run {current_flow_run.id}"
         commit = commit_versions(root, params.orchestrate.git_branch, message)
-    result = RetrainResult(True, reason, version, run_id, release, commit)
+    result = RetrainResult(True, reason, version, run_id, release, new_champion, commit)
     create_markdown_artifact(
         key="retrain-record", markdown=_markdown(result), description="cnnops retrain record"
     )
@@ -233,7 +243,9 @@ def _absolute_store(tracking_params: TrackingParams, root: Path) -> TrackingPara
 
 def _markdown(result: RetrainResult) -> str:
     release = result.release or {}
-    decision = "champion (promoted)" if release.get("promoted") else "challenger (not promoted)"
+    decision = "challenger (not promoted)"
+    if release.get("promoted"):
+        decision = "champion (new)" if result.new_champion else "champion (already was)"
     rows = [
         ("data version (data.dvc md5)", result.data_version),
         ("why it ran", result.reason),
@@ -252,9 +264,9 @@ def _markdown(result: RetrainResult) -> str:
 
 
 def _announce_champion(orchestrate: OrchestrateParams, result: RetrainResult, logger: Logger) -> None:
-    release = result.release or {}
-    if not release.get("promoted"):
+    if not result.new_champion:
         return
+    release = result.release or {}
     subject = f"cnnops: {release.get('model_name')} v{release.get('version')} is the new champion"
     body = (
         f"{release.get('reason')}\nMLflow run {result.mlflow_run_id}, data version {result.data_version}, "

@@ -101,6 +101,7 @@ def test_retrain_commits_the_versions_to_a_branch_and_leaves_the_checkout(retrai
 def test_the_first_model_becomes_champion_and_is_announced(retrained) -> None:
     release = retrained["state"].result().release
     assert release["promoted"] and release["audit_verdict"] == "pass", release
+    assert retrained["state"].result().new_champion
     events = [m["event"] for m in retrained["messages"]]
     assert events == ["champion"], "one message: the new champion, no failure"
     assert f"v{release['version']} is the new champion" in retrained["messages"][0]["subject"]
@@ -224,6 +225,7 @@ def test_a_run_killed_mid_pipeline_is_finished_by_the_next_run(retrained, tmp_pa
     assert third.is_completed(), third.message
     result: RetrainResult = third.result()
     assert result.changed and "stages out of date with dvc.lock: export" in result.reason
+    assert not result.new_champion, "the same model: no second champion announcement"
     assert json.loads((root / "reports/release.json").read_text())["run_id"] == result.mlflow_run_id
     assert json.loads((root / "reports/export.json").read_text())
     assert not (root / dvc_cli.PID_FILE).exists()

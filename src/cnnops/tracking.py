@@ -91,7 +91,6 @@ def lineage_tags(repo: str | Path = ".", stage: str = "train") -> dict[str, str]
         "cnnops.data_version": found.data_version,
         # DVC sets DVC_STAGE for every command it runs; outside `dvc repro` the stage ran by hand.
         "cnnops.dvc_stage": os.environ.get("DVC_STAGE", f"{stage} (run outside dvc repro)"),
-        "cnnops.dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         **experiment_tags(),
     }
 

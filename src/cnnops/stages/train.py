@@ -163,7 +163,7 @@ def _train(params: Params, prepared: Path, paths: TrainPaths, dist: distributed.
             "train": t.model_dump(mode="json"),
             "seed": params.base.seed,
             "world_size": dist.world_size,
-            "tracking": [params.tracking.resolved_uri, params.tracking.experiment],  # the run to continue
+            "tracking": [tracking.store_uri(params.tracking), params.tracking.experiment],  # run to continue
         },
         [prepared / "train.pt", prepared / "val.pt"],
     )

@@ -85,10 +85,15 @@ def model_run(root: Path, name: str, model: Classifier, params: TrackingParams) 
 
 @pytest.fixture
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TrackingParams:
-    """A fresh SQLite store under tmp_path. mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI,
-    which TrackingParams.resolved_uri prefers, so without this an earlier test's store would win."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tracking_params(tmp_path)
+    """A fresh SQLite store under tmp_path, also set as MLFLOW_TRACKING_URI for the test only.
+
+    mlflow.set_tracking_uri (in tracking.configure) exports MLFLOW_TRACKING_URI, which
+    TrackingParams.resolved_uri prefers: setting it here makes this test's store win, and
+    monkeypatch removes it afterwards so the store does not leak into later tests.
+    """
+    params = tracking_params(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", params.uri)
+    return params
 
 
 @pytest.fixture(scope="session")

@@ -113,11 +113,8 @@ def test_failed_audit_is_never_first_champion_and_stale_export_is_refused(
         do_release(paths, tracking, prepared)
 
 
-def test_export_then_release_the_model_train_made(
-    tmp_path: Path, trained_digits, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_export_then_release_the_model_train_made(tmp_path: Path, trained_digits) -> None:
     """The real chain on the session's trained digits model: export.run, then release.run."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # see fixtures_export.mlflow_store
     t = trained_digits
     onnx_path = tmp_path / "model.onnx"
     exported_report = export.run(

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from figures import add_json_argument, row, write_json
 
 from cnnops.latency import compare
 from cnnops.models import create_classifier, default_spec
@@ -57,9 +58,11 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="intra-op threads of both engines (0: defaults)"
     )
+    add_json_argument(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    rows = []
     print(f"torch threads {torch.get_num_threads()}; target: ORT/eager batch-1 speedup >= {TARGET}x on CPU")
     header = f"{'model':<10} {'size':>4} {'engine':<5} {'ORT p50':>9} {'p95':>8} {'eager p50':>10} {'p95':>8}"
     print(header + f" {'b1 ratio':>9} {'ORT img/s':>10} {'eager img/s':>12} {'bN ratio':>9}")
@@ -75,6 +78,32 @@ def main() -> None:
                     f"{r['ort_images_per_s']:>10.0f} {r['torch_images_per_s']:>12.0f} "
                     f"{r['speedup_throughput']:>8.2f}x{mark}"
                 )
+                rows += json_rows(r, engine, args.color_mode, args.batch)
+    write_json(args.json, rows)
+
+
+def json_rows(r: dict, engine: str, color_mode: str, batch: int) -> list[dict]:
+    """Batch-1 latency (with the target on CPU) and batch-N throughput, as rows for benchmarks/run_all."""
+    what = f"{r['model']} {r['size']}x{r['size']} {color_mode}, {engine.upper()}"
+    target = TARGET if engine == "cpu" else None
+    return [
+        row(
+            "onnx_latency",
+            f"ONNX Runtime batch-1 latency p50, {what}",
+            f"{r['ort_batch1_p50_ms']:.2f} ms",
+            f"PyTorch eager {r['torch_batch1_p50_ms']:.2f} ms",
+            r["speedup_batch1"],
+            f">= {TARGET}x" if target else "",
+            r["speedup_batch1"] >= target if target else None,
+        ),
+        row(
+            "onnx_latency",
+            f"ONNX Runtime throughput at batch {batch}, {what}",
+            f"{r['ort_images_per_s']:.0f} img/s",
+            f"PyTorch eager {r['torch_images_per_s']:.0f} img/s",
+            r["speedup_throughput"],
+        ),
+    ]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,142 @@
+"""Run every benchmark in benchmarks/ and write their figures as one table to docs/benchmarks.md.
+
+Every `benchmarks/*.py` except the `figures` helper is run in its own process with `--json FILE`
+(see benchmarks/figures.py); its rows (figure, value, baseline, ratio, target) are put together
+with a description of this machine. A benchmark that fails is named in the table and makes the
+exit status 1: its figures are missing, never guessed. `--quick` runs each with small settings
+(minutes on 2 CPU cores); the default runs the commands given in docs/audit.md, docs/export.md and
+docs/training.md.
+
+    benchmarks/run_all --quick            # then read docs/benchmarks.md
+    benchmarks/run_all --only onnx_latency --out /tmp/bench.md
+
+`benchmarks/run_all` runs this file with the project's venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+PROJECT = HERE.parent
+
+# Arguments per benchmark: (full, quick). A benchmark missing here runs with no arguments. One
+# intra-op thread for the timings: on a shared 2-core machine two threads measure the contention.
+ARGS: dict[str, tuple[str, str]] = {
+    "onnx_latency": (
+        "--models convnet resnet18 --sizes 32 224 --runs 100 --threads 1",
+        "--models convnet resnet18 --sizes 32 224 --runs 30 --batch 8 --threads 1",
+    ),
+    "train_throughput": ("--epochs 4 --threads 1", "--epochs 2 --threads 1"),
+    "audit_detection": (
+        "--seeds 5 --sources digits faces",
+        "--seeds 1 --sources digits --cues corner none --per-class 40",
+    ),
+}
+HELPERS = {"figures", "suite"}  # modules of the suite, not benchmarks
+
+
+def machine() -> tuple[str, str]:
+    """(short, long): CPU model and cores, GPU if torch sees one; long adds the versions that matter."""
+    import onnxruntime
+    import torch
+
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor() or platform.machine(),
+    )  # fmt: skip
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    short = f"{cpu}, {os.cpu_count()} cores, {gpu}"
+    versions = (
+        f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"onnxruntime {onnxruntime.__version__}"
+    )
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return short, f"{short}; {versions}; load average at the start {load} (1, 5, 15 min)"
+
+
+def run_one(name: str, args: list[str], out: Path) -> tuple[list[dict[str, Any]], str]:
+    """Run benchmarks/<name>.py with --json; its output goes to this terminal as it runs."""
+    command = [sys.executable, str(HERE / f"{name}.py"), *args, "--json", str(out)]
+    print(f"\n### {name}: {shlex.join(command[1:])}", flush=True)
+    started = time.monotonic()
+    code = subprocess.run(command, cwd=PROJECT).returncode
+    took = f"{time.monotonic() - started:.0f} s"
+    if code != 0 or not out.exists():
+        return [], f"failed (exit {code}) after {took}"
+    return json.loads(out.read_text()), took
+
+
+def table(rows: list[dict[str, Any]], machine_label: str) -> list[str]:
+    lines = [
+        "| benchmark | figure | value | baseline | ratio | target | met | machine |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        met = {True: "yes", False: "**no**", None: ""}[r["met"]]
+        cells = [r["benchmark"], r["figure"], r["value"], r["baseline"], ratio, r["target"], met]
+        cells.append(machine_label)
+        lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
+    return lines
+
+
+def main() -> int:
+    found = sorted(p.stem for p in HERE.glob("*.py") if p.stem not in HELPERS)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small settings: minutes on 2 CPU cores")
+    parser.add_argument("--only", nargs="+", choices=found, default=found, help="benchmarks to run")
+    parser.add_argument("--out", type=Path, default=PROJECT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    short, label = machine()
+    rows, runs = [], []
+    with tempfile.TemporaryDirectory(prefix="cnnops-bench-") as tmp:
+        for name in args.only:
+            full, quick = ARGS.get(name, ("", ""))
+            chosen = shlex.split(quick if args.quick else full)
+            found_rows, outcome = run_one(name, chosen, Path(tmp) / f"{name}.json")
+            rows += found_rows
+            runs.append((name, chosen, outcome))
+    command = "benchmarks/run_all" + (" --quick" if args.quick else "")
+    if args.only != found:
+        command += " --only " + " ".join(args.only)
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `benchmarks/run_all` (do not edit by hand): every figure below was measured in the",
+        "run described here, against a baseline measured in the same run; a ratio from another machine",
+        "or another run is not comparable.",
+        "",
+        f"- command: `{command}`",
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {label}",
+        "",
+        *table(rows, short),
+        "",
+        "## Runs",
+        "",
+        "| benchmark | arguments | outcome |",
+        "| --- | --- | --- |",
+        *(f"| {name} | `{shlex.join(a) or '(none)'}` | {outcome} |" for name, a, outcome in runs),
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print(f"\nwrote {args.out}")
+    return 1 if any(outcome.startswith("failed") for *_, outcome in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,10 @@ float32 inputs and outputs and the same metadata, so `cnnops predict` runs it un
 
 from __future__ import annotations
 
+import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -39,9 +42,22 @@ def _int8(src: Path) -> onnx.ModelProto:
         # The pre-processing ORT recommends: without it the quantizer's shape inference trips over the
         # value_info the dynamo exporter writes for transposed Gemm weights.
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
-        quant_pre_process(src, pre)
-        quantize_dynamic(pre, out, weight_type=QuantType.QInt8)
+        with _root_info_muted():
+            quant_pre_process(src, pre)
+            quantize_dynamic(pre, out, weight_type=QuantType.QInt8)
         return onnx.load(out)
+
+
+@contextmanager
+def _root_info_muted() -> Iterator[None]:
+    """The quantizer logs a line per tensor at INFO on the root logger; keep those for -v runs."""
+    previous = logging.root.manager.disable
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def _fp16(src: Path) -> onnx.ModelProto:

@@ -226,4 +226,14 @@ def _main(args: argparse.Namespace, params: Params) -> int:
         cpu["torch_batch1_p50_ms"],
         cpu["speedup_batch1"],
     )
+    compressed = result["compression"]
+    if compressed["kind"] != "none":
+        log.info(
+            "%s copy %s: %.2f MB, test accuracy %.4f (%+.4f against fp32)",
+            compressed["kind"],
+            compressed["path"],
+            compressed["size_mb"],
+            compressed["accuracy"],
+            compressed["accuracy_change"],
+        )
     return 0

@@ -62,7 +62,7 @@ def test_cli_export_writes_checked_model_report_and_mlflow_record(
     meta = read_metadata(out)
     assert (meta.mlflow_run_id, meta.output, meta.class_names) == (run_id, "probabilities", ["a", "b", "c"])
     assert meta.git_commit == "unknown" and meta.data_version == "unknown"  # tmp_path: no git, no data.dvc
-    assert result["parity"]["images"] == 12 and result["parity"]["max_abs_diff"] <= 1e-4
+    assert result["parity"]["images"] == 13 and result["parity"]["max_abs_diff"] <= 1e-4
     assert result["parity"]["argmax_agreement"] == 1.0
     assert result["accuracy"] == {"pytorch": 1.0, "onnx": 1.0}
     assert set(result["latency"]) == ({"cpu", "cuda"} if torch.cuda.is_available() else {"cpu"})

@@ -51,10 +51,10 @@ def test_champion_challenger_decisions_and_idempotence(
     tmp_path: Path, mlflow_store: TrackingParams, prepared_synthetic: dict[str, Path], good_model: Classifier
 ) -> None:
     tracking, prepared = mlflow_store, prepared_synthetic["L"]
-    first = exported(tmp_path, "first", constant_model(0), tracking, "pass")  # accuracy 0.5
+    first = exported(tmp_path, "first", constant_model(0), tracking, "pass")  # accuracy 7/13
     result = do_release(first, tracking, prepared)
     client = MlflowClient(tracking.uri)
-    assert (result["promoted"], result["version"], result["score"]) == (True, "1", 0.5)
+    assert (result["promoted"], result["version"], result["score"]) == (True, "1", 7 / 13)
     assert "no champion yet" in result["reason"]
     assert aliases(client) == {"champion": "1", "challenger": "1"}
 
@@ -64,7 +64,7 @@ def test_champion_challenger_decisions_and_idempotence(
     assert first["onnx_path"].with_name("release.json").read_text() == json.dumps(result, indent=2) + "\n"
 
     worse = do_release(exported(tmp_path, "worse", constant_model(1), tracking, "pass"), tracking, prepared)
-    assert (worse["promoted"], worse["score"], worse["champion_score"]) == (False, 0.25, 0.5)
+    assert (worse["promoted"], worse["score"], worse["champion_score"]) == (False, 3 / 13, 7 / 13)
     assert "does not beat the champion" in worse["reason"]
     assert aliases(client) == {"champion": "1", "challenger": "2"}
 
@@ -76,7 +76,7 @@ def test_champion_challenger_decisions_and_idempotence(
     better = exported(tmp_path, "better", good_model, tracking, "pass")
     promoted = do_release(better, tracking, prepared)
     assert (promoted["promoted"], promoted["version"], promoted["champion_version"]) == (True, "4", "1")
-    assert promoted["champion_score"] == 0.5 and "beats the champion" in promoted["reason"]
+    assert promoted["champion_score"] == 7 / 13 and "beats the champion" in promoted["reason"]
     assert aliases(client) == {"champion": "4", "challenger": "4"}
     assert do_release(better, tracking, prepared) == promoted
     assert len(client.search_model_versions("name = 'clf'")) == 4

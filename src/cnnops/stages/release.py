@@ -42,9 +42,9 @@ class Decision:
             "release.decision": "champion" if self.promoted else "challenger",
             "release.reason": self.reason,
             "release.metric": metric,
-            "release.score": f"{score:.6f}",
+            "release.score": repr(score),  # repr round-trips exactly: a re-run reports the same numbers
             "release.compared_with": self.champion_version or "none",
-            "release.champion_score": "none" if self.champion_score is None else f"{self.champion_score:.6f}",
+            "release.champion_score": "none" if self.champion_score is None else repr(self.champion_score),
             "release.audit_verdict": verdict,
         }
 

@@ -90,6 +90,8 @@ def test_champion_challenger_decisions_and_idempotence(
     loser = client.get_model_version("clf", "3")
     assert loser.tags["release.decision"] == "challenger" and loser.tags["release.audit_verdict"] == "fail"
     mlflow.set_tracking_uri(tracking.uri)
+    files = Path(mlflow.artifacts.download_artifacts("models:/clf@champion", dst_path=str(tmp_path / "dl")))
+    assert (files / "model.onnx").is_file() and len(list(files.rglob("model.pt"))) == 1
     pytorch_model = mlflow.pytorch.load_model(version.tags["pytorch_model_uri"])
     images = torch.rand(3, 1, 16, 16)
     with torch.inference_mode():

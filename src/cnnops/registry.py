@@ -25,7 +25,7 @@ from mlflow.models import infer_signature
 
 from cnnops import tracking
 from cnnops.config import TrackingParams
-from cnnops.models import Classifier
+from cnnops.models import load_classifier
 from cnnops.onnx_model import infer, open_session
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -45,9 +45,14 @@ def find_version(client: MlflowClient, name: str, run_id: str, sha256: str) -> s
 
 
 def register(
-    tracking_params: TrackingParams, name: str, run_id: str, onnx_path: Path, model: Classifier
+    tracking_params: TrackingParams, name: str, run_id: str, onnx_path: Path, checkpoint: Path
 ) -> str:
-    """Log the ONNX and PyTorch models to the model's run, register the ONNX one; returns its version."""
+    """Log the ONNX and PyTorch models to the model's run, register the ONNX one; returns its version.
+
+    The version's files hold model.onnx and, as an extra file, the cnnops checkpoint
+    (`cnnops.models.load_classifier`), so either engine can be served from `models:/name@alias`.
+    """
+    model, _ = load_classifier(checkpoint)
     spec = model.spec
     # pt2 bakes the example's batch into the saved program when it is 1 (docs/STACK.md): use 2.
     example = np.zeros((2, spec.in_channels, *spec.image_size), dtype=np.float32)
@@ -66,6 +71,7 @@ def register(
             signature=infer_signature(example, infer(open_session(onnx_path), example, len(example))),
             registered_model_name=name,
             save_as_external_data=False,
+            extra_files=[str(checkpoint)],
             pip_requirements=[
                 f"onnx=={package_version('onnx')}",
                 f"onnxruntime-gpu=={package_version('onnxruntime-gpu')}",

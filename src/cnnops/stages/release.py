@@ -24,7 +24,6 @@ from cnnops.config import Params, ReleaseParams, TrackingParams
 from cnnops.dataset import PreparedSplit
 from cnnops.errors import StageInputError
 from cnnops.metrics import classification_report
-from cnnops.models import load_classifier
 from cnnops.onnx_model import infer, open_session, read_metadata
 
 log = logging.getLogger(__name__)
@@ -91,8 +90,7 @@ def run(
     sha = registry.file_sha256(onnx_path)
     version = registry.find_version(client, params.model_name, run_id, sha)
     if version is None:
-        model, _ = load_classifier(checkpoint)
-        version = registry.register(tracking_params, params.model_name, run_id, onnx_path, model)
+        version = registry.register(tracking_params, params.model_name, run_id, onnx_path, checkpoint)
         log.info("registered %s version %s from run %s", params.model_name, version, run_id)
     else:
         log.info(

@@ -148,7 +148,7 @@ def saliency(
     model = prepare_for_saliency(model)
     _, layer = find_target_layer(model, target_layer)
     device = _device_of(model)
-    fn = _cam_fn(method, model, layer, chunk=max(batch_size, 64))
+    fn = _cam_fn(method, model, layer, chunk=4 * batch_size)
     maps = []
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size].to(device)

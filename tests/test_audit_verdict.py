@@ -1,0 +1,111 @@
+"""The verdict rests on interventions and masks only; saliency and data properties only warn."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from cnnops.audit import evidence
+from cnnops.audit.verdict import decide
+from cnnops.config import AuditParams
+
+A = AuditParams()
+NONE = {"flip_rate": 0.0, "control_flip_rate": 0.0, "pairs": 50}
+CLEAN = {
+    "n_correct": 20,
+    "n_errors": 1,
+    "attention": {"peak_spread": 0.1, "object_spread": 0.1, "peak_off_object": 0.0},
+    "top_off_object": 0.1,
+    "energy": {"outer band": 0.2},
+    "energy_others": {"outer band": 0.2},
+    "transplant_top": {**NONE, "pixels": 51, "where": "centre"},
+    "transplant_regions": {"outer band": NONE, "top-left corner": NONE},
+    "transplant_tone": NONE,
+    "deletion": {"drop_top": 0.5, "drop_random": 0.1, "gap": 0.4},  # large, but on the object
+    "masks": None,
+}
+
+
+def _with(**changes) -> dict:
+    f = copy.deepcopy(CLEAN)
+    f.update(changes)
+    return f
+
+
+def test_clean_figures_pass() -> None:
+    assert decide({"a": CLEAN, "b": CLEAN}, None, A)["verdict"] == "pass"
+
+
+def test_saliency_alone_only_warns() -> None:
+    figures = {
+        "a": _with(energy={"outer band": 0.6}, attention={**CLEAN["attention"], "peak_off_object": 1.0})
+    }
+    result = decide(figures, None, A)
+    assert result["verdict"] == "pass"
+    assert [w["test"] for w in result["warnings"]] == ["border_energy"]
+
+
+def test_transplant_fails_with_a_sentence_naming_class_test_and_number() -> None:
+    corner = {"flip_rate": 0.81, "control_flip_rate": 0.03, "pairs": 50}
+    figures = {
+        "malignant": _with(transplant_regions={"outer band": NONE, "top-left corner": corner}),
+        "b": CLEAN,
+    }
+    result = decide(figures, None, A)
+    assert result["verdict"] == "fail" and result["failed_classes"] == ["malignant"]
+    (finding,) = result["failures"]
+    assert finding["test"] == "transplant:top-left corner"
+    assert finding["sentence"] == (
+        "class 'malignant': pasting the top-left corner of its images into other classes' images flips 81% "
+        "of them to 'malignant' (3% when the same pixels come from other classes)"
+    )
+
+
+def test_control_cancels_a_flip_that_any_paste_causes() -> None:
+    noisy = {"flip_rate": 0.6, "control_flip_rate": 0.5, "pairs": 50}
+    assert decide({"a": _with(transplant_tone=noisy)}, None, A)["verdict"] == "pass"
+
+
+def test_deletion_counts_only_off_the_object_and_masks_decide() -> None:
+    assert decide({"a": _with(top_off_object=0.8)}, None, A)["failures"][0]["test"] == "deletion"
+    masks = {"n": 9, "energy_inside": 0.5, "top_inside": 0.1, "pointing_hit_rate": 0.2}
+    result = decide({"a": _with(masks=masks)}, None, A)
+    assert (
+        result["failures"][0]["test"] == "masks"
+        and "10% of its most-attended pixels" in result["failures"][0]["sentence"]
+    )
+
+
+def test_probe_and_too_few_images_only_warn() -> None:
+    probe = {"top_properties": [{"property": "band mean", "importance": 1.0}], "per_class_f1": {"a": 0.97}}
+    result = decide({"a": _with(n_correct=1, transplant_tone={**NONE, "flip_rate": 1.0})}, probe, A)
+    assert result["verdict"] == "pass"
+    assert {w["test"] for w in result["warnings"]} == {"coverage", "data_properties"}
+
+
+def test_transplant_moves_only_masked_pixels_and_counts_flips() -> None:
+    class Bright(torch.nn.Module):  # class 1 when the top-left pixel is bright
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s = x[:, 0, 0, 0] - 0.5 + self.w
+            return torch.stack([-s, s], 1)
+
+    donors = torch.zeros(4, 1, 8, 8)
+    donors[:, :, 0, 0] = 1.0
+    recipients = torch.zeros(6, 1, 8, 8)
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[:2, :2] = True
+    rng = np.random.default_rng(0)
+    result = evidence.transplant(Bright(), donors, mask, recipients, recipients, 1, rng, batch_size=4)
+    assert result == {"flip_rate": 1.0, "control_flip_rate": 0.0, "pairs": 6}
+    elsewhere = np.zeros((8, 8), dtype=bool)
+    elsewhere[4:, 4:] = True
+    assert (
+        evidence.transplant(Bright(), donors, elsewhere, recipients, recipients, 1, rng, 4)["flip_rate"]
+        == 0.0
+    )

@@ -32,6 +32,8 @@ from pipelines.workspace import (
     clear_incoming,
     data_version,
     merge_incoming,
+    note_retrain,
+    pending_retrain,
     recover,
     workspace_lock,
 )
@@ -149,8 +151,9 @@ def reproduce(
 def retrain(workspace: str = ".", lock_timeout: float | None = None) -> RetrainResult:
     """New data (in data/ or the incoming folder) -> new data version, pipeline, release, a record.
 
-    With nothing new it ends after one `dvc status`. It also finishes a pipeline an earlier run left
-    incomplete (data versioned, stages not run), since `dvc status` reports those stages as changed.
+    With nothing new it ends after one `dvc status`. It also finishes what an interrupted run left:
+    stages out of date with dvc.lock (`dvc status` reports them) and a record not yet written
+    (noted in PENDING_FILE before the pipeline starts, forgotten once the record is written).
     """
     root = Path(workspace).resolve()
     params = _params(root)
@@ -161,7 +164,8 @@ def retrain(workspace: str = ".", lock_timeout: float | None = None) -> RetrainR
         merged = merge_incoming(incoming, root / DATA_DIR, logger) if incoming else MergeResult()
         pending = dvc_cli.status(root, logger)
         data_changed = "data.dvc" in pending or data_version(root) is None
-        if not pending and not merged.copied:
+        unrecorded = pending_retrain(root)  # an earlier run was stopped after its pipeline
+        if not pending and not merged.copied and not unrecorded:
             if incoming:
                 clear_incoming(merged, incoming, logger)
             reason = (
@@ -169,20 +173,28 @@ def retrain(workspace: str = ".", lock_timeout: float | None = None) -> RetrainR
             )
             logger.info(reason)
             return RetrainResult(changed=False, reason=reason, data_version=data_version(root))
-        reason = _describe(merged, data_changed, pending)
+        reason = _describe(merged, data_changed, pending, unrecorded)
         logger.info("retraining: %s", reason)
         version = version_data(root) if data_changed else data_version(root)
         if incoming:
             clear_incoming(merged, incoming, logger)
-        champion_before = _champion(root)
-        _run_pipeline(root, orchestrate)
+        champion_before = unrecorded["champion_before"] if unrecorded else _champion(root)
+        note_retrain(root, {"reason": reason, "champion_before": champion_before})
+        if pending or merged.copied:  # else only the record of an interrupted run is missing
+            _run_pipeline(root, orchestrate)
         result = _record(root, params, reason, version, champion_before)
+        note_retrain(root, None)
     _announce_champion(orchestrate, result, logger)
     return result
 
 
-def _describe(merged: MergeResult, data_changed: bool, pending: dict[str, list[object]]) -> str:
-    parts = []
+def _describe(
+    merged: MergeResult,
+    data_changed: bool,
+    pending: dict[str, list[object]],
+    unrecorded: dict[str, Any] | None,
+) -> str:
+    parts = [f"finishing an interrupted retrain ({unrecorded['reason']})"] if unrecorded else []
     if merged.copied:
         parts.append(f"{len(merged.copied)} new file(s) merged from the incoming folder")
     if data_changed:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from filelock import FileLock, Timeout
@@ -26,6 +27,7 @@ from pipelines import Logger
 
 LOCK_FILE = Path(".dvc/tmp/cnnops-workspace.lock")
 OWNER_FILE = Path(".dvc/tmp/cnnops-workspace.owner.json")
+PENDING_FILE = Path(".dvc/tmp/cnnops-retrain-pending.json")  # a retrain whose record is not written yet
 TMP_SUFFIX = ".cnnops-tmp"  # `.<name>.cnnops-tmp`: a copy into data/ not yet renamed into place
 
 
@@ -173,3 +175,20 @@ def data_version(root: Path) -> str | None:
         return None
     outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or [{}]
     return outs[0].get("md5")
+
+
+def pending_retrain(root: Path) -> dict[str, Any] | None:
+    """What a retrain noted before running the pipeline, if it never got to write its record."""
+    path = root / PENDING_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def note_retrain(root: Path, note: dict[str, Any] | None) -> None:
+    """Note a retrain about to run the pipeline (None: its record is written, forget it)."""
+    path = root / PENDING_FILE
+    if note is None:
+        path.unlink(missing_ok=True)
+        return
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(note))
+    os.replace(partial, path)

@@ -38,7 +38,7 @@ from prefect.settings import PREFECT_API_URL
 from cnnops.errors import CnnopsError
 from pipelines import dvc_cli
 from pipelines.flows import RetrainResult, reproduce, retrain
-from pipelines.workspace import LOCK_FILE
+from pipelines.workspace import LOCK_FILE, note_retrain, pending_retrain
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
@@ -122,6 +122,19 @@ def test_no_new_data_is_a_fast_skip(retrained, webhook) -> None:
     assert (root / "dvc.lock").read_text() == lock_before
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     assert messages == []
+
+
+def test_a_record_an_interrupted_run_never_wrote_is_written_by_the_next(retrained, tmp_path: Path) -> None:
+    root = copy_workspace(retrained["root"], tmp_path / "ws")
+    # As left by a run stopped after its pipeline, before its record: the note, no tag, no artifact.
+    note_retrain(root, {"reason": "2 new file(s) merged from the incoming folder", "champion_before": None})
+    state = retrain(workspace=str(root), return_state=True)
+    assert state.is_completed(), state.message
+    result: RetrainResult = state.result()
+    assert result.changed and result.reason.startswith("finishing an interrupted retrain (2 new file(s)")
+    assert result.new_champion, "the champion it made was never announced"
+    assert {name.rsplit("-", 1)[0] for name in task_runs(state)} == {"tag_mlflow_run", "commit_versions"}
+    assert pending_retrain(root) is None
 
 
 def test_a_waiting_run_goes_on_once_the_workspace_is_free(retrained) -> None:

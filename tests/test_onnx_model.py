@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from fixtures_export import CLASSES, SIZE, synthetic_split, trained_model
+from fixtures_export import CLASSES, SIZE, synthetic_split
 
 from cnnops.compression import compress
 from cnnops.errors import ExportError, StageInputError
@@ -80,8 +80,8 @@ def test_parity_and_dynamic_batch(arch: str, color_mode: str, size: tuple[int, i
     assert not list(tmp_path.glob("*.data"))  # one self-contained file
 
 
-def test_metadata_round_trip_and_softmax_in_graph(tmp_path: Path) -> None:
-    model = trained_model("L", steps=5)
+def test_metadata_round_trip_and_softmax_in_graph(tmp_path: Path, good_model) -> None:
+    model = good_model
     path = export(model, tmp_path, output="probabilities")
     meta = read_metadata(path)
     assert meta == metadata_for(model, "probabilities")
@@ -117,8 +117,8 @@ def test_foreign_or_broken_onnx_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp16"])
-def test_compression_keeps_contract_and_predictions(kind: str, tmp_path: Path) -> None:
-    model = trained_model("L")
+def test_compression_keeps_contract_and_predictions(kind: str, tmp_path: Path, good_model) -> None:
+    model = good_model
     path = export(model, tmp_path)
     out = tmp_path / f"model.{kind}.onnx"
     compress(path, out, kind)

@@ -9,9 +9,6 @@ commit, data version). `predict` and `release` need nothing but the file.
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -122,18 +119,17 @@ def export_classifier(model: nn.Module, path: str | Path, *, opset: int, metadat
     # A batch of 2: torch.export specialises a size-1 dimension to the constant 1.
     example = torch.zeros(2, metadata.channels, *metadata.input_size)
     try:
-        with _quiet_exporter():
-            program = torch.onnx.export(
-                graph,
-                (example,),
-                dynamo=True,
-                input_names=[INPUT_NAME],
-                output_names=[metadata.output],
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
-                opset_version=opset,
-                external_data=False,
-                verbose=False,
-            )
+        program = torch.onnx.export(
+            graph,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[metadata.output],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+        )
     except Exception as exc:  # the exporter raises many types (torch._dynamo, onnxscript, ...)
         raise ExportError(
             f"torch.onnx.export failed for model {metadata.model!r} at opset {opset}: {exc}; "
@@ -150,21 +146,6 @@ def export_classifier(model: nn.Module, path: str | Path, *, opset: int, metadat
         ) from exc
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(proto, path)
-
-
-@contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """The exporter's optimiser logs every pass at INFO; keep it for -v (DEBUG) runs only."""
-    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
-    levels = [logger.level for logger in loggers]
-    if not logging.getLogger().isEnabledFor(logging.DEBUG):
-        for logger in loggers:
-            logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def check_dynamic_batch(proto: onnx.ModelProto, source: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cnnops.config import OrchestrateParams, load_params
-from cnnops.errors import ConfigError
+from cnnops.errors import CnnopsError, ConfigError
 from pipelines.flows import reproduce, retrain
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,23 @@ def deploy(workspace: Path, pool: str) -> list[str]:
     reachable from the worker's machine, so start the worker where the project lives.
     """
     from prefect import Flow
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
 
+    if not PREFECT_API_URL.value():
+        raise CnnopsError(
+            "deploy registers deployments on a Prefect server, and none is configured: set "
+            "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api after `prefect server start`)"
+        )
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            raise CnnopsError(
+                f"work pool {pool!r} not found at {PREFECT_API_URL.value()}: create it with "
+                f"`prefect work-pool create {pool} --type process`"
+            ) from None
     parameters, retrain_schedules = _settings(workspace)
     ids = []
     for name, entrypoint in ENTRYPOINTS.items():

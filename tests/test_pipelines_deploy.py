@@ -21,7 +21,7 @@ import yaml
 from fixtures_prefect import PROJECT, copy_workspace, tool_env, touch_export_params
 
 from cnnops.config import OrchestrateParams
-from cnnops.errors import ConfigError
+from cnnops.errors import CnnopsError, ConfigError
 from pipelines.deploy import schedules
 
 POOL = "cnnops-test"
@@ -64,6 +64,19 @@ def test_a_bad_schedule_names_the_params_keys() -> None:
         schedules(OrchestrateParams(schedule="every day"))
     with pytest.raises(ConfigError, match=r"orchestrate.timezone = 'Mars/Olympus'.*Invalid timezone"):
         schedules(OrchestrateParams(timezone="Mars/Olympus"))
+
+
+def test_deploy_needs_a_server_and_an_existing_pool(workspace_template: Path, prefect_harness) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines.deploy import deploy
+
+    no_server = temporary_settings(updates={PREFECT_API_URL: ""})
+    with pytest.raises(CnnopsError, match="none is configured: set PREFECT_API_URL"), no_server:
+        deploy(workspace_template, POOL)
+    missing = r"work pool 'missing' not found at .*prefect work-pool create missing"
+    with pytest.raises(CnnopsError, match=missing):
+        deploy(workspace_template, "missing")
 
 
 @pytest.mark.slow

@@ -30,7 +30,14 @@ MAX_PARAM_LENGTH = 6000  # MLflow refuses longer param values
 def configure(tracking: TrackingParams) -> str:
     """Point MLflow at the configured store and experiment; returns the experiment id."""
     uri = store_uri(tracking)
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # MLflow 3 also exports the URI as MLFLOW_TRACKING_URI, which TrackingParams.resolved_uri reads
+    # first: put the variable back, or the first store configured in a process wins every later call.
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
     experiment = mlflow.get_experiment_by_name(tracking.experiment)
     if experiment is not None:
         mlflow.set_experiment(experiment_id=experiment.experiment_id)

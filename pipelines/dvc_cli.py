@@ -58,6 +58,10 @@ class DvcCommandError(CnnopsError):
         self.tail = list(tail)
         super().__init__(f"{what} failed (exit {returncode}): {_reason(self.tail)}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, int, list[str]]]:
+        """Rebuild from the same arguments: Prefect may pickle a failed task's exception."""
+        return type(self), (self.what, self.returncode, self.tail)
+
 
 class TransientDvcError(DvcCommandError):
     """A failure worth retrying (lock contention, a tracking server or remote that did not answer)."""

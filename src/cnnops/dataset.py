@@ -32,7 +32,9 @@ class PreparedSplit:
             raise ValueError(f"{self.images.shape[0]} images, {tuple(self.labels.shape)} labels, {n} paths")
         channels = {"RGB": 3, "L": 1}[self.color_mode]
         if self.images.shape[1] != channels:
-            raise ValueError(f"color_mode {self.color_mode} needs {channels} channels, got {self.images.shape[1]}")
+            raise ValueError(
+                f"color_mode {self.color_mode} needs {channels} channels, got {self.images.shape[1]}"
+            )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -62,7 +64,9 @@ class PreparedSplit:
     def load(cls, path: str | Path) -> PreparedSplit:
         path = Path(path)
         if not path.exists():
-            raise StageInputError(f"{path}: prepared split not found; run `cnnops prepare` (or `dvc repro prepare`)")
+            raise StageInputError(
+                f"{path}: prepared split not found; run `cnnops prepare` (or `dvc repro prepare`)"
+            )
         blob = torch.load(path, weights_only=True)
         return cls(**blob)
 

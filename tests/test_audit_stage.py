@@ -124,6 +124,8 @@ def test_planted_cue_fails_naming_the_cued_class(planted: Audited) -> None:
         "failures"
     ][0]["test"].startswith("transplant:")
     assert f"class '{cued}'" in report["failures"][0]["sentence"]
+    if planted.spec.cue == "corner":  # the sentence says where to look
+        assert f"{planted.spec.position} corner" in report["failures"][0]["sentence"]
     assert any(char.isdigit() for char in report["failures"][0]["sentence"])
     figures = report["classes"][cued]
     assert set(figures) >= {"attention", "energy", "transplant_top", "transplant_regions", "deletion"}

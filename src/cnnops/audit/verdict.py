@@ -83,10 +83,10 @@ def class_findings(name: str, f: dict[str, Any], a: AuditParams) -> tuple[list[d
                 "test": "deletion",
                 "value": d["gap"],
                 "threshold": a.deletion_gap_threshold,
-                "sentence": f"class {q}: removing its most-attended pixels "
-                f"({_pct(f['top_off_object'])} of them off the "
-                f"object) lowers its confidence by {d['drop_top']:.2f}, {d['gap']:.2f} more than removing "
-                "a random region of the same size",
+                "sentence": f"class {q}: removing its most-attended pixels (mostly at the "
+                f"{f['transplant_top']['where']}, {_pct(f['top_off_object'])} of them off the object) lowers "
+                f"its confidence by {d['drop_top']:.2f}, {d['gap']:.2f} more than removing a random region "
+                "of the same size",
             }
         )
     masks = f.get("masks")

@@ -39,6 +39,7 @@ ARGS: dict[str, tuple[str, str]] = {
         "--models convnet resnet18 --sizes 32 224 --runs 30 --batch 8 --threads 1",
     ),
     "train_throughput": ("--epochs 4 --threads 1", "--epochs 2 --threads 1"),
+    "gpu_precision": ("--model resnet18 --size 224 --batch 64 --steps 20", "--steps 10 --rounds 2"),
     "audit_detection": (
         "--seeds 5 --sources digits faces",
         "--seeds 1 --sources digits --cues corner none --per-class 40",
@@ -68,15 +69,21 @@ def machine() -> tuple[str, str]:
 
 
 def run_one(name: str, args: list[str], out: Path) -> tuple[list[dict[str, Any]], str]:
-    """Run benchmarks/<name>.py with --json; its output goes to this terminal as it runs."""
-    command = [sys.executable, str(HERE / f"{name}.py"), *args, "--json", str(out)]
-    print(f"\n### {name}: {shlex.join(command[1:])}", flush=True)
+    """Run benchmarks/<name>.py with --json, its output passed through to this terminal; returns its
+    rows and the outcome for the runs table (with its last line when it gave no figure)."""
+    command = [sys.executable, "-u", str(HERE / f"{name}.py"), *args, "--json", str(out)]
+    print(f"\n### {name}: {shlex.join(command[2:])}", flush=True)
     started = time.monotonic()
-    code = subprocess.run(command, cwd=PROJECT).returncode
+    last = ""
+    with subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.PIPE, text=True) as proc:
+        for line in proc.stdout or ():
+            print(line, end="", flush=True)
+            last = line.strip() or last
     took = f"{time.monotonic() - started:.0f} s"
-    if code != 0 or not out.exists():
-        return [], f"failed (exit {code}) after {took}"
-    return json.loads(out.read_text()), took
+    if proc.returncode != 0 or not out.exists():
+        return [], f"failed (exit {proc.returncode}) after {took}"
+    rows = json.loads(out.read_text())
+    return rows, f"{len(rows)} figures in {took}" + ("" if rows else f": {last}")
 
 
 def table(rows: list[dict[str, Any]], machine_label: str) -> list[str]:

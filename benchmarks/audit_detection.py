@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from figures import add_json_argument, row, write_json
 
 from cnnops.audit.saliency import saliency
 from cnnops.config import parse_params
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=60, help="digits per class (faces: all 200)")
     parser.add_argument("--cues", nargs="+", default=list(CUES), choices=CUES)
     parser.add_argument("--throughput-images", type=int, default=256)
+    add_json_argument(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
@@ -148,10 +150,14 @@ def main() -> None:
         "| `fail` on a cue the model ignores / on clean data |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    figures = []
     for source, cue, runs in rows:
         fails = [r["verdict"] == "fail" for r in runs]
         if cue == "none":
             print(f"| {source} | none (clean) | {len(runs)} | | | | {sum(fails)}/{len(runs)} |")
+            figures.append(
+                row("audit_detection", f"false alarms, clean {source}", f"{sum(fails)}/{len(runs)}")
+            )
             continue
         learned = [r for r in runs if r["learned"]]
         first = sum(r["verdict"] == "fail" and r["named"] for r in learned)
@@ -161,10 +167,23 @@ def main() -> None:
             f"| {source} | {cue} | {len(runs)} | {len(learned)} | {first}/{len(learned)} "
             f"| {among}/{len(learned)} | {ignored}/{len(runs) - len(learned)} |"
         )
+        figures.append(
+            row(
+                "audit_detection", f"{cue} cue caught and named first, {source}", f"{first}/{len(learned)}",
+                f"{len(learned)} of {len(runs)} models learned the cue",
+            )
+        )  # fmt: skip
     print("\n| method | batched (img/s) | one at a time (img/s) | speed-up |\n| --- | --- | --- | --- |")
     for method in ("gradcam", "gradcam++", "scorecam"):
         batched, single = throughput(last["model"], last["test"], method, args.throughput_images, 64)
         print(f"| {method} | {batched:.0f} | {single:.0f} | {batched / single:.1f}x |", flush=True)
+        figures.append(
+            row(
+                "audit_detection", f"batched {method} saliency", f"{batched:.0f} img/s",
+                f"one image at a time {single:.0f} img/s", batched / single, ">= 5x", batched / single >= 5,
+            )
+        )  # fmt: skip
+    write_json(args.json, figures)
     shutil.rmtree(base)
 
 

@@ -130,6 +130,38 @@ def _cam_fn(
     return lambda x, t: cam(input_tensor=x, targets=[ClassifierOutputTarget(int(i)) for i in t])
 
 
+def saliency_fn(
+    model: Classifier, *, method: str = "gradcam", target_layer: str | None = None, batch_size: int = 64
+) -> Callable[[torch.Tensor, torch.Tensor], np.ndarray]:
+    """Set a method up once (model copy, layer, hooks); the result maps images in batches.
+
+    The returned function takes float [0, 1] NCHW images in the model's colour mode and the
+    classes to explain, and returns N x H x W float32 maps at the input's size, each in [0, 1].
+    """
+    if method not in METHODS:
+        raise ConfigError(f"audit.methods: unknown method {method!r}; use {', '.join(METHODS)}")
+    model = prepare_for_saliency(model)
+    _, layer = find_target_layer(model, target_layer)
+    device = _device_of(model)
+    fn = _cam_fn(method, model, layer, chunk=batch_size)
+
+    def maps_of(images: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+        maps = []
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size].to(device)
+            m = torch.as_tensor(np.asarray(fn(x, targets[i : i + batch_size].to(device)), dtype=np.float32))
+            if m.shape[-2:] != x.shape[-2:]:
+                m = F.interpolate(m[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+            flat = m.flatten(1)
+            lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+            maps.append(((flat - lo) / (hi - lo).clamp_min(1e-8)).view_as(m))
+        if not maps:
+            return np.zeros((0, *images.shape[-2:]), dtype=np.float32)
+        return torch.cat(maps).numpy()
+
+    return maps_of
+
+
 def saliency(
     model: Classifier,
     images: torch.Tensor,
@@ -139,26 +171,7 @@ def saliency(
     target_layer: str | None = None,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """Saliency maps (N x H x W float32, each scaled to [0, 1]) of `images` for class `targets`.
-
-    `images` are float [0, 1] NCHW in the model's colour mode; maps have the input's size.
-    """
-    if method not in METHODS:
-        raise ConfigError(f"audit.methods: unknown method {method!r}; use {', '.join(METHODS)}")
-    model = prepare_for_saliency(model)
-    _, layer = find_target_layer(model, target_layer)
-    device = _device_of(model)
-    fn = _cam_fn(method, model, layer, chunk=4 * batch_size)
-    maps = []
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].to(device)
-        m = torch.as_tensor(np.asarray(fn(x, targets[i : i + batch_size].to(device)), dtype=np.float32))
-        if m.shape[-2:] != x.shape[-2:]:
-            m = F.interpolate(m[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        flat = m.flatten(1)
-        lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
-        maps.append(((flat - lo) / (hi - lo).clamp_min(1e-8)).view_as(m))
-    if not maps:
-        h, w = images.shape[-2:]
-        return np.zeros((0, h, w), dtype=np.float32)
-    return torch.cat(maps).numpy()
+    """Saliency maps (N x H x W float32, each scaled to [0, 1]) of `images` for class `targets`."""
+    return saliency_fn(model, method=method, target_layer=target_layer, batch_size=batch_size)(
+        images, targets
+    )

@@ -42,9 +42,19 @@ ARGS: dict[str, tuple[str, str]] = {
     "gpu_precision": ("--model resnet18 --size 224 --batch 64 --steps 20", "--steps 10 --rounds 2"),
     "audit_detection": (
         "--seeds 5 --sources digits faces",
-        "--seeds 1 --sources digits --cues corner none --per-class 40",
+        "--seeds 1 --sources digits --cues corner none --per-class 40 --throughput-images 128",
     ),
 }
+NO_GPU_NOTE = [
+    "",
+    "This machine has no GPU: the CUDA figures (gpu_precision: AMP and channels_last against float32;",
+    "onnx_latency: ONNX Runtime's CUDA provider) were not measured. Run `benchmarks/run_all` on a",
+    "machine with a GPU to get them.",
+]
+QUICK_NOTE = [
+    "`--quick` runs few seeds, epochs and timed runs: the detection counts come from one seed per cue",
+    "and are a smoke check of the suite, not detection rates (docs/audit.md has the 5-seed table).",
+]
 HELPERS = {"figures", "suite"}  # modules of the suite, not benchmarks
 
 
@@ -92,7 +102,7 @@ def table(rows: list[dict[str, Any]], machine_label: str) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.3g}x"
         met = {True: "yes", False: "**no**", None: ""}[r["met"]]
         cells = [r["benchmark"], r["figure"], r["value"], r["baseline"], ratio, r["target"], met]
         cells.append(machine_label)
@@ -108,6 +118,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=PROJECT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     short, label = machine()
+    revision = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=PROJECT, capture_output=True, text=True
+    ).stdout.strip()
     rows, runs = [], []
     with tempfile.TemporaryDirectory(prefix="cnnops-bench-") as tmp:
         for name in args.only:
@@ -128,9 +141,15 @@ def main() -> int:
         "",
         f"- command: `{command}`",
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- code: git {revision}",
         f"- machine: {label}",
+        *NO_GPU_NOTE * ("no GPU" in short),
         "",
         *table(rows, short),
+        "",
+        "Each benchmark's docstring says what it measures; the detailed tables are in docs/audit.md",
+        "(audit_detection), docs/export.md (onnx_latency) and docs/training.md (train_throughput).",
+        *QUICK_NOTE * args.quick,
         "",
         "## Runs",
         "",

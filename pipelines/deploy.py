@@ -23,6 +23,9 @@ from pipelines.flows import reproduce, retrain
 log = logging.getLogger(__name__)
 
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding pipelines/ (the flows' source)
+# Served deployments get a name of their own: re-registering a work-pool deployment under the same
+# name from `serve` keeps its source storage, and its runs then fail to load the flow.
+SERVED = "served"
 ENTRYPOINTS = {"retrain": "pipelines/flows.py:retrain", "reproduce": "pipelines/flows.py:reproduce"}
 
 
@@ -48,7 +51,7 @@ def _settings(workspace: Path) -> tuple[dict[str, Any], list[Any]]:
 
 
 def serve(workspace: Path) -> None:
-    """Serve `retrain` (scheduled) and `reproduce` from this process until stopped (Ctrl-C)."""
+    """Serve `retrain/served` (scheduled) and `reproduce/served` from this process until Ctrl-C."""
     from prefect import serve as prefect_serve
     from prefect.settings import PREFECT_API_URL
 
@@ -60,8 +63,8 @@ def serve(workspace: Path) -> None:
             "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api for schedules"
         )
     prefect_serve(
-        retrain.to_deployment(name="retrain", parameters=parameters, schedules=retrain_schedules),
-        reproduce.to_deployment(name="reproduce", parameters=parameters),
+        retrain.to_deployment(name=SERVED, parameters=parameters, schedules=retrain_schedules),
+        reproduce.to_deployment(name=SERVED, parameters=parameters),
         limit=1,  # one flow run at a time from this process; the workspace lock guards the rest
     )
 

@@ -51,6 +51,20 @@ def wait_healthy(api: str, server: subprocess.Popen, timeout: float = 120.0) -> 
     raise TimeoutError(f"no answer from {api}/health in {timeout:.0f} s")
 
 
+def wait_for(condition, what: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+        time.sleep(1)
+
+
+def final_state(api: str, flow_run_id: str) -> str | None:
+    """The flow run's state type once it has ended, else None."""
+    state = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()["state"]
+    return state["type"] if state["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"} else None
+
+
 def run_cli(env: dict[str, str], *command: str, timeout: float = 300) -> str:
     proc = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(command)} failed:\n{proc.stdout}\n{proc.stderr}"
@@ -81,7 +95,7 @@ def test_deploy_needs_a_server_and_an_existing_pool(workspace_template: Path, pr
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_deployed_retrain_runs_on_a_server_through_a_process_worker(retrained, tmp_path: Path) -> None:
+def test_deployments_run_on_a_server_through_a_process_worker_and_serve(retrained, tmp_path: Path) -> None:
     root = copy_workspace(retrained["root"], tmp_path / "ws")
     touch_export_params(root)  # something to retrain for, cheaply: export and what follows
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -123,6 +137,28 @@ def test_deployed_retrain_runs_on_a_server_through_a_process_worker(retrained, t
         ).json()
         record = next(a for a in artifacts if a["key"] == "retrain-record")
         assert release["run_id"] in record["data"] and flow_run["id"] in record["data"]
+
+        # The same deployments served by one process instead of a pool and a worker.
+        served = subprocess.Popen(
+            [sys.executable, "-m", "pipelines", "serve", "--workspace", str(root)],
+            cwd=PROJECT,
+            env=env,
+            stdout=(tmp_path / "serve.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(lambda: "being served" in (tmp_path / "serve.log").read_text(), "serve to start")
+            deployment = httpx.get(f"{api}/deployments/name/reproduce/served").json()
+            flow_run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}).json()
+            assert "id" in flow_run, (deployment, flow_run)
+            wait_for(lambda: final_state(api, flow_run["id"]) is not None, "the served flow run to end")
+            assert final_state(api, flow_run["id"]) == "COMPLETED", (tmp_path / "serve.log").read_text()
+        finally:
+            served.send_signal(signal.SIGTERM)
+            try:
+                served.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                served.kill()
     finally:
         server.send_signal(signal.SIGTERM)
         try:

@@ -30,9 +30,13 @@ from fixtures_prefect import (
     tool_env,
     touch_export_params,
 )
-from prefect.artifacts import Artifact
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.settings import PREFECT_API_URL
 
 from cnnops.errors import CnnopsError
@@ -76,8 +80,12 @@ def test_retrain_is_recorded_in_prefect_and_mlflow(retrained) -> None:
     root, state = retrained["root"], retrained["state"]
     result: RetrainResult = state.result()
     flow_run_id = str(state.state_details.flow_run_id)
-    artifact = Artifact.get("retrain-record")
-    assert artifact is not None and str(artifact.flow_run_id) == flow_run_id
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    [artifact] = [a for a in artifacts if a.key == "retrain-record"]
+    assert artifact.type == "markdown" and "| MLflow run id |" in artifact.data
     for value in (result.data_version, result.mlflow_run_id, result.release["reason"], flow_run_id):
         assert str(value) in artifact.data
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")

@@ -1,7 +1,8 @@
 """Deployments on a real Prefect server: `prefect server start`, a process work pool, a worker.
 
 Everything talks to the server through PREFECT_API_URL alone, the way a user points the project
-at one. The worker runs the deployed retrain in a process of its own, against a tiny workspace.
+at one. The worker runs the deployed retrain in a process of its own, against a tiny workspace;
+then `python -m pipelines serve` runs a served deployment on the same server.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def test_deploy_needs_a_server_and_an_existing_pool(workspace_template: Path, pr
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_deployments_run_on_a_server_through_a_process_worker_and_serve(retrained, tmp_path: Path) -> None:
+def test_deployed_retrain_runs_on_a_server_through_a_process_worker(retrained, tmp_path: Path) -> None:
     root = copy_workspace(retrained["root"], tmp_path / "ws")
     touch_export_params(root)  # something to retrain for, cheaply: export and what follows
     params = yaml.safe_load((root / "params.yaml").read_text())

@@ -109,3 +109,42 @@ def test_transplant_moves_only_masked_pixels_and_counts_flips() -> None:
         evidence.transplant(Bright(), donors, elsewhere, recipients, recipients, 1, rng, 4)["flip_rate"]
         == 0.0
     )
+
+
+def test_a_class_with_no_correct_image_is_reported_not_a_crash() -> None:
+    class AlwaysZero(torch.nn.Module):  # predicts class 0 whatever it sees
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.ones(len(x)) + self.w, torch.zeros(len(x))], 1)
+
+    n = 6
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    batch = evidence.Batch(
+        x=torch.rand(n, 1, 8, 8),
+        labels=labels,
+        preds=np.zeros(n, dtype=int),
+        maps=np.random.default_rng(0).random((n, 8, 8)),
+        objects=np.ones((n, 8, 8), dtype=bool),
+        annotated=np.zeros(n, dtype=bool),
+    )
+    regions = evidence.candidate_regions(8, 8, 0.1, 0.3)
+    figures = {
+        str(c): evidence.class_figures(
+            AlwaysZero(),
+            batch,
+            c,
+            top_fraction=0.05,
+            regions=regions,
+            max_images=10,
+            batch_size=4,
+            rng=np.random.default_rng(0),
+        )
+        for c in (0, 1)
+    }
+    assert figures["1"]["n_correct"] == 0 and figures["1"]["n_errors"] == 3
+    result = decide(figures, None, A)
+    coverage = [w for w in result["warnings"] if w["class"] == "1" and w["test"] == "coverage"]
+    assert coverage and "0 correctly classified" in coverage[0]["sentence"]

@@ -115,6 +115,8 @@ def _spread(points: np.ndarray, diagonal: float) -> float:
 def attention_consistency(maps: np.ndarray, objects: np.ndarray) -> dict[str, float]:
     """How fixed the saliency peak is across a class's images, against how much its objects move."""
     n, h, w = maps.shape
+    if n == 0:  # no image to measure: the verdict reports the class as too few to audit
+        return {"peak_spread": 0.0, "object_spread": 0.0, "peak_off_object": 0.0}
     flat = maps.reshape(n, -1).argmax(1)
     peaks = np.stack([flat // w, flat % w], 1).astype(float)
     diagonal = float(np.hypot(h, w))
@@ -122,12 +124,14 @@ def attention_consistency(maps: np.ndarray, objects: np.ndarray) -> dict[str, fl
     return {
         "peak_spread": round(_spread(peaks, diagonal), 4),
         "object_spread": round(_spread(_centroids(objects.astype(float)), diagonal), 4),
-        "peak_off_object": round(float(off.mean()) if n else 0.0, 4),
+        "peak_off_object": round(float(off.mean()), 4),
     }
 
 
 def region_energy(maps: np.ndarray, regions: dict[str, np.ndarray]) -> dict[str, float]:
-    """Share of saliency mass in each region (mean over images)."""
+    """Share of saliency mass in each region (mean over images; 0 with no image)."""
+    if len(maps) == 0:
+        return dict.fromkeys(regions, 0.0)
     total = maps.reshape(len(maps), -1).sum(1).clip(1e-8)
     return {
         name: round(float(((maps * m).reshape(len(maps), -1).sum(1) / total).mean()), 4)

@@ -168,7 +168,9 @@ class AugmentParams(Section):
 class TrainParams(Section):
     model: str = Field("convnet", description="'convnet' or any torchvision classification model name")
     mode: Literal["scratch", "linear_probe", "finetune"] = "scratch"
-    weights: str | None = Field(None, description="torchvision weights enum name, e.g. DEFAULT or IMAGENET1K_V1")
+    weights: str | None = Field(
+        None, description="torchvision weights enum name, e.g. DEFAULT or IMAGENET1K_V1"
+    )
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -247,7 +249,8 @@ class ReleaseParams(Section):
 
 class OrchestrateParams(Section):
     incoming: str | None = Field(
-        None, description="folder (relative to the workspace) whose <class>/<image> files retrain adds to data/"
+        None,
+        description="folder (relative to the workspace) whose <class>/<image> files retrain adds to data/",
     )
     schedule: str = Field(
         "0 3 * * *", description="cron schedule of the retrain deployment (checked by Prefect when deploying)"
@@ -301,7 +304,9 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
     model: type[BaseModel] = Params
     for part in loc[:-1]:
         field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
             break
         model = field.annotation
     return model
@@ -313,7 +318,8 @@ def _format(error: dict[str, Any], source: str) -> str:
     if error["type"] == "extra_forbidden":
         model = _model_at(loc)
         valid = [f.alias or n for n, f in model.model_fields.items()]
-        return f"{source}: unknown key '{key}'{_suggest(str(loc[-1]), valid)}; valid keys here: {', '.join(valid)}"
+        hint = _suggest(str(loc[-1]), valid)
+        return f"{source}: unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}"
     value = error.get("input")
     return f"{source}: '{key}' = {value!r} is not allowed: {error['msg']}"
 

@@ -15,7 +15,7 @@ from fixtures_model import TrainedDigits
 from cnnops.dataset import PreparedSplit
 from cnnops.errors import StageInputError
 from cnnops.models import load_classifier
-from cnnops.stages import evaluate
+from cnnops.stages import audit, evaluate, export
 
 
 def test_metrics_match_the_model_on_the_test_split(trained_digits: TrainedDigits) -> None:
@@ -52,12 +52,21 @@ def test_evaluate_adds_to_the_training_run(trained_digits: TrainedDigits) -> Non
 
 
 def test_checkpoint_from_another_run_is_refused(trained_digits: TrainedDigits, tmp_path: Path) -> None:
+    """Every stage that adds to the model's run refuses a checkpoint that the train report disowns."""
     t = trained_digits
     report = tmp_path / "train.json"
     report.write_text(json.dumps({"run_id": "0123456789abcdef"}))
-    with pytest.raises(StageInputError, match=r"trained in MLflow run .* rerun `cnnops train`"):
+    stale = r"trained in MLflow run .* rerun `cnnops train`"
+    with pytest.raises(StageInputError, match=stale):
         evaluate.run(t.params, t.model, t.prepared, report, evaluate.EvaluatePaths(tmp_path / "m.json"))
-    assert not (tmp_path / "m.json").exists()
+    with pytest.raises(StageInputError, match=stale):
+        audit.run(t.params, t.model, t.prepared, report, audit.AuditPaths(tmp_path / "a.json", tmp_path))
+    with pytest.raises(StageInputError, match=stale):
+        export.run(
+            t.params.export, t.params.tracking, checkpoint=t.model, prepared=t.prepared, train_report=report,
+            out=tmp_path / "m.onnx", report=tmp_path / "e.json", compressed_dir=tmp_path / "c",
+        )  # fmt: skip
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "train.json"]
 
 
 def test_test_split_with_other_classes_is_refused(trained_digits: TrainedDigits, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 from cnnops.config import Params, TrackingParams
 from cnnops.errors import StageInputError
 from cnnops.lineage import lineage
+from cnnops.models import Classifier, load_classifier
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,19 @@ def run_id_from_report(train_report: str | Path) -> str:
     if not run_id:
         raise StageInputError(f"{path}: has no 'run_id'; re-run `cnnops train`")
     return str(run_id)
+
+
+def load_run_model(model_path: str | Path, train_report: str | Path) -> tuple[Classifier, str]:
+    """The trained model and the MLflow run it belongs to, refusing a checkpoint from another run
+    (a stale models/model.pt beside a newer train report would add figures to the wrong run)."""
+    run_id = run_id_from_report(train_report)
+    model, extra = load_classifier(model_path)
+    if extra.get("run_id") not in (None, run_id):
+        raise StageInputError(
+            f"{model_path} was trained in MLflow run {extra['run_id']} but {train_report} names run "
+            f"{run_id}; rerun `cnnops train` so both come from the same run"
+        )
+    return model, run_id
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from cnnops.audit.annotations import load_object_masks
 from cnnops.config import AuditParams, Params
 from cnnops.dataset import PreparedSplit
 from cnnops.errors import StageInputError
-from cnnops.models import Classifier, load_classifier
+from cnnops.models import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,7 @@ def run(
 ) -> dict[str, Any]:
     """Audit `model_path` on `<prepared>/test.pt`; returns the report written to `paths.report`."""
     a = params.audit
-    run_id = tracking.run_id_from_report(train_report)
-    model, extra = load_classifier(model_path)
-    if extra.get("run_id") not in (None, run_id):
-        raise StageInputError(
-            f"{model_path} was trained in MLflow run {extra['run_id']} but {train_report} "
-            f"names run {run_id}; "
-            "rerun `cnnops train` so both come from the same run"
-        )
+    model, run_id = tracking.load_run_model(model_path, train_report)
     test = PreparedSplit.load(Path(prepared) / "test.pt")
     train = PreparedSplit.load(Path(prepared) / "train.pt")
     if test.class_names != model.spec.class_names:

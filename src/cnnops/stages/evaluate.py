@@ -26,7 +26,6 @@ from cnnops.engine import LoopSettings, evaluate_epoch
 from cnnops.errors import StageInputError
 from cnnops.loaders import SplitDataset, eval_loader
 from cnnops.metrics import classification_report
-from cnnops.models import load_classifier
 from cnnops.transforms import EvalPreset
 
 log = logging.getLogger(__name__)
@@ -51,13 +50,7 @@ def run(
     paths: EvaluatePaths = EvaluatePaths(),
 ) -> dict[str, Any]:
     """Evaluate `model_path` on `<prepared>/test.pt`; returns the metrics written to `paths.metrics`."""
-    run_id = tracking.run_id_from_report(train_report)
-    model, extra = load_classifier(model_path)
-    if extra.get("run_id") not in (None, run_id):
-        raise StageInputError(
-            f"{model_path} was trained in MLflow run {extra['run_id']} but {train_report} names run "
-            f"{run_id}; rerun `cnnops train` so both come from the same run"
-        )
+    model, run_id = tracking.load_run_model(model_path, train_report)
     test_path = Path(prepared) / "test.pt"
     test = PreparedSplit.load(test_path)
     if test.class_names != model.spec.class_names:

@@ -27,7 +27,7 @@ from cnnops.dataset import PreparedSplit
 from cnnops.errors import StageInputError
 from cnnops.latency import compare
 from cnnops.lineage import lineage
-from cnnops.models import ModelSpec, load_classifier
+from cnnops.models import ModelSpec
 from cnnops.onnx_model import (
     OnnxMetadata,
     available_providers,
@@ -54,8 +54,7 @@ def run(
     compressed_dir: Path,
 ) -> dict[str, Any]:
     """Export, check parity, time, optionally compress; write `out`, `report` and log to the model's run."""
-    run_id = tracking.run_id_from_report(train_report)
-    model, _ = load_classifier(checkpoint)
+    model, run_id = tracking.load_run_model(checkpoint, train_report)
     test = PreparedSplit.load(Path(prepared) / "test.pt")
     _check_split(model.spec, test, checkpoint, Path(prepared) / "test.pt")
     metadata = OnnxMetadata(

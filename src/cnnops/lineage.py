@@ -16,11 +16,14 @@ import yaml
 log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
+# Files `dvc repro` itself rewrites while the pipeline runs (its lock file, and the .gitignore entries
+# of stage outputs): changes there say nothing about the code, so they don't make a commit dirty.
+DVC_WRITES = (":(exclude)dvc.lock", ":(exclude,glob)**/.gitignore")
 
 
 @dataclass(frozen=True)
 class Lineage:
-    git_commit: str  # HEAD's sha, with a "-dirty" suffix when tracked files differ from it
+    git_commit: str  # HEAD's sha, "-dirty" when tracked files (but DVC's own writes) differ from it
     data_version: str  # the md5 DVC records for data/ in data.dvc
 
     def as_tags(self) -> dict[str, str]:
@@ -28,10 +31,10 @@ class Lineage:
 
 
 def git_commit(repo: str | Path = ".") -> str:
-    """HEAD's commit, marked dirty when tracked files changed; `unknown` (with a warning) outside git."""
+    """HEAD's commit, marked dirty when tracked files changed (not DVC_WRITES); `unknown` outside git."""
     try:
         sha = _git(repo, "rev-parse", "HEAD")
-        dirty = _git(repo, "status", "--porcelain", "--untracked-files=no")
+        dirty = _git(repo, "status", "--porcelain", "--untracked-files=no", "--", ".", *DVC_WRITES)
     except (OSError, subprocess.CalledProcessError) as exc:
         log.warning(
             "git commit unknown: %s is not a git work tree with a commit (%s)", Path(repo).resolve(), exc

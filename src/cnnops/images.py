@@ -256,12 +256,7 @@ def scan_image_folder(
     real_root = root.resolve()
     skipped: list[tuple[str, str]] = []
     class_dirs: list[Path] = []
-    for entry in sorted(root.iterdir()):
-        rel = entry.relative_to(root).as_posix()
-        if entry.name.startswith("."):
-            _hidden(rel, root, hidden_files, skipped)
-            continue
-        _check_link(entry, rel, root, real_root)
+    for entry, rel in _entries(root, root, real_root, hidden_files, skipped):
         if entry.is_dir():
             class_dirs.append(entry)
         elif entry.name != ANNOTATIONS_FILE:
@@ -305,18 +300,33 @@ def _walk_class(
         if real in seen:  # an in-root symlink loop: each real folder is listed once
             continue
         seen.add(real)
-        for entry in sorted(current.iterdir(), reverse=True):
-            rel = entry.relative_to(root).as_posix()
-            if entry.name.startswith("."):
-                _hidden(rel, root, hidden_files, skipped)
-                continue
-            _check_link(entry, rel, root, real_root)
+        for entry, rel in _entries(current, root, real_root, hidden_files, skipped, reverse=True):
             if entry.is_dir():
                 stack.append(entry)
             elif entry.is_file():
                 yield rel
             else:  # a FIFO or device would block or mislead the decoder
                 raise DataError(f"{root / rel}: is not a regular file; remove it from {root}")
+
+
+def _entries(
+    directory: Path,
+    root: Path,
+    real_root: Path,
+    hidden_files: str,
+    skipped: list[tuple[str, str]],
+    *,
+    reverse: bool = False,
+) -> Iterator[tuple[Path, str]]:
+    """The sorted entries of `directory` with their root-relative paths: hidden ones skipped or
+    refused, links leaving the root refused, the same rules at every depth."""
+    for entry in sorted(directory.iterdir(), reverse=reverse):
+        rel = entry.relative_to(root).as_posix()
+        if entry.name.startswith("."):
+            _hidden(rel, root, hidden_files, skipped)
+            continue
+        _check_link(entry, rel, root, real_root)
+        yield entry, rel
 
 
 def _hidden(rel: str, root: Path, policy: str, skipped: list[tuple[str, str]]) -> None:

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from cnnops.errors import StageInputError
+
+if TYPE_CHECKING:
+    from cnnops.models import ModelSpec
 
 SPLITS = ("train", "val", "test")
 
@@ -74,3 +78,23 @@ class PreparedSplit:
 def load_splits(prepared_dir: str | Path, names: tuple[str, ...] = SPLITS) -> dict[str, PreparedSplit]:
     """Load the named splits from the prepare stage's output folder (`<dir>/<split>.pt`)."""
     return {name: PreparedSplit.load(Path(prepared_dir) / f"{name}.pt") for name in names}
+
+
+def load_split_for(
+    spec: ModelSpec, prepared: str | Path, model_path: str | Path, name: str = "test"
+) -> PreparedSplit:
+    """`<prepared>/<name>.pt`, refused unless a model of `spec` can read it: not empty, and the same
+    classes, colour mode and image size (data re-prepared after training would be scored wrongly)."""
+    path = Path(prepared) / f"{name}.pt"
+    split = PreparedSplit.load(path)
+    if len(split) == 0:
+        raise StageInputError(f"{path}: the {name} split is empty; raise prepare.{name}_fraction")
+    found = (list(split.class_names), split.color_mode, list(split.image_size))
+    wanted = (list(spec.class_names), spec.color_mode, list(spec.image_size))
+    if found != wanted:
+        raise StageInputError(
+            f"{path} (classes {found[0]}, {found[1]}, {found[2]}) does not match the model in {model_path} "
+            f"(classes {wanted[0]}, {wanted[1]}, {wanted[2]}): its classes, colour mode or image size differ "
+            "from the model's; re-run `dvc repro train` on this prepared data"
+        )
+    return split

@@ -22,8 +22,7 @@ from cnnops import tracking
 from cnnops.audit import evidence, gallery, properties, saliency, verdict
 from cnnops.audit.annotations import load_object_masks
 from cnnops.config import AuditParams, Params
-from cnnops.dataset import PreparedSplit
-from cnnops.errors import StageInputError
+from cnnops.dataset import PreparedSplit, load_split_for
 from cnnops.models import Classifier
 
 log = logging.getLogger(__name__)
@@ -49,13 +48,8 @@ def run(
     """Audit `model_path` on `<prepared>/test.pt`; returns the report written to `paths.report`."""
     a = params.audit
     model, run_id = tracking.load_run_model(model_path, train_report)
-    test = PreparedSplit.load(Path(prepared) / "test.pt")
+    test = load_split_for(model.spec, prepared, model_path)
     train = PreparedSplit.load(Path(prepared) / "train.pt")
-    if test.class_names != model.spec.class_names:
-        raise StageInputError(
-            f"{Path(prepared) / 'test.pt'}: classes {test.class_names} differ from the model's "
-            f"{model.spec.class_names}; rerun `cnnops train` on this prepared data"
-        )
     model = model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     batch, maps_by_method, layer = _look(model, test, a, paths.data)
     rng = np.random.default_rng(a.seed)

@@ -21,9 +21,8 @@ import torch
 
 from cnnops import plots, tracking
 from cnnops.config import Params
-from cnnops.dataset import PreparedSplit
+from cnnops.dataset import PreparedSplit, load_split_for
 from cnnops.engine import LoopSettings, evaluate_epoch
-from cnnops.errors import StageInputError
 from cnnops.loaders import SplitDataset, eval_loader
 from cnnops.metrics import classification_report
 from cnnops.transforms import EvalPreset
@@ -51,13 +50,7 @@ def run(
 ) -> dict[str, Any]:
     """Evaluate `model_path` on `<prepared>/test.pt`; returns the metrics written to `paths.metrics`."""
     model, run_id = tracking.load_run_model(model_path, train_report)
-    test_path = Path(prepared) / "test.pt"
-    test = PreparedSplit.load(test_path)
-    if test.class_names != model.spec.class_names:
-        raise StageInputError(
-            f"{test_path}: classes {test.class_names} differ from the model's {model.spec.class_names}; "
-            "rerun `cnnops train` on this prepared data"
-        )
+    test = load_split_for(model.spec, prepared, model_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     output = evaluate_epoch(
         model.to(device),
@@ -83,7 +76,7 @@ def run(
         tracking.log_metrics(scalars)
         tracking.log_dict({**metrics, "confusion_matrix": matrix}, "evaluate/metrics.json")
         tracking.log_files([paths.confusion, paths.confusion_png], "evaluate")
-        tracking.set_tags({"cnnops.test_data_md5": _md5(test_path)})
+        tracking.set_tags({"cnnops.test_data_md5": _md5(Path(prepared) / "test.pt")})
     summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece"))
     log.info("test %s on %d images (MLflow run %s)", summary, len(test), run_id)
     return metrics

@@ -23,11 +23,9 @@ from torch import nn
 from cnnops import tracking
 from cnnops.compression import compress
 from cnnops.config import ExportParams, Params, TrackingParams
-from cnnops.dataset import PreparedSplit
-from cnnops.errors import StageInputError
+from cnnops.dataset import load_split_for
 from cnnops.latency import compare
 from cnnops.lineage import lineage
-from cnnops.models import ModelSpec
 from cnnops.onnx_model import (
     OnnxMetadata,
     available_providers,
@@ -55,8 +53,7 @@ def run(
 ) -> dict[str, Any]:
     """Export, check parity, time, optionally compress; write `out`, `report` and log to the model's run."""
     model, run_id = tracking.load_run_model(checkpoint, train_report)
-    test = PreparedSplit.load(Path(prepared) / "test.pt")
-    _check_split(model.spec, test, checkpoint, Path(prepared) / "test.pt")
+    test = load_split_for(model.spec, prepared, checkpoint)
     metadata = OnnxMetadata(
         class_names=list(model.spec.class_names),
         input_size=model.spec.image_size,
@@ -106,18 +103,6 @@ def run(
     report.write_text(json.dumps(result, indent=2) + "\n")
     _log_to_mlflow(tracking_params, run_id, result, out, report)
     return result
-
-
-def _check_split(spec: ModelSpec, test: PreparedSplit, checkpoint: Path, split_path: Path) -> None:
-    if len(test) == 0:
-        raise StageInputError(f"{split_path}: the test split is empty; raise prepare.test_fraction")
-    found = (test.class_names, test.color_mode, test.image_size)
-    wanted = (spec.class_names, spec.color_mode, tuple(spec.image_size))
-    if list(found[0]) != list(wanted[0]) or found[1:] != wanted[1:]:
-        raise StageInputError(
-            f"{split_path} (classes {found[0]}, {found[1]}, {list(found[2])}) does not match the model in "
-            f"{checkpoint} (classes {wanted[0]}, {wanted[1]}, {list(wanted[2])}); re-run `dvc repro train`"
-        )
 
 
 @torch.inference_mode()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnops.config import parse_params
+from cnnops.config import Params, parse_params
 from cnnops.example import write_digits
 from cnnops.stages import prepare
 
@@ -32,16 +32,22 @@ def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def run_prepare(data: Path, out: Path, params: Params, **kwargs) -> dict:
+    """The real prepare stage on `data` into `out/prepared` and `out/prepare.json`."""
+    return prepare.run(
+        data,
+        out_dir=out / "prepared",
+        report_path=out / "prepare.json",
+        seed=params.base.seed,
+        data=params.data,
+        prepare=params.prepare,
+        validate=params.validate,
+        **kwargs,
+    )
+
+
 @pytest.fixture(scope="session")
 def prepared_digits(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path, digits_params) -> Path:
     out = tmp_path_factory.mktemp("prepared_digits")
-    prepare.run(
-        digits_folder,
-        out_dir=out / "prepared",
-        report_path=out / "prepare.json",
-        seed=digits_params.base.seed,
-        data=digits_params.data,
-        prepare=digits_params.prepare,
-        validate=digits_params.validate,
-    )
+    run_prepare(digits_folder, out, digits_params)
     return out / "prepared"

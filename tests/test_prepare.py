@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures_data import run_prepare
 from PIL import Image
 
 from cnnops.config import parse_params
@@ -19,17 +20,7 @@ from cnnops.stages import prepare, validate
 
 
 def _run(data: Path, out: Path, raw: dict | None = None, **kwargs) -> dict:
-    params = parse_params({"data": {"color_mode": "L"}, **(raw or {})})
-    return prepare.run(
-        data,
-        out_dir=out / "prepared",
-        report_path=out / "prepare.json",
-        seed=params.base.seed,
-        data=params.data,
-        prepare=params.prepare,
-        validate=params.validate,
-        **kwargs,
-    )
+    return run_prepare(data, out, parse_params({"data": {"color_mode": "L"}, **(raw or {})}), **kwargs)
 
 
 def _split_of(out: Path) -> dict[str, str]:

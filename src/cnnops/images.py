@@ -227,9 +227,6 @@ class FolderScan:
     records: list[ImageRecord]  # sorted by relpath
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, why), each also logged
 
-    def label_index(self, record: ImageRecord) -> int:
-        return self.class_names.index(record.label)
-
 
 def scan_image_folder(
     root: str | Path, *, hidden_files: Literal["error", "skip"] = "skip", min_classes: int = 2

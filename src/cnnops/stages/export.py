@@ -9,7 +9,6 @@ MLflow run.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import tempfile
@@ -35,6 +34,7 @@ from cnnops.onnx_model import (
     open_session,
     with_output,
 )
+from cnnops.registry import file_sha256
 
 log = logging.getLogger(__name__)
 COMPRESSED_NAME = "model.{kind}.onnx"
@@ -169,7 +169,7 @@ def _log_to_mlflow(
                 "export.opset": result["opset"],
                 "export.output": result["output"],
                 "export.compression": result["compression"]["kind"],
-                "export.onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+                "export.onnx_sha256": file_sha256(onnx_path),
             }
         )
         tracking.log_files([report], "export")

@@ -82,9 +82,10 @@ def version_data(root: Path) -> str | None:
 
 
 @task
-def tag_mlflow_run(tracking_params: TrackingParams, run_id: str, tags: dict[str, str]) -> None:
-    """Point the MLflow run at this flow run (and its data version), so each record leads to the other."""
-    tracking.tag_run(tracking_params, run_id, tags)
+def tag_mlflow_run(tracking_params: TrackingParams, run_id: str, tags: dict[str, str], root: Path) -> None:
+    """Point the MLflow run at this flow run (and its data version), so each record leads to the other.
+    A relative local store is the workspace's (where DVC ran the stages), not this process's cwd."""
+    tracking.tag_run(tracking_params, run_id, tags, root)
 
 
 @task
@@ -225,7 +226,7 @@ def _record(
         "prefect.flow_run_name": str(current_flow_run.name),
         "cnnops.data_version": version or "",
     }
-    tag_mlflow_run(_absolute_store(params.tracking, root), run_id, flow_run_tags)
+    tag_mlflow_run(params.tracking, run_id, flow_run_tags, root)
     commit = None
     if params.orchestrate.git_commit:
         message = f"retrain: data {version}, MLflow run {run_id}, flow run {current_flow_run.id}"
@@ -242,15 +243,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise StageInputError(f"{path} is missing after the pipeline ran: is `release` a stage of dvc.yaml?")
     return json.loads(path.read_text())
-
-
-def _absolute_store(tracking_params: TrackingParams, root: Path) -> TrackingParams:
-    """A relative SQLite store is relative to the workspace (where DVC ran the stages), not to this cwd."""
-    uri = tracking_params.resolved_uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str(root / uri[len(prefix) :])
-    return tracking_params.model_copy(update={"uri": uri})
 
 
 def _markdown(result: RetrainResult) -> str:

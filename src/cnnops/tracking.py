@@ -179,10 +179,13 @@ def set_tags(tags: Mapping[str, str]) -> None:
     mlflow.set_tags(dict(tags))
 
 
-def tag_run(tracking: TrackingParams, run_id: str, tags: Mapping[str, str]) -> None:
+def tag_run(
+    tracking: TrackingParams, run_id: str, tags: Mapping[str, str], root: str | Path | None = None
+) -> None:
     """Tag a finished run without re-opening it (its status and end time stay), e.g. with the Prefect
-    flow run that produced it, so the MLflow record and the orchestration record lead to each other."""
-    client = mlflow.MlflowClient(store_uri(tracking))
+    flow run that produced it, so the MLflow record and the orchestration record lead to each other.
+    `root`: the project folder a relative local store lives in (see `store_uri`)."""
+    client = mlflow.MlflowClient(store_uri(tracking, root))
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
 
@@ -196,19 +199,20 @@ def tag_run(tracking: TrackingParams, run_id: str, tags: Mapping[str, str]) -> N
 SQLITE_PREFIX = "sqlite:///"
 
 
-def anchored(path: str | Path) -> Path:
-    """A relative path of the local store, taken from DVC_ROOT when DVC runs the stage, so that a
-    temporary experiment copy writes to the project's store instead of one deleted with the copy."""
-    root = os.environ.get("DVC_ROOT")
+def anchored(path: str | Path, root: str | Path | None = None) -> Path:
+    """A relative path of the local store, taken from `root` (default DVC_ROOT when DVC runs the
+    stage), so that a temporary experiment copy writes to the project's store instead of one deleted
+    with the copy, and a flow outside the project finds the store its stages wrote."""
+    root = root if root is not None else os.environ.get("DVC_ROOT")
     return Path(root) / path if root and not Path(path).is_absolute() else Path(path)
 
 
-def store_uri(tracking: TrackingParams) -> str:
+def store_uri(tracking: TrackingParams, root: str | Path | None = None) -> str:
     """The tracking URI to use: a relative SQLite file (the default `sqlite:///mlflow.db`) is anchored
-    at DVC_ROOT; servers and absolute paths are used as given."""
+    at `root` (default DVC_ROOT); servers and absolute paths are used as given."""
     uri = tracking.resolved_uri
     if uri.startswith(SQLITE_PREFIX) and not uri.startswith(SQLITE_PREFIX + "/"):
-        return SQLITE_PREFIX + str(anchored(uri[len(SQLITE_PREFIX) :]))
+        return SQLITE_PREFIX + str(anchored(uri[len(SQLITE_PREFIX) :], root))
     return uri
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from cnnops.audit.saliency import find_target_layer, saliency
 from cnnops.errors import ConfigError
@@ -54,6 +56,28 @@ def test_batched_maps_equal_one_at_a_time(method: str) -> None:
     np.testing.assert_allclose(batched, single, atol=1e-4)
 
 
+@pytest.mark.parametrize(("name", "size"), [("convnet", 32), ("resnet18", 64)])
+@pytest.mark.parametrize(("method", "reference"), [("gradcam", GradCAM), ("gradcam++", GradCAMPlusPlus)])
+def test_maps_equal_the_grad_cam_package(name: str, size: int, method: str, reference: type) -> None:
+    """Our head-only backward gives the package's maps (its full backward, cv2 resize, numpy scaling).
+
+    Both scale each map to [0, 1] after a bilinear upsample to the input size (cv2 there, torch here:
+    the same half-pixel interpolation), so they agree at the input size to float32 rounding.
+    """
+    model = _model(name, size, "RGB")
+    x = torch.rand(5, 3, size, size)
+    targets = torch.tensor([0, 1, 2, 0, 1])
+    ours = saliency(model, x, targets, method=method)
+    cam = reference(model=model, target_layers=[find_target_layer(model)[1]])
+    try:
+        theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    finally:
+        cam.activations_and_grads.release()
+    assert ours.shape == theirs.shape == (5, size, size)
+    assert (np.ptp(theirs.reshape(5, -1), axis=1) > 0.5).sum() >= 2  # some maps are not all zeros
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
 def test_saliency_leaves_the_model_alone_and_ignores_train_mode() -> None:
     model = _model("convnet").train()  # BatchNorm/Dropout in train mode would make maps batch-dependent
     x, targets = torch.rand(4, 1, 32, 32), torch.tensor([0, 1, 2, 0])
@@ -62,6 +86,7 @@ def test_saliency_leaves_the_model_alone_and_ignores_train_mode() -> None:
     np.testing.assert_allclose(first[:2], again, atol=1e-5)
     assert model.training  # the caller's model is not switched to eval
     assert all(m.inplace for m in model.modules() if isinstance(m, torch.nn.ReLU))  # nor its ReLUs
+    assert all(p.requires_grad for p in model.parameters())  # nor its parameters' gradients
 
 
 def test_a_planted_square_draws_the_map() -> None:

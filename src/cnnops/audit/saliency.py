@@ -1,9 +1,10 @@
 """Saliency maps for any cnnops model, in batches: Grad-CAM, Grad-CAM++ and Score-CAM.
 
-Saliency only says where to intervene; the evidence module decides. Grad-CAM and Grad-CAM++ come
-from the `grad-cam` package. Score-CAM is written here because the package's version runs one
-image at a time behind a progress bar; ours masks a whole batch of images with every channel at
-once, which is what makes the audit affordable on a CPU.
+Saliency only says where to intervene; the evidence module decides. Grad-CAM and Grad-CAM++ are
+hooked here rather than taken from the `grad-cam` package (the tests' reference), which backpropagates
+through the whole network to every parameter and scales each image in numpy: our hook makes the target
+layer's output a leaf, so the backward runs through the head only, and whole batches scale in torch.
+Score-CAM is ours too: it masks a whole batch of images with every channel at once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 from torch import nn
 
 from cnnops.errors import ConfigError
@@ -77,37 +77,75 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def prepare_for_saliency(model: Classifier) -> Classifier:
-    """A copy in eval mode with in-place activations turned off and gradients on.
+    """A channels-last copy in eval mode with in-place activations off and no parameter gradients.
 
-    In-place ReLU overwrites the very tensor whose gradient hook CAMs read, and BatchNorm or
-    Dropout in train mode would make maps depend on the batch; a copy leaves the caller's model alone.
+    In-place ReLU would rewrite tensors that the head's backward reads, and BatchNorm or Dropout in
+    train mode would make maps depend on the batch; a copy leaves the caller's model alone. The CAMs
+    differentiate with respect to the target layer's output only, so no parameter needs a gradient.
+    Channels-last runs a batch's convolutions and pooling faster on CPU (same maps to float rounding).
     """
-    copy_ = copy.deepcopy(model).eval()
+    copy_ = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     for module in copy_.modules():
         if hasattr(module, "inplace"):
             module.inplace = False
     for p in copy_.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(False)
     return copy_
+
+
+def _forward(
+    model: Classifier, layer: nn.Module, x: torch.Tensor, *, leaf: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and the target layer's output A, kept by a hook that passes a copy downstream.
+
+    With `leaf`, A is a leaf that requires grad and nothing else does, so the forward records a graph
+    from A to the logits only (the head) and a backward from the logits stops at A. The copy lets an
+    in-place op after the layer (DenseNet's functional ReLU) leave A as the layer gave it.
+    """
+    kept: list[torch.Tensor] = []
+
+    def swap(_m: nn.Module, _i: object, out: torch.Tensor) -> torch.Tensor:
+        kept.append(out.detach().requires_grad_(leaf))
+        return kept[-1].clone()
+
+    hook = layer.register_forward_hook(swap)
+    try:
+        with torch.set_grad_enabled(leaf):
+            logits = model(x)
+    finally:
+        hook.remove()
+    return logits, kept[0]
+
+
+def _grad_cam(
+    model: Classifier, layer: nn.Module, x: torch.Tensor, targets: torch.Tensor, plus: bool
+) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al., 2017) or Grad-CAM++ (Chattopadhay et al., 2018), N x h x w.
+
+    The channel weights are those of the package's GradCAM and GradCAMPlusPlus: the mean gradient,
+    or the positive gradients weighted by alpha (eq. 19 of the Grad-CAM++ paper). In eval mode the
+    images are independent, so the gradient of the summed scores is each image's own gradient.
+    """
+    logits, a = _forward(model, layer, x, leaf=True)
+    (g,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), a)
+    a = a.detach()
+    if plus:
+        g2 = g * g
+        alpha = g2 / (2 * g2 + a.sum((2, 3), keepdim=True) * g2 * g + 1e-6)
+        weights = (g.clamp_min(0) * torch.where(g != 0, alpha, 0)).sum((2, 3))
+    else:
+        weights = g.mean((2, 3))
+    return F.relu((weights[:, :, None, None] * a).sum(1))
 
 
 def _score_cam(
     model: Classifier, layer: nn.Module, x: torch.Tensor, targets: torch.Tensor, chunk: int
 ) -> torch.Tensor:
     """Score-CAM (Wang et al., 2020): each channel weighs by the class probability of the image it masks."""
-    acts: list[torch.Tensor] = []
-    hook = layer.register_forward_hook(lambda _m, _i, out: acts.append(out.detach()))
-    try:
-        with torch.no_grad():
-            base = model(x).softmax(1).gather(1, targets[:, None])
-    finally:
-        hook.remove()
-    a = acts[0].float()
+    logits, a = _forward(model, layer, x, leaf=False)
+    base = logits.softmax(1).gather(1, targets[:, None])
     n, c = a.shape[:2]
-    up = F.interpolate(a, size=x.shape[-2:], mode="bilinear", align_corners=False)
-    flat = up.flatten(2)
-    lo, hi = flat.min(-1, keepdim=True).values, flat.max(-1, keepdim=True).values
-    masks = ((flat - lo) / (hi - lo).clamp_min(1e-8)).view_as(up)  # N x C x H x W in [0, 1]
+    masks = _upsampled_unit(a, x.shape[-2:])  # N x C x H x W in [0, 1]
     masked = (x[:, None] * masks[:, :, None]).flatten(0, 1)  # (N*C) x ch x H x W
     rep_targets = targets.repeat_interleave(c)
     scores = []
@@ -119,21 +157,27 @@ def _score_cam(
     return F.relu((weights[:, :, None, None] * a).sum(1))
 
 
+def _upsampled_unit(maps: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """`maps` (N x C x h x w) upsampled bilinearly to `size`, each map min-max scaled to [0, 1]."""
+    if maps.shape[-2:] != size:
+        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    flat = maps.flatten(2)
+    lo, hi = flat.min(-1, keepdim=True).values, flat.max(-1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(1e-8)).view_as(maps)
+
+
 def _cam_fn(
     method: str, model: Classifier, layer: nn.Module, chunk: int
-) -> Callable[[torch.Tensor, torch.Tensor], np.ndarray]:
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if method == "scorecam":
-        return lambda x, t: _score_cam(model, layer, x, t, chunk).cpu().numpy()
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    cam = (GradCAM if method == "gradcam" else GradCAMPlusPlus)(model=model, target_layers=[layer])
-    return lambda x, t: cam(input_tensor=x, targets=[ClassifierOutputTarget(int(i)) for i in t])
+        return lambda x, t: _score_cam(model, layer, x, t, chunk)
+    return lambda x, t: _grad_cam(model, layer, x, t, plus=method == "gradcam++")
 
 
 def saliency_fn(
     model: Classifier, *, method: str = "gradcam", target_layer: str | None = None, batch_size: int = 64
 ) -> Callable[[torch.Tensor, torch.Tensor], np.ndarray]:
-    """Set a method up once (model copy, layer, hooks); the result maps images in batches.
+    """Set a method up once (model copy, layer); the result maps images in batches.
 
     The returned function takes float [0, 1] NCHW images in the model's colour mode and the
     classes to explain, and returns N x H x W float32 maps at the input's size, each in [0, 1].
@@ -148,16 +192,12 @@ def saliency_fn(
     def maps_of(images: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
         maps = []
         for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size].to(device)
-            m = torch.as_tensor(np.asarray(fn(x, targets[i : i + batch_size].to(device)), dtype=np.float32))
-            if m.shape[-2:] != x.shape[-2:]:
-                m = F.interpolate(m[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-            flat = m.flatten(1)
-            lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
-            maps.append(((flat - lo) / (hi - lo).clamp_min(1e-8)).view_as(m))
+            x = images[i : i + batch_size].to(device, memory_format=torch.channels_last)
+            cams = fn(x, targets[i : i + batch_size].to(device))
+            maps.append(_upsampled_unit(cams[:, None].float(), x.shape[-2:])[:, 0])
         if not maps:
             return np.zeros((0, *images.shape[-2:]), dtype=np.float32)
-        return torch.cat(maps).numpy()
+        return torch.cat(maps).cpu().numpy()
 
     return maps_of
 

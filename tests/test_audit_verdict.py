@@ -22,6 +22,7 @@ CLEAN = {
     "energy_others": {"outer band": 0.2},
     "transplant_top": {**NONE, "pixels": 51, "where": "centre"},
     "transplant_regions": {"outer band": NONE, "top-left corner": NONE},
+    "transplant_regions_mean": {"outer band": NONE, "top-left corner": NONE},
     "transplant_tone": NONE,
     "deletion": {"drop_top": 0.5, "drop_random": 0.1, "gap": 0.4},  # large, but on the object
     "masks": None,
@@ -59,7 +60,7 @@ def test_transplant_fails_with_a_sentence_naming_class_test_and_number() -> None
     assert finding["test"] == "transplant:top-left corner"
     assert finding["sentence"] == (
         "class 'malignant': pasting the top-left corner of its images into other classes' images flips 81% "
-        "of them to 'malignant' (3% when the same pixels come from other classes)"
+        "of them to 'malignant' (3% for the larger control: that place from other classes, or evened out)"
     )
 
 
@@ -109,6 +110,67 @@ def test_transplant_moves_only_masked_pixels_and_counts_flips() -> None:
         evidence.transplant(Bright(), donors, elsewhere, recipients, recipients, 1, rng, 4)["flip_rate"]
         == 0.0
     )
+
+
+class Textured(torch.nn.Module):  # class 1 when the top rows have texture, whatever its shape
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x[:, :, :2].flatten(1).std(1) - 0.1 + self.w
+        return torch.stack([-s, s], 1)
+
+
+def test_texture_that_varies_between_images_is_not_blamed_on_the_place() -> None:
+    rng = np.random.default_rng(0)
+    textured = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))  # a frame-filling object
+    recipients = torch.full((6, 1, 8, 8), 0.5)
+    band = evidence.candidate_regions(8, 8, 0.25, 0.25)["outer band"]
+    each = evidence.region_transplant(
+        Textured(), textured, band, recipients, 1, rng, batch_size=4, texture_control=True
+    )
+    assert each["flip_rate"] == 1.0 and each["shuffled_flip_rate"] == 1.0  # values alone do it
+    assert each["control_flip_rate"] == 1.0
+    mean = evidence.mean_transplant(Textured(), textured, band, recipients, 1, rng, batch_size=4)
+    assert mean["flip_rate"] == 0.0  # averaged out
+
+
+def test_a_cue_fixed_in_place_survives_the_mean_and_a_shape_does_not_survive_shuffling() -> None:
+    rng = np.random.default_rng(0)
+    framed = torch.full((8, 1, 8, 8), 0.5)
+    framed[:, :, 0, ::2] = 1.0  # the same stripes in every image
+    recipients = torch.full((6, 1, 8, 8), 0.5)
+    band = evidence.candidate_regions(8, 8, 0.25, 0.25)["outer band"]
+    mean = evidence.mean_transplant(Textured(), framed, band, recipients, 1, rng, batch_size=4)
+    assert mean["flip_rate"] == 1.0 and mean["evened_flip_rate"] == 0.0 and mean["control_flip_rate"] == 0.0
+
+    class Stripes(torch.nn.Module):  # class 1 for alternating pixels along the top row: a shape
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            row = x[:, 0, 0]
+            s = (row[:, ::2] - row[:, 1::2]).mean(1) - 0.4 + self.w
+            return torch.stack([-s, s], 1)
+
+    each = evidence.region_transplant(Stripes(), framed, band, recipients, 1, rng, 4, texture_control=True)
+    assert each["flip_rate"] == 1.0 and each["shuffled_flip_rate"] < 0.5
+    plain = evidence.region_transplant(Textured(), framed, band, recipients, 1, rng, 4)
+    assert "shuffled_flip_rate" not in plain
+    assert plain["control_flip_rate"] == max(plain["other_classes_flip_rate"], plain["evened_flip_rate"])
+
+
+def test_shuffle_within_keeps_values_inside_and_pixels_outside() -> None:
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    region = np.zeros((4, 4), dtype=bool)
+    region[0] = True
+    out = evidence.shuffle_within(x, region, np.random.default_rng(0))
+    assert torch.equal(out[:, :, 1:], x[:, :, 1:])
+    assert torch.equal(out[:, :, 0].sort(-1).values, x[:, :, 0].sort(-1).values)
+    assert not torch.equal(out, x)
+    assert torch.equal(out[:, 1] - out[:, 0], x[:, 1] - x[:, 0])  # channels move together
 
 
 def test_a_class_with_no_correct_image_is_reported_not_a_crash() -> None:

@@ -82,8 +82,11 @@ def _figure_rows(f: dict[str, Any]) -> str:
             f"{f['transplant_top']['flip_rate']:.2f} vs {f['transplant_top']['control_flip_rate']:.2f}",
         )
     )
-    for region, r in f["transplant_regions"].items():
-        rows.append((f"{region} transplant", f"{r['flip_rate']:.2f} vs {r['control_flip_rate']:.2f}"))
+    for kind, key in (("each image", "transplant_regions"), ("class mean", "transplant_regions_mean")):
+        for region, r in f[key].items():
+            rows.append(
+                (f"{region} transplant, {kind}", f"{r['flip_rate']:.2f} vs {r['control_flip_rate']:.2f}")
+            )
     rows.append(
         (
             "tone transplant",

@@ -15,48 +15,78 @@ from cnnops.config import AuditParams
 OFF_OBJECT_FOR_DELETION = 0.5  # deletion counts only when most of the removed pixels lie off the object
 BAND_EXCESS_WARNING = 0.1  # outer-band saliency share above the other classes' by this much: a pointer
 MIN_IMAGES = 3  # fewer correctly classified images than this: the class cannot be judged
+OTHER_PIXELS = "when the same pixels come from other classes"
+PLACE_CONTROLS_NO_SHUFFLE = "for the larger control: that place from other classes, or evened out"
+PLACE_CONTROLS = "for the larger control: that place from other classes, evened out, or its pixels shuffled"
 
 
 def _pct(v: float) -> str:
     return f"{100 * v:.0f}%"
 
 
-def _transplant_findings(name: str, f: dict[str, Any], a: AuditParams) -> list[dict[str, Any]]:
+def _excess(r: dict[str, Any]) -> float:
+    return r["flip_rate"] - r["control_flip_rate"]
+
+
+def _crossing(name: str, candidates: list[tuple], threshold: float) -> list[dict[str, Any]]:
+    """Findings of the transplants whose flip rate beats their control by `threshold` or more.
+
+    Each candidate is (test, figures, what was pasted, what its control pasted).
+    """
     q = f"'{name}'"
-    out = []
-    top = f["transplant_top"]
-    candidates = [
-        (
-            "transplant_top",
-            top,
-            f"pasting its most-attended {top['pixels']} pixels ({_pct(a.top_fraction)} of the image, "
-            f"mostly at the "
-            f"{top['where']}) into other classes' images",
-        ),
-        *[
-            (f"transplant:{region}", r, f"pasting the {region} of its images into other classes' images")
-            for region, r in f["transplant_regions"].items()
-        ],
-        (
-            "transplant_tone",
-            f["transplant_tone"],
-            "giving other classes' images the brightness and contrast of its images",
-        ),
+    return [
+        {
+            "class": name,
+            "test": test,
+            "value": round(_excess(r), 4),
+            "threshold": threshold,
+            "sentence": f"class {q}: {what} flips {_pct(r['flip_rate'])} of them to {q} "
+            f"({_pct(r['control_flip_rate'])} {control})",
+        }
+        for test, r, what, control in candidates
+        if r["pairs"] and _excess(r) >= threshold
     ]
-    for test, r, what in candidates:
-        excess = r["flip_rate"] - r["control_flip_rate"]
-        if r["pairs"] and excess >= a.transplant_flip_threshold:
-            out.append(
-                {
-                    "class": name,
-                    "test": test,
-                    "value": round(excess, 4),
-                    "threshold": a.transplant_flip_threshold,
-                    "sentence": f"class {q}: {what} flips {_pct(r['flip_rate'])} of them to {q} "
-                    f"({_pct(r['control_flip_rate'])} when the same pixels come from other classes)",
-                }
-            )
-    return out
+
+
+def _transplant_findings(name: str, f: dict[str, Any], a: AuditParams) -> list[dict[str, Any]]:
+    top = f["transplant_top"]
+    return _crossing(
+        name,
+        [
+            (
+                "transplant_top",
+                top,
+                f"pasting its most-attended {top['pixels']} pixels ({_pct(a.top_fraction)} of the image, "
+                f"mostly at the {top['where']}) into other classes' images",
+                OTHER_PIXELS,
+            ),
+            *[
+                (
+                    f"transplant:{region}",
+                    r,
+                    f"pasting the {region} of its images into other classes' images",
+                    PLACE_CONTROLS if "shuffled_flip_rate" in r else PLACE_CONTROLS_NO_SHUFFLE,
+                )
+                for region, r in f["transplant_regions"].items()
+            ],
+            *[
+                (
+                    f"transplant_mean:{region}",
+                    r,
+                    f"pasting the {region} its images have in common (their mean) into other classes' images",
+                    "for the larger control: the other classes' mean there, or the place evened out",
+                )
+                for region, r in f["transplant_regions_mean"].items()
+            ],
+            (
+                "transplant_tone",
+                f["transplant_tone"],
+                "giving other classes' images the brightness and contrast of its images",
+                "with other classes' tone, or the opposite change",
+            ),
+        ],
+        a.transplant_flip_threshold,
+    )
 
 
 def class_findings(name: str, f: dict[str, Any], a: AuditParams) -> tuple[list[dict], list[dict]]:

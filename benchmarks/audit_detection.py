@@ -13,8 +13,10 @@ So each run also measures the ground truth the audit does not see: the planted c
 into other classes' test images, and the share then predicted as the cued class ("cue flips").
 A run counts as "learned" when that share reaches the audit's transplant threshold.
 
-It then times saliency on the same model in batches against a one-image-at-a-time loop. Seeds move
-the cue's position, size, intensity and class. Not a test: slow, and its numbers go to docs/audit.md.
+On clean data it also reports the largest transplant flip rate minus control of any class: the
+margin left under the threshold. It then times saliency on the same model in batches against two
+one-image-at-a-time loops: our own function on one image, and the grad-cam package's CAMs. Seeds
+move the cue's position, size, intensity and class. Not a test: slow; its numbers go to docs/audit.md.
 
     .venv/bin/python benchmarks/audit_detection.py --seeds 5 --sources digits faces
 """
@@ -81,9 +83,24 @@ def one_run(root: Path, source: str, cue: str, seed: int, per_class: int, epochs
         "named": worst is not None and worst["class"] == cls,
         "among": cls in report["failed_classes"],
         "worst": worst["sentence"] if worst else "",
+        "largest_excess": largest_excess(report),
         "model": tp.model,
         "test": root / "prepared" / "test.pt",
     }
+
+
+def largest_excess(report: dict) -> float:
+    """The largest transplant flip rate minus its control over every class: the margin to the threshold."""
+    return max(
+        r["flip_rate"] - r["control_flip_rate"]
+        for figures in report["classes"].values()
+        for r in (
+            figures["transplant_top"],
+            figures["transplant_tone"],
+            *figures["transplant_regions"].values(),
+            *figures["transplant_regions_mean"].values(),
+        )
+    )
 
 
 def cue_flip_rate(model_path: Path, test_path: Path, spec: CueSpec) -> float:
@@ -183,9 +200,10 @@ def main() -> None:
     for source, cue, runs in rows:
         fails = [r["verdict"] == "fail" for r in runs]
         if cue == "none":
-            print(f"| {source} | none (clean) | {len(runs)} | | | | {sum(fails)}/{len(runs)} |")
+            margin = f"largest flip − control {max(r['largest_excess'] for r in runs):.2f}"
+            print(f"| {source} | none (clean) | {len(runs)} | | | | {sum(fails)}/{len(runs)} ({margin}) |")
             figures.append(
-                row("audit_detection", f"false alarms, clean {source}", f"{sum(fails)}/{len(runs)}")
+                row("audit_detection", f"false alarms, clean {source}", f"{sum(fails)}/{len(runs)}", margin)
             )
             continue
         learned = [r for r in runs if r["learned"]]

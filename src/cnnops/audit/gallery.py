@@ -46,16 +46,17 @@ def chart(figures: dict[str, Any]) -> Image.Image:
     tests = {
         "most-attended": figures["transplant_top"],
         **figures["transplant_regions"],
+        **{f"{name} (mean)": r for name, r in figures["transplant_regions_mean"].items()},
         "tone": figures["transplant_tone"],
     }
     names = list(tests)
     flips = [tests[n]["flip_rate"] for n in names]
     ctrls = [tests[n]["control_flip_rate"] for n in names]
-    fig, ax = plt.subplots(figsize=(6, 2.4), dpi=80)
+    fig, ax = plt.subplots(figsize=(9, 2.6), dpi=80)
     pos = np.arange(len(names))
     ax.bar(pos - 0.2, flips, 0.4, label="pasted from this class", color="#c0392b")
-    ax.bar(pos + 0.2, ctrls, 0.4, label="control: from other classes", color="#7f8c8d")
-    ax.set_xticks(pos, [n.replace(" corner", "") for n in names], fontsize=7)
+    ax.bar(pos + 0.2, ctrls, 0.4, label="control (the larger of its controls)", color="#7f8c8d")
+    ax.set_xticks(pos, [n.replace(" corner", "") for n in names], fontsize=6, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("flip rate", fontsize=8)
     ax.legend(fontsize=7, loc="upper right")

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import torch
 
-from cnnops.audit import evidence
+from cnnops.audit import evidence, verdict
 from cnnops.audit.verdict import decide
 from cnnops.config import AuditParams
 
@@ -60,8 +60,18 @@ def test_transplant_fails_with_a_sentence_naming_class_test_and_number() -> None
     assert finding["test"] == "transplant:top-left corner"
     assert finding["sentence"] == (
         "class 'malignant': pasting the top-left corner of its images into other classes' images flips 81% "
-        "of them to 'malignant' (3% for the larger control: that place from other classes, or evened out)"
+        "of them to 'malignant' (3% for the larger control: that place from other classes, or evened out; "
+        "50 images, p < 0.001)"
     )
+
+
+def test_too_few_pairs_to_show_an_effect_pass() -> None:
+    small = {"flip_rate": 0.3125, "control_flip_rate": 0.0625, "pairs": 16}  # 5 of 16 against 1 of 16
+    assert verdict.p_value(small) > A.significance
+    assert decide({"a": _with(transplant_tone=small)}, None, A)["verdict"] == "pass"
+    large = {**small, "pairs": 160}  # the same rates over ten times the images
+    result = decide({"a": _with(transplant_tone=large)}, None, A)
+    assert result["verdict"] == "fail" and result["failures"][0]["p_value"] < 0.001
 
 
 def test_control_cancels_a_flip_that_any_paste_causes() -> None:

@@ -220,6 +220,9 @@ class AuditParams(Section):
         0.3, gt=0.0, le=0.5, description="side of each corner region (share of side)"
     )
     transplant_flip_threshold: float = Field(0.2, gt=0.0, le=1.0, description="flip rate minus control")
+    significance: float = Field(
+        0.05, gt=0.0, le=1.0, description="one-sided Fisher exact p-value a transplant's flips must reach"
+    )
     deletion_gap_threshold: float = Field(0.25, gt=0.0, le=1.0, description="drop(top) minus drop(random)")
     mask_inside_threshold: float = Field(
         0.3, gt=0.0, le=1.0, description="min share of the most-attended pixels inside the masks"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from scipy.stats import fisher_exact
+
 from cnnops.config import AuditParams
 
 OFF_OBJECT_FOR_DELETION = 0.5  # deletion counts only when most of the removed pixels lie off the object
@@ -28,24 +30,47 @@ def _excess(r: dict[str, Any]) -> float:
     return r["flip_rate"] - r["control_flip_rate"]
 
 
-def _crossing(name: str, candidates: list[tuple], threshold: float) -> list[dict[str, Any]]:
-    """Findings of the transplants whose flip rate beats their control by `threshold` or more.
+def p_value(r: dict[str, Any]) -> float:
+    """One-sided Fisher exact test that the flips beat the control by more than chance, given the pairs.
+
+    A test split of a few dozen images gives each flip a weight of several percent; the threshold
+    says how large an effect must be, this says whether so few pairs can show it.
+    """
+    n = r["pairs"]
+    k, c = round(r["flip_rate"] * n), round(r["control_flip_rate"] * n)
+    return float(fisher_exact([[k, n - k], [c, n - c]], alternative="greater").pvalue)
+
+
+def _p_words(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def _crossing(name: str, candidates: list[tuple], a: AuditParams) -> list[dict[str, Any]]:
+    """Findings of the transplants whose flip rate beats their control by the threshold or more,
+    at the significance level.
 
     Each candidate is (test, figures, what was pasted, what its control pasted).
     """
     q = f"'{name}'"
-    return [
-        {
-            "class": name,
-            "test": test,
-            "value": round(_excess(r), 4),
-            "threshold": threshold,
-            "sentence": f"class {q}: {what} flips {_pct(r['flip_rate'])} of them to {q} "
-            f"({_pct(r['control_flip_rate'])} {control})",
-        }
-        for test, r, what, control in candidates
-        if r["pairs"] and _excess(r) >= threshold
-    ]
+    found = []
+    for test, r, what, control in candidates:
+        if not r["pairs"] or _excess(r) < a.transplant_flip_threshold:
+            continue
+        p = p_value(r)
+        if p > a.significance:
+            continue
+        found.append(
+            {
+                "class": name,
+                "test": test,
+                "value": round(_excess(r), 4),
+                "threshold": a.transplant_flip_threshold,
+                "p_value": round(p, 6),
+                "sentence": f"class {q}: {what} flips {_pct(r['flip_rate'])} of them to {q} "
+                f"({_pct(r['control_flip_rate'])} {control}; {r['pairs']} images, {_p_words(p)})",
+            }
+        )
+    return found
 
 
 def _transplant_findings(name: str, f: dict[str, Any], a: AuditParams) -> list[dict[str, Any]]:
@@ -85,7 +110,7 @@ def _transplant_findings(name: str, f: dict[str, Any], a: AuditParams) -> list[d
                 "with other classes' tone, or the opposite change",
             ),
         ],
-        a.transplant_flip_threshold,
+        a,
     )
 
 

@@ -1,7 +1,7 @@
 """How often the audit catches a planted shortcut, how often it cries wolf, and what batching buys.
 
 For each cue kind (and clean data) and each seed, this writes a planted copy of the digits or the
-lfw faces with `cnnops.planted`, runs the real prepare, train and audit stages on it, and counts:
+lfw faces with `cnnops.data.planted`, runs the real prepare, train and audit stages on it, and counts:
 
 - detection: the verdict is `fail` and the worst failure names the cued class ("named first"), or
   the cued class is among the failed classes ("among failed"; with two classes, removing a cue
@@ -41,9 +41,9 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from cnnops.audit.saliency import find_target_layer, saliency_fn
 from cnnops.config import parse_params
-from cnnops.dataset import PreparedSplit
+from cnnops.data.planted import CUES, CueSpec, make_planted, plant
+from cnnops.data.splits import PreparedSplit
 from cnnops.models import load_classifier
-from cnnops.planted import CUES, CueSpec, make_planted, plant
 from cnnops.stages import audit, prepare, train
 
 CLASSES = {"digits": [str(d) for d in range(10)], "faces": ["face", "nonface"]}

@@ -23,8 +23,8 @@ from figures import add_json_argument, row, write_json
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cnnops.engine import LoopSettings, train_one_epoch
 from cnnops.models import create_classifier, default_spec
+from cnnops.training.engine import LoopSettings, train_one_epoch
 
 
 def settings_under_test(device: torch.device) -> dict[str, LoopSettings]:

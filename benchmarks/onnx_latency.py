@@ -1,7 +1,7 @@
 """ONNX Runtime against PyTorch eager: latency and throughput measured in one run, printed as ratios.
 
 For each model (the small ConvNet and ResNet-18 by default) and image size, this exports the
-Classifier exactly as `cnnops export` does and times both engines with `cnnops.latency.compare`,
+Classifier exactly as `cnnops export` does and times both engines with `cnnops.export.latency.compare`,
 the function whose figures go to reports/export.json, on CPU and, when torch sees a GPU, CUDA.
 Target: ORT at least 1.5x faster than eager PyTorch at batch 1 on CPU. Not a test: timings depend
 on the machine and its load, so only ratios taken in the same run mean anything.
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from figures import add_json_argument, row, write_json
 
-from cnnops.latency import compare
+from cnnops.export.latency import compare
+from cnnops.export.onnx_model import OnnxMetadata, available_providers, export_classifier, open_session
 from cnnops.models import create_classifier, default_spec
-from cnnops.onnx_model import OnnxMetadata, available_providers, export_classifier, open_session
 
 TARGET = 1.5
 

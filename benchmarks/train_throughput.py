@@ -32,14 +32,14 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from cnnops.config import parse_params
-from cnnops.dataset import PreparedSplit
-from cnnops.engine import LoopSettings, train_one_epoch
-from cnnops.example import write_digits
-from cnnops.loaders import SplitDataset, eval_loader, train_loader
+from cnnops.data.example import write_digits
+from cnnops.data.loaders import SplitDataset, eval_loader, train_loader
+from cnnops.data.splits import PreparedSplit
+from cnnops.data.transforms import EvalPreset, TrainPreset
 from cnnops.models import create_classifier, default_spec
-from cnnops.optim import build_optimizer, build_scheduler
 from cnnops.stages import prepare, train
-from cnnops.transforms import EvalPreset, TrainPreset
+from cnnops.training.engine import LoopSettings, train_one_epoch
+from cnnops.training.optim import build_optimizer, build_scheduler
 
 
 def plain_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer, batch: int) -> None:

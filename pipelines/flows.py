@@ -22,9 +22,9 @@ from prefect.client.schemas.objects import FlowRun, State, TaskRun
 from prefect.runtime import flow_run as current_flow_run
 from prefect.tasks import Task, exponential_backoff
 
-from cnnops import tracking
 from cnnops.config import OrchestrateParams, Params, TrackingParams, load_params
 from cnnops.errors import StageInputError
+from cnnops.tracking import runs
 from pipelines import Logger, dvc_cli, gitops, notify
 from pipelines.workspace import (
     MergeResult,
@@ -85,7 +85,7 @@ def version_data(root: Path) -> str | None:
 def tag_mlflow_run(tracking_params: TrackingParams, run_id: str, tags: dict[str, str], root: Path) -> None:
     """Point the MLflow run at this flow run (and its data version), so each record leads to the other.
     A relative local store is the workspace's (where DVC ran the stages), not this process's cwd."""
-    tracking.tag_run(tracking_params, run_id, tags, root)
+    runs.tag_run(tracking_params, run_id, tags, root)
 
 
 @task
@@ -218,7 +218,7 @@ def _record(
 ) -> RetrainResult:
     """Tag the MLflow run, commit the versions if asked, and publish the record as a markdown artifact."""
     logger = get_run_logger()
-    run_id = tracking.run_id_from_report(root / TRAIN_REPORT)
+    run_id = runs.run_id_from_report(root / TRAIN_REPORT)
     release = _read_json(root / RELEASE_REPORT)
     new_champion = bool(release.get("promoted")) and release.get("champion") != champion_before
     flow_run_tags = {

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cnnops.config import Params, parse_params
-from cnnops.example import write_digits
+from cnnops.data.example import write_digits
 from cnnops.stages import prepare
 
 DIGITS_PER_CLASS = 40

@@ -15,10 +15,10 @@ import mlflow
 import pytest
 import torch
 
-from cnnops import tracking
 from cnnops.config import TrackingParams
-from cnnops.dataset import PreparedSplit
+from cnnops.data.splits import PreparedSplit
 from cnnops.models import Classifier, create_classifier, default_spec, save_checkpoint
+from cnnops.tracking import runs
 
 CLASSES = ["a", "b", "c"]
 SIZE = (16, 16)
@@ -73,7 +73,7 @@ def tracking_params(root: Path) -> TrackingParams:
 
 def model_run(root: Path, name: str, model: Classifier, params: TrackingParams) -> tuple[Path, Path]:
     """What `train` leaves behind for one model: a checkpoint, an MLflow run and the train report."""
-    tracking.configure(params)
+    runs.configure(params)
     with mlflow.start_run(run_name=name) as run:
         mlflow.log_param("model", model.spec.model)
     checkpoint = root / name / "model.pt"
@@ -87,7 +87,7 @@ def model_run(root: Path, name: str, model: Classifier, params: TrackingParams) 
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TrackingParams:
     """A fresh SQLite store under tmp_path, also set as MLFLOW_TRACKING_URI for the test only.
 
-    mlflow.set_tracking_uri (in tracking.configure) exports MLFLOW_TRACKING_URI, which
+    mlflow.set_tracking_uri (in runs.configure) exports MLFLOW_TRACKING_URI, which
     TrackingParams.resolved_uri prefers: setting it here makes this test's store win, and
     monkeypatch removes it afterwards so the store does not leak into later tests.
     """

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-# Before anything imports prefect: a private home, no telemetry (STACK.md: without these the
+# Before anything imports prefect: a private home, no telemetry (measured: without these the
 # ephemeral server logs "database is locked").
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="cnnops-prefect-home-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -97,7 +97,7 @@ def prefect_harness() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def workspace_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cnnops.example import write_digits
+    from cnnops.data.example import write_digits
 
     root = tmp_path_factory.mktemp("workspace_template") / "ws"
     root.mkdir()

@@ -1,7 +1,7 @@
 """The audit end to end on real images: planted shortcuts fail, clean data passes.
 
 Each case writes a planted copy of scikit-learn's digits (or scikit-image's lfw faces) with
-`cnnops.planted`, then runs the real validate, prepare, train and audit stages on it with a real
+`cnnops.data.planted`, then runs the real validate, prepare, train and audit stages on it with a real
 MLflow SQLite store. The cue kind, position, size and intensity vary with the seed.
 """
 
@@ -20,7 +20,7 @@ from fixtures_model import one_thread
 
 from cnnops.audit import gallery
 from cnnops.config import Params, parse_params
-from cnnops.planted import CueSpec, make_planted
+from cnnops.data.planted import CueSpec, make_planted
 from cnnops.stages import audit, prepare, train, validate
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from fixtures_prefect import tool_env
 
-from cnnops.example import write_digits
+from cnnops.data.example import write_digits
 
 
 def run(root: Path, *command: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from fixtures_model import TrainedDigits
 
-from cnnops.dataset import PreparedSplit
+from cnnops.data.splits import PreparedSplit
 from cnnops.errors import StageInputError
 from cnnops.models import load_classifier
 from cnnops.stages import audit, evaluate, export

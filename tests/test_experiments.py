@@ -16,8 +16,8 @@ import pytest
 import yaml
 from fixtures_prefect import tool_env
 
-from cnnops import tracking
 from cnnops.config import TrackingParams
+from cnnops.tracking import runs
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -74,15 +74,15 @@ def test_workspace_and_queued_experiments_are_mlflow_runs_named_after_them(make_
 def test_local_store_is_anchored_at_dvc_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     params = TrackingParams()
     monkeypatch.delenv("DVC_ROOT", raising=False)
-    assert tracking.store_uri(params) == "sqlite:///mlflow.db"
+    assert runs.store_uri(params) == "sqlite:///mlflow.db"
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    assert tracking.store_uri(params) == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert tracking.anchored("mlartifacts") == tmp_path / "mlartifacts"
+    assert runs.store_uri(params) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert runs.anchored("mlartifacts") == tmp_path / "mlartifacts"
     absolute = TrackingParams(uri="sqlite:////srv/mlflow.db", artifact_location="/srv/art")
-    assert tracking.store_uri(absolute) == "sqlite:////srv/mlflow.db"
-    assert tracking.anchored("/srv/art") == Path("/srv/art")
+    assert runs.store_uri(absolute) == "sqlite:////srv/mlflow.db"
+    assert runs.anchored("/srv/art") == Path("/srv/art")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.store_uri(params) == "http://127.0.0.1:5000"
+    assert runs.store_uri(params) == "http://127.0.0.1:5000"
 
 
 def test_every_stage_input_is_tracked_by_git_or_dvc() -> None:

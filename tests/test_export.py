@@ -16,7 +16,7 @@ from fixtures_export import model_run
 
 from cnnops.config import ExportParams, TrackingParams
 from cnnops.errors import StageInputError
-from cnnops.onnx_model import read_metadata
+from cnnops.export.onnx_model import read_metadata
 from cnnops.stages import export
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from cnnops.data.decode import load_tensor, read_image
+from cnnops.data.folder import scan_image_folder
 from cnnops.errors import DataError
-from cnnops.images import load_tensor, read_image, scan_image_folder
 
 
 def _pixel(path: Path, color_mode: str) -> tuple[int, ...] | int:
@@ -212,7 +213,7 @@ def test_hidden_files_are_skipped_with_a_warning(tmp_path: Path, caplog: pytest.
     root = _folder(tmp_path / "data", {"a": 1, "b": 1})
     (root / "a" / ".DS_Store").write_bytes(b"x")
     (root / ".git").mkdir()
-    with caplog.at_level(logging.WARNING, logger="cnnops.images"):
+    with caplog.at_level(logging.WARNING, logger="cnnops.data.decode"):
         scan = scan_image_folder(root, hidden_files="skip")
     assert scan.skipped == [(".git", "hidden"), ("a/.DS_Store", "hidden")]
     assert [r.relpath for r in scan.records] == ["a/0.png", "b/0.png"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from cnnops.lineage import git_commit
+from cnnops.tracking.lineage import git_commit
 
 
 def _git(repo: Path, *args: str) -> str:

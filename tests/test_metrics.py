@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnnops.metrics import classification_report, expected_calibration_error
+from cnnops.training.metrics import classification_report, expected_calibration_error
 
 
 def test_classification_report_on_a_known_confusion() -> None:

@@ -11,10 +11,9 @@ import pytest
 import torch
 from fixtures_export import CLASSES, SIZE, synthetic_split
 
-from cnnops.compression import compress
 from cnnops.errors import ExportError, StageInputError
-from cnnops.models import create_classifier, default_spec
-from cnnops.onnx_model import (
+from cnnops.export.compression import compress
+from cnnops.export.onnx_model import (
     OnnxMetadata,
     check_parity,
     export_classifier,
@@ -23,6 +22,7 @@ from cnnops.onnx_model import (
     read_metadata,
     with_output,
 )
+from cnnops.models import create_classifier, default_spec
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cnnops.models import create_classifier, default_spec
-from cnnops.optim import WARMUP_START_FACTOR, build_optimizer, build_scheduler
+from cnnops.training.optim import WARMUP_START_FACTOR, build_optimizer, build_scheduler
 
 
 def model():

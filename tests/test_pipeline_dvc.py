@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cnnops.example import write_digits
+from cnnops.data.example import write_digits
 
 PROJECT = Path(__file__).resolve().parents[1]
 STAGES = ("validate", "prepare")

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from cnnops.cli import main
+from cnnops.data.planted import make_planted
 from cnnops.errors import CnnopsError
-from cnnops.planted import make_planted
 
 
 def _images(root: Path, cls: str) -> np.ndarray:

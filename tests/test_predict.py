@@ -14,7 +14,7 @@ import pytest
 from fixtures_export import SIZE
 from PIL import Image
 
-from cnnops.onnx_model import OnnxMetadata, export_classifier
+from cnnops.export.onnx_model import OnnxMetadata, export_classifier
 
 pytestmark = pytest.mark.integration
 CNNOPS = str(Path(sys.executable).with_name("cnnops"))

@@ -14,7 +14,7 @@ from fixtures_data import run_prepare
 from PIL import Image
 
 from cnnops.config import parse_params
-from cnnops.dataset import SPLITS, load_splits
+from cnnops.data.splits import SPLITS, load_splits
 from cnnops.errors import DataError, StageInputError
 from cnnops.stages import prepare, validate
 

@@ -13,8 +13,8 @@ from mlflow import MlflowClient
 
 from cnnops.config import ExportParams, ReleaseParams, TrackingParams
 from cnnops.errors import StageInputError
+from cnnops.export.onnx_model import OnnxMetadata, export_classifier, read_metadata
 from cnnops.models import Classifier
-from cnnops.onnx_model import OnnxMetadata, export_classifier, read_metadata
 from cnnops.stages import export, release
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

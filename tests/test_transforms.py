@@ -6,7 +6,7 @@ import torch
 from torchvision.transforms import v2
 
 from cnnops.config import AugmentParams
-from cnnops.transforms import EvalPreset, TrainPreset, get_mixup_cutmix
+from cnnops.data.transforms import EvalPreset, TrainPreset, get_mixup_cutmix
 
 
 def image(channels: int = 1) -> torch.Tensor:

@@ -26,9 +26,9 @@ COMMANDS = {
     "audit": "cnnops.stages.audit",
     "export": "cnnops.stages.export",
     "release": "cnnops.stages.release",
-    "predict": "cnnops.predict",
-    "make-example": "cnnops.example",
-    "make-planted": "cnnops.planted",
+    "predict": "cnnops.export.predict",
+    "make-example": "cnnops.data.example",
+    "make-planted": "cnnops.data.planted",
 }
 # Third-party loggers that narrate their internals at INFO (the ONNX exporter's graph passes).
 QUIET_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx")

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cnnops.data.decode import read_image
+from cnnops.data.folder import ANNOTATIONS_FILE
 from cnnops.errors import DataError
-from cnnops.images import ANNOTATIONS_FILE, read_image
 
 
 def _inside(root: Path, rel: str, csv_path: Path, line: int, column: str) -> Path:

@@ -14,7 +14,7 @@ import numpy as np
 from sklearn.metrics import f1_score
 from sklearn.tree import DecisionTreeClassifier
 
-from cnnops.dataset import PreparedSplit
+from cnnops.data.splits import PreparedSplit
 
 log = logging.getLogger(__name__)
 

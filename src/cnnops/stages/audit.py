@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnops import tracking
 from cnnops.audit import evidence, gallery, properties, saliency, verdict
 from cnnops.audit.annotations import load_object_masks
 from cnnops.config import AuditParams, Params
-from cnnops.dataset import PreparedSplit, load_split_for
+from cnnops.data.splits import PreparedSplit, load_split_for
 from cnnops.models import Classifier
+from cnnops.tracking import runs
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def run(
 ) -> dict[str, Any]:
     """Audit `model_path` on `<prepared>/test.pt`; returns the report written to `paths.report`."""
     a = params.audit
-    model, run_id = tracking.load_run_model(model_path, train_report)
+    model, run_id = runs.load_run_model(model_path, train_report)
     test = load_split_for(model.spec, prepared, model_path)
     train = PreparedSplit.load(Path(prepared) / "train.pt")
     model = model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -175,13 +175,13 @@ def _write(paths: AuditPaths, report: dict[str, Any], batch: evidence.Batch, tes
 
 
 def _track(params: Params, run_id: str, report: dict[str, Any], paths: AuditPaths) -> None:
-    with tracking.continue_run(params.tracking, run_id):
-        tracking.log_metrics(
+    with runs.continue_run(params.tracking, run_id):
+        runs.log_metrics(
             {"audit_fail": float(report["verdict"] == "fail"), "audit_failures": len(report["failures"])}
         )
-        tracking.log_dict(report, "audit/audit.json")
-        tracking.log_files([paths.gallery], "audit")
-        tracking.set_tags({"cnnops.audit_verdict": report["verdict"]})
+        runs.log_dict(report, "audit/audit.json")
+        runs.log_files([paths.gallery], "audit")
+        runs.set_tags({"cnnops.audit_verdict": report["verdict"]})
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
-from cnnops import plots, tracking
 from cnnops.config import Params
-from cnnops.dataset import PreparedSplit, load_split_for
-from cnnops.engine import LoopSettings, evaluate_epoch
-from cnnops.loaders import SplitDataset, eval_loader
-from cnnops.metrics import classification_report
-from cnnops.transforms import EvalPreset
+from cnnops.data.loaders import SplitDataset, eval_loader
+from cnnops.data.splits import PreparedSplit, load_split_for
+from cnnops.data.transforms import EvalPreset
+from cnnops.tracking import runs
+from cnnops.training import plots
+from cnnops.training.engine import LoopSettings, evaluate_epoch
+from cnnops.training.metrics import classification_report
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def run(
     paths: EvaluatePaths = EvaluatePaths(),
 ) -> dict[str, Any]:
     """Evaluate `model_path` on `<prepared>/test.pt`; returns the metrics written to `paths.metrics`."""
-    model, run_id = tracking.load_run_model(model_path, train_report)
+    model, run_id = runs.load_run_model(model_path, train_report)
     test = load_split_for(model.spec, prepared, model_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     output = evaluate_epoch(
@@ -72,11 +73,11 @@ def run(
     plots.confusion_matrix(matrix, test.class_names, paths.confusion_png)
 
     scalars = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
-    with tracking.continue_run(params.tracking, run_id):
-        tracking.log_metrics(scalars)
-        tracking.log_dict({**metrics, "confusion_matrix": matrix}, "evaluate/metrics.json")
-        tracking.log_files([paths.confusion, paths.confusion_png], "evaluate")
-        tracking.set_tags({"cnnops.test_data_md5": _md5(Path(prepared) / "test.pt")})
+    with runs.continue_run(params.tracking, run_id):
+        runs.log_metrics(scalars)
+        runs.log_dict({**metrics, "confusion_matrix": matrix}, "evaluate/metrics.json")
+        runs.log_files([paths.confusion, paths.confusion_png], "evaluate")
+        runs.set_tags({"cnnops.test_data_md5": _md5(Path(prepared) / "test.pt")})
     summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece"))
     log.info("test %s on %d images (MLflow run %s)", summary, len(test), run_id)
     return metrics

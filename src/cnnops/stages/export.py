@@ -19,13 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnops import tracking
-from cnnops.compression import compress
 from cnnops.config import ExportParams, Params, TrackingParams
-from cnnops.dataset import load_split_for
-from cnnops.latency import compare
-from cnnops.lineage import lineage
-from cnnops.onnx_model import (
+from cnnops.data.splits import load_split_for
+from cnnops.export.compression import compress
+from cnnops.export.latency import compare
+from cnnops.export.onnx_model import (
     OnnxMetadata,
     available_providers,
     check_parity,
@@ -34,7 +32,9 @@ from cnnops.onnx_model import (
     open_session,
     with_output,
 )
-from cnnops.registry import file_sha256
+from cnnops.tracking import runs
+from cnnops.tracking.lineage import lineage
+from cnnops.tracking.registry import file_sha256
 
 log = logging.getLogger(__name__)
 COMPRESSED_NAME = "model.{kind}.onnx"
@@ -52,7 +52,7 @@ def run(
     compressed_dir: Path,
 ) -> dict[str, Any]:
     """Export, check parity, time, optionally compress; write `out`, `report` and log to the model's run."""
-    model, run_id = tracking.load_run_model(checkpoint, train_report)
+    model, run_id = runs.load_run_model(checkpoint, train_report)
     test = load_split_for(model.spec, prepared, checkpoint)
     metadata = OnnxMetadata(
         class_names=list(model.spec.class_names),
@@ -162,9 +162,9 @@ def _log_to_mlflow(
 ) -> None:
     # Settings are tags, not params: MLflow refuses to change a param, and re-exporting the same run
     # with another opset or output is legitimate.
-    with tracking.continue_run(tracking_params, run_id):
-        tracking.log_metrics(_flatten(result, "export."))
-        tracking.set_tags(
+    with runs.continue_run(tracking_params, run_id):
+        runs.log_metrics(_flatten(result, "export."))
+        runs.set_tags(
             {
                 "export.opset": result["opset"],
                 "export.output": result["output"],
@@ -172,7 +172,7 @@ def _log_to_mlflow(
                 "export.onnx_sha256": file_sha256(onnx_path),
             }
         )
-        tracking.log_files([report], "export")
+        runs.log_files([report], "export")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -1,7 +1,7 @@
 """`cnnops prepare`: a hash-stable, duplicate-aware train/val/test split cached as uint8 tensors.
 
 Split rule (`assign_splits`): images are first grouped into duplicate groups (identical bytes or
-perceptual hashes within `data.near_duplicate_distance`, see `cnnops.manifest`). Each group gets a
+perceptual hashes within `data.near_duplicate_distance`, see `cnnops.data.manifest`). Each group gets a
 number u in [0, 1) from SHA-256 of (seed, the smallest SHA-256 of its files); u < test_fraction
 is test, u < test_fraction + val_fraction is val, the rest train. So an image's split depends only
 on its own content and the seed: adding images never moves existing ones (unless a new image joins
@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from cnnops.config import DataParams, Params, PrepareParams, ValidateParams
-from cnnops.dataset import SPLITS, PreparedSplit
+from cnnops.data.decode import to_tensor
+from cnnops.data.folder import scan_image_folder
+from cnnops.data.manifest import ManifestEntry, describe, duplicate_groups
+from cnnops.data.splits import SPLITS, PreparedSplit
 from cnnops.errors import DataError, StageInputError
-from cnnops.images import scan_image_folder, to_tensor
-from cnnops.manifest import ManifestEntry, describe, duplicate_groups
 
 log = logging.getLogger(__name__)
 

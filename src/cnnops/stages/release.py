@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from mlflow import MlflowClient
 
-from cnnops import registry, tracking
 from cnnops.config import Params, ReleaseParams, TrackingParams
-from cnnops.dataset import PreparedSplit
+from cnnops.data.splits import PreparedSplit
 from cnnops.errors import StageInputError
-from cnnops.metrics import classification_report
-from cnnops.onnx_model import infer, open_session, read_metadata
+from cnnops.export.onnx_model import infer, open_session, read_metadata
+from cnnops.tracking import registry, runs
+from cnnops.training.metrics import classification_report
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def run(
     audit_report: Path,
     report: Path,
 ) -> dict[str, Any]:
-    run_id = tracking.run_id_from_report(train_report)
+    run_id = runs.run_id_from_report(train_report)
     metadata = read_metadata(onnx_path)
     if metadata.mlflow_run_id != run_id:
         raise StageInputError(
@@ -85,7 +85,7 @@ def run(
             f"{onnx_path} does not fit {prepared}/test.pt: {mismatch}; re-run `dvc repro export`"
         )
     score = evaluate_onnx(onnx_path, test, params.metric)
-    tracking.configure(tracking_params)
+    runs.configure(tracking_params)
     client = MlflowClient()
     sha = registry.file_sha256(onnx_path)
     version = registry.find_version(client, params.model_name, run_id, sha)

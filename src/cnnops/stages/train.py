@@ -24,16 +24,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from cnnops import distributed, plots, resume, tracking
 from cnnops.config import Params, TrainParams
-from cnnops.dataset import PreparedSplit, load_splits
-from cnnops.engine import BatchTransform, BestEpoch, LoopSettings, evaluate_epoch, train_one_epoch
+from cnnops.data.loaders import SplitDataset, eval_loader, train_loader
+from cnnops.data.splits import PreparedSplit, load_splits
+from cnnops.data.transforms import EvalPreset, TrainPreset, get_mixup_cutmix
 from cnnops.errors import StageInputError
-from cnnops.loaders import SplitDataset, eval_loader, train_loader
 from cnnops.models import Classifier, create_classifier, default_spec, save_checkpoint
-from cnnops.optim import build_optimizer, build_scheduler
-from cnnops.progress import epoch_bar
-from cnnops.transforms import EvalPreset, TrainPreset, get_mixup_cutmix
+from cnnops.tracking import runs
+from cnnops.training import distributed, plots, resume
+from cnnops.training.engine import BatchTransform, BestEpoch, LoopSettings, evaluate_epoch, train_one_epoch
+from cnnops.training.optim import build_optimizer, build_scheduler
+from cnnops.training.progress import epoch_bar
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def _train(params: Params, prepared: Path, paths: TrainPaths, dist: distributed.
             "train": t.model_dump(mode="json"),
             "seed": params.base.seed,
             "world_size": dist.world_size,
-            "tracking": [tracking.store_uri(params.tracking), params.tracking.experiment],  # run to continue
+            "tracking": [runs.store_uri(params.tracking), params.tracking.experiment],  # run to continue
         },
         [prepared / "train.pt", prepared / "val.pt"],
     )
@@ -181,12 +182,10 @@ def _train(params: Params, prepared: Path, paths: TrainPaths, dist: distributed.
     with ExitStack() as stack:
         if dist.is_main:
             run_name = f"{t.model}-{t.mode}"
-            mlflow_run = stack.enter_context(
-                tracking.training_run(params.tracking, record["run_id"], run_name)
-            )
+            mlflow_run = stack.enter_context(runs.training_run(params.tracking, record["run_id"], run_name))
             if record["run_id"] is None:
-                tags = tracking.lineage_tags(stage="train")
-                tracking.log_run_inputs(params, model.spec.class_names, paths.params_file, tags)
+                tags = runs.lineage_tags(stage="train")
+                runs.log_run_inputs(params, model.spec.class_names, paths.params_file, tags)
             record["run_id"] = mlflow_run.info.run_id
             _log_missed_epochs(record)
         for epoch in range(record["epoch"], 0 if best.should_stop else t.epochs):
@@ -228,7 +227,7 @@ def _train(params: Params, prepared: Path, paths: TrainPaths, dist: distributed.
                 record["seconds"] += time.perf_counter() - started
                 state = {**record, **parts.state_dict(), "best": asdict(best), "fingerprint": fingerprint}
                 resume.save(paths.state, state)  # before logging: a kill in between re-logs on resume
-                tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
+                runs.log_epoch({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
                 summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
                 log.info("epoch %d/%d: %s", epoch + 1, t.epochs, summary)
             if distributed.broadcast_flag(best.should_stop, dist):
@@ -265,10 +264,10 @@ def _log_missed_epochs(record: dict[str, Any]) -> None:
     """A run killed between saving its state and logging an epoch logs that epoch on resume."""
     if not record["history"]:
         return
-    logged = tracking.logged_steps(record["run_id"], "val_loss")
+    logged = runs.logged_steps(record["run_id"], "val_loss")
     for row in record["history"]:
         if row["epoch"] not in logged:
-            tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
+            runs.log_epoch({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
 
 
 def _finish(
@@ -307,7 +306,7 @@ def _finish(
     }
     paths.report.parent.mkdir(parents=True, exist_ok=True)
     paths.report.write_text(json.dumps(report, indent=2) + "\n")
-    tracking.log_metrics(
+    runs.log_metrics(
         {
             "best_val_accuracy": best.val_accuracy,
             "best_val_loss": best.val_loss,
@@ -315,9 +314,9 @@ def _finish(
             "epochs_run": len(history),
         }
     )
-    tracking.log_files([paths.model], "checkpoint")
-    tracking.log_files([paths.history, paths.curves, paths.report], "train")
-    tracking.log_files(list(paths.evidence), "data")
+    runs.log_files([paths.model], "checkpoint")
+    runs.log_files([paths.history, paths.curves, paths.report], "train")
+    runs.log_files(list(paths.evidence), "data")
     log.info(
         "best epoch %d: val accuracy %.4f; model %s; MLflow run %s",
         best.epoch,

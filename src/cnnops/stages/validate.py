@@ -1,7 +1,7 @@
 """`cnnops validate`: a manifest of every file under data/, checked by a Great Expectations suite.
 
 The manifest (one row per file: path, class, format, mode, size, bit depth, bytes, sha256,
-perceptual hash, decoding error) is built through the data contract (`cnnops.manifest.describe`).
+perceptual hash, decoding error) is built through the data contract (`cnnops.data.manifest.describe`).
 Class-level and duplicate facts are added as columns, so every check is one GX expectation on
 one dataframe and the data docs show them all. Each check has a severity from params
 (`validate.severity.<check>`): error-level failures raise `ValidationFailed` after the report and
@@ -22,9 +22,9 @@ from typing import Any
 import pandas as pd
 
 from cnnops.config import DataParams, Params, ValidateParams
+from cnnops.data.folder import scan_image_folder
+from cnnops.data.manifest import ManifestEntry, describe, duplicate_groups
 from cnnops.errors import CnnopsError, ValidationFailed
-from cnnops.images import scan_image_folder
-from cnnops.manifest import ManifestEntry, describe, duplicate_groups
 
 log = logging.getLogger(__name__)
 

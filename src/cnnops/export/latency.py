@@ -14,7 +14,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from cnnops.onnx_model import CPU
+from cnnops.export.onnx_model import CPU
 
 
 def timings_ms(fns: list[Callable[[], object]], runs: int, warmup: int = 3) -> list[np.ndarray]:

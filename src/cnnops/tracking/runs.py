@@ -20,8 +20,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from cnnops.config import Params, TrackingParams
 from cnnops.errors import StageInputError
-from cnnops.lineage import lineage
 from cnnops.models import Classifier, load_classifier
+from cnnops.tracking.lineage import lineage
 
 log = logging.getLogger(__name__)
 

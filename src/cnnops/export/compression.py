@@ -17,7 +17,7 @@ from typing import Literal
 import onnx
 
 from cnnops.errors import ExportError
-from cnnops.onnx_model import read_metadata, set_metadata
+from cnnops.export.onnx_model import read_metadata, set_metadata
 
 Compression = Literal["int8", "fp16"]
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from cnnops.dataset import PreparedSplit
+from cnnops.data.splits import PreparedSplit
 
 
 class SplitDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):

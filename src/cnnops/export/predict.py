@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cnnops.data.decode import DEFAULT_MAX_PIXELS, load_tensor
 from cnnops.errors import CnnopsError
-from cnnops.images import DEFAULT_MAX_PIXELS, load_tensor
-from cnnops.onnx_model import best_provider, infer, open_session, probabilities, read_metadata
+from cnnops.export.onnx_model import best_provider, infer, open_session, probabilities, read_metadata
 
 log = logging.getLogger(__name__)
 

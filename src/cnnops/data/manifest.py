@@ -14,8 +14,9 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from cnnops.data.decode import ColorMode, perceptual_hash, read_image
+from cnnops.data.folder import ImageRecord
 from cnnops.errors import DataError
-from cnnops.images import ColorMode, ImageRecord, perceptual_hash, read_image
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from cnnops import tracking
 from cnnops.config import TrackingParams
+from cnnops.export.onnx_model import infer, open_session
 from cnnops.models import load_classifier
-from cnnops.onnx_model import infer, open_session
+from cnnops.tracking import runs
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SHA_TAG = "onnx_sha256"
@@ -54,9 +54,9 @@ def register(
     """
     model, _ = load_classifier(checkpoint)
     spec = model.spec
-    # pt2 bakes the example's batch into the saved program when it is 1 (docs/STACK.md): use 2.
+    # pt2 bakes the example's batch into the saved program when it is 1 (measured with MLflow 3.17): use 2.
     example = np.zeros((2, spec.in_channels, *spec.image_size), dtype=np.float32)
-    with tracking.continue_run(tracking_params, run_id):
+    with runs.continue_run(tracking_params, run_id):
         pytorch_info = mlflow.pytorch.log_model(
             model,
             name="pytorch",

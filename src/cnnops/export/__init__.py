@@ -1,0 +1,1 @@
+"""Export: the self-describing ONNX model, its compressed copies, latency, and prediction from it."""

@@ -1,0 +1,1 @@
+"""Training: the loops (engine), optimizer and schedule, ranks, resume state, progress, metrics, plots."""

@@ -1,8 +1,10 @@
 """MLflow: where runs live and how stages find the model's run.
 
-The only module besides the release registry code that imports mlflow. The default store is a
-local SQLite file with a local artifact folder, so nothing has to be started; an MLflow server is
-used by configuration alone (`tracking.uri` in params.yaml or MLFLOW_TRACKING_URI).
+Runs, their tracking store and their tags are handled here. mlflow is also imported by
+`cnnops.tracking.registry` (the model registry) and by the release stage (its `MlflowClient` for the
+champion and challenger aliases). The default store is a local SQLite file with a local artifact
+folder, so nothing has to be started; an MLflow server is used by configuration alone
+(`tracking.uri` in params.yaml or MLFLOW_TRACKING_URI).
 """
 
 from __future__ import annotations

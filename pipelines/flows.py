@@ -25,12 +25,12 @@ from prefect.tasks import Task, exponential_backoff
 from cnnops.config import OrchestrateParams, Params, TrackingParams, load_params
 from cnnops.errors import StageInputError
 from cnnops.tracking import runs
+from cnnops.tracking.lineage import data_version
 from pipelines import Logger, dvc_cli, gitops, notify
 from pipelines.workspace import (
     MergeResult,
     check_workspace,
     clear_incoming,
-    data_version,
     merge_incoming,
     note_retrain,
     pending_retrain,
@@ -39,9 +39,10 @@ from pipelines.workspace import (
 )
 
 DATA_DIR = "data"
+DATA_DVC = "data.dvc"  # the pointer `dvc add data` writes
 TRAIN_REPORT = Path("reports/train.json")
 RELEASE_REPORT = Path("reports/release.json")
-VERSIONED_FILES = ("data.dvc", "dvc.lock")
+VERSIONED_FILES = (DATA_DVC, "dvc.lock")
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def run_stage(root: Path, stage: str) -> None:
 def version_data(root: Path) -> str | None:
     """`dvc add data`: the new data version goes into data.dvc (and the DVC cache)."""
     dvc_cli.run(["add", DATA_DIR], root, get_run_logger(), "dvc add data")
-    return data_version(root)
+    return data_version(root / DATA_DVC)
 
 
 @task
@@ -164,19 +165,18 @@ def retrain(workspace: str = ".", lock_timeout: float | None = None) -> RetrainR
         incoming = (root / orchestrate.incoming) if orchestrate.incoming else None
         merged = merge_incoming(incoming, root / DATA_DIR, logger) if incoming else MergeResult()
         pending = dvc_cli.status(root, logger)
-        data_changed = "data.dvc" in pending or data_version(root) is None
+        data_changed = DATA_DVC in pending or data_version(root / DATA_DVC) is None
         unrecorded = pending_retrain(root)  # an earlier run was stopped after its pipeline
         if not pending and not merged.copied and not unrecorded:
             if incoming:
                 clear_incoming(merged, incoming, logger)
-            reason = (
-                f"nothing new: data/ matches data.dvc ({data_version(root)}) and every stage matches dvc.lock"
-            )
+            version = data_version(root / DATA_DVC)
+            reason = f"nothing new: data/ matches data.dvc ({version}) and every stage matches dvc.lock"
             logger.info(reason)
-            return RetrainResult(changed=False, reason=reason, data_version=data_version(root))
+            return RetrainResult(changed=False, reason=reason, data_version=version)
         reason = _describe(merged, data_changed, pending, unrecorded)
         logger.info("retraining: %s", reason)
-        version = version_data(root) if data_changed else data_version(root)
+        version = version_data(root) if data_changed else data_version(root / DATA_DVC)
         if incoming:
             clear_incoming(merged, incoming, logger)
         champion_before = unrecorded["champion_before"] if unrecorded else _champion(root)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from filelock import FileLock, Timeout
 
 from cnnops.errors import CnnopsError, DataError
@@ -166,15 +165,6 @@ def clear_incoming(merged: MergeResult, incoming: Path, logger: Logger) -> None:
         logger.info(
             "removed %d merged file(s) from %s: data.dvc now versions them", len(merged.sources), incoming
         )
-
-
-def data_version(root: Path) -> str | None:
-    """The hash of data/ recorded in data.dvc (what `dvc add data` wrote), or None without data.dvc."""
-    path = root / "data.dvc"
-    if not path.exists():
-        return None
-    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or [{}]
-    return outs[0].get("md5")
 
 
 def pending_retrain(root: Path) -> dict[str, Any] | None:

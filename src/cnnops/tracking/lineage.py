@@ -43,22 +43,25 @@ def git_commit(repo: str | Path = ".") -> str:
     return f"{sha}-dirty" if dirty else sha
 
 
-def data_version(dvc_file: str | Path = "data.dvc") -> str:
-    """The md5 DVC stored for the data folder; `unknown` (with a warning) when data is not DVC-tracked."""
+def data_version(dvc_file: str | Path = "data.dvc") -> str | None:
+    """The md5 `dvc add data` recorded in `dvc_file`; None when the file is missing or records none,
+    so each caller decides what untracked data means (lineage: `unknown`; a flow: run `dvc add`)."""
     path = Path(dvc_file)
     if not path.exists():
-        log.warning("data version unknown: %s not found (track the data with `dvc add data`)", path)
-        return UNKNOWN
+        return None
     outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or []
     md5 = outs[0].get("md5") if outs else None
-    if not md5:
-        log.warning("data version unknown: %s has no outs[0].md5; run `dvc add data`", path)
-        return UNKNOWN
-    return str(md5)
+    return str(md5) if md5 else None
 
 
 def lineage(repo: str | Path = ".", dvc_file: str | Path = "data.dvc") -> Lineage:
-    return Lineage(git_commit(repo), data_version(dvc_file))
+    """The commit and data version a model comes from; `unknown` (with a warning) for either not found."""
+    version = data_version(dvc_file)
+    if version is None:
+        path = Path(dvc_file)
+        why = "has no outs[0].md5; run `dvc add data`" if path.exists() else "not found; run `dvc add data`"
+        log.warning("data version unknown: %s %s", path, why)
+    return Lineage(git_commit(repo), version or UNKNOWN)
 
 
 def _git(repo: str | Path, *args: str) -> str:

@@ -17,7 +17,7 @@ import torch
 
 from cnnops.config import TrackingParams
 from cnnops.data.splits import PreparedSplit
-from cnnops.models import Classifier, create_classifier, default_spec, save_checkpoint
+from cnnops.models import CHANNELS, Classifier, create_classifier, default_spec, save_checkpoint
 from cnnops.tracking import runs
 
 CLASSES = ["a", "b", "c"]
@@ -29,7 +29,7 @@ def synthetic_split(
     counts: tuple[int, ...], color_mode: str = "L", size: tuple[int, int] = SIZE, seed: int = 0
 ) -> PreparedSplit:
     generator = torch.Generator().manual_seed(seed)
-    channels = 3 if color_mode == "RGB" else 1
+    channels = CHANNELS[color_mode]
     images, labels = [], []
     for label, count in enumerate(counts):
         level = (label + 1) / (len(counts) + 1)

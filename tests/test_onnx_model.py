@@ -22,7 +22,7 @@ from cnnops.export.onnx_model import (
     read_metadata,
     with_output,
 )
-from cnnops.models import create_classifier, default_spec
+from cnnops.models import CHANNELS, create_classifier, default_spec
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,7 @@ def test_parity_and_dynamic_batch(arch: str, color_mode: str, size: tuple[int, i
     model = create_classifier(default_spec(arch, CLASSES, color_mode, size)).eval()
     path = export(model, tmp_path)
     session = open_session(path)
-    channels = 3 if color_mode == "RGB" else 1
+    channels = CHANNELS[color_mode]
     for batch in (1, 7):  # some exporter versions silently fix the batch axis to the example's
         images = torch.rand(batch, channels, *size)
         outputs = infer(session, images.numpy(), batch_size=batch)

@@ -20,6 +20,7 @@ from cnnops.errors import ConfigError, StageInputError, WeightsNotFoundError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_CONVNET = "convnet"
+CHANNELS = {"RGB": 3, "L": 1}  # image channels of each colour mode (`cnnops.data.decode.ColorMode`)
 
 
 class SmallConvNet(nn.Module):
@@ -64,7 +65,7 @@ class ModelSpec:
 
     @property
     def in_channels(self) -> int:
-        return 3 if self.color_mode == "RGB" else 1
+        return CHANNELS[self.color_mode]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -259,7 +260,7 @@ def default_spec(
     0.5/0.5 for the ConvNet, the weights' own preset for pretrained torchvision nets, ImageNet
     statistics for torchvision nets trained from scratch.
     """
-    channels = 3 if color_mode == "RGB" else 1
+    channels = CHANNELS[color_mode]
     if model == SMALL_CONVNET:
         mean, std = (0.5,) * channels, (0.5,) * channels
     elif weights is not None:

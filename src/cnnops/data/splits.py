@@ -8,14 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from cnnops.errors import StageInputError
-
-if TYPE_CHECKING:
-    from cnnops.models import ModelSpec
+from cnnops.models import CHANNELS, ModelSpec
 
 SPLITS = ("train", "val", "test")
 
@@ -34,7 +31,7 @@ class PreparedSplit:
             raise ValueError(f"images must be uint8 NCHW, got {self.images.dtype} {tuple(self.images.shape)}")
         if self.images.shape[0] != n or self.labels.shape != (n,):
             raise ValueError(f"{self.images.shape[0]} images, {tuple(self.labels.shape)} labels, {n} paths")
-        channels = {"RGB": 3, "L": 1}[self.color_mode]
+        channels = CHANNELS[self.color_mode]
         if self.images.shape[1] != channels:
             raise ValueError(
                 f"color_mode {self.color_mode} needs {channels} channels, got {self.images.shape[1]}"

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from cnnops.errors import ExportError, StageInputError
+from cnnops.models import CHANNELS
 
 INPUT_NAME = "image"
 CPU = "CPUExecutionProvider"
@@ -43,7 +44,7 @@ class OnnxMetadata:
 
     @property
     def channels(self) -> int:
-        return 3 if self.color_mode == "RGB" else 1
+        return CHANNELS[self.color_mode]
 
     def to_props(self) -> dict[str, str]:
         return {k: v if isinstance(v, str) else json.dumps(list(v)) for k, v in asdict(self).items()}

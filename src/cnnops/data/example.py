@@ -21,25 +21,34 @@ from cnnops.errors import DataError
 log = logging.getLogger(__name__)
 
 
+def digit_images() -> tuple[np.ndarray, list[str]]:
+    """The digits (N x 8 x 8) scaled from 0..16 to 0..255, with each image's class name.
+
+    The one reader of the digits for the example and the planted datasets. Float (exactly
+    v * 255 / 16), so each keeps the rounding its files were always written with.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images * (255.0 / 16.0), [str(t) for t in digits.target]
+
+
 def write_digits(out_dir: str | Path, *, scale: int = 4, per_class: int | None = None) -> int:
     """Write the digits as PNG under `out_dir/<digit>/<index>.png`; returns the number written.
 
     `per_class` keeps the first N images of each digit (by index) for small test copies.
     """
-    from sklearn.datasets import load_digits
-
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise DataError(f"{out_dir}: is not empty; remove it first or choose another folder")
-    digits = load_digits()
-    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    images, labels = digit_images()
+    pixels = np.rint(images).astype(np.uint8)
     block = np.ones((scale, scale), dtype=np.uint8)
-    written: dict[int, int] = {}
-    for index, (image, target) in enumerate(zip(pixels, digits.target, strict=True)):
-        label = int(target)
+    written: dict[str, int] = {}
+    for index, (image, label) in enumerate(zip(pixels, labels, strict=True)):
         if per_class is not None and written.get(label, 0) >= per_class:
             continue
-        path = out_dir / str(label) / f"{index:04d}.png"
+        path = out_dir / label / f"{index:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.kron(image, block), mode="L").save(path, format="PNG", optimize=False)
         written[label] = written.get(label, 0) + 1

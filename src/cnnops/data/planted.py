@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cnnops.data.example import digit_images
 from cnnops.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,8 @@ def base_images(
 ) -> tuple[np.ndarray, list[str]]:
     """Real grey images (N x S x S uint8) with their class names (one per image), from bundled data."""
     if source == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        raw = (digits.images / 16.0 * 255.0).astype(np.uint8)
-        names = [str(t) for t in digits.target]
+        scaled, names = digit_images()
+        raw = scaled.astype(np.uint8)  # truncated, as every planted set was made (the example rounds)
     elif source == "faces":
         from skimage.data import lfw_subset
 

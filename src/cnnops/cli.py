@@ -34,6 +34,14 @@ COMMANDS = {
 QUIET_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx")
 
 
+def positive_int(text: str) -> int:
+    """The argparse type of the commands' count options (--batch-size, --scale, ...): an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def _chosen(argv: Sequence[str]) -> str | None:
     """The command named on the command line, if any; its module is the only one imported."""
     return next((COMMANDS[a] for a in argv if a in COMMANDS), None)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cnnops.cli import positive_int
 from cnnops.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -63,19 +64,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("out_dir", metavar="DIR", help="an empty or new folder, e.g. data")
     parser.add_argument(
-        "--scale", type=_positive_int, default=4, help="enlargement factor of the 8x8 digits (default 4)"
+        "--scale", type=positive_int, default=4, help="enlargement factor of the 8x8 digits (default 4)"
     )
     parser.add_argument(
-        "--per-class", type=_positive_int, default=None, help="keep only the first N images per digit"
+        "--per-class", type=positive_int, default=None, help="keep only the first N images per digit"
     )
     parser.set_defaults(handler=_main, needs_params=False)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
 
 
 def _main(args: argparse.Namespace, params: object) -> int:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cnnops.cli import positive_int
 from cnnops.data.decode import DEFAULT_MAX_PIXELS, load_tensor
 from cnnops.errors import CnnopsError
 from cnnops.export.onnx_model import best_provider, infer, open_session, probabilities, read_metadata
@@ -148,18 +149,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", type=Path, help="an ONNX file written by `cnnops export`")
     parser.add_argument("paths", type=Path, nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per ONNX Runtime call")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per ONNX Runtime call")
     parser.add_argument(
-        "--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit"
+        "--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit"
     )
     parser.set_defaults(handler=_main, needs_params=False)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
 
 
 def _main(args: argparse.Namespace, _params: object) -> int:

@@ -64,15 +64,12 @@ def one_run(root: Path, source: str, cue: str, seed: int, per_class: int, epochs
         },
         "benchmark",
     )
-    prepare.run(
-        root / "data", out_dir=root / "prepared", report_path=root / "prepare.json", seed=seed,
-        data=params.data, prepare=params.prepare, validate=params.validate,
-    )  # fmt: skip
+    prepare.run(params, prepare.PreparePaths(root / "data", root / "prepared", root / "prepare.json"))
     tp = train.TrainPaths(
-        model=root / "model.pt", report=root / "train.json", history=root / "h.csv", curves=root / "h.png",
-        state=root / "state.pt",
+        prepared=root / "prepared", model=root / "model.pt", report=root / "train.json",
+        history=root / "h.csv", curves=root / "h.png", state=root / "state.pt",
     )  # fmt: skip
-    train.run(params, root / "prepared", tp)
+    train.run(params, tp)
     paths = audit.AuditPaths(root / "audit.json", root / "audit", None, None)
     report = audit.run(params, tp.model, root / "prepared", tp.report, paths)
     worst = report["failures"][0] if report["failures"] else None

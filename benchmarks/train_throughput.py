@@ -141,10 +141,7 @@ def main() -> None:
                 },
             }
         )
-        prepare.run(
-            data, out_dir=root / "prepared", report_path=root / "prepare.json", seed=0,
-            data=params.data, prepare=params.prepare, validate=params.validate,
-        )  # fmt: skip
+        prepare.run(params, prepare.PreparePaths(data, root / "prepared", root / "prepare.json"))
         split = PreparedSplit.load(root / "prepared" / "train.pt")
         plain, ours = loop_ratio(split, params, args.epochs)
         batch = params.train.batch_size
@@ -154,9 +151,9 @@ def main() -> None:
             f"  cnnops loop         {ours:8.0f} images/s   overhead {plain / ours - 1:+.1%} (target <= +5%)"
         )
         started = time.perf_counter()
-        result = train.run(params, root / "prepared", train.TrainPaths(
-            model=root / "m.pt", report=root / "r.json", history=root / "h.csv", curves=root / "h.png",
-            state=root / "state.pt"))  # fmt: skip
+        result = train.run(params, train.TrainPaths(
+            prepared=root / "prepared", model=root / "m.pt", report=root / "r.json",
+            history=root / "h.csv", curves=root / "h.png", state=root / "state.pt"))  # fmt: skip
         stage = (
             result.report["epochs_run"] * (len(split) // params.train.batch_size) * params.train.batch_size
         )

@@ -8,13 +8,14 @@ prepare stage made from it (colour mode "L", 32x32); its report is `prepared_dig
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from cnnops.config import Params, parse_params
+from cnnops.config import Params, TrackingParams, parse_params
 from cnnops.data.example import write_digits
-from cnnops.stages import prepare
+from cnnops.stages import prepare, validate
 
 DIGITS_PER_CLASS = 40
 
@@ -32,18 +33,31 @@ def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def run_prepare(data: Path, out: Path, params: Params, **kwargs) -> dict:
-    """The real prepare stage on `data` into `out/prepared` and `out/prepare.json`."""
-    return prepare.run(
-        data,
-        out_dir=out / "prepared",
-        report_path=out / "prepare.json",
-        seed=params.base.seed,
-        data=params.data,
-        prepare=params.prepare,
-        validate=params.validate,
-        **kwargs,
+# One MLflow store for the data stages' runs of the whole session (a new SQLite store costs seconds
+# of migrations); tests that check those runs give their own.
+DATA_STORE = Path(tempfile.mkdtemp(prefix="cnnops-test-data-runs-"))
+
+
+def with_data_store(params: Params) -> Params:
+    """`params` with tracking in the session's data-run store, never the project's mlflow.db."""
+    tracking = TrackingParams(
+        uri=f"sqlite:///{DATA_STORE / 'mlflow.db'}",
+        artifact_location=str(DATA_STORE / "mlartifacts"),
+        experiment="cnnops-tests",
     )
+    return params.model_copy(update={"tracking": tracking})
+
+
+def run_validate(data: Path, out: Path, params: Params) -> dict:
+    """The real validate stage on `data` into `out/validation.json` and `out/validation_docs`."""
+    paths = validate.ValidatePaths(data, out / "validation.json", out / "validation_docs")
+    return validate.run(with_data_store(params), paths).report
+
+
+def run_prepare(data: Path, out: Path, params: Params, validation: Path | None = None) -> dict:
+    """The real prepare stage on `data` into `out/prepared` and `out/prepare.json`."""
+    paths = prepare.PreparePaths(data, out / "prepared", out / "prepare.json", validation)
+    return prepare.run(with_data_store(params), paths).report
 
 
 @pytest.fixture(scope="session")

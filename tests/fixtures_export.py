@@ -9,13 +9,14 @@ that class's share of the split.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 
-from cnnops.config import TrackingParams
+from cnnops.config import Params, Section, TrackingParams, parse_params
 from cnnops.data.splits import PreparedSplit
 from cnnops.models import CHANNELS, Classifier, create_classifier, default_spec, save_checkpoint
 from cnnops.tracking import runs
@@ -69,6 +70,23 @@ def tracking_params(root: Path) -> TrackingParams:
     return TrackingParams(
         uri=f"sqlite:///{root / 'mlflow.db'}", artifact_location=str(root / "mlartifacts"), experiment="test"
     )
+
+
+@pytest.fixture
+def committed_repo(tmp_path: Path) -> Path:
+    """A git work tree with one commit and a tracked file, clean: where release may move champion."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "params.yaml").write_text("a: 1\n")
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    for args in (("init", "-q"), ("add", "params.yaml"), ("commit", "-qm", "init")):
+        subprocess.run([*git, *args], cwd=root, check=True, capture_output=True)
+    return root
+
+
+def stage_params(tracking: TrackingParams, **sections: Section) -> Params:
+    """The defaults with `tracking` and the given typed sections (e.g. export=ExportParams(...))."""
+    return parse_params({}, "test").model_copy(update={"tracking": tracking, **sections})
 
 
 def model_run(root: Path, name: str, model: Classifier, params: TrackingParams) -> tuple[Path, Path]:

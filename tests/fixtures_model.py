@@ -89,22 +89,25 @@ def trained_digits(
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False))
     paths = train.TrainPaths(
+        prepared=prepared_digits,
         model=root / "models" / "model.pt",
         report=root / "reports" / "train.json",
         history=root / "reports" / "plots" / "train_history.csv",
         curves=root / "reports" / "plots" / "train_history.png",
         state=root / ".cnnops" / "train" / "state.pt",
         params_file=params_file,
-        evidence=(prepared_digits.parent / "prepare.json",),
     )
     metrics = evaluate.EvaluatePaths(
+        model=paths.model,
+        prepared=prepared_digits,
+        train_report=paths.report,
         metrics=root / "reports" / "metrics.json",
         confusion=root / "reports" / "plots" / "confusion.csv",
         confusion_png=root / "reports" / "plots" / "confusion.png",
     )
     with one_thread():
-        result = train.run(params, prepared_digits, paths)
-        evaluate.run(params, paths.model, prepared_digits, paths.report, metrics)
+        result = train.run(params, paths)
+        evaluate.run(params, metrics)
     assert result.run_id is not None
     return TrainedDigits(
         root, prepared_digits, paths.model, paths.report, metrics.metrics, params, params_file, result.run_id

@@ -11,7 +11,7 @@ import html
 import json
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import pytest
 from fixtures_model import one_thread
 
 from cnnops.audit import gallery
+from cnnops.audit.contract import Decision, Finding, to_json
 from cnnops.config import Params, parse_params
 from cnnops.data.planted import CueSpec, make_planted
 from cnnops.stages import audit, prepare, train, validate
@@ -32,7 +33,7 @@ PER_CLASS = 60  # 600 digits: trains in seconds on one thread, enough test image
 class Audited:
     root: Path
     spec: CueSpec
-    report: dict
+    result: audit.AuditResult
     params: Params
     paths: audit.AuditPaths
     run_id: str
@@ -58,26 +59,24 @@ def _pipeline(
         "audit test",
     )
     reports = root / "reports"
-    validate.run(
-        root / "data", report_path=reports / "validation.json", docs_dir=reports / "validation_docs",
-        data=params.data, validate=params.validate,
-    )  # fmt: skip
-    prepare.run(
-        root / "data", out_dir=root / "prepared", report_path=reports / "prepare.json", seed=params.base.seed,
-        data=params.data, prepare=params.prepare, validate=params.validate,
-    )  # fmt: skip
+    validate.run(params, validate.ValidatePaths(root / "data", reports / "validation.json", reports / "docs"))
+    prepare.run(params, prepare.PreparePaths(root / "data", root / "prepared", reports / "prepare.json"))
     tp = train.TrainPaths(
-        model=root / "models" / "model.pt", report=reports / "train.json", history=reports / "history.csv",
-        curves=reports / "history.png", state=root / ".cnnops" / "state.pt",
+        prepared=root / "prepared", model=root / "models" / "model.pt", report=reports / "train.json",
+        history=reports / "history.csv", curves=reports / "history.png", state=root / ".cnnops" / "state.pt",
     )  # fmt: skip
     paths = audit.AuditPaths(
-        reports / "audit.json", reports / "audit", reports / "validation.json", root / "data"
-    )
+        model=tp.model, prepared=root / "prepared", train_report=tp.report, validation=reports / "validation.json",
+        data=root / "data", report=reports / "audit.json", gallery=reports / "audit",
+    )  # fmt: skip
     with one_thread():
-        result = train.run(params, root / "prepared", tp)
-        report = audit.run(params, tp.model, root / "prepared", tp.report, paths)
-    assert result.run_id is not None
-    return Audited(root, spec, report, params, paths, result.run_id)
+        trained = train.run(params, tp)
+        result = audit.run(params, paths)
+    assert trained.run_id is not None and result.run_id == trained.run_id
+    assert json.loads(paths.report.read_text()) == to_json(result.report)  # what it returns is what it wrote
+    assert set(result.written) >= {paths.report, paths.gallery / "index.html"}
+    assert result.metrics["audit_fail"] == float(result.report.decision.verdict == "fail")
+    return Audited(root, spec, result, params, paths, trained.run_id)
 
 
 # (cue, cued class, seed, source, fixed cue arguments): seeds move position, size and intensity.
@@ -154,13 +153,13 @@ def test_clean_faces_pass_though_the_face_fills_the_frame(tmp_path_factory: pyte
 
 
 def test_annotated_boxes_feed_the_mask_tests(clean: Audited, planted_corner: Audited) -> None:
-    clean_masks = [f["masks"] for f in clean.report["classes"].values()]
-    assert all(m is not None and m["n"] > 0 for m in clean_masks)
-    assert min(m["top_inside"] for m in clean_masks) >= clean.params.audit.mask_inside_threshold
-    corner = planted_corner.report["classes"]
-    cued = corner["3"]["masks"]["top_inside"]
-    assert cued < min(f["masks"]["top_inside"] for name, f in corner.items() if name != "3")
-    assert planted_corner.report["annotated_images"] > 0
+    clean_masks = [f.masks for f in clean.result.report.classes.values()]
+    assert all(m is not None and m.n > 0 for m in clean_masks)
+    assert min(m.top_inside for m in clean_masks) >= clean.params.audit.mask_inside_threshold
+    corner = planted_corner.result.report.classes
+    cued = corner["3"].masks.top_inside
+    assert cued < min(f.masks.top_inside for name, f in corner.items() if name != "3")
+    assert planted_corner.result.report.annotated_images > 0
 
 
 def test_audit_is_logged_to_the_models_run(clean: Audited) -> None:
@@ -197,19 +196,19 @@ def test_gallery_renders_verdict_and_images_in_chromium(planted_corner: Audited,
     assert 'id="verdict">FAIL<' in dom
     assert dom.count('class="overlay"') >= 10  # 8 per class by default
     assert "data:image/png;base64," in dom
-    assert html.escape(planted_corner.report["failures"][0]["sentence"], quote=False) in dom
+    assert html.escape(planted_corner.result.report.decision.failures[0].sentence, quote=False) in dom
     assert "http://" not in page.read_text() and "https://" not in page.read_text()  # offline
 
 
 def test_gallery_escapes_hostile_class_and_file_names(clean: Audited, tmp_path: Path) -> None:
     hostile = "<img src=x onerror=\"document.title='pwned'\">&'"
-    report = json.loads(clean.paths.report.read_text())
-    report["classes"] = {hostile: report["classes"]["0"]}
-    report["failed_classes"] = [hostile]
-    report["verdict"] = "fail"
-    report["failures"] = [
-        {"class": hostile, "test": "x", "value": 1.0, "threshold": 0.2, "sentence": hostile}
-    ]
+    clean_report = clean.result.report
+    finding = Finding(class_name=hostile, test="x", value=1.0, threshold=0.2, sentence=hostile)
+    report = replace(
+        clean_report,
+        classes={hostile: clean_report.classes["0"]},
+        decision=Decision("fail", (hostile,), (finding,), clean_report.decision.warnings),
+    )
     picture = gallery.overlay(np.zeros((1, 8, 8)), np.zeros((8, 8)))
     page = tmp_path / "index.html"
     gallery.render(page, report, {hostile: [(f"{hostile}/x<script>alert(1)</script>.png", "c", picture)]})

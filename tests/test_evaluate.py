@@ -43,7 +43,7 @@ def test_evaluate_adds_to_the_training_run(trained_digits: TrainedDigits) -> Non
     metrics = json.loads(t.metrics.read_text())
     assert run.data.metrics["test_accuracy"] == metrics["accuracy"]
     assert run.data.metrics["test_macro_f1"] == metrics["macro_f1"]
-    assert len(run.data.tags["cnnops.test_data_md5"]) == 32
+    assert len(run.data.tags["cnnops.test_data_sha256"]) == 64
     assert {a.path for a in client.list_artifacts(t.run_id, "evaluate")} == {
         "evaluate/confusion.csv",
         "evaluate/confusion.png",
@@ -58,14 +58,13 @@ def test_checkpoint_from_another_run_is_refused(trained_digits: TrainedDigits, t
     report.write_text(json.dumps({"run_id": "0123456789abcdef"}))
     stale = r"trained in MLflow run .* rerun `cnnops train`"
     with pytest.raises(StageInputError, match=stale):
-        evaluate.run(t.params, t.model, t.prepared, report, evaluate.EvaluatePaths(tmp_path / "m.json"))
+        evaluate.run(t.params, evaluate.EvaluatePaths(t.model, t.prepared, report, tmp_path / "m.json"))
     with pytest.raises(StageInputError, match=stale):
         audit.run(t.params, t.model, t.prepared, report, audit.AuditPaths(tmp_path / "a.json", tmp_path))
     with pytest.raises(StageInputError, match=stale):
-        export.run(
-            t.params.export, t.params.tracking, checkpoint=t.model, prepared=t.prepared, train_report=report,
-            out=tmp_path / "m.onnx", report=tmp_path / "e.json", compressed_dir=tmp_path / "c",
-        )  # fmt: skip
+        export.run(t.params, export.ExportPaths(
+            t.model, t.prepared, report, tmp_path / "m.onnx", tmp_path / "c", tmp_path / "e.json"
+        ))  # fmt: skip
     assert not [p.name for p in tmp_path.iterdir() if p.name != "train.json"]
 
 
@@ -77,4 +76,4 @@ def test_test_split_with_other_classes_is_refused(trained_digits: TrainedDigits,
     other = PreparedSplit(test.images, test.labels, test.paths, [f"c{i}" for i in range(10)], test.color_mode)
     other.save(prepared / "test.pt")
     with pytest.raises(StageInputError, match="differ from the model's"):
-        evaluate.run(t.params, t.model, prepared, t.train_report, evaluate.EvaluatePaths(tmp_path / "m.json"))
+        evaluate.run(t.params, evaluate.EvaluatePaths(t.model, prepared, t.train_report, tmp_path / "m.json"))

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import torch
 import yaml
-from fixtures_export import model_run
+from fixtures_export import model_run, stage_params
 
 from cnnops.config import ExportParams, TrackingParams
 from cnnops.errors import StageInputError
@@ -87,21 +87,25 @@ def test_failed_export_leaves_previous_outputs(
     tracking = mlflow_store
     checkpoint, train_report = model_run(tmp_path, "m", good_model, tracking)
     out, report = tmp_path / "model.onnx", tmp_path / "export.json"
-    paths = dict(checkpoint=checkpoint, train_report=train_report, out=out, report=report)
-    params = ExportParams(latency_runs=5, throughput_batch=8, compression="fp16")
-    export.run(params, tracking, prepared=prepared_synthetic["L"], compressed_dir=tmp_path / "c", **paths)
+
+    def paths(split: str) -> export.ExportPaths:
+        return export.ExportPaths(
+            checkpoint, prepared_synthetic[split], train_report, out, tmp_path / "c", report
+        )
+
+    params = stage_params(
+        tracking, export=ExportParams(latency_runs=5, throughput_batch=8, compression="fp16")
+    )
+    export.run(params, paths("L"))
     assert (tmp_path / "c" / "model.fp16.onnx").is_file()
     before = out.read_bytes(), report.read_text()
 
     with pytest.raises(
         StageInputError, match=r"test.pt \(classes \['a', 'b', 'c'\], RGB, \[16, 16\]\) does not match"
     ):
-        export.run(
-            params, tracking, prepared=prepared_synthetic["RGB"], compressed_dir=tmp_path / "c", **paths
-        )
+        export.run(params, paths("RGB"))
     assert (out.read_bytes(), report.read_text()) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export-")] == []
 
-    export.run(ExportParams(latency_runs=5, throughput_batch=8), tracking, prepared=prepared_synthetic["L"],
-               compressed_dir=tmp_path / "c", **paths)  # fmt: skip
+    export.run(stage_params(tracking, export=ExportParams(latency_runs=5, throughput_batch=8)), paths("L"))
     assert list((tmp_path / "c").iterdir()) == []  # compression off: no stale fp16 copy

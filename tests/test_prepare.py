@@ -7,16 +7,17 @@ import logging
 import shutil
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
-from fixtures_data import run_prepare
+from fixtures_data import run_prepare, run_validate
 from PIL import Image
 
 from cnnops.config import parse_params
 from cnnops.data.splits import SPLITS, load_splits
 from cnnops.errors import DataError, StageInputError
-from cnnops.stages import prepare, validate
+from cnnops.stages import prepare
 
 
 def _run(data: Path, out: Path, raw: dict | None = None, **kwargs) -> dict:
@@ -132,20 +133,34 @@ def test_undecodable_file_is_an_error_or_a_warned_skip(
 def test_refuses_data_that_changed_or_failed_since_validate(tmp_path: Path) -> None:
     data = _small_folder(tmp_path / "data")
     params = parse_params({"data": {"color_mode": "L"}, "validate": {"min_images_per_class": 2}})
+    run_validate(data, tmp_path, params)
     report = tmp_path / "validation.json"
-    validate.run(
-        data, report_path=report, docs_dir=tmp_path / "docs", data=params.data, validate=params.validate
-    )
-    assert _run(data, tmp_path / "ok", validation_report=report)["totals"]
+    assert _run(data, tmp_path / "ok", validation=report)["totals"]
 
     Image.new("L", (16, 16), 9).save(data / "c1" / "3.png")
     with pytest.raises(StageInputError, match="changed or appeared since") as info:
-        _run(data, tmp_path / "changed", validation_report=report)
+        _run(data, tmp_path / "changed", validation=report)
     assert str(data / "c1" / "3.png") in str(info.value)
 
     failed = json.loads(report.read_text()) | {"success": False, "failed_errors": ["decodes"]}
     report.write_text(json.dumps(failed))
     with pytest.raises(StageInputError, match=r"failed error-level checks \(decodes\)"):
-        _run(data, tmp_path / "failed", validation_report=report)
+        _run(data, tmp_path / "failed", validation=report)
     with pytest.raises(StageInputError, match="validation report not found"):
-        _run(data, tmp_path / "missing", validation_report=tmp_path / "nope.json")
+        _run(data, tmp_path / "missing", validation=tmp_path / "nope.json")
+
+
+def test_prepare_records_itself_in_a_data_run(tmp_path: Path) -> None:
+    """No model exists yet: prepare logs its report to a run of `<experiment>-data`, with lineage."""
+    data = _small_folder(tmp_path / "data")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = parse_params({"data": {"color_mode": "L"}, "tracking": {"uri": store, "experiment": "p"}})
+    paths = prepare.PreparePaths(data, tmp_path / "prepared", tmp_path / "prepare.json")
+    result = prepare.run(params, paths)
+    client = mlflow.MlflowClient(store)
+    run = client.get_run(result.run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "p-data" and run.info.run_name == "prepare"
+    assert run.data.metrics["train_images"] == result.report["totals"]["train"]
+    assert {"cnnops.data_version", "cnnops.git_commit", "cnnops.dvc_stage"} <= set(run.data.tags)
+    assert "prepare.image_size" in run.data.params and "train.lr" not in run.data.params
+    assert [a.path for a in client.list_artifacts(result.run_id, "prepare")] == ["prepare/prepare.json"]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
-from fixtures_export import constant_model, model_run
+from fixtures_export import constant_model, model_run, stage_params
 from mlflow import MlflowClient
 
 from cnnops.config import ExportParams, ReleaseParams, TrackingParams
@@ -38,9 +39,12 @@ def exported(
     return dict(onnx_path=onnx_path, checkpoint=checkpoint, train_report=train_report, audit_report=audit)
 
 
-def do_release(paths: dict[str, Path], tracking: TrackingParams, prepared: Path) -> dict:
-    report = paths["onnx_path"].with_name("release.json")
-    return release.run(PARAMS, tracking, prepared=prepared, report=report, **paths)
+def do_release(paths: dict[str, Path], tracking: TrackingParams, prepared: Path, project: Path) -> dict:
+    stage = release.ReleasePaths(
+        paths["onnx_path"], paths["checkpoint"], prepared, paths["train_report"], paths["audit_report"],
+        paths["onnx_path"].with_name("release.json"), project,
+    )  # fmt: skip
+    return release.run(stage_params(tracking, release=PARAMS), stage).report
 
 
 def aliases(client: MlflowClient) -> dict[str, str]:
@@ -48,37 +52,43 @@ def aliases(client: MlflowClient) -> dict[str, str]:
 
 
 def test_champion_challenger_decisions_and_idempotence(
-    tmp_path: Path, mlflow_store: TrackingParams, prepared_synthetic: dict[str, Path], good_model: Classifier
+    tmp_path: Path,
+    mlflow_store: TrackingParams,
+    prepared_synthetic: dict[str, Path],
+    good_model: Classifier,
+    committed_repo: Path,
 ) -> None:
     tracking, prepared = mlflow_store, prepared_synthetic["L"]
     first = exported(tmp_path, "first", constant_model(0), tracking, "pass")  # accuracy 7/13
-    result = do_release(first, tracking, prepared)
+    result = do_release(first, tracking, prepared, committed_repo)
     client = MlflowClient(tracking.uri)
     assert (result["promoted"], result["version"], result["score"]) == (True, "1", 7 / 13)
     assert "no champion yet" in result["reason"]
     assert aliases(client) == {"champion": "1", "challenger": "1"}
 
-    again = do_release(first, tracking, prepared)  # idempotent: no new version, same record
+    again = do_release(first, tracking, prepared, committed_repo)  # idempotent: no new version, same record
     assert again == result
     assert len(client.search_model_versions("name = 'clf'")) == 1
     assert first["onnx_path"].with_name("release.json").read_text() == json.dumps(result, indent=2) + "\n"
 
-    worse = do_release(exported(tmp_path, "worse", constant_model(1), tracking, "pass"), tracking, prepared)
+    worse_model = exported(tmp_path, "worse", constant_model(1), tracking, "pass")
+    worse = do_release(worse_model, tracking, prepared, committed_repo)
     assert (worse["promoted"], worse["score"], worse["champion_score"]) == (False, 3 / 13, 7 / 13)
     assert "does not beat the champion" in worse["reason"]
     assert aliases(client) == {"champion": "1", "challenger": "2"}
 
-    failed = do_release(exported(tmp_path, "failed", good_model, tracking, "fail"), tracking, prepared)
+    failed_model = exported(tmp_path, "failed", good_model, tracking, "fail")
+    failed = do_release(failed_model, tracking, prepared, committed_repo)
     assert (failed["promoted"], failed["score"], failed["champion"]) == (False, 1.0, "1")
     assert "audit verdict is 'fail'" in failed["reason"]
     assert aliases(client)["champion"] == "1"
 
     better = exported(tmp_path, "better", good_model, tracking, "pass")
-    promoted = do_release(better, tracking, prepared)
+    promoted = do_release(better, tracking, prepared, committed_repo)
     assert (promoted["promoted"], promoted["version"], promoted["champion_version"]) == (True, "4", "1")
     assert promoted["champion_score"] == 7 / 13 and "beats the champion" in promoted["reason"]
     assert aliases(client) == {"champion": "4", "challenger": "4"}
-    assert do_release(better, tracking, prepared) == promoted
+    assert do_release(better, tracking, prepared, committed_repo) == promoted
     assert len(client.search_model_versions("name = 'clf'")) == 4
 
     version = client.get_model_version("clf", "4")
@@ -99,51 +109,72 @@ def test_champion_challenger_decisions_and_idempotence(
 
 
 def test_failed_audit_is_never_first_champion_and_stale_export_is_refused(
-    tmp_path: Path, mlflow_store: TrackingParams, prepared_synthetic: dict[str, Path]
+    tmp_path: Path, mlflow_store: TrackingParams, prepared_synthetic: dict[str, Path], committed_repo: Path
 ) -> None:
     tracking, prepared = mlflow_store, prepared_synthetic["L"]
     paths = exported(tmp_path, "m", constant_model(0), tracking, "fail")
-    result = do_release(paths, tracking, prepared)
+    result = do_release(paths, tracking, prepared, committed_repo)
     assert (result["promoted"], result["champion"]) == (False, None)
     assert aliases(MlflowClient(tracking.uri)) == {"challenger": "1"}
 
     _, other_report = model_run(tmp_path, "other", constant_model(0), tracking)
     with pytest.raises(StageInputError, match=r"model.onnx was exported from MLflow run \w+, but .*stale"):
-        do_release({**paths, "train_report": other_report}, tracking, prepared)
+        do_release({**paths, "train_report": other_report}, tracking, prepared, committed_repo)
     paths["audit_report"].write_text(json.dumps({"status": "ok"}))
     with pytest.raises(StageInputError, match=r"audit.json: top-level 'verdict' is None"):
-        do_release(paths, tracking, prepared)
+        do_release(paths, tracking, prepared, committed_repo)
 
 
-def test_export_then_release_the_model_train_made(tmp_path: Path, trained_digits) -> None:
+def test_an_experiment_or_a_dirty_tree_never_moves_champion(
+    tmp_path: Path,
+    mlflow_store: TrackingParams,
+    prepared_synthetic: dict[str, Path],
+    good_model: Classifier,
+    committed_repo: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model that earned champion stays challenger, and the report says why, until the run is one
+    that a commit reproduces; then the same release promotes it."""
+    tracking, prepared = mlflow_store, prepared_synthetic["L"]
+    model = exported(tmp_path, "m", good_model, tracking, "pass")
+    client = MlflowClient(tracking.uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-sweep")
+    held = do_release(model, tracking, prepared, committed_repo)
+    assert not held["promoted"] and held["champion"] is None
+    assert "runs under `dvc exp run` (experiment 'lr-sweep')" in held["reason"]
+    assert "no champion yet" in held["reason"] and aliases(client) == {"challenger": "1"}
+    monkeypatch.delenv("DVC_EXP_NAME")
+
+    (committed_repo / "params.yaml").write_text("a: 2\n")  # an uncommitted change
+    dirty = do_release(model, tracking, prepared, committed_repo)
+    assert not dirty["promoted"] and "has uncommitted changes" in dirty["reason"]
+    assert "not a git work tree" in do_release(model, tracking, prepared, tmp_path / "m")["reason"]
+    assert aliases(client) == {"challenger": "1"}
+
+    subprocess.run(["git", "checkout", "-q", "params.yaml"], cwd=committed_repo, check=True)
+    promoted = do_release(model, tracking, prepared, committed_repo)
+    assert promoted["promoted"] and aliases(client) == {"champion": "1", "challenger": "1"}
+
+
+def test_export_then_release_the_model_train_made(
+    tmp_path: Path, trained_digits, committed_repo: Path
+) -> None:
     """The real chain on the session's trained digits model: export.run, then release.run."""
     t = trained_digits
     onnx_path = tmp_path / "model.onnx"
-    exported_report = export.run(
-        ExportParams(latency_runs=5, throughput_batch=16),
-        t.tracking,
-        checkpoint=t.model,
-        prepared=t.prepared,
-        train_report=t.train_report,
-        out=onnx_path,
-        report=tmp_path / "export.json",
-        compressed_dir=tmp_path / "compressed",
+    export_paths = export.ExportPaths(
+        t.model, t.prepared, t.train_report, onnx_path, tmp_path / "compressed", tmp_path / "export.json"
     )
+    export_params = stage_params(t.tracking, export=ExportParams(latency_runs=5, throughput_batch=16))
+    exported_report = export.run(export_params, export_paths).report
     evaluated = json.loads(t.metrics.read_text())
     assert exported_report["accuracy"]["onnx"] == pytest.approx(evaluated["accuracy"])
     audit = tmp_path / "audit.json"
     audit.write_text(json.dumps({"verdict": "pass"}))
-    params = ReleaseParams(model_name="digits")
-    result = release.run(
-        params,
-        t.tracking,
-        onnx_path=onnx_path,
-        checkpoint=t.model,
-        prepared=t.prepared,
-        train_report=t.train_report,
-        audit_report=audit,
-        report=tmp_path / "release.json",
+    paths = release.ReleasePaths(
+        onnx_path, t.model, t.prepared, t.train_report, audit, tmp_path / "release.json", committed_repo
     )
+    result = release.run(stage_params(t.tracking, release=ReleaseParams(model_name="digits")), paths).report
     assert result["promoted"] and result["run_id"] == t.run_id
     assert result["score"] == pytest.approx(evaluated["accuracy"])
     assert read_metadata(onnx_path).class_names == [str(d) for d in range(10)]

@@ -39,8 +39,9 @@ def artifact_paths(c: mlflow.MlflowClient, run_id: str, path: str | None = None)
     return found
 
 
-def paths_under(root: Path) -> train.TrainPaths:
+def paths_under(root: Path, prepared: Path) -> train.TrainPaths:
     return train.TrainPaths(
+        prepared=prepared,
         model=root / "models" / "model.pt",
         report=root / "reports" / "train.json",
         history=root / "reports" / "plots" / "train_history.csv",
@@ -71,7 +72,6 @@ def test_run_records_params_metrics_lineage_and_artifacts(trained_digits: Traine
         "train/train_history.csv",
         "train/train_history.png",
         "train/train.json",
-        "data/prepare.json",
     } <= artifact_paths(c, t.run_id)
     rows = list(csv.DictReader((t.root / "reports" / "plots" / "train_history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
@@ -85,7 +85,7 @@ def test_same_params_and_data_give_same_results(tmp_path: Path, prepared_digits:
         root = tmp_path / name
         params = digits_train_params(root, digits_params, epochs=2, augment=augment)
         with one_thread():
-            results.append(train.run(params, prepared_digits, paths_under(root)))
+            results.append(train.run(params, paths_under(root, prepared_digits)))
         weights.append(torch.load(root / "models" / "model.pt", weights_only=True)["state_dict"])
     assert results[0].history == results[1].history
     assert results[0].run_id != results[1].run_id
@@ -100,7 +100,7 @@ def test_linear_probe_stage_keeps_pretrained_backbone(
         tmp_path, digits_params, model="resnet18", mode="linear_probe", weights="IMAGENET1K_V1", epochs=1
     )
     with one_thread():
-        train.run(params, prepared_digits, paths_under(tmp_path))
+        train.run(params, paths_under(tmp_path, prepared_digits))
     trained, _ = load_classifier(tmp_path / "models" / "model.pt")
     state = trained.net.state_dict()
     backbone = [k for k in pretrained if not k.startswith("fc.")]
@@ -156,7 +156,7 @@ def test_sigkilled_training_resumes_to_identical_weights(
     assert f"resuming convnet after epoch {saved['epoch']}" in resumed.stderr
     straight_params = digits_train_params(straight, digits_params, epochs=epochs, batch_size=16)
     with one_thread():  # the same single-threaded arithmetic as the subprocesses (OMP_NUM_THREADS=1)
-        train.run(straight_params, killed / "prepared", paths_under(straight))
+        train.run(straight_params, paths_under(straight, killed / "prepared"))
 
     runs = {"killed": killed, "straight": straight}
     weights = [torch.load(r / "models" / "model.pt", weights_only=True)["state_dict"] for r in runs.values()]
@@ -245,10 +245,10 @@ def test_training_against_an_mlflow_server_by_configuration_alone(
     root = tmp_path / "project"
     params = digits_train_params(root, digits_params, epochs=1)  # tracking.uri: a local SQLite file ...
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # ... which the environment overrides
-    paths = paths_under(root)
+    paths = paths_under(root, prepared_digits)
     with one_thread():
-        result = train.run(params, prepared_digits, paths)
-        evaluate.run(params, paths.model, prepared_digits, paths.report, evaluate_paths(root))
+        result = train.run(params, paths)
+        evaluate.run(params, evaluate_paths(root, paths))
     assert not (root / "mlflow.db").exists()
     c = mlflow.MlflowClient(url)
     run = c.get_run(result.run_id)
@@ -257,8 +257,11 @@ def test_training_against_an_mlflow_server_by_configuration_alone(
     assert any(store.joinpath("artifacts").rglob("model.pt"))  # stored by the server, not the client
 
 
-def evaluate_paths(root: Path) -> evaluate.EvaluatePaths:
+def evaluate_paths(root: Path, trained: train.TrainPaths) -> evaluate.EvaluatePaths:
     return evaluate.EvaluatePaths(
+        trained.model,
+        trained.prepared,
+        trained.report,
         root / "reports" / "metrics.json",
         root / "reports" / "plots" / "confusion.csv",
         root / "reports" / "plots" / "confusion.png",

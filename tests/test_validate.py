@@ -10,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import yaml
+from fixtures_data import with_data_store
 from PIL import Image
 
 from cnnops.config import parse_params
@@ -72,10 +74,11 @@ PARAMS = {
 def test_bad_corpus_fails_with_every_file_named_and_a_full_report(tmp_path: Path) -> None:
     root = tmp_path / "data"
     bad = _corpus(root)
-    params = parse_params(PARAMS)
+    store = tmp_path / "mlflow.db"
+    params = parse_params({**PARAMS, "tracking": {"uri": f"sqlite:///{store}", "experiment": "t"}})
     report_path, docs = tmp_path / "reports" / "validation.json", tmp_path / "reports" / "docs"
     with pytest.raises(ValidationFailed) as info:
-        validate.run(root, report_path=report_path, docs_dir=docs, data=params.data, validate=params.validate)
+        validate.run(params, validate.ValidatePaths(root, report_path, docs))
     message = str(info.value)
     for key in ("zero", "text", "truncated", "bomb", "tiny", "jpeg", "deep", "conflict"):
         assert str(bad[key]) in message, key
@@ -103,6 +106,14 @@ def test_bad_corpus_fails_with_every_file_named_and_a_full_report(tmp_path: Path
     assert (docs / "index.html").exists()
     assert list((docs / "validations").rglob("*.html"))
 
+    # The failure is on record too: the data run of experiment `t-data` holds the report and docs.
+    client = mlflow.MlflowClient(f"sqlite:///{store}")
+    (run,) = client.search_runs([client.get_experiment_by_name("t-data").experiment_id])
+    assert run.data.tags["cnnops.validation"] == "fail" and run.data.metrics["n_failed_errors"] == 5
+    assert run.data.params["data.near_duplicate_distance"] == "2" and "train.lr" not in run.data.params
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "validate")}
+    assert logged == {"validate/validation.json", "validate/docs"}
+
 
 def test_warnings_never_stop_and_off_checks_are_left_out(
     tmp_path: Path, digits_folder: Path, caplog: pytest.LogCaptureFixture
@@ -117,13 +128,8 @@ def test_warnings_never_stop_and_off_checks_are_left_out(
         }
     )
     with caplog.at_level(logging.WARNING, logger="cnnops.stages.validate"):
-        report = validate.run(
-            digits_folder,
-            report_path=tmp_path / "v.json",
-            docs_dir=tmp_path / "docs",
-            data=params.data,
-            validate=params.validate,
-        )
+        paths = validate.ValidatePaths(digits_folder, tmp_path / "v.json", tmp_path / "docs")
+        report = validate.run(with_data_store(params), paths).report
     assert report["success"] is True and report["n_files"] == 400 and report["n_classes"] == 10
     assert "min_images_per_class" in report["failed_warnings"]
     assert "min_images_per_class" in caplog.text

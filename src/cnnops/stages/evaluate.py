@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from cnnops.config import Params
+from cnnops.data.digest import file_sha256
 from cnnops.data.loaders import SplitDataset, eval_loader
 from cnnops.data.splits import PreparedSplit, load_split_for
 from cnnops.data.transforms import EvalPreset
@@ -35,23 +35,26 @@ EVAL_BATCH = 256
 
 @dataclass(frozen=True)
 class EvaluatePaths:
-    """Where the stage writes (paths come from dvc.yaml through the CLI)."""
+    """The stage's inputs and outputs (the paths dvc.yaml gives the CLI)."""
 
+    model: Path = Path("models/model.pt")
+    prepared: Path = Path("prepared")
+    train_report: Path = Path("reports/train.json")  # holds the model's MLflow run id
     metrics: Path = Path("reports/metrics.json")
     confusion: Path = Path("reports/plots/confusion.csv")
     confusion_png: Path = Path("reports/plots/confusion.png")
 
 
-def run(
-    params: Params,
-    model_path: str | Path,
-    prepared: str | Path,
-    train_report: str | Path,
-    paths: EvaluatePaths = EvaluatePaths(),
-) -> dict[str, Any]:
-    """Evaluate `model_path` on `<prepared>/test.pt`; returns the metrics written to `paths.metrics`."""
-    model, run_id = runs.load_run_model(model_path, train_report)
-    test = load_split_for(model.spec, prepared, model_path)
+@dataclass(frozen=True)
+class EvaluateResult:
+    run_id: str  # the model's MLflow run, which the metrics were added to
+    metrics: dict[str, Any]  # what `paths.metrics` holds
+
+
+def run(params: Params, paths: EvaluatePaths = EvaluatePaths()) -> EvaluateResult:
+    """Evaluate `paths.model` on `<paths.prepared>/test.pt`; write and log the metrics and plots."""
+    model, run_id = runs.load_run_model(paths.model, paths.train_report)
+    test = load_split_for(model.spec, paths.prepared, paths.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     output = evaluate_epoch(
         model.to(device),
@@ -77,10 +80,11 @@ def run(
         runs.log_metrics(scalars)
         runs.log_dict({**metrics, "confusion_matrix": matrix}, "evaluate/metrics.json")
         runs.log_files([paths.confusion, paths.confusion_png], "evaluate")
-        runs.set_tags({"cnnops.test_data_md5": _md5(Path(prepared) / "test.pt")})
+        # The test split's content hash: a comparison between runs can check it used the same test set.
+        runs.set_tags({"cnnops.test_data_sha256": file_sha256(paths.prepared / "test.pt")})
     summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece"))
     log.info("test %s on %d images (MLflow run %s)", summary, len(test), run_id)
-    return metrics
+    return EvaluateResult(run_id, metrics)
 
 
 def _write_confusion(path: Path, split: PreparedSplit, predicted: torch.Tensor) -> None:
@@ -94,38 +98,24 @@ def _write_confusion(path: Path, split: PreparedSplit, predicted: torch.Tensor) 
             writer.writerow([image, names[actual], names[pred]])
 
 
-def _md5(path: Path) -> str:
-    """The test split's content hash, so a comparison between runs can check it used the same test set."""
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("evaluate", help="test-split metrics and plots, added to the model's run")
-    parser.add_argument("model", metavar="MODEL", help="checkpoint, e.g. models/model.pt")
-    parser.add_argument(
-        "--prepared", default="prepared", help="prepare's output folder (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--train-report", default="reports/train.json", help="holds the run id (default: %(default)s)"
-    )
+    parser.add_argument("model", metavar="MODEL", type=Path, help="checkpoint, e.g. models/model.pt")
     defaults = EvaluatePaths()
-    parser.add_argument(
-        "--metrics", default=str(defaults.metrics), help="metrics JSON (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--confusion", default=str(defaults.confusion), help="per-image CSV (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--confusion-png", default=str(defaults.confusion_png), help="figure (default: %(default)s)"
-    )
+    for flag, default, what in (
+        ("--prepared", defaults.prepared, "prepare's output folder"),
+        ("--train-report", defaults.train_report, "holds the run id"),
+        ("--metrics", defaults.metrics, "metrics JSON"),
+        ("--confusion", defaults.confusion, "per-image CSV"),
+        ("--confusion-png", defaults.confusion_png, "figure"),
+    ):
+        parser.add_argument(flag, type=Path, default=default, help=f"{what} (default: %(default)s)")
     parser.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace, params: Params) -> int:
-    paths = EvaluatePaths(Path(args.metrics), Path(args.confusion), Path(args.confusion_png))
-    run(params, args.model, args.prepared, args.train_report, paths)
+    paths = EvaluatePaths(
+        args.model, args.prepared, args.train_report, args.metrics, args.confusion, args.confusion_png
+    )
+    run(params, paths)
     return 0

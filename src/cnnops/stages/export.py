@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from cnnops.config import ExportParams, Params, TrackingParams
+from cnnops.data.digest import file_sha256
 from cnnops.data.splits import load_split_for
 from cnnops.export.compression import compress
 from cnnops.export.latency import compare
@@ -34,75 +36,87 @@ from cnnops.export.onnx_model import (
 )
 from cnnops.tracking import runs
 from cnnops.tracking.lineage import lineage
-from cnnops.tracking.registry import file_sha256
 
 log = logging.getLogger(__name__)
 COMPRESSED_NAME = "model.{kind}.onnx"
 
 
-def run(
-    params: ExportParams,
-    tracking_params: TrackingParams,
-    *,
-    checkpoint: Path,
-    prepared: Path,
-    train_report: Path,
-    out: Path,
-    report: Path,
-    compressed_dir: Path,
-) -> dict[str, Any]:
-    """Export, check parity, time, optionally compress; write `out`, `report` and log to the model's run."""
-    model, run_id = runs.load_run_model(checkpoint, train_report)
-    test = load_split_for(model.spec, prepared, checkpoint)
+@dataclass(frozen=True)
+class ExportPaths:
+    """The stage's inputs and outputs (the paths dvc.yaml gives the CLI)."""
+
+    checkpoint: Path = Path("models/model.pt")
+    prepared: Path = Path("prepared")  # test.pt: the parity and accuracy images
+    train_report: Path = Path("reports/train.json")  # holds the model's MLflow run id
+    out: Path = Path("models/model.onnx")
+    compressed_dir: Path = Path("models/compressed")
+    report: Path = Path("reports/export.json")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    run_id: str  # the model's MLflow run, which the export was added to
+    report: dict[str, Any]  # what `paths.report` holds: parity, accuracy, latency, compression
+
+
+def run(params: Params, paths: ExportPaths = ExportPaths()) -> ExportResult:
+    """Export, check parity, time, optionally compress; write the ONNX file(s) and the report, and
+    log them to the model's run. Files land only after every check passed (staged beside `out`)."""
+    e = params.export
+    model, run_id = runs.load_run_model(paths.checkpoint, paths.train_report)
+    test = load_split_for(model.spec, paths.prepared, paths.checkpoint)
     metadata = OnnxMetadata(
         class_names=list(model.spec.class_names),
         input_size=model.spec.image_size,
         color_mode=model.spec.color_mode,
-        output=params.output,
+        output=e.output,
         model=model.spec.model,
         mlflow_run_id=run_id,
         **lineage().as_tags(),
     )
-    images = test.floats()
-    labels = test.labels.numpy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
-        staged = Path(tmp) / out.name
-        export_classifier(model, staged, opset=params.opset, metadata=metadata)
-        reference = _torch_outputs(with_output(model, params.output), images, params.throughput_batch)
-        onnx_out = infer(open_session(staged), images.numpy(), params.throughput_batch)
-        parity = check_parity(reference, onnx_out, params.parity_atol, staged.name)
+    images, labels = test.floats(), test.labels.numpy()
+    paths.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=paths.out.parent, prefix=".export-") as tmp:
+        staged = Path(tmp) / paths.out.name
+        export_classifier(model, staged, opset=e.opset, metadata=metadata)
+        reference = _torch_outputs(with_output(model, e.output), images, e.throughput_batch)
+        onnx_out = infer(open_session(staged), images.numpy(), e.throughput_batch)
         result: dict[str, Any] = {
             "run_id": run_id,
-            "onnx": str(out),
-            "opset": params.opset,
-            "output": params.output,
+            "onnx": str(paths.out),
+            "opset": e.opset,
+            "output": e.output,
             "size_mb": staged.stat().st_size / 2**20,
-            "parity": parity,
+            "parity": check_parity(reference, onnx_out, e.parity_atol, staged.name),
             "accuracy": {"pytorch": _accuracy(reference, labels), "onnx": _accuracy(onnx_out, labels)},
-            "latency": {
-                provider.removesuffix("ExecutionProvider").lower(): compare(
-                    with_output(model, params.output),
-                    open_session(staged, provider),
-                    images[0],
-                    provider=provider,
-                    runs=params.latency_runs,
-                    throughput_batch=params.throughput_batch,
-                )
-                for provider in available_providers()
-            },
-            "compression": _compress(params, staged, images, labels, onnx_out),
+            "latency": _latency(e, with_output(model, e.output), staged, images[0]),
+            "compression": _compress(e, staged, images, labels, onnx_out),
             "lineage": {"git_commit": metadata.git_commit, "data_version": metadata.data_version},
         }
-        _publish(staged, out, compressed_dir, params.compression)
-        if params.compression != "none":
+        _publish(staged, paths.out, paths.compressed_dir, e.compression)
+        if e.compression != "none":
             result["compression"]["path"] = str(
-                compressed_dir / COMPRESSED_NAME.format(kind=params.compression)
+                paths.compressed_dir / COMPRESSED_NAME.format(kind=e.compression)
             )
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps(result, indent=2) + "\n")
-    _log_to_mlflow(tracking_params, run_id, result, out, report)
-    return result
+    paths.report.parent.mkdir(parents=True, exist_ok=True)
+    paths.report.write_text(json.dumps(result, indent=2) + "\n")
+    _log_to_mlflow(params.tracking, run_id, result, paths.out, paths.report)
+    return ExportResult(run_id, result)
+
+
+def _latency(e: ExportParams, model: nn.Module, onnx_path: Path, image: torch.Tensor) -> dict[str, Any]:
+    """ONNX Runtime against PyTorch eager, per execution provider this machine has."""
+    return {
+        provider.removesuffix("ExecutionProvider").lower(): compare(
+            model,
+            open_session(onnx_path, provider),
+            image,
+            provider=provider,
+            runs=e.latency_runs,
+            throughput_batch=e.throughput_batch,
+        )
+        for provider in available_providers()
+    }
 
 
 @torch.inference_mode()
@@ -181,30 +195,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="export the model to ONNX, check parity with PyTorch, measure latency",
         description=__doc__,
     )
-    parser.add_argument("checkpoint", type=Path, nargs="?", default=Path("models/model.pt"))
-    parser.add_argument("--prepared", type=Path, default=Path("prepared"), help="folder with test.pt")
-    parser.add_argument("--train-report", type=Path, default=Path("reports/train.json"))
-    parser.add_argument("--out", type=Path, default=Path("models/model.onnx"))
-    parser.add_argument("--compressed-dir", type=Path, default=Path("models/compressed"))
-    parser.add_argument("--report", type=Path, default=Path("reports/export.json"))
+    defaults = ExportPaths()
+    parser.add_argument("checkpoint", type=Path, nargs="?", default=defaults.checkpoint)
+    parser.add_argument("--prepared", type=Path, default=defaults.prepared, help="folder with test.pt")
+    parser.add_argument("--train-report", type=Path, default=defaults.train_report)
+    parser.add_argument("--out", type=Path, default=defaults.out)
+    parser.add_argument("--compressed-dir", type=Path, default=defaults.compressed_dir)
+    parser.add_argument("--report", type=Path, default=defaults.report)
     parser.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace, params: Params) -> int:
-    result = run(
-        params.export,
-        params.tracking,
-        checkpoint=args.checkpoint,
-        prepared=args.prepared,
-        train_report=args.train_report,
-        out=args.out,
-        report=args.report,
-        compressed_dir=args.compressed_dir,
+    paths = ExportPaths(
+        args.checkpoint, args.prepared, args.train_report, args.out, args.compressed_dir, args.report
     )
+    result = run(params, paths).report
     cpu = result["latency"]["cpu"]
     log.info(
         "exported %s: max abs diff %.2g, batch-1 p50 ORT %.2f ms vs PyTorch %.2f ms (%.2fx)",
-        args.out,
+        paths.out,
         result["parity"]["max_abs_diff"],
         cpu["ort_batch1_p50_ms"],
         cpu["torch_batch1_p50_ms"],

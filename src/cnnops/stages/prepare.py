@@ -21,17 +21,20 @@ import json
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from cnnops.config import DataParams, Params, PrepareParams, ValidateParams
+from cnnops.config import Params, ValidateParams
 from cnnops.data.decode import to_tensor
 from cnnops.data.folder import scan_image_folder
 from cnnops.data.manifest import ManifestEntry, describe, duplicate_groups
 from cnnops.data.splits import SPLITS, PreparedSplit
 from cnnops.errors import DataError, StageInputError
+from cnnops.tracking import runs
 
 log = logging.getLogger(__name__)
 
@@ -86,71 +89,60 @@ def assign_splits(
     return [split_of[int(g)] for g in groups], moves
 
 
-def run(
-    data_dir: str | Path,
-    *,
-    out_dir: str | Path,
-    report_path: str | Path,
-    seed: int,
-    data: DataParams,
-    prepare: PrepareParams,
-    validate: ValidateParams,
-    validation_report: str | Path | None = None,
-) -> dict[str, object]:
-    """Split `data_dir`, write `<out_dir>/{train,val,test}.pt` and the report; returns the report.
+@dataclass(frozen=True)
+class PreparePaths:
+    """The stage's inputs and outputs (the paths dvc.yaml gives the CLI)."""
 
-    With `validation_report`, refuses data that failed validation or changed since it ran.
+    data: Path = Path("data")
+    out: Path = Path("prepared")  # {train,val,test}.pt
+    report: Path = Path("reports/prepare.json")
+    validation: Path | None = None  # validate's report: the data must be what it passed
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    report: dict[str, Any]  # what `paths.report` holds: per-class counts per split, duplicate groups
+    run_id: str  # the MLflow run that records it (experiment `<experiment>-data`)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """The folder read through the data contract: kept entries with their tensors, and the rest."""
+
+    class_names: list[str]
+    entries: list[ManifestEntry]
+    tensors: list[torch.Tensor]
+    skipped: list[dict[str, str]]
+
+
+def run(params: Params, paths: PreparePaths = PreparePaths()) -> PrepareResult:
+    """Split `paths.data`, write `<paths.out>/{train,val,test}.pt` and the report, log it to MLflow.
+
+    With `paths.validation`, refuses data that failed validation or changed since it ran.
     Undecodable files raise a DataError naming them, unless `validate.severity.decodes` is not
     "error": then they are skipped with a warning and listed under `skipped`.
     """
-    scan = scan_image_folder(data_dir, hidden_files=data.hidden_files, min_classes=2)
-    entries: list[ManifestEntry] = []
-    undecodable: list[ManifestEntry] = []
-    tensors: list[torch.Tensor] = []
-    for record in scan.records:
-        entry, image = describe(record, color_mode=data.color_mode, max_pixels=data.max_image_pixels)
-        if image is None:
-            undecodable.append(entry)
-            continue
-        entries.append(entry)
-        tensors.append(to_tensor(image, prepare.image_size))
-    _check_decoding(undecodable, validate, scan.root)
-    if validation_report is not None:
-        _check_validated(Path(validation_report), entries, scan.root)
-
+    decoded = _decode(paths, params)
+    entries = decoded.entries
     shas = [str(e.sha256) for e in entries]
-    groups = duplicate_groups(shas, [str(e.phash) for e in entries], data.near_duplicate_distance)
+    groups = duplicate_groups(shas, [str(e.phash) for e in entries], params.data.near_duplicate_distance)
     labels = [e.label for e in entries]
     splits, moves = assign_splits(
         shas,
         labels,
         groups,
-        val_fraction=prepare.val_fraction,
-        test_fraction=prepare.test_fraction,
-        seed=seed,
+        val_fraction=params.prepare.val_fraction,
+        test_fraction=params.prepare.test_fraction,
+        seed=params.base.seed,
     )
-    out_dir = Path(out_dir)
-    counts: dict[str, dict[str, int]] = {}
-    for split in SPLITS:
-        index = [i for i, s in enumerate(splits) if s == split]
-        PreparedSplit(
-            images=torch.stack([tensors[i] for i in index]) if index else _empty(prepare, data),
-            labels=torch.tensor([scan.class_names.index(labels[i]) for i in index], dtype=torch.int64),
-            paths=[entries[i].path for i in index],
-            class_names=scan.class_names,
-            color_mode=data.color_mode,
-        ).save(out_dir / f"{split}.pt")
-        per_class = Counter(labels[i] for i in index)
-        counts[split] = {name: per_class.get(name, 0) for name in scan.class_names}
-        log.info("%s: %d images -> %s", split, len(index), out_dir / f"{split}.pt")
-
+    counts = _write_splits(paths.out, decoded, splits, params)
     group_files: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         group_files[int(g)].append(i)
     report = {
-        "classes": scan.class_names,
-        "color_mode": data.color_mode,
-        "image_size": list(prepare.image_size),
+        "classes": decoded.class_names,
+        "color_mode": params.data.color_mode,
+        "image_size": list(params.prepare.image_size),
         "totals": {split: sum(counts[split].values()) for split in SPLITS},
         "counts": counts,
         "duplicate_groups": [
@@ -162,16 +154,64 @@ def run(
             {"class": label, "from": source, "to": target, "files": [entries[i].path for i in idx]}
             for label, source, target, idx in moves
         ],
-        "skipped": [{"path": p, "reason": why} for p, why in scan.skipped]
-        + [{"path": e.path, "reason": str(e.error)} for e in undecodable],
+        "skipped": decoded.skipped,
     }
-    Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(report_path).write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    paths.report.parent.mkdir(parents=True, exist_ok=True)
+    paths.report.write_text(json.dumps(report, indent=2) + "\n")
+    with runs.data_run(params, "prepare", ("base", "data", "prepare")) as mlflow_run:
+        runs.log_metrics({f"{split}_images": n for split, n in report["totals"].items()})
+        runs.log_files([paths.report], "prepare")
+    return PrepareResult(report, mlflow_run.info.run_id)
 
 
-def _empty(prepare: PrepareParams, data: DataParams) -> torch.Tensor:
-    return torch.zeros((0, 3 if data.color_mode == "RGB" else 1, *prepare.image_size), dtype=torch.uint8)
+def _decode(paths: PreparePaths, params: Params) -> _Decoded:
+    """Every image of the folder at the prepared size; checks decoding and the validation report."""
+    data = params.data
+    scan = scan_image_folder(paths.data, hidden_files=data.hidden_files, min_classes=2)
+    entries: list[ManifestEntry] = []
+    undecodable: list[ManifestEntry] = []
+    tensors: list[torch.Tensor] = []
+    for record in scan.records:
+        entry, image = describe(record, color_mode=data.color_mode, max_pixels=data.max_image_pixels)
+        if image is None:
+            undecodable.append(entry)
+            continue
+        entries.append(entry)
+        tensors.append(to_tensor(image, params.prepare.image_size))
+    _check_decoding(undecodable, params.validate, scan.root)
+    if paths.validation is not None:
+        _check_validated(paths.validation, entries, scan.root)
+    skipped = [{"path": p, "reason": why} for p, why in scan.skipped]
+    skipped += [{"path": e.path, "reason": str(e.error)} for e in undecodable]
+    return _Decoded(scan.class_names, entries, tensors, skipped)
+
+
+def _write_splits(
+    out_dir: Path, decoded: _Decoded, splits: list[str], params: Params
+) -> dict[str, dict[str, int]]:
+    """Save one PreparedSplit per split; returns the per-class image counts of each."""
+    names = decoded.class_names
+    labels = [e.label for e in decoded.entries]
+    counts: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        index = [i for i, s in enumerate(splits) if s == split]
+        images = torch.stack([decoded.tensors[i] for i in index]) if index else _empty(params)
+        PreparedSplit(
+            images=images,
+            labels=torch.tensor([names.index(labels[i]) for i in index], dtype=torch.int64),
+            paths=[decoded.entries[i].path for i in index],
+            class_names=names,
+            color_mode=params.data.color_mode,
+        ).save(out_dir / f"{split}.pt")
+        per_class = Counter(labels[i] for i in index)
+        counts[split] = {name: per_class.get(name, 0) for name in names}
+        log.info("%s: %d images -> %s", split, len(index), out_dir / f"{split}.pt")
+    return counts
+
+
+def _empty(params: Params) -> torch.Tensor:
+    channels = 3 if params.data.color_mode == "RGB" else 1
+    return torch.zeros((0, channels, *params.prepare.image_size), dtype=torch.uint8)
 
 
 def _check_decoding(undecodable: list[ManifestEntry], validate: ValidateParams, root: Path) -> None:
@@ -215,24 +255,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "prepare", help="hash-stable, duplicate-aware split cached as uint8 tensors"
     )
-    parser.add_argument("data_dir", metavar="DATA", help="ImageFolder root, e.g. data")
+    parser.add_argument("data", metavar="DATA", type=Path, help="ImageFolder root, e.g. data")
+    defaults = PreparePaths()
     parser.add_argument(
-        "--out", default="prepared", help="folder for {train,val,test}.pt (default: prepared)"
+        "--out", type=Path, default=defaults.out, help="folder for {train,val,test}.pt (default: %(default)s)"
     )
-    parser.add_argument("--report", default="reports/prepare.json", help="JSON report (default: %(default)s)")
-    parser.add_argument("--validation", default=None, help="validation report to check the data against")
+    parser.add_argument(
+        "--report", type=Path, default=defaults.report, help="JSON report (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--validation", type=Path, default=None, help="validation report to check the data against"
+    )
     parser.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace, params: Params) -> int:
-    run(
-        args.data_dir,
-        out_dir=args.out,
-        report_path=args.report,
-        seed=params.base.seed,
-        data=params.data,
-        prepare=params.prepare,
-        validate=params.validate,
-        validation_report=args.validation,
-    )
+    run(params, PreparePaths(args.data, args.out, args.report, args.validation))
     return 0

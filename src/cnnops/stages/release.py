@@ -5,6 +5,10 @@ Every release registers (once) a model version and points alias `challenger` at 
 by more than `release.margin` on the *current* test split, the champion being re-evaluated on
 that split through ONNX Runtime exactly like the challenger. The decision and its reason are tags
 on the version and the run and go to the report. Running it again changes nothing.
+
+Only a reproducible run deploys: under `dvc exp run`, or from a git work tree with uncommitted
+changes (DVC's own writes during repro aside), a model that earned champion stays challenger
+and the report says why.
 """
 
 from __future__ import annotations
@@ -12,18 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from mlflow import MlflowClient
 
-from cnnops.config import Params, ReleaseParams, TrackingParams
+from cnnops.config import Params, ReleaseParams
+from cnnops.data.digest import file_sha256
 from cnnops.data.splits import PreparedSplit
 from cnnops.errors import StageInputError
 from cnnops.export.onnx_model import infer, open_session, read_metadata
 from cnnops.tracking import registry, runs
+from cnnops.tracking.lineage import UNKNOWN, git_commit
 from cnnops.training.metrics import classification_report
 
 log = logging.getLogger(__name__)
@@ -59,69 +66,112 @@ class Decision:
         )
 
 
-def run(
-    params: ReleaseParams,
-    tracking_params: TrackingParams,
-    *,
-    onnx_path: Path,
-    checkpoint: Path,
-    prepared: Path,
-    train_report: Path,
-    audit_report: Path,
-    report: Path,
-) -> dict[str, Any]:
-    run_id = runs.run_id_from_report(train_report)
-    metadata = read_metadata(onnx_path)
+@dataclass(frozen=True)
+class ReleasePaths:
+    """The stage's inputs and outputs (the paths dvc.yaml gives the CLI)."""
+
+    onnx: Path = Path("models/model.onnx")
+    checkpoint: Path = Path("models/model.pt")  # registered beside the ONNX file (MLflow pytorch flavor)
+    prepared: Path = Path("prepared")  # test.pt: challenger and champion are scored on it
+    train_report: Path = Path("reports/train.json")  # holds the model's MLflow run id
+    audit_report: Path = Path("reports/audit.json")
+    report: Path = Path("reports/release.json")
+    project: Path = Path(".")  # the git work tree whose state may hold champion back
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    version: str  # the registered version, now alias `challenger`
+    promoted: bool  # whether it took alias `champion`
+    report: dict[str, Any]  # what `paths.report` holds: scores, the decision and its reason
+
+
+def run(params: Params, paths: ReleasePaths = ReleasePaths()) -> ReleaseResult:
+    """Register the export (once), point `challenger` at it, and move `champion` when it earned it
+    and the run may deploy (not a DVC experiment, not a dirty work tree)."""
+    r = params.release
+    run_id = runs.run_id_from_report(paths.train_report)
+    metadata = read_metadata(paths.onnx)
     if metadata.mlflow_run_id != run_id:
         raise StageInputError(
-            f"{onnx_path} was exported from MLflow run {metadata.mlflow_run_id}, but {train_report} "
+            f"{paths.onnx} was exported from MLflow run {metadata.mlflow_run_id}, but {paths.train_report} "
             f"names run {run_id}: the ONNX file is stale; run `cnnops export` (or `dvc repro export`)"
         )
-    verdict = audit_verdict(audit_report)
-    test = PreparedSplit.load(Path(prepared) / "test.pt")
-    mismatch = _incomparable(onnx_path, test)
+    verdict = audit_verdict(paths.audit_report)
+    test = PreparedSplit.load(paths.prepared / "test.pt")
+    mismatch = _incomparable(paths.onnx, test)
     if mismatch:
         raise StageInputError(
-            f"{onnx_path} does not fit {prepared}/test.pt: {mismatch}; re-run `dvc repro export`"
+            f"{paths.onnx} does not fit {paths.prepared}/test.pt: {mismatch}; re-run `dvc repro export`"
         )
-    score = evaluate_onnx(onnx_path, test, params.metric)
-    runs.configure(tracking_params)
+    score = evaluate_onnx(paths.onnx, test, r.metric)
+    runs.configure(params.tracking)
     client = MlflowClient()
-    sha = registry.file_sha256(onnx_path)
-    version = registry.find_version(client, params.model_name, run_id, sha)
-    if version is None:
-        version = registry.register(tracking_params, params.model_name, run_id, onnx_path, checkpoint)
-        log.info("registered %s version %s from run %s", params.model_name, version, run_id)
-    else:
-        log.info(
-            "%s version %s already holds this export (run %s): reusing it", params.model_name, version, run_id
-        )
-    client.set_registered_model_alias(params.model_name, registry.CHALLENGER, version)
-    decision = decide(client, params, version, test, score, verdict)
+    version = _registered(client, params, run_id, paths)
+    client.set_registered_model_alias(r.model_name, registry.CHALLENGER, version)
+    decision = decide(client, r, version, test, score, verdict)
+    if decision.promoted and registry.alias_version(client, r.model_name, registry.CHAMPION) != version:
+        decision = held_back(decision, paths.project)
     if decision.promoted:
-        client.set_registered_model_alias(params.model_name, registry.CHAMPION, version)
-    registry.set_tags(client, params.model_name, version, decision.as_tags(params.metric, score, verdict))
+        client.set_registered_model_alias(r.model_name, registry.CHAMPION, version)
+    registry.set_tags(client, r.model_name, version, decision.as_tags(r.metric, score, verdict))
     result = {
-        "model_name": params.model_name,
+        "model_name": r.model_name,
         "version": version,
         "run_id": run_id,
         "audit_verdict": verdict,
-        "metric": params.metric,
+        "metric": r.metric,
         "score": score,
-        "margin": params.margin,
+        "margin": r.margin,
         **asdict(decision),
         "champion": version if decision.promoted else decision.champion_version,
     }
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps(result, indent=2) + "\n")
-    log.info(
-        "release: %s version %s %s: %s",
-        params.model_name,
-        version,
-        "is the champion" if decision.promoted else "stays a challenger",
-        decision.reason,
-    )
-    return result
+    paths.report.parent.mkdir(parents=True, exist_ok=True)
+    paths.report.write_text(json.dumps(result, indent=2) + "\n")
+    outcome = "is the champion" if decision.promoted else "stays a challenger"
+    log.info("release: %s version %s %s: %s", r.model_name, version, outcome, decision.reason)
+    return ReleaseResult(version, decision.promoted, result)
+
+
+def _registered(client: MlflowClient, params: Params, run_id: str, paths: ReleasePaths) -> str:
+    """The version holding this exact export of this run: found, or registered now."""
+    name = params.release.model_name
+    version = registry.find_version(client, name, run_id, file_sha256(paths.onnx))
+    if version is None:
+        version = registry.register(params.tracking, name, run_id, paths.onnx, paths.checkpoint)
+        log.info("registered %s version %s from run %s", name, version, run_id)
+    else:
+        log.info("%s version %s already holds this export (run %s): reusing it", name, version, run_id)
+    return version
+
+
+def held_back(decision: Decision, project: Path) -> Decision:
+    """An experiment or uncommitted code never deploys: the decision stands, champion does not move.
+
+    Under `dvc exp run` (DVC sets DVC_EXP_NAME) the model is one try among many; on a dirty work tree
+    (files DVC itself writes during repro aside) no commit reproduces it.
+    """
+    if not decision.promoted:
+        return decision
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment:
+        why = (
+            f"it runs under `dvc exp run` (experiment {experiment!r}), and an experiment never moves "
+            "champion: `dvc exp apply` it, commit, then `dvc repro release`"
+        )
+    else:
+        commit = git_commit(project)
+        if commit == UNKNOWN:
+            why = f"{project.resolve()} is not a git work tree with a commit, so no commit reproduces it"
+        elif commit.endswith("-dirty"):
+            why = (
+                f"the git work tree {project.resolve()} has uncommitted changes (`git status`), so no "
+                "commit reproduces it: commit, then `dvc repro release`"
+            )
+        else:
+            return decision
+    reason = f"it would become champion ({decision.reason}), but {why}"
+    return replace(decision, promoted=False, reason=reason)
 
 
 def decide(
@@ -222,24 +272,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="register the ONNX model in MLflow and decide champion/challenger",
         description=__doc__,
     )
-    parser.add_argument("onnx", type=Path, nargs="?", default=Path("models/model.onnx"))
-    parser.add_argument("--checkpoint", type=Path, default=Path("models/model.pt"))
-    parser.add_argument("--prepared", type=Path, default=Path("prepared"), help="folder with test.pt")
-    parser.add_argument("--train-report", type=Path, default=Path("reports/train.json"))
-    parser.add_argument("--audit-report", type=Path, default=Path("reports/audit.json"))
-    parser.add_argument("--report", type=Path, default=Path("reports/release.json"))
+    defaults = ReleasePaths()
+    parser.add_argument("onnx", type=Path, nargs="?", default=defaults.onnx)
+    parser.add_argument("--checkpoint", type=Path, default=defaults.checkpoint)
+    parser.add_argument("--prepared", type=Path, default=defaults.prepared, help="folder with test.pt")
+    parser.add_argument("--train-report", type=Path, default=defaults.train_report)
+    parser.add_argument("--audit-report", type=Path, default=defaults.audit_report)
+    parser.add_argument("--report", type=Path, default=defaults.report)
     parser.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace, params: Params) -> int:
-    run(
-        params.release,
-        params.tracking,
-        onnx_path=args.onnx,
-        checkpoint=args.checkpoint,
-        prepared=args.prepared,
-        train_report=args.train_report,
-        audit_report=args.audit_report,
-        report=args.report,
+    paths = ReleasePaths(
+        args.onnx, args.checkpoint, args.prepared, args.train_report, args.audit_report, args.report
     )
+    run(params, paths)
     return 0

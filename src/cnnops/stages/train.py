@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,14 @@ from cnnops.errors import StageInputError
 from cnnops.models import Classifier, create_classifier, default_spec, save_checkpoint
 from cnnops.tracking import runs
 from cnnops.training import distributed, plots, resume
-from cnnops.training.engine import BatchTransform, BestEpoch, LoopSettings, evaluate_epoch, train_one_epoch
+from cnnops.training.engine import (
+    BatchTransform,
+    BestEpoch,
+    EpochStats,
+    LoopSettings,
+    evaluate_epoch,
+    train_one_epoch,
+)
 from cnnops.training.optim import build_optimizer, build_scheduler
 from cnnops.training.progress import epoch_bar
 
@@ -45,13 +52,13 @@ HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accu
 class TrainPaths:
     """Where the stage writes (paths come from dvc.yaml through the CLI)."""
 
+    prepared: Path = Path("prepared")  # input: prepare's {train,val}.pt
     model: Path = Path("models/model.pt")
     report: Path = Path("reports/train.json")
     history: Path = Path("reports/plots/train_history.csv")
     curves: Path = Path("reports/plots/train_history.png")
     state: Path = Path(".cnnops/train/state.pt")  # resume state: outside DVC outs, which DVC deletes
     params_file: Path | None = None  # logged to the run as params.yaml
-    evidence: tuple[Path, ...] = ()  # validate/prepare reports, data docs: logged to the run
 
 
 @dataclass(frozen=True)
@@ -61,11 +68,12 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def run(params: Params, prepared: str | Path, paths: TrainPaths = TrainPaths()) -> TrainResult:
-    """Train `params.train.model` on `<prepared>/{train,val}.pt`; resumes a killed run of the same inputs."""
+def run(params: Params, paths: TrainPaths = TrainPaths()) -> TrainResult:
+    """Train `params.train.model` on `<paths.prepared>/{train,val}.pt`; resumes a killed run of the
+    same inputs."""
     dist = distributed.setup()
     try:
-        return _train(params, Path(prepared), paths, dist)
+        return _train(params, paths, dist)
     finally:
         distributed.teardown(dist)
 
@@ -148,8 +156,7 @@ def _build(
     )
 
 
-def _train(params: Params, prepared: Path, paths: TrainPaths, dist: distributed.Dist) -> TrainResult:
-    t = params.train
+def _load_train_val(prepared: Path) -> tuple[PreparedSplit, PreparedSplit]:
     splits = load_splits(prepared, ("train", "val"))
     if splits["val"].class_names != splits["train"].class_names:
         raise StageInputError(f"{prepared}: train and val splits have different class names; rerun prepare")
@@ -158,75 +165,83 @@ def _train(params: Params, prepared: Path, paths: TrainPaths, dist: distributed.
             f"{prepared / 'val.pt'} has no images: best-checkpoint selection needs a validation split; "
             "raise prepare.val_fraction or add images, then rerun prepare"
         )
-    parts = _build(params, splits["train"], splits["val"], dist)
+    return splits["train"], splits["val"]
+
+
+@dataclass
+class _Progress:
+    """What a killed run resumes from: epochs done, their history, the best epoch and the run id."""
+
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] | None = None
+    run_id: str | None = None
+    seconds: float = 0.0
+
+    def state(self) -> dict[str, Any]:
+        """Its fields for the resume state, shallow (asdict would deep-copy the best weights)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _resume(
+    params: Params, paths: TrainPaths, parts: _Parts, dist: distributed.Dist
+) -> tuple[str, _Progress, BestEpoch]:
+    """The inputs' fingerprint, and the saved progress when a killed run of the same inputs left one."""
     fingerprint = resume.fingerprint(
         {
-            "train": t.model_dump(mode="json"),
+            "train": params.train.model_dump(mode="json"),
             "seed": params.base.seed,
             "world_size": dist.world_size,
             "tracking": [runs.store_uri(params.tracking), params.tracking.experiment],  # run to continue
         },
-        [prepared / "train.pt", prepared / "val.pt"],
+        [paths.prepared / "train.pt", paths.prepared / "val.pt"],
     )
-    best = BestEpoch(t.early_stopping_patience)
-    record: dict[str, Any] = {"epoch": 0, "history": [], "best_state": None, "run_id": None, "seconds": 0.0}
     saved = resume.load(paths.state, fingerprint)
-    if saved is not None:
-        parts.load_state_dict(saved)
-        record.update({k: saved[k] for k in record})
-        best = BestEpoch(**saved["best"])
-        log.info("resuming %s after epoch %d of %d from %s", t.model, record["epoch"], t.epochs, paths.state)
+    if saved is None:
+        return fingerprint, _Progress(), BestEpoch(params.train.early_stopping_patience)
+    parts.load_state_dict(saved)
+    progress = _Progress(**{f.name: saved[f.name] for f in fields(_Progress)})
+    log.info(
+        "resuming %s after epoch %d of %d from %s",
+        params.train.model,
+        progress.epoch,
+        params.train.epochs,
+        paths.state,
+    )
+    return fingerprint, progress, BestEpoch(**saved["best"])
+
+
+def _train(params: Params, paths: TrainPaths, dist: distributed.Dist) -> TrainResult:
+    t = params.train
+    parts = _build(params, *_load_train_val(paths.prepared), dist)
+    fingerprint, progress, best = _resume(params, paths, parts, dist)
     model = parts.model
     net = DistributedDataParallel(model, device_ids=_device_ids(dist)) if dist.enabled else model
-
     with ExitStack() as stack:
         if dist.is_main:
-            run_name = f"{t.model}-{t.mode}"
-            mlflow_run = stack.enter_context(runs.training_run(params.tracking, record["run_id"], run_name))
-            if record["run_id"] is None:
-                tags = runs.lineage_tags(stage="train")
-                runs.log_run_inputs(params, model.spec.class_names, paths.params_file, tags)
-            record["run_id"] = mlflow_run.info.run_id
-            _log_missed_epochs(record)
-        for epoch in range(record["epoch"], 0 if best.should_stop else t.epochs):
-            started = time.perf_counter()
-            parts.loader.sampler.set_epoch(epoch)
-            # One seed per (seed, epoch, rank) for augmentation, mixing and dropout.
-            torch.manual_seed(_epoch_seed(params.base.seed, epoch, dist.rank))
-            with epoch_bar(
-                f"epoch {epoch + 1}/{t.epochs}", len(parts.loader), enabled=dist.is_main
-            ) as advance:
-                train_stats = train_one_epoch(
-                    net,
-                    parts.criterion,
-                    parts.optimizer,
-                    parts.scheduler,
-                    parts.loader,
-                    parts.settings,
-                    scaler=parts.scaler,
-                    batch_transform=parts.mix,
-                    on_step=advance,
-                    reduce=lambda totals: distributed.all_reduce_sum(totals, dist),
+            mlflow_run = stack.enter_context(
+                runs.training_run(params.tracking, progress.run_id, f"{t.model}-{t.mode}")
+            )
+            if progress.run_id is None:
+                runs.log_run_inputs(
+                    params, model.spec.class_names, paths.params_file, runs.lineage_tags(stage="train")
                 )
+            progress.run_id = mlflow_run.info.run_id
+            _log_missed_epochs(progress)
+        for epoch in range(progress.epoch, 0 if best.should_stop else t.epochs):
+            started = time.perf_counter()
+            train_stats = _train_epoch(params, parts, net, epoch, dist)
             if dist.is_main:
-                val = evaluate_epoch(model, parts.val_loader, parts.settings).stats
-                row = {
-                    "epoch": epoch + 1,
-                    "train_loss": train_stats.loss,
-                    "train_accuracy": train_stats.accuracy,
-                    "val_loss": val.loss,
-                    "val_accuracy": val.accuracy,
-                    "lr": parts.optimizer.param_groups[-1]["lr"],
+                _end_epoch(parts, train_stats, epoch, progress, best)
+                progress.seconds += time.perf_counter() - started
+                state = {
+                    **progress.state(),
+                    **parts.state_dict(),
+                    "best": asdict(best),
+                    "fingerprint": fingerprint,
                 }
-                record["history"].append(row)
-                if best.update(epoch + 1, val.accuracy, val.loss):
-                    record["best_state"] = {
-                        k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                    }
-                record["epoch"] = epoch + 1
-                record["seconds"] += time.perf_counter() - started
-                state = {**record, **parts.state_dict(), "best": asdict(best), "fingerprint": fingerprint}
                 resume.save(paths.state, state)  # before logging: a kill in between re-logs on resume
+                row = progress.history[-1]
                 runs.log_epoch({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
                 summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
                 log.info("epoch %d/%d: %s", epoch + 1, t.epochs, summary)
@@ -234,9 +249,51 @@ def _train(params: Params, prepared: Path, paths: TrainPaths, dist: distributed.
                 break
         if not dist.is_main:
             return TrainResult(None, {}, [])
-        report = _finish(params, model, record, best, paths)
+        report = _finish(params, model, progress, best, paths)
     resume.clear(paths.state)
-    return TrainResult(record["run_id"], report, record["history"])
+    return TrainResult(progress.run_id, report, progress.history)
+
+
+def _train_epoch(
+    params: Params, parts: _Parts, net: nn.Module, epoch: int, dist: distributed.Dist
+) -> EpochStats:
+    """One pass over the training split, seeded per (seed, epoch, rank) for augmentation and dropout."""
+    parts.loader.sampler.set_epoch(epoch)
+    torch.manual_seed(_epoch_seed(params.base.seed, epoch, dist.rank))
+    label = f"epoch {epoch + 1}/{params.train.epochs}"
+    with epoch_bar(label, len(parts.loader), enabled=dist.is_main) as advance:
+        return train_one_epoch(
+            net,
+            parts.criterion,
+            parts.optimizer,
+            parts.scheduler,
+            parts.loader,
+            parts.settings,
+            scaler=parts.scaler,
+            batch_transform=parts.mix,
+            on_step=advance,
+            reduce=lambda totals: distributed.all_reduce_sum(totals, dist),
+        )
+
+
+def _end_epoch(
+    parts: _Parts, train_stats: EpochStats, epoch: int, progress: _Progress, best: BestEpoch
+) -> None:
+    """Validate, append the epoch's row to the history, keep the weights when it is the best so far."""
+    val = evaluate_epoch(parts.model, parts.val_loader, parts.settings).stats
+    progress.history.append(
+        {
+            "epoch": epoch + 1,
+            "train_loss": train_stats.loss,
+            "train_accuracy": train_stats.accuracy,
+            "val_loss": val.loss,
+            "val_accuracy": val.accuracy,
+            "lr": parts.optimizer.param_groups[-1]["lr"],
+        }
+    )
+    if best.update(epoch + 1, val.accuracy, val.loss):
+        progress.best_state = {k: v.detach().cpu().clone() for k, v in parts.model.state_dict().items()}
+    progress.epoch = epoch + 1
 
 
 def _loop_settings(t: TrainParams, device: torch.device) -> LoopSettings:
@@ -260,108 +317,93 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-def _log_missed_epochs(record: dict[str, Any]) -> None:
+def _log_missed_epochs(progress: _Progress) -> None:
     """A run killed between saving its state and logging an epoch logs that epoch on resume."""
-    if not record["history"]:
+    if not progress.history:
         return
-    logged = runs.logged_steps(record["run_id"], "val_loss")
-    for row in record["history"]:
+    logged = runs.logged_steps(progress.run_id, "val_loss")
+    for row in progress.history:
         if row["epoch"] not in logged:
             runs.log_epoch({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
 
 
 def _finish(
-    params: Params, model: Classifier, record: dict[str, Any], best: BestEpoch, paths: TrainPaths
+    params: Params, model: Classifier, progress: _Progress, best: BestEpoch, paths: TrainPaths
 ) -> dict[str, Any]:
     """Write the best checkpoint, history, curves and report; log them to the run."""
-    model.load_state_dict(record["best_state"])
+    model.load_state_dict(progress.best_state)
     model.to("cpu", memory_format=torch.contiguous_format)
-    history = record["history"]
-    save_checkpoint(
-        paths.model,
-        model,
-        {
-            "run_id": record["run_id"],
-            "best_epoch": best.epoch,
-            "mode": params.train.mode,
-            "weights": params.train.weights,
-        },
-    )
+    history = progress.history
+    extra = {"run_id": progress.run_id, "best_epoch": best.epoch, "mode": params.train.mode}
+    save_checkpoint(paths.model, model, {**extra, "weights": params.train.weights})
     paths.history.parent.mkdir(parents=True, exist_ok=True)
     with paths.history.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
         writer.writeheader()
         writer.writerows(history)
     plots.training_curves(history, paths.curves)
-    report = {
-        "run_id": record["run_id"],
-        "model": params.train.model,
-        "mode": params.train.mode,
-        "best_epoch": best.epoch,
+    figures = {
         "best_val_accuracy": best.val_accuracy,
         "best_val_loss": best.val_loss,
+        "best_epoch": best.epoch,
         "epochs_run": len(history),
+    }
+    report = {
+        "run_id": progress.run_id,
+        "model": params.train.model,
+        "mode": params.train.mode,
+        **figures,
         "stopped_early": len(history) < params.train.epochs,
-        "train_seconds": round(record["seconds"], 2),
+        "train_seconds": round(progress.seconds, 2),
     }
     paths.report.parent.mkdir(parents=True, exist_ok=True)
     paths.report.write_text(json.dumps(report, indent=2) + "\n")
-    runs.log_metrics(
-        {
-            "best_val_accuracy": best.val_accuracy,
-            "best_val_loss": best.val_loss,
-            "best_epoch": best.epoch,
-            "epochs_run": len(history),
-        }
-    )
+    runs.log_metrics(figures)
     runs.log_files([paths.model], "checkpoint")
     runs.log_files([paths.history, paths.curves, paths.report], "train")
-    runs.log_files(list(paths.evidence), "data")
     log.info(
         "best epoch %d: val accuracy %.4f; model %s; MLflow run %s",
         best.epoch,
         best.val_accuracy,
         paths.model,
-        record["run_id"],
+        progress.run_id,
     )
     return report
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train the classifier (scratch, linear probe or fine-tune)")
-    parser.add_argument("prepared", metavar="PREPARED", help="prepare's output folder, e.g. prepared")
+    parser.add_argument(
+        "prepared", metavar="PREPARED", type=Path, help="prepare's output folder, e.g. prepared"
+    )
     defaults = TrainPaths()
-    parser.add_argument("--out", default=str(defaults.model), help="best checkpoint (default: %(default)s)")
     parser.add_argument(
-        "--report", default=str(defaults.report), help="report with the run id (default: %(default)s)"
+        "--out", type=Path, default=defaults.model, help="best checkpoint (default: %(default)s)"
     )
     parser.add_argument(
-        "--history", default=str(defaults.history), help="per-epoch CSV (default: %(default)s)"
+        "--report", type=Path, default=defaults.report, help="report with the run id (default: %(default)s)"
     )
     parser.add_argument(
-        "--curves", default=str(defaults.curves), help="training curves PNG (default: %(default)s)"
+        "--history", type=Path, default=defaults.history, help="per-epoch CSV (default: %(default)s)"
     )
-    parser.add_argument("--state", default=str(defaults.state), help="resume state (default: %(default)s)")
     parser.add_argument(
-        "--log-artifact",
-        action="append",
-        default=[],
-        dest="evidence",
-        metavar="PATH",
-        help="file or folder to log to the run (validate/prepare reports, data docs); repeatable",
+        "--curves", type=Path, default=defaults.curves, help="training curves PNG (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--state", type=Path, default=defaults.state, help="resume state (default: %(default)s)"
     )
     parser.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace, params: Params) -> int:
     paths = TrainPaths(
-        model=Path(args.out),
-        report=Path(args.report),
-        history=Path(args.history),
-        curves=Path(args.curves),
-        state=Path(args.state),
+        prepared=args.prepared,
+        model=args.out,
+        report=args.report,
+        history=args.history,
+        curves=args.curves,
+        state=args.state,
         params_file=Path(args.params),
-        evidence=tuple(Path(p) for p in args.evidence),
     )
-    run(params, args.prepared, paths)
+    run(params, paths)
     return 0

@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from cnnops.config import DataParams, Params, ValidateParams
 from cnnops.data.folder import scan_image_folder
 from cnnops.data.manifest import ManifestEntry, describe, duplicate_groups
 from cnnops.errors import CnnopsError, ValidationFailed
+from cnnops.tracking import runs
 
 log = logging.getLogger(__name__)
 
@@ -190,31 +191,73 @@ def _plain(value: Any) -> Any:
     return int(number) if number.is_integer() else number
 
 
-def run(
-    data_dir: str | Path,
-    *,
-    report_path: str | Path,
-    docs_dir: str | Path,
-    data: DataParams,
-    validate: ValidateParams,
-) -> dict[str, Any]:
-    """Validate `data_dir`; write the JSON report and the GX data docs; raise on error-level failures."""
-    docs_dir = Path(docs_dir)
-    _reset_docs(docs_dir)
-    df, class_names, skipped = build_manifest(data_dir, data)
-    checks = run_suite(df, validate, docs_dir)
-    failed_errors = sorted({c["check"] for c in checks if c["success"] is False and c["severity"] == "error"})
-    failed_warnings = sorted(
-        {c["check"] for c in checks if c["success"] is False and c["severity"] == "warning"}
+@dataclass(frozen=True)
+class ValidatePaths:
+    """The stage's input and outputs (the paths dvc.yaml gives the CLI)."""
+
+    data: Path = Path("data")
+    report: Path = Path("reports/validation.json")
+    docs: Path = Path("reports/validation_docs")
+
+
+@dataclass(frozen=True)
+class ValidateResult:
+    report: dict[str, Any]  # what `paths.report` holds
+    run_id: str  # the MLflow run that records it (experiment `<experiment>-data`)
+
+
+def run(params: Params, paths: ValidatePaths = ValidatePaths()) -> ValidateResult:
+    """Validate `paths.data`; write the JSON report and the GX data docs, log both to an MLflow run,
+    then raise on error-level failures (the report and the record are kept)."""
+    _reset_docs(paths.docs)
+    df, class_names, skipped = build_manifest(paths.data, params.data)
+    checks = run_suite(df, params.validate, paths.docs)
+    report = _report(df, class_names, skipped, checks)
+    paths.report.parent.mkdir(parents=True, exist_ok=True)
+    paths.report.write_text(json.dumps(report, indent=1) + "\n")
+    with runs.data_run(params, "validate", ("data", "validate")) as mlflow_run:
+        runs.log_metrics(
+            {k: report[k] for k in ("n_files", "n_classes", "n_failed_errors", "n_failed_warnings")}
+        )
+        runs.set_tags({"cnnops.validation": "pass" if report["success"] else "fail"})
+        runs.log_files([paths.report, paths.docs], "validate")
+    failed = [c for c in checks if c["success"] is False]
+    for check in failed:
+        if check["severity"] == "warning":
+            log.warning("validate warning: %s", _describe(check, paths.data))
+    if report["failed_errors"]:
+        failures = [_describe(c, paths.data) for c in failed if c["severity"] == "error"]
+        raise ValidationFailed(
+            f"{len(report['failed_errors'])} error-level check(s) failed on {paths.data}:\n- "
+            + "\n- ".join(failures)
+            + f"\nsee {paths.report} and {paths.docs / 'index.html'}; fix or remove the files, or set "
+            "validate.severity.<check> in params.yaml to warning or off"
+        )
+    log.info(
+        "validated %d files in %d classes: %d warning(s)",
+        len(df),
+        len(class_names),
+        len(report["failed_warnings"]),
     )
-    report = {
-        "success": not failed_errors,
+    return ValidateResult(report, mlflow_run.info.run_id)
+
+
+def _report(
+    df: pd.DataFrame, class_names: list[str], skipped: list[tuple[str, str]], checks: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """What reports/validation.json holds: the outcome, every check and the manifest."""
+    failed = {
+        sev: sorted({c["check"] for c in checks if c["success"] is False and c["severity"] == sev})
+        for sev in ("error", "warning")
+    }
+    return {
+        "success": not failed["error"],
         "n_files": len(df),
         "n_classes": len(class_names),
-        "n_failed_errors": len(failed_errors),
-        "n_failed_warnings": len(failed_warnings),
-        "failed_errors": failed_errors,
-        "failed_warnings": failed_warnings,
+        "n_failed_errors": len(failed["error"]),
+        "n_failed_warnings": len(failed["warning"]),
+        "failed_errors": failed["error"],
+        "failed_warnings": failed["warning"],
         "class_counts": {name: int((df["label"] == name).sum()) for name in class_names},
         "checks": checks,
         "duplicate_groups": [  # exact and near duplicates together, as prepare keeps each in one split
@@ -226,24 +269,6 @@ def run(
             for row in df[[f.name for f in fields(ManifestEntry)]].to_dict("records")
         ],
     }
-    Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(report_path).write_text(json.dumps(report, indent=1) + "\n")
-    root = Path(data_dir)
-    for check in checks:
-        if check["success"] is False and check["severity"] == "warning":
-            log.warning("validate warning: %s", _describe(check, root))
-    if failed_errors:
-        failures = [_describe(c, root) for c in checks if c["success"] is False and c["severity"] == "error"]
-        raise ValidationFailed(
-            f"{len(failed_errors)} error-level check(s) failed on {root}:\n- "
-            + "\n- ".join(failures)
-            + f"\nsee {report_path} and {docs_dir / 'index.html'}; fix or remove the files, or set "
-            "validate.severity.<check> in params.yaml to warning or off"
-        )
-    log.info(
-        "validated %d files in %d classes: %d warning(s)", len(df), len(class_names), len(failed_warnings)
-    )
-    return report
 
 
 _HINTS: dict[str, Callable[[dict[str, Any]], str]] = {
@@ -287,18 +312,17 @@ def _reset_docs(docs_dir: Path) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("validate", help="check data/ with a Great Expectations suite")
-    parser.add_argument("data_dir", metavar="DATA", help="ImageFolder root, e.g. data")
+    parser.add_argument("data", metavar="DATA", type=Path, help="ImageFolder root, e.g. data")
+    defaults = ValidatePaths()
     parser.add_argument(
-        "--report", default="reports/validation.json", help="JSON report (default: %(default)s)"
+        "--report", type=Path, default=defaults.report, help="JSON report (default: %(default)s)"
     )
     parser.add_argument(
-        "--docs", default="reports/validation_docs", help="GX data docs folder (default: %(default)s)"
+        "--docs", type=Path, default=defaults.docs, help="GX data docs folder (default: %(default)s)"
     )
     parser.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace, params: Params) -> int:
-    run(
-        args.data_dir, report_path=args.report, docs_dir=args.docs, data=params.data, validate=params.validate
-    )
+    run(params, ValidatePaths(args.data, args.report, args.docs))
     return 0

@@ -16,9 +16,11 @@ import yaml
 log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
-# Files `dvc repro` itself rewrites while the pipeline runs (its lock file, and the .gitignore entries
-# of stage outputs): changes there say nothing about the code, so they don't make a commit dirty.
-DVC_WRITES = (":(exclude)dvc.lock", ":(exclude,glob)**/.gitignore")
+# Files DVC itself writes (its lock file, the .gitignore entries of stage outputs, the `.dvc` data
+# pointers that `dvc add` and a retrain rewrite, whose hash every run records as its data version),
+# plus every output dvc.yaml declares (`dvc_outputs`: the committed metrics and plots among them):
+# changes there say nothing about the code, so they don't make a commit dirty.
+DVC_WRITES = (":(exclude)dvc.lock", ":(exclude,glob)**/.gitignore", ":(exclude,glob)**/*.dvc")
 
 
 @dataclass(frozen=True)
@@ -34,13 +36,28 @@ def git_commit(repo: str | Path = ".") -> str:
     """HEAD's commit, marked dirty when tracked files changed (not DVC_WRITES); `unknown` outside git."""
     try:
         sha = _git(repo, "rev-parse", "HEAD")
-        dirty = _git(repo, "status", "--porcelain", "--untracked-files=no", "--", ".", *DVC_WRITES)
+        excluded = [f":(exclude){path}" for path in dvc_outputs(repo)]
+        dirty = _git(repo, "status", "--porcelain", "--untracked-files=no", "--", ".", *DVC_WRITES, *excluded)
     except (OSError, subprocess.CalledProcessError) as exc:
         log.warning(
             "git commit unknown: %s is not a git work tree with a commit (%s)", Path(repo).resolve(), exc
         )
         return UNKNOWN
     return f"{sha}-dirty" if dirty else sha
+
+
+def dvc_outputs(repo: str | Path = ".") -> list[str]:
+    """Every path dvc.yaml's stages write (outs, metrics, plots), relative to the repo."""
+    path = Path(repo) / "dvc.yaml"
+    if not path.is_file():
+        return []
+    stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+    return [
+        next(iter(entry)) if isinstance(entry, dict) else str(entry)
+        for stage in stages.values()
+        for key in ("outs", "metrics", "plots")
+        for entry in stage.get(key) or []
+    ]
 
 
 def data_version(dvc_file: str | Path = "data.dvc") -> str | None:

@@ -8,7 +8,6 @@ what makes `cnnops release` idempotent: the same export is never registered twic
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,16 +23,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from cnnops.config import TrackingParams
+from cnnops.data.digest import file_sha256
 from cnnops.export.onnx_model import infer, open_session
 from cnnops.models import load_classifier
 from cnnops.tracking import runs
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SHA_TAG = "onnx_sha256"
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def find_version(client: MlflowClient, name: str, run_id: str, sha256: str) -> str | None:

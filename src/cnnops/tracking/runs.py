@@ -28,6 +28,7 @@ from cnnops.tracking.lineage import lineage
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow refuses longer param values
+DATA_EXPERIMENT_SUFFIX = "-data"  # the experiment of the data stages' runs, beside the model runs'
 
 
 def configure(tracking: TrackingParams) -> str:
@@ -100,6 +101,22 @@ def training_run(tracking: TrackingParams, run_id: str | None, run_name: str) ->
         return
     configure(tracking)
     with mlflow.start_run(run_name=experiment_run_name(run_name)) as run:
+        yield run
+
+
+@contextmanager
+def data_run(params: Params, stage: str, sections: tuple[str, ...]) -> Iterator[mlflow.ActiveRun]:
+    """A run of its own for a data stage (validate, prepare), in experiment `<experiment>-data`.
+
+    The data stages run before any model exists, so they record themselves: their params sections,
+    lineage and reports. Beside the model runs but not among them (a model experiment stays one
+    run per model); a model run finds the runs of its data by the shared `cnnops.data_version` tag.
+    """
+    tracking = params.tracking
+    configure(tracking.model_copy(update={"experiment": f"{tracking.experiment}{DATA_EXPERIMENT_SUFFIX}"}))
+    with mlflow.start_run(run_name=experiment_run_name(stage)) as run:
+        mlflow.log_params({k: v for k, v in flat_params(params).items() if k.split(".")[0] in sections})
+        mlflow.set_tags(lineage_tags(stage=stage))
         yield run
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from cnnops.data.digest import update_digest
+
 log = logging.getLogger(__name__)
 
 
@@ -22,9 +24,7 @@ def fingerprint(settings: dict[str, Any], files: list[Path]) -> str:
     """Hash of the settings (JSON) and the bytes of the input files."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for path in files:
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        update_digest(digest, path)
     return digest.hexdigest()
 
 

@@ -39,6 +39,7 @@ from figures import add_json_argument, row, write_json
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from cnnops.audit.contract import AuditReport
 from cnnops.audit.saliency import find_target_layer, saliency_fn
 from cnnops.config import parse_params
 from cnnops.data.planted import CUES, CueSpec, make_planted, plant
@@ -58,7 +59,13 @@ def one_run(root: Path, source: str, cue: str, seed: int, per_class: int, epochs
             "base": {"seed": seed},
             "data": {"color_mode": "L", "near_duplicate_distance": 0},
             "prepare": {"image_size": [32, 32]},
-            "train": {"epochs": epochs, "batch_size": 32},
+            "train": {
+                "epochs": epochs,
+                "batch_size": 32,
+                "label_smoothing": 0.0,
+                "early_stopping_patience": None,
+                "augment": {"random_resized_crop": False},
+            },
             "audit": {"methods": ["gradcam"]},
             "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_location": str(root / "art")},
         },
@@ -70,34 +77,29 @@ def one_run(root: Path, source: str, cue: str, seed: int, per_class: int, epochs
         history=root / "h.csv", curves=root / "h.png", state=root / "state.pt",
     )  # fmt: skip
     train.run(params, tp)
-    paths = audit.AuditPaths(root / "audit.json", root / "audit", None, None)
-    report = audit.run(params, tp.model, root / "prepared", tp.report, paths)
-    worst = report["failures"][0] if report["failures"] else None
+    paths = audit.AuditPaths(
+        model=tp.model, prepared=root / "prepared", train_report=tp.report, validation=None, data=None,
+        report=root / "audit.json", gallery=root / "audit",
+    )  # fmt: skip
+    report = audit.run(params, paths).report
+    decision = report.decision
+    worst = decision.failures[0] if decision.failures else None
     return {
         "cue_flips": cue_flip_rate(tp.model, root / "prepared" / "test.pt", spec) if cls else 0.0,
         "spec": spec,
-        "verdict": report["verdict"],
-        "named": worst is not None and worst["class"] == cls,
-        "among": cls in report["failed_classes"],
-        "worst": worst["sentence"] if worst else "",
+        "verdict": decision.verdict,
+        "named": worst is not None and worst.class_name == cls,
+        "among": cls in decision.failed_classes,
+        "worst": worst.sentence if worst else "",
         "largest_excess": largest_excess(report),
         "model": tp.model,
         "test": root / "prepared" / "test.pt",
     }
 
 
-def largest_excess(report: dict) -> float:
+def largest_excess(report: AuditReport) -> float:
     """The largest transplant flip rate minus its control over every class: the margin to the threshold."""
-    return max(
-        r["flip_rate"] - r["control_flip_rate"]
-        for figures in report["classes"].values()
-        for r in (
-            figures["transplant_top"],
-            figures["transplant_tone"],
-            *figures["transplant_regions"].values(),
-            *figures["transplant_regions_mean"].values(),
-        )
-    )
+    return max(t.excess for figures in report.classes.values() for _, _, t in figures.transplants())
 
 
 def cue_flip_rate(model_path: Path, test_path: Path, spec: CueSpec) -> float:

@@ -134,7 +134,13 @@ def main() -> None:
         params = parse_params(
             {
                 "data": {"color_mode": "L"},
-                "train": {"epochs": args.epochs, "batch_size": 32, "augment": {"random_resized_crop": False}},
+                "train": {
+                    "epochs": args.epochs,
+                    "batch_size": 32,
+                    "label_smoothing": 0.0,
+                    "early_stopping_patience": None,
+                    "augment": {"random_resized_crop": False},
+                },
                 "tracking": {
                     "uri": f"sqlite:///{root / 'mlflow.db'}",
                     "artifact_location": str(root / "art"),

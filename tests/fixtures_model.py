@@ -69,9 +69,17 @@ class TrainedDigits:
 
 
 def digits_train_params(root: Path, base: Params, **train: object) -> Params:
-    """`base` (the digits params) with a quick ConvNet training and an MLflow SQLite store under `root`."""
+    """`base` (the digits params) with a quick ConvNet training (no label smoothing, early stopping or
+    augmentation unless `train` asks) and an MLflow SQLite store under `root`."""
     raw = base.model_dump(mode="json", by_alias=True)
-    raw["train"] = {**raw["train"], "epochs": FIXTURE_EPOCHS, "batch_size": 32, **train}
+    quick = {
+        "epochs": FIXTURE_EPOCHS,
+        "batch_size": 32,
+        "label_smoothing": 0.0,
+        "early_stopping_patience": None,
+        "augment": {**raw["train"]["augment"], "random_resized_crop": False},
+    }
+    raw["train"] = {**raw["train"], **quick, **train}
     raw["tracking"] = {
         "uri": f"sqlite:///{root / 'mlflow.db'}",
         "artifact_location": str(root / "mlartifacts"),

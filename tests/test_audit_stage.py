@@ -48,7 +48,13 @@ def _pipeline(
         {
             "data": {"color_mode": "L", "near_duplicate_distance": 0},
             "prepare": {"image_size": [32, 32]},
-            "train": {"epochs": 4 if source == "digits" else 25, "batch_size": 32},
+            "train": {
+                "epochs": 4 if source == "digits" else 25,
+                "batch_size": 32,
+                "label_smoothing": 0.0,
+                "early_stopping_patience": None,
+                "augment": {"random_resized_crop": False},
+            },
             "audit": {"methods": ["gradcam"]},
             "tracking": {
                 "uri": f"sqlite:///{root / 'mlflow.db'}",

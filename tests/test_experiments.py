@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from fixtures_prefect import tool_env
+from fixtures_prefect import copy_workspace, tool_env
 
 from cnnops.config import TrackingParams
 from cnnops.tracking import runs
@@ -72,13 +72,15 @@ def test_workspace_and_queued_experiments_are_mlflow_runs_named_after_them(make_
 
 
 def test_local_store_is_anchored_at_dvc_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    params = TrackingParams()
+    params = TrackingParams(uri="sqlite:///mlflow.db", artifact_location="mlartifacts", experiment="cnnops")
     monkeypatch.delenv("DVC_ROOT", raising=False)
     assert runs.store_uri(params) == "sqlite:///mlflow.db"
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     assert runs.store_uri(params) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert runs.anchored("mlartifacts") == tmp_path / "mlartifacts"
-    absolute = TrackingParams(uri="sqlite:////srv/mlflow.db", artifact_location="/srv/art")
+    absolute = TrackingParams(
+        uri="sqlite:////srv/mlflow.db", artifact_location="/srv/art", experiment="cnnops"
+    )
     assert runs.store_uri(absolute) == "sqlite:////srv/mlflow.db"
     assert runs.anchored("/srv/art") == Path("/srv/art")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
@@ -109,3 +111,22 @@ def test_every_stage_input_is_tracked_by_git_or_dvc() -> None:
     ]
     assert not missing, f"stage deps neither git- nor DVC-tracked (add them): {missing}"
     assert "params.yaml" in git_files
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_an_experiment_registers_a_challenger_but_never_moves_champion(retrained, tmp_path: Path) -> None:
+    """The real `dvc exp run` of the whole pipeline: release runs (DVC sets DVC_EXP_NAME) and would
+    make the first champion of a new model name, but an experiment never deploys."""
+    root = copy_workspace(retrained["root"], tmp_path / "ws")
+    assert json.loads((root / "reports" / "release.json").read_text())["promoted"]  # the retrain's v1
+    dvc(root, "exp", "run", "-n", "try-name", "-S", "release.model_name=cnnops-exp")
+
+    release = json.loads((root / "reports" / "release.json").read_text())
+    assert (release["model_name"], release["promoted"], release["champion"]) == ("cnnops-exp", False, None)
+    assert "runs under `dvc exp run` (experiment 'try-name')" in release["reason"]
+    assert "there is no champion yet" in release["reason"]  # what it would have earned
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    aliases = {k: str(v) for k, v in client.get_registered_model("cnnops-exp").aliases.items()}
+    assert aliases == {"challenger": "1"}
+    assert str(client.get_registered_model("cnnops-classifier").aliases["champion"]) == "1"

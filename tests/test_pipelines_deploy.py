@@ -76,9 +76,9 @@ def test_a_bad_schedule_names_the_params_keys() -> None:
     with pytest.raises(
         ConfigError, match=r"orchestrate.schedule = 'every day'.*Invalid cron string.*five cron fields"
     ):
-        schedules(OrchestrateParams(schedule="every day"))
+        schedules(OrchestrateParams.from_defaults(schedule="every day", timezone="UTC"))
     with pytest.raises(ConfigError, match=r"orchestrate.timezone = 'Mars/Olympus'.*Invalid timezone"):
-        schedules(OrchestrateParams(timezone="Mars/Olympus"))
+        schedules(OrchestrateParams.from_defaults(schedule="0 3 * * *", timezone="Mars/Olympus"))
 
 
 def test_deploy_needs_a_server_and_an_existing_pool(workspace_template: Path, prefect_harness) -> None:

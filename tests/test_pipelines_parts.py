@@ -128,14 +128,14 @@ def test_commit_to_branch_leaves_the_checkout_alone(tmp_path: Path) -> None:
 def test_notifications_go_only_where_configured(webhook, caplog) -> None:
     url, messages = webhook
     messages.clear()
-    assert notify.send(OrchestrateParams(), "failure", "s", "b", log) == []
+    nowhere = OrchestrateParams.from_defaults(notify_webhook=None, notify_block=None)
+    assert notify.send(nowhere, "failure", "s", "b", log) == []
     assert messages == []
-    assert notify.send(OrchestrateParams(notify_webhook=url), "champion", "subject", "body", log) == [
-        "webhook"
-    ]
+    hook = nowhere.model_copy(update={"notify_webhook": url})
+    assert notify.send(hook, "champion", "subject", "body", log) == ["webhook"]
     assert messages == [{"event": "champion", "subject": "subject", "text": "subject\nbody"}]
     with caplog.at_level(logging.ERROR):
-        dead = OrchestrateParams(notify_webhook="http://127.0.0.1:9/nothing-listens")
+        dead = nowhere.model_copy(update={"notify_webhook": "http://127.0.0.1:9/nothing-listens"})
         assert notify.send(dead, "failure", "s", "b", log) == []
     assert "webhook http://127.0.0.1:9/nothing-listens failed" in caplog.text
 
@@ -150,7 +150,9 @@ def test_a_prefect_notification_block_is_used_by_name(webhook, prefect_harness) 
     block.allow_private_urls = True
     block.save("cnnops-test", overwrite=True)
     messages.clear()
-    orchestrate = OrchestrateParams(notify_block="custom-webhook/cnnops-test")
+    orchestrate = OrchestrateParams.from_defaults(
+        notify_webhook=None, notify_block="custom-webhook/cnnops-test"
+    )
     assert notify.send(orchestrate, "champion", "new champion", "v3", log) == [
         "block custom-webhook/cnnops-test"
     ]

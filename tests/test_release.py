@@ -165,7 +165,9 @@ def test_export_then_release_the_model_train_made(
     export_paths = export.ExportPaths(
         t.model, t.prepared, t.train_report, onnx_path, tmp_path / "compressed", tmp_path / "export.json"
     )
-    export_params = stage_params(t.tracking, export=ExportParams(latency_runs=5, throughput_batch=16))
+    export_params = stage_params(
+        t.tracking, export=ExportParams.from_defaults(latency_runs=5, throughput_batch=16)
+    )
     exported_report = export.run(export_params, export_paths).report
     evaluated = json.loads(t.metrics.read_text())
     assert exported_report["accuracy"]["onnx"] == pytest.approx(evaluated["accuracy"])
@@ -174,7 +176,10 @@ def test_export_then_release_the_model_train_made(
     paths = release.ReleasePaths(
         onnx_path, t.model, t.prepared, t.train_report, audit, tmp_path / "release.json", committed_repo
     )
-    result = release.run(stage_params(t.tracking, release=ReleaseParams(model_name="digits")), paths).report
+    result = release.run(
+        stage_params(t.tracking, release=ReleaseParams(model_name="digits", metric="accuracy", margin=0.0)),
+        paths,
+    ).report
     assert result["promoted"] and result["run_id"] == t.run_id
     assert result["score"] == pytest.approx(evaluated["accuracy"])
     assert read_metadata(onnx_path).class_names == [str(d) for d in range(10)]

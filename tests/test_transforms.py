@@ -8,6 +8,11 @@ from torchvision.transforms import v2
 from cnnops.config import AugmentParams
 from cnnops.data.transforms import EvalPreset, TrainPreset, get_mixup_cutmix
 
+NO_AUGMENTATION = {
+    "random_resized_crop": False, "horizontal_flip": 0.0, "vertical_flip": 0.0, "random_rotation": 0.0,
+    "color_jitter": 0.0, "randaugment": False, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
+}  # fmt: skip
+
 
 def image(channels: int = 1) -> torch.Tensor:
     return (
@@ -25,11 +30,13 @@ def test_eval_preset_only_scales_to_unit_range() -> None:
 
 def test_train_preset_without_augmentation_is_the_eval_preset() -> None:
     x = image()
-    assert torch.equal(TrainPreset(AugmentParams(), (16, 16), "L")(x), EvalPreset()(x))
+    assert torch.equal(
+        TrainPreset(AugmentParams.from_defaults(**NO_AUGMENTATION), (16, 16), "L")(x), EvalPreset()(x)
+    )
 
 
 def test_train_preset_builds_each_configured_transform() -> None:
-    augment = AugmentParams(
+    augment = AugmentParams.from_defaults(
         random_resized_crop=True, horizontal_flip=0.5, vertical_flip=0.5, random_rotation=10,
         color_jitter=0.3, randaugment=True,
     )  # fmt: skip
@@ -45,7 +52,8 @@ def test_train_preset_builds_each_configured_transform() -> None:
 
 
 def test_grayscale_color_jitter_has_no_saturation() -> None:
-    preset = TrainPreset(AugmentParams(color_jitter=0.4), (16, 16), "L")
+    augment = AugmentParams.from_defaults(**{**NO_AUGMENTATION, "color_jitter": 0.4})
+    preset = TrainPreset(augment, (16, 16), "L")
     jitter = preset.transforms.transforms[0]
     assert jitter.saturation is None and jitter.brightness == (0.6, 1.4)
     assert preset(image()).shape == (1, 16, 16)

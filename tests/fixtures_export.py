@@ -85,7 +85,7 @@ def committed_repo(tmp_path: Path) -> Path:
 
 
 def stage_params(tracking: TrackingParams, **sections: Section) -> Params:
-    """The defaults with `tracking` and the given typed sections (e.g. export=ExportParams(...))."""
+    """The defaults with `tracking` and the given sections (e.g. export=ExportParams.from_defaults(...))."""
     return parse_params({}, "test").model_copy(update={"tracking": tracking, **sections})
 
 

@@ -28,6 +28,8 @@ from typing import Any
 import pytest
 import yaml
 
+from cnnops.config import deep_merge
+
 # Before anything imports prefect: a private home, no telemetry (measured: without these the
 # ephemeral server logs "database is locked").
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="cnnops-prefect-home-"))
@@ -71,19 +73,11 @@ def sh(root: Path, *command: str) -> str:
     return proc.stdout
 
 
-def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
-        merged[key] = _merged(base[key], value) if both_dicts else value
-    return merged
-
-
 def write_params(root: Path, **orchestrate: Any) -> None:
     """The project's params.yaml (DVC reads the keys dvc.yaml lists from the file itself) with
     TINY_PARAMS and then `orchestrate` on top, as the workspace's params.yaml."""
-    params = _merged(yaml.safe_load((PROJECT / "params.yaml").read_text()), TINY_PARAMS)
-    params = _merged(params, {"orchestrate": orchestrate})
+    params = deep_merge(yaml.safe_load((PROJECT / "params.yaml").read_text()), TINY_PARAMS)
+    params = deep_merge(params, {"orchestrate": orchestrate})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

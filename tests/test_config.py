@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from cnnops.config import load_params, parse_params
+from cnnops.config import AugmentParams, Params, load_params, parse_params
 from cnnops.errors import ConfigError
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -23,6 +26,54 @@ def test_the_project_params_load_with_the_documented_example_values() -> None:
         params.validate.severity.decodes == "error" and params.validate.severity.near_duplicates == "warning"
     )
     assert params.prepare.image_size == (32, 32)
+
+
+def schema_tree(model: type[BaseModel]) -> dict[str, Any]:
+    """The keys of a schema section as params.yaml spells them; a nested section maps to its keys."""
+    tree: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        inner = field.annotation if isinstance(field.annotation, type) else None
+        tree[field.alias or name] = schema_tree(inner) if inner and issubclass(inner, BaseModel) else None
+    return tree
+
+
+def yaml_tree(raw: dict[str, Any]) -> dict[str, Any]:
+    return {key: yaml_tree(value) if isinstance(value, dict) else None for key, value in raw.items()}
+
+
+def sections(model: type[BaseModel]) -> list[type[BaseModel]]:
+    inner = [f.annotation for f in model.model_fields.values() if isinstance(f.annotation, type)]
+    return [model, *(s for m in inner if issubclass(m, BaseModel) for s in sections(m))]
+
+
+def test_params_yaml_is_the_one_place_defaults_are_written() -> None:
+    shipped = resources.files("cnnops").joinpath("params.yaml")
+    assert shipped.read_text() == (PROJECT / "params.yaml").read_text()  # the package ships this file
+    assert (PROJECT / "src/cnnops/params.yaml").resolve() == (PROJECT / "params.yaml").resolve()
+    assert yaml_tree(yaml.safe_load(shipped.read_text())) == schema_tree(Params)  # every key, no other
+    own_default = [
+        f"{model.__name__}.{name}"
+        for model in sections(Params)
+        for name, field in model.model_fields.items()
+        if not field.is_required()
+    ]
+    assert own_default == [], "these schema fields carry a default of their own: write it in params.yaml"
+
+
+def test_a_partial_mapping_is_merged_over_the_defaults() -> None:
+    defaults = load_params(PROJECT / "params.yaml")
+    params = parse_params(
+        {"prepare": {"image_size": [16, 24]}, "validate": {"severity": {"imbalance": "off"}}}
+    )
+    assert (
+        params.prepare.image_size == (16, 24) and params.prepare.val_fraction == defaults.prepare.val_fraction
+    )
+    assert params.validate.severity.imbalance == "off"
+    assert params.validate.severity.decodes == defaults.validate.severity.decodes
+    assert parse_params(None) == parse_params({}) == defaults
+    assert AugmentParams.from_defaults(color_jitter=0.4) == defaults.train.augment.model_copy(
+        update={"color_jitter": 0.4}
+    )
 
 
 @pytest.mark.parametrize(

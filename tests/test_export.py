@@ -94,7 +94,7 @@ def test_failed_export_leaves_previous_outputs(
         )
 
     params = stage_params(
-        tracking, export=ExportParams(latency_runs=5, throughput_batch=8, compression="fp16")
+        tracking, export=ExportParams.from_defaults(latency_runs=5, throughput_batch=8, compression="fp16")
     )
     export.run(params, paths("L"))
     assert (tmp_path / "c" / "model.fp16.onnx").is_file()
@@ -107,5 +107,8 @@ def test_failed_export_leaves_previous_outputs(
     assert (out.read_bytes(), report.read_text()) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export-")] == []
 
-    export.run(stage_params(tracking, export=ExportParams(latency_runs=5, throughput_batch=8)), paths("L"))
+    export.run(
+        stage_params(tracking, export=ExportParams.from_defaults(latency_runs=5, throughput_batch=8)),
+        paths("L"),
+    )
     assert list((tmp_path / "c").iterdir()) == []  # compression off: no stale fp16 copy

@@ -23,6 +23,7 @@ from cnnops.data.digest import file_sha256
 from cnnops.data.loaders import SplitDataset, eval_loader
 from cnnops.data.splits import PreparedSplit, load_split_for
 from cnnops.data.transforms import EvalPreset
+from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
 from cnnops.training import plots
 from cnnops.training.engine import LoopSettings, evaluate_epoch
@@ -37,12 +38,12 @@ EVAL_BATCH = 256
 class EvaluatePaths:
     """The stage's inputs and outputs (the paths dvc.yaml gives the CLI)."""
 
-    model: Path = Path("models/model.pt")
-    prepared: Path = Path("prepared")
-    train_report: Path = Path("reports/train.json")  # holds the model's MLflow run id
-    metrics: Path = Path("reports/metrics.json")
-    confusion: Path = Path("reports/plots/confusion.csv")
-    confusion_png: Path = Path("reports/plots/confusion.png")
+    model: Path = path_arg("models/model.pt", "checkpoint", POSITIONAL)
+    prepared: Path = path_arg("prepared", "prepare's output folder (test.pt)")
+    train_report: Path = path_arg("reports/train.json", "train report: the model's MLflow run id")
+    metrics: Path = path_arg("reports/metrics.json", "metrics JSON")
+    confusion: Path = path_arg("reports/plots/confusion.csv", "per-image CSV for DVC's confusion plot")
+    confusion_png: Path = path_arg("reports/plots/confusion.png", "confusion matrix figure")
 
 
 @dataclass(frozen=True)
@@ -100,22 +101,10 @@ def _write_confusion(path: Path, split: PreparedSplit, predicted: torch.Tensor) 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("evaluate", help="test-split metrics and plots, added to the model's run")
-    parser.add_argument("model", metavar="MODEL", type=Path, help="checkpoint, e.g. models/model.pt")
-    defaults = EvaluatePaths()
-    for flag, default, what in (
-        ("--prepared", defaults.prepared, "prepare's output folder"),
-        ("--train-report", defaults.train_report, "holds the run id"),
-        ("--metrics", defaults.metrics, "metrics JSON"),
-        ("--confusion", defaults.confusion, "per-image CSV"),
-        ("--confusion-png", defaults.confusion_png, "figure"),
-    ):
-        parser.add_argument(flag, type=Path, default=default, help=f"{what} (default: %(default)s)")
+    add_path_arguments(parser, EvaluatePaths)
     parser.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace, params: Params) -> int:
-    paths = EvaluatePaths(
-        args.model, args.prepared, args.train_report, args.metrics, args.confusion, args.confusion_png
-    )
-    run(params, paths)
+    run(params, paths_from_args(EvaluatePaths, args))
     return 0

@@ -34,6 +34,7 @@ from cnnops.export.onnx_model import (
     open_session,
     with_output,
 )
+from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
 from cnnops.tracking.lineage import lineage
 
@@ -45,12 +46,12 @@ COMPRESSED_NAME = "model.{kind}.onnx"
 class ExportPaths:
     """The stage's inputs and outputs (the paths dvc.yaml gives the CLI)."""
 
-    checkpoint: Path = Path("models/model.pt")
-    prepared: Path = Path("prepared")  # test.pt: the parity and accuracy images
-    train_report: Path = Path("reports/train.json")  # holds the model's MLflow run id
-    out: Path = Path("models/model.onnx")
-    compressed_dir: Path = Path("models/compressed")
-    report: Path = Path("reports/export.json")
+    checkpoint: Path = path_arg("models/model.pt", "checkpoint", POSITIONAL)
+    prepared: Path = path_arg("prepared", "folder with test.pt: the parity and accuracy images")
+    train_report: Path = path_arg("reports/train.json", "train report: the model's MLflow run id")
+    out: Path = path_arg("models/model.onnx", "ONNX file")
+    compressed_dir: Path = path_arg("models/compressed", "folder of the INT8 or FP16 copy")
+    report: Path = path_arg("reports/export.json", "JSON report")
 
 
 @dataclass(frozen=True)
@@ -195,20 +196,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="export the model to ONNX, check parity with PyTorch, measure latency",
         description=__doc__,
     )
-    defaults = ExportPaths()
-    parser.add_argument("checkpoint", type=Path, nargs="?", default=defaults.checkpoint)
-    parser.add_argument("--prepared", type=Path, default=defaults.prepared, help="folder with test.pt")
-    parser.add_argument("--train-report", type=Path, default=defaults.train_report)
-    parser.add_argument("--out", type=Path, default=defaults.out)
-    parser.add_argument("--compressed-dir", type=Path, default=defaults.compressed_dir)
-    parser.add_argument("--report", type=Path, default=defaults.report)
+    add_path_arguments(parser, ExportPaths)
     parser.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace, params: Params) -> int:
-    paths = ExportPaths(
-        args.checkpoint, args.prepared, args.train_report, args.out, args.compressed_dir, args.report
-    )
+    paths = paths_from_args(ExportPaths, args)
     result = run(params, paths).report
     cpu = result["latency"]["cpu"]
     log.info(

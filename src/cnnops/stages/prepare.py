@@ -34,6 +34,7 @@ from cnnops.data.folder import scan_image_folder
 from cnnops.data.manifest import ManifestEntry, describe, duplicate_groups
 from cnnops.data.splits import SPLITS, PreparedSplit
 from cnnops.errors import DataError, StageInputError
+from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
 
 log = logging.getLogger(__name__)
@@ -93,10 +94,10 @@ def assign_splits(
 class PreparePaths:
     """The stage's inputs and outputs (the paths dvc.yaml gives the CLI)."""
 
-    data: Path = Path("data")
-    out: Path = Path("prepared")  # {train,val,test}.pt
-    report: Path = Path("reports/prepare.json")
-    validation: Path | None = None  # validate's report: the data must be what it passed
+    data: Path = path_arg("data", "ImageFolder root", POSITIONAL)
+    out: Path = path_arg("prepared", "folder for {train,val,test}.pt")
+    report: Path = path_arg("reports/prepare.json", "JSON report")
+    validation: Path | None = path_arg(None, "validate's report: refuse data it did not pass")
 
 
 @dataclass(frozen=True)
@@ -255,20 +256,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "prepare", help="hash-stable, duplicate-aware split cached as uint8 tensors"
     )
-    parser.add_argument("data", metavar="DATA", type=Path, help="ImageFolder root, e.g. data")
-    defaults = PreparePaths()
-    parser.add_argument(
-        "--out", type=Path, default=defaults.out, help="folder for {train,val,test}.pt (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--report", type=Path, default=defaults.report, help="JSON report (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--validation", type=Path, default=None, help="validation report to check the data against"
-    )
+    add_path_arguments(parser, PreparePaths)
     parser.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace, params: Params) -> int:
-    run(params, PreparePaths(args.data, args.out, args.report, args.validation))
+    run(params, paths_from_args(PreparePaths, args))
     return 0

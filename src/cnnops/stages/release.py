@@ -29,6 +29,7 @@ from cnnops.data.digest import file_sha256
 from cnnops.data.splits import PreparedSplit
 from cnnops.errors import StageInputError
 from cnnops.export.onnx_model import infer, open_session, read_metadata
+from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import registry, runs
 from cnnops.tracking.lineage import UNKNOWN, git_commit
 from cnnops.training.metrics import classification_report
@@ -70,12 +71,12 @@ class Decision:
 class ReleasePaths:
     """The stage's inputs and outputs (the paths dvc.yaml gives the CLI)."""
 
-    onnx: Path = Path("models/model.onnx")
-    checkpoint: Path = Path("models/model.pt")  # registered beside the ONNX file (MLflow pytorch flavor)
-    prepared: Path = Path("prepared")  # test.pt: challenger and champion are scored on it
-    train_report: Path = Path("reports/train.json")  # holds the model's MLflow run id
-    audit_report: Path = Path("reports/audit.json")
-    report: Path = Path("reports/release.json")
+    onnx: Path = path_arg("models/model.onnx", "exported ONNX file", POSITIONAL)
+    checkpoint: Path = path_arg("models/model.pt", "checkpoint, registered beside the ONNX file")
+    prepared: Path = path_arg("prepared", "folder with test.pt: challenger and champion are scored on it")
+    train_report: Path = path_arg("reports/train.json", "train report: the model's MLflow run id")
+    audit_report: Path = path_arg("reports/audit.json", "audit report (its verdict)")
+    report: Path = path_arg("reports/release.json", "JSON report: the decision and its reason")
     project: Path = Path(".")  # the git work tree whose state may hold champion back
 
 
@@ -272,19 +273,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="register the ONNX model in MLflow and decide champion/challenger",
         description=__doc__,
     )
-    defaults = ReleasePaths()
-    parser.add_argument("onnx", type=Path, nargs="?", default=defaults.onnx)
-    parser.add_argument("--checkpoint", type=Path, default=defaults.checkpoint)
-    parser.add_argument("--prepared", type=Path, default=defaults.prepared, help="folder with test.pt")
-    parser.add_argument("--train-report", type=Path, default=defaults.train_report)
-    parser.add_argument("--audit-report", type=Path, default=defaults.audit_report)
-    parser.add_argument("--report", type=Path, default=defaults.report)
+    add_path_arguments(parser, ReleasePaths)
     parser.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace, params: Params) -> int:
-    paths = ReleasePaths(
-        args.onnx, args.checkpoint, args.prepared, args.train_report, args.audit_report, args.report
-    )
-    run(params, paths)
+    run(params, paths_from_args(ReleasePaths, args))
     return 0

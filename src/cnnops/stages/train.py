@@ -30,6 +30,7 @@ from cnnops.data.splits import PreparedSplit, load_splits
 from cnnops.data.transforms import EvalPreset, TrainPreset, get_mixup_cutmix
 from cnnops.errors import StageInputError
 from cnnops.models import Classifier, create_classifier, default_spec, save_checkpoint
+from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
 from cnnops.training import distributed, plots, resume
 from cnnops.training.engine import (
@@ -50,15 +51,16 @@ HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accu
 
 @dataclass(frozen=True)
 class TrainPaths:
-    """Where the stage writes (paths come from dvc.yaml through the CLI)."""
+    """The stage's inputs and outputs (the paths dvc.yaml gives the CLI)."""
 
-    prepared: Path = Path("prepared")  # input: prepare's {train,val}.pt
-    model: Path = Path("models/model.pt")
-    report: Path = Path("reports/train.json")
-    history: Path = Path("reports/plots/train_history.csv")
-    curves: Path = Path("reports/plots/train_history.png")
-    state: Path = Path(".cnnops/train/state.pt")  # resume state: outside DVC outs, which DVC deletes
-    params_file: Path | None = None  # logged to the run as params.yaml
+    prepared: Path = path_arg("prepared", "prepare's output folder ({train,val}.pt)", POSITIONAL)
+    model: Path = path_arg("models/model.pt", "best checkpoint", "--out")
+    report: Path = path_arg("reports/train.json", "report with the MLflow run id")
+    history: Path = path_arg("reports/plots/train_history.csv", "per-epoch CSV")
+    curves: Path = path_arg("reports/plots/train_history.png", "training curves PNG")
+    # resume state: outside DVC outs, which DVC deletes before running the stage
+    state: Path = path_arg(".cnnops/train/state.pt", "resume state")
+    params_file: Path | None = None  # logged to the run as params.yaml (the CLI's --params)
 
 
 @dataclass(frozen=True)
@@ -373,37 +375,10 @@ def _finish(
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train the classifier (scratch, linear probe or fine-tune)")
-    parser.add_argument(
-        "prepared", metavar="PREPARED", type=Path, help="prepare's output folder, e.g. prepared"
-    )
-    defaults = TrainPaths()
-    parser.add_argument(
-        "--out", type=Path, default=defaults.model, help="best checkpoint (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--report", type=Path, default=defaults.report, help="report with the run id (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--history", type=Path, default=defaults.history, help="per-epoch CSV (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--curves", type=Path, default=defaults.curves, help="training curves PNG (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--state", type=Path, default=defaults.state, help="resume state (default: %(default)s)"
-    )
+    add_path_arguments(parser, TrainPaths)
     parser.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace, params: Params) -> int:
-    paths = TrainPaths(
-        prepared=args.prepared,
-        model=args.out,
-        report=args.report,
-        history=args.history,
-        curves=args.curves,
-        state=args.state,
-        params_file=Path(args.params),
-    )
-    run(params, paths)
+    run(params, paths_from_args(TrainPaths, args, params_file=Path(args.params)))
     return 0

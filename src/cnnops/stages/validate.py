@@ -25,6 +25,7 @@ from cnnops.config import DataParams, Params, ValidateParams
 from cnnops.data.folder import scan_image_folder
 from cnnops.data.manifest import ManifestEntry, describe, duplicate_groups
 from cnnops.errors import CnnopsError, ValidationFailed
+from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
 
 log = logging.getLogger(__name__)
@@ -195,9 +196,9 @@ def _plain(value: Any) -> Any:
 class ValidatePaths:
     """The stage's input and outputs (the paths dvc.yaml gives the CLI)."""
 
-    data: Path = Path("data")
-    report: Path = Path("reports/validation.json")
-    docs: Path = Path("reports/validation_docs")
+    data: Path = path_arg("data", "ImageFolder root", POSITIONAL)
+    report: Path = path_arg("reports/validation.json", "JSON report")
+    docs: Path = path_arg("reports/validation_docs", "GX data docs folder")
 
 
 @dataclass(frozen=True)
@@ -312,17 +313,10 @@ def _reset_docs(docs_dir: Path) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("validate", help="check data/ with a Great Expectations suite")
-    parser.add_argument("data", metavar="DATA", type=Path, help="ImageFolder root, e.g. data")
-    defaults = ValidatePaths()
-    parser.add_argument(
-        "--report", type=Path, default=defaults.report, help="JSON report (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--docs", type=Path, default=defaults.docs, help="GX data docs folder (default: %(default)s)"
-    )
+    add_path_arguments(parser, ValidatePaths)
     parser.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace, params: Params) -> int:
-    run(params, ValidatePaths(args.data, args.report, args.docs))
+    run(params, paths_from_args(ValidatePaths, args))
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from cnnops import atomic
 from cnnops.errors import StageInputError
 from cnnops.models import CHANNELS, ModelSpec
 
@@ -49,17 +50,16 @@ class PreparedSplit:
         return self.images.float().div_(255.0)
 
     def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "images": self.images.contiguous(),
-                "labels": self.labels,
-                "paths": list(self.paths),
-                "class_names": list(self.class_names),
-                "color_mode": self.color_mode,
-            },
-            path,
-        )
+        """Written whole or not at all (a killed prepare never leaves a split a later stage reads)."""
+        state = {
+            "images": self.images.contiguous(),
+            "labels": self.labels,
+            "paths": list(self.paths),
+            "class_names": list(self.class_names),
+            "color_mode": self.color_mode,
+        }
+        with atomic.atomic_path(Path(path)) as tmp:
+            torch.save(state, tmp)
 
     @classmethod
     def load(cls, path: str | Path) -> PreparedSplit:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from cnnops import atomic
 from cnnops.config import Params
 from cnnops.data.digest import file_sha256
 from cnnops.data.loaders import SplitDataset, eval_loader
@@ -71,8 +71,7 @@ def run(params: Params, paths: EvaluatePaths = EvaluatePaths()) -> EvaluateResul
     )
     matrix = report.pop("confusion_matrix")
     metrics = {**report, "loss": output.stats.loss, "n_test": len(test)}
-    paths.metrics.parent.mkdir(parents=True, exist_ok=True)
-    paths.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic.write_json(paths.metrics, metrics)
     _write_confusion(paths.confusion, test, output.logits.argmax(1))
     plots.confusion_matrix(matrix, test.class_names, paths.confusion_png)
 
@@ -90,9 +89,8 @@ def run(params: Params, paths: EvaluatePaths = EvaluatePaths()) -> EvaluateResul
 
 def _write_confusion(path: Path, split: PreparedSplit, predicted: torch.Tensor) -> None:
     """One row per test image (actual, predicted class names): the input of DVC's confusion template."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     names = split.class_names
-    with path.open("w", newline="") as handle:
+    with atomic.atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "actual", "predicted"])
         for image, actual, pred in zip(split.paths, split.labels.tolist(), predicted.tolist(), strict=True):

@@ -9,7 +9,6 @@ MLflow run.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnnops import atomic
 from cnnops.config import ExportParams, Params, TrackingParams
 from cnnops.data.digest import file_sha256
 from cnnops.data.splits import load_split_for
@@ -99,8 +99,7 @@ def run(params: Params, paths: ExportPaths = ExportPaths()) -> ExportResult:
             result["compression"]["path"] = str(
                 paths.compressed_dir / COMPRESSED_NAME.format(kind=e.compression)
             )
-    paths.report.parent.mkdir(parents=True, exist_ok=True)
-    paths.report.write_text(json.dumps(result, indent=2) + "\n")
+    atomic.write_json(paths.report, result)
     _log_to_mlflow(params.tracking, run_id, result, paths.out, paths.report)
     return ExportResult(run_id, result)
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cnnops import atomic
 from cnnops.config import Params, ValidateParams
 from cnnops.data.decode import to_tensor
 from cnnops.data.folder import scan_image_folder
@@ -157,8 +158,7 @@ def run(params: Params, paths: PreparePaths = PreparePaths()) -> PrepareResult:
         ],
         "skipped": decoded.skipped,
     }
-    paths.report.parent.mkdir(parents=True, exist_ok=True)
-    paths.report.write_text(json.dumps(report, indent=2) + "\n")
+    atomic.write_json(paths.report, report)
     with runs.data_run(params, "prepare", ("base", "data", "prepare")) as mlflow_run:
         runs.log_metrics({f"{split}_images": n for split, n in report["totals"].items()})
         runs.log_files([paths.report], "prepare")

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from mlflow import MlflowClient
 
+from cnnops import atomic
 from cnnops.config import Params, ReleaseParams
 from cnnops.data.digest import file_sha256
 from cnnops.data.splits import PreparedSplit
@@ -127,8 +128,7 @@ def run(params: Params, paths: ReleasePaths = ReleasePaths()) -> ReleaseResult:
         **asdict(decision),
         "champion": version if decision.promoted else decision.champion_version,
     }
-    paths.report.parent.mkdir(parents=True, exist_ok=True)
-    paths.report.write_text(json.dumps(result, indent=2) + "\n")
+    atomic.write_json(paths.report, result)
     outcome = "is the champion" if decision.promoted else "stays a challenger"
     log.info("release: %s version %s %s: %s", r.model_name, version, outcome, decision.reason)
     return ReleaseResult(version, decision.promoted, result)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import time
 from contextlib import ExitStack
@@ -24,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from cnnops import atomic
 from cnnops.config import Params, TrainParams
 from cnnops.data.loaders import SplitDataset, eval_loader, train_loader
 from cnnops.data.splits import PreparedSplit, load_splits
@@ -338,8 +338,7 @@ def _finish(
     history = progress.history
     extra = {"run_id": progress.run_id, "best_epoch": best.epoch, "mode": params.train.mode}
     save_checkpoint(paths.model, model, {**extra, "weights": params.train.weights})
-    paths.history.parent.mkdir(parents=True, exist_ok=True)
-    with paths.history.open("w", newline="") as handle:
+    with atomic.atomic_path(paths.history) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
         writer.writeheader()
         writer.writerows(history)
@@ -358,8 +357,7 @@ def _finish(
         "stopped_early": len(history) < params.train.epochs,
         "train_seconds": round(progress.seconds, 2),
     }
-    paths.report.parent.mkdir(parents=True, exist_ok=True)
-    paths.report.write_text(json.dumps(report, indent=2) + "\n")
+    atomic.write_json(paths.report, report)
     runs.log_metrics(figures)
     runs.log_files([paths.model], "checkpoint")
     runs.log_files([paths.history, paths.curves, paths.report], "train")

@@ -11,7 +11,6 @@ the docs are written; warnings are logged and reported; "off" leaves the expecta
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from cnnops import atomic
 from cnnops.config import DataParams, Params, ValidateParams
 from cnnops.data.folder import scan_image_folder
 from cnnops.data.manifest import ManifestEntry, describe, duplicate_groups
@@ -214,8 +214,7 @@ def run(params: Params, paths: ValidatePaths = ValidatePaths()) -> ValidateResul
     df, class_names, skipped = build_manifest(paths.data, params.data)
     checks = run_suite(df, params.validate, paths.docs)
     report = _report(df, class_names, skipped, checks)
-    paths.report.parent.mkdir(parents=True, exist_ok=True)
-    paths.report.write_text(json.dumps(report, indent=1) + "\n")
+    atomic.write_json(paths.report, report, indent=1)
     with runs.data_run(params, "validate", ("data", "validate")) as mlflow_run:
         runs.log_metrics(
             {k: report[k] for k in ("n_files", "n_classes", "n_failed_errors", "n_failed_warnings")}

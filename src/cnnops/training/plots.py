@@ -11,6 +11,8 @@ matplotlib.use("Agg")  # files only: never needs a display
 
 import matplotlib.pyplot as plt
 
+from cnnops import atomic
+
 
 def training_curves(history: Sequence[dict[str, float]], path: str | Path) -> Path:
     """Loss and accuracy per epoch, train beside validation."""
@@ -49,8 +51,8 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str]
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

@@ -154,7 +154,12 @@ def test_prepare_records_itself_in_a_data_run(tmp_path: Path) -> None:
     """No model exists yet: prepare logs its report to a run of `<experiment>-data`, with lineage."""
     data = _small_folder(tmp_path / "data")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params = parse_params({"data": {"color_mode": "L"}, "tracking": {"uri": store, "experiment": "p"}})
+    params = parse_params(
+        {
+            "data": {"color_mode": "L"},
+            "tracking": {"uri": store, "artifact_location": str(tmp_path / "art"), "experiment": "p"},
+        }
+    )
     paths = prepare.PreparePaths(data, tmp_path / "prepared", tmp_path / "prepare.json")
     result = prepare.run(params, paths)
     client = mlflow.MlflowClient(store)

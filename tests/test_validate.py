@@ -75,7 +75,16 @@ def test_bad_corpus_fails_with_every_file_named_and_a_full_report(tmp_path: Path
     root = tmp_path / "data"
     bad = _corpus(root)
     store = tmp_path / "mlflow.db"
-    params = parse_params({**PARAMS, "tracking": {"uri": f"sqlite:///{store}", "experiment": "t"}})
+    params = parse_params(
+        {
+            **PARAMS,
+            "tracking": {
+                "uri": f"sqlite:///{store}",
+                "artifact_location": str(tmp_path / "art"),
+                "experiment": "t",
+            },
+        }
+    )
     report_path, docs = tmp_path / "reports" / "validation.json", tmp_path / "reports" / "docs"
     with pytest.raises(ValidationFailed) as info:
         validate.run(params, validate.ValidatePaths(root, report_path, docs))

@@ -6,6 +6,7 @@ the same thing in the validation report and in the split.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -64,28 +65,53 @@ def describe(
 def duplicate_groups(sha256: Sequence[str], phash: Sequence[str], max_distance: int) -> np.ndarray:
     """Component id per image: identical bytes, or perceptual hashes within `max_distance` bits.
 
-    Pairs are found with a blocked XOR/popcount over all hashes (exact, O(n^2) but vectorised:
-    about a second for 10^4 images) and chained into groups with scipy's connected components,
-    so A~B and B~C put A, B and C in one group.
+    Pairs within the distance come from `near_pairs` (multi-index hashing, exact) and are chained
+    into groups with scipy's connected components, so A~B and B~C put A, B and C in one group.
     """
     n = len(sha256)
-    rows: list[np.ndarray] = []
-    cols: list[np.ndarray] = []
     first_of: dict[str, int] = {}
-    for i, digest in enumerate(sha256):
-        j = first_of.setdefault(digest, i)
-        if j != i:
-            rows.append(np.array([i]))
-            cols.append(np.array([j]))
-    hashes = np.array([int(h, 16) for h in phash], dtype=np.uint64)
-    block = 2048
-    for start in range(0, n, block):
-        distance = np.bitwise_count(hashes[start : start + block, None] ^ hashes[None, :])
-        r, c = np.nonzero(distance <= max_distance)
-        keep = c > r + start  # each unordered pair once, no self-pairs
-        rows.append(r[keep] + start)
-        cols.append(c[keep])
-    r_all = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    c_all = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
-    graph = coo_matrix((np.ones(len(r_all), dtype=np.int8), (r_all, c_all)), shape=(n, n))
+    same_bytes = [(i, first_of.setdefault(digest, i)) for i, digest in enumerate(sha256)]
+    exact = np.array([pair for pair in same_bytes if pair[0] != pair[1]], dtype=np.int64).reshape(-1, 2)
+    near = near_pairs(np.array([int(h, 16) for h in phash], dtype=np.uint64), max_distance)
+    pairs = np.concatenate([exact, near])
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     return connected_components(graph, directed=False)[1]
+
+
+HASH_BITS = 64
+PAIR_CHUNK = 1 << 22  # candidate pairs checked per vectorised step (bounds memory in a huge bucket)
+
+
+def near_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """Every pair (i < j) of 64-bit hashes within `max_distance` bits, as an (m, 2) array.
+
+    Multi-index hashing (Norouzi et al., 2012): split the bits into max_distance + 1 blocks; by the
+    pigeonhole principle a pair that differs in at most max_distance bits agrees exactly on one
+    block, so only hashes sharing a block value are compared. Near-linear on spread-out hashes
+    (100k in seconds) instead of the n^2 comparisons of the pairwise search, with the same pairs.
+    No library does this for plain uint64 hashes (imagehash compares two at a time).
+    """
+    found: list[np.ndarray] = [np.zeros((0, 2), dtype=np.int64)]
+    bounds = np.linspace(0, HASH_BITS, min(max_distance, HASH_BITS - 1) + 2).astype(int)
+    for low, high in itertools.pairwise(bounds):
+        mask = np.uint64((1 << int(high - low)) - 1)
+        keys = (hashes >> np.uint64(low)) & mask
+        order = np.argsort(keys, kind="stable")
+        starts = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1]])
+        sizes = np.diff(np.r_[starts, len(order)])
+        for start, size in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
+            found.append(_close_pairs(order[start : start + size], hashes, max_distance))
+    pairs = np.concatenate(found)
+    pairs.sort(axis=1)
+    return np.unique(pairs, axis=0)
+
+
+def _close_pairs(members: np.ndarray, hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """The pairs of one bucket within the distance, checked a chunk of candidates at a time."""
+    left, right = np.triu_indices(len(members), 1)
+    kept = []
+    for start in range(0, len(left), PAIR_CHUNK):
+        a, b = members[left[start : start + PAIR_CHUNK]], members[right[start : start + PAIR_CHUNK]]
+        close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
+        kept.append(np.stack([a[close], b[close]], axis=1))
+    return np.concatenate(kept).astype(np.int64)

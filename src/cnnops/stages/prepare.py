@@ -35,6 +35,7 @@ from cnnops.data.folder import scan_image_folder
 from cnnops.data.manifest import ManifestEntry, describe, duplicate_groups
 from cnnops.data.splits import SPLITS, PreparedSplit
 from cnnops.errors import DataError, StageInputError
+from cnnops.models import CHANNELS
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
 
@@ -211,7 +212,7 @@ def _write_splits(
 
 
 def _empty(params: Params) -> torch.Tensor:
-    channels = 3 if params.data.color_mode == "RGB" else 1
+    channels = CHANNELS[params.data.color_mode]
     return torch.zeros((0, channels, *params.prepare.image_size), dtype=torch.uint8)
 
 

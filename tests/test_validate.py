@@ -18,7 +18,7 @@ from fixtures_data import with_data_store
 from PIL import Image
 
 from cnnops.config import parse_params
-from cnnops.errors import ValidationFailed
+from cnnops.errors import DataError, ValidationFailed
 from cnnops.stages import validate
 
 
@@ -166,3 +166,15 @@ def test_one_small_class_fails_through_the_cli(tmp_path: Path) -> None:
     assert "classes ['only'] have fewer than 10 images" in result.stderr
     assert "Traceback" not in result.stderr
     assert json.loads((tmp_path / "reports" / "v.json").read_text())["n_classes"] == 1
+
+
+def test_docs_folder_survives_a_missing_data_folder(tmp_path: Path) -> None:
+    """The docs folder is only cleared once the data folder is known good: a typo in the data path
+    must not delete the last run's docs (or a folder passed to --docs by mistake)."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "index.html").write_text("last run's docs")
+    paths = validate.ValidatePaths(tmp_path / "no-such-data", tmp_path / "v.json", docs)
+    with pytest.raises(DataError, match="no-such-data: data folder not found"):
+        validate.run(parse_params({}), paths)
+    assert (docs / "index.html").read_text() == "last run's docs"

@@ -210,8 +210,8 @@ class ValidateResult:
 def run(params: Params, paths: ValidatePaths = ValidatePaths()) -> ValidateResult:
     """Validate `paths.data`; write the JSON report and the GX data docs, log both to an MLflow run,
     then raise on error-level failures (the report and the record are kept)."""
-    _reset_docs(paths.docs)
     df, class_names, skipped = build_manifest(paths.data, params.data)
+    _reset_docs(paths.docs)
     checks = run_suite(df, params.validate, paths.docs)
     report = _report(df, class_names, skipped, checks)
     atomic.write_json(paths.report, report, indent=1)

@@ -157,21 +157,10 @@ def throughput(
     return batched, single, package
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--sources", nargs="+", default=["digits", "faces"], choices=sorted(CLASSES))
-    parser.add_argument("--per-class", type=int, default=60, help="digits per class (faces: all 200)")
-    parser.add_argument("--cues", nargs="+", default=list(CUES), choices=CUES)
-    parser.add_argument("--throughput-images", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    add_json_argument(parser)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.ERROR)
-    torch.set_num_threads(args.threads)
-    rows, last = [], None
-    base = Path(tempfile.mkdtemp(prefix="audit-bench-"))  # one folder per run: MLflow caches each store
+def _detection_runs(args: argparse.Namespace, base: Path) -> list[tuple[str, str, list[dict]]]:
+    """Every (source, cue) with its runs, one per seed, each printed as it ends (they take minutes)."""
     threshold = parse_params({}).audit.transplant_flip_threshold
+    rows = []
     for source in args.sources:
         for cue in args.cues:
             runs = []
@@ -188,8 +177,12 @@ def main() -> None:
                     f"{r['worst'][:100]}",
                     flush=True,
                 )
-                last = last or r
             rows.append((source, cue, runs))
+    return rows
+
+
+def _detection_table(rows: list[tuple[str, str, list[dict]]]) -> list[dict]:
+    """Print the detection table; its figures as JSON rows."""
     print(
         "\n| data | cue | runs | model learned the cue | caught, named first | caught, among failed "
         "| `fail` on a cue the model ignores / on clean data |"
@@ -219,16 +212,21 @@ def main() -> None:
                 f"{len(learned)} of {len(runs)} models learned the cue",
             )
         )  # fmt: skip
-    n = args.throughput_images
+    return figures
+
+
+def _throughput_table(model: Path, test: Path, n: int, threads: int) -> list[dict]:
+    """Time saliency on the first run's model, print the throughput table; its figures as JSON rows."""
     package_n = {m: n if m != "scorecam" else min(n, 32) for m in PACKAGE_CAMS}  # its Score-CAM is slow
     print(
-        f"\n{n} images, batches of 64, {args.threads} thread(s); the grad-cam package's Score-CAM on the "
+        f"\n{n} images, batches of 64, {threads} thread(s); the grad-cam package's Score-CAM on the "
         f"first {package_n['scorecam']} only (slow per image)\n\n"
         "| method | batched (img/s) | ours one at a time (img/s) | speed-up | grad-cam package one at a time "
         "(img/s) | speed-up |\n| --- | --- | --- | --- | --- | --- |"
     )
+    figures = []
     for method in PACKAGE_CAMS:
-        batched, single, package = throughput(last["model"], last["test"], method, n, 64, package_n[method])
+        batched, single, package = throughput(model, test, method, n, 64, package_n[method])
         print(
             f"| {method} | {batched:.0f} | {single:.0f} | {batched / single:.1f}x | {package:.1f} "
             f"| {batched / package:.1f}x |",
@@ -246,6 +244,27 @@ def main() -> None:
             figures.append(
                 row("audit_detection", figure, f"{batched:.0f} img/s", baseline, ratio, ">= 5x", ratio >= 5)
             )
+    return figures
+
+
+def main() -> None:
+    """Detection and false alarms over every source, cue and seed, then saliency throughput."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--sources", nargs="+", default=["digits", "faces"], choices=sorted(CLASSES))
+    parser.add_argument("--per-class", type=int, default=60, help="digits per class (faces: all 200)")
+    parser.add_argument("--cues", nargs="+", default=list(CUES), choices=CUES)
+    parser.add_argument("--throughput-images", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    add_json_argument(parser)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    torch.set_num_threads(args.threads)
+    base = Path(tempfile.mkdtemp(prefix="audit-bench-"))  # one folder per run: MLflow caches each store
+    rows = _detection_runs(args, base)
+    first = rows[0][2][0]
+    figures = _detection_table(rows)
+    figures += _throughput_table(first["model"], first["test"], args.throughput_images, args.threads)
     write_json(args.json, figures)
     shutil.rmtree(base)
 

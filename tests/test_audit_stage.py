@@ -72,8 +72,9 @@ def _pipeline(
         history=reports / "history.csv", curves=reports / "history.png", state=root / ".cnnops" / "state.pt",
     )  # fmt: skip
     paths = audit.AuditPaths(
-        model=tp.model, prepared=root / "prepared", train_report=tp.report, validation=reports / "validation.json",
-        data=root / "data", report=reports / "audit.json", gallery=reports / "audit",
+        model=tp.model, prepared=root / "prepared", train_report=tp.report,
+        validation=reports / "validation.json", data=root / "data", report=reports / "audit.json",
+        gallery=reports / "audit",
     )  # fmt: skip
     with one_thread():
         trained = train.run(params, tp)

@@ -2,63 +2,71 @@
 
 from __future__ import annotations
 
-import copy
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from cnnops.audit import evidence, verdict
+from cnnops.audit.contract import (
+    Attention,
+    ClassFigures,
+    Deletion,
+    Errors,
+    MaskAgreement,
+    PropertyProbe,
+    PropertyWeight,
+    Transplant,
+)
+from cnnops.audit.regions import OUTER_BAND, candidate_regions
 from cnnops.audit.verdict import decide
-from cnnops.config import AuditParams
+from cnnops.config import parse_params
 
-A = AuditParams()
-NONE = {"flip_rate": 0.0, "control_flip_rate": 0.0, "pairs": 50}
-CLEAN = {
-    "n_correct": 20,
-    "n_errors": 1,
-    "attention": {"peak_spread": 0.1, "object_spread": 0.1, "peak_off_object": 0.0},
-    "top_off_object": 0.1,
-    "energy": {"outer band": 0.2},
-    "energy_others": {"outer band": 0.2},
-    "transplant_top": {**NONE, "pixels": 51, "where": "centre"},
-    "transplant_regions": {"outer band": NONE, "top-left corner": NONE},
-    "transplant_regions_mean": {"outer band": NONE, "top-left corner": NONE},
-    "transplant_tone": NONE,
-    "deletion": {"drop_top": 0.5, "drop_random": 0.1, "gap": 0.4},  # large, but on the object
-    "masks": None,
-}
+A = parse_params({}).audit
+NONE = Transplant(flip_rate=0.0, control_flip_rate=0.0, pairs=50)
+CLEAN = ClassFigures(
+    n_correct=20,
+    n_errors=1,
+    attention=Attention(peak_spread=0.1, object_spread=0.1, peak_off_object=0.0),
+    top_off_object=0.1,
+    energy={OUTER_BAND: 0.2},
+    energy_others={OUTER_BAND: 0.2},
+    transplant_top=replace(NONE, pixels=51, where="centre"),
+    transplant_regions={OUTER_BAND: NONE, "top-left corner": NONE},
+    transplant_regions_mean={OUTER_BAND: NONE, "top-left corner": NONE},
+    transplant_tone=NONE,
+    deletion=Deletion(drop_top=0.5, drop_random=0.1, gap=0.4),  # large, but on the object
+    masks=None,
+    errors=Errors(n=1, energy=None, attention=None),
+)
 
 
-def _with(**changes) -> dict:
-    f = copy.deepcopy(CLEAN)
-    f.update(changes)
-    return f
+def _with(**changes: object) -> ClassFigures:
+    return replace(CLEAN, **changes)
 
 
 def test_clean_figures_pass() -> None:
-    assert decide({"a": CLEAN, "b": CLEAN}, None, A)["verdict"] == "pass"
+    assert decide({"a": CLEAN, "b": CLEAN}, None, A).verdict == "pass"
 
 
 def test_saliency_alone_only_warns() -> None:
-    figures = {
-        "a": _with(energy={"outer band": 0.6}, attention={**CLEAN["attention"], "peak_off_object": 1.0})
-    }
+    figures = {"a": _with(energy={OUTER_BAND: 0.6}, attention=replace(CLEAN.attention, peak_off_object=1.0))}
     result = decide(figures, None, A)
-    assert result["verdict"] == "pass"
-    assert [w["test"] for w in result["warnings"]] == ["border_energy"]
+    assert result.verdict == "pass"
+    assert [w.test for w in result.warnings] == ["border_energy"]
 
 
 def test_transplant_fails_with_a_sentence_naming_class_test_and_number() -> None:
-    corner = {"flip_rate": 0.81, "control_flip_rate": 0.03, "pairs": 50}
+    corner = Transplant(flip_rate=0.81, control_flip_rate=0.03, pairs=50)
     figures = {
-        "malignant": _with(transplant_regions={"outer band": NONE, "top-left corner": corner}),
+        "malignant": _with(transplant_regions={OUTER_BAND: NONE, "top-left corner": corner}),
         "b": CLEAN,
     }
     result = decide(figures, None, A)
-    assert result["verdict"] == "fail" and result["failed_classes"] == ["malignant"]
-    (finding,) = result["failures"]
-    assert finding["test"] == "transplant:top-left corner"
-    assert finding["sentence"] == (
+    assert result.verdict == "fail" and result.failed_classes == ("malignant",)
+    (finding,) = result.failures
+    assert finding.test == "transplant:top-left corner"
+    assert finding.sentence == (
         "class 'malignant': pasting the top-left corner of its images into other classes' images flips 81% "
         "of them to 'malignant' (3% for the larger control: that place from other classes, or evened out; "
         "50 images, p < 0.001)"
@@ -66,34 +74,40 @@ def test_transplant_fails_with_a_sentence_naming_class_test_and_number() -> None
 
 
 def test_too_few_pairs_to_show_an_effect_pass() -> None:
-    small = {"flip_rate": 0.3125, "control_flip_rate": 0.0625, "pairs": 16}  # 5 of 16 against 1 of 16
+    small = Transplant(flip_rate=0.3125, control_flip_rate=0.0625, pairs=16)  # 5 of 16 against 1 of 16
     assert verdict.p_value(small) > A.significance
-    assert decide({"a": _with(transplant_tone=small)}, None, A)["verdict"] == "pass"
-    large = {**small, "pairs": 160}  # the same rates over ten times the images
+    assert decide({"a": _with(transplant_tone=small)}, None, A).verdict == "pass"
+    large = replace(small, pairs=160)  # the same rates over ten times the images
     result = decide({"a": _with(transplant_tone=large)}, None, A)
-    assert result["verdict"] == "fail" and result["failures"][0]["p_value"] < 0.001
+    assert result.verdict == "fail" and result.failures[0].p_value < 0.001
 
 
 def test_control_cancels_a_flip_that_any_paste_causes() -> None:
-    noisy = {"flip_rate": 0.6, "control_flip_rate": 0.5, "pairs": 50}
-    assert decide({"a": _with(transplant_tone=noisy)}, None, A)["verdict"] == "pass"
+    noisy = Transplant(flip_rate=0.6, control_flip_rate=0.5, pairs=50)
+    assert decide({"a": _with(transplant_tone=noisy)}, None, A).verdict == "pass"
 
 
 def test_deletion_counts_only_off_the_object_and_masks_decide() -> None:
-    assert decide({"a": _with(top_off_object=0.8)}, None, A)["failures"][0]["test"] == "deletion"
-    masks = {"n": 9, "energy_inside": 0.5, "top_inside": 0.1, "pointing_hit_rate": 0.2}
+    assert decide({"a": _with(top_off_object=0.8)}, None, A).failures[0].test == "deletion"
+    masks = MaskAgreement(n=9, energy_inside=0.5, top_inside=0.1, pointing_hit_rate=0.2)
     result = decide({"a": _with(masks=masks)}, None, A)
     assert (
-        result["failures"][0]["test"] == "masks"
-        and "10% of its most-attended pixels" in result["failures"][0]["sentence"]
+        result.failures[0].test == "masks"
+        and "10% of its most-attended pixels" in result.failures[0].sentence
     )
 
 
 def test_probe_and_too_few_images_only_warn() -> None:
-    probe = {"top_properties": [{"property": "band mean", "importance": 1.0}], "per_class_f1": {"a": 0.97}}
-    result = decide({"a": _with(n_correct=1, transplant_tone={**NONE, "flip_rate": 1.0})}, probe, A)
-    assert result["verdict"] == "pass"
-    assert {w["test"] for w in result["warnings"]} == {"coverage", "data_properties"}
+    probe = PropertyProbe(
+        accuracy=0.97,
+        majority_accuracy=0.5,
+        used_file_properties=False,
+        top_properties=(PropertyWeight("band mean", 1.0),),
+        per_class_f1={"a": 0.97},
+    )
+    result = decide({"a": _with(n_correct=1, transplant_tone=replace(NONE, flip_rate=1.0))}, probe, A)
+    assert result.verdict == "pass"
+    assert {w.test for w in result.warnings} == {"coverage", "data_properties"}
 
 
 def test_transplant_moves_only_masked_pixels_and_counts_flips() -> None:
@@ -113,12 +127,11 @@ def test_transplant_moves_only_masked_pixels_and_counts_flips() -> None:
     mask[:2, :2] = True
     rng = np.random.default_rng(0)
     result = evidence.transplant(Bright(), donors, mask, recipients, recipients, 1, rng, batch_size=4)
-    assert result == {"flip_rate": 1.0, "control_flip_rate": 0.0, "pairs": 6}
+    assert result == Transplant(flip_rate=1.0, control_flip_rate=0.0, pairs=6)
     elsewhere = np.zeros((8, 8), dtype=bool)
     elsewhere[4:, 4:] = True
     assert (
-        evidence.transplant(Bright(), donors, elsewhere, recipients, recipients, 1, rng, 4)["flip_rate"]
-        == 0.0
+        evidence.transplant(Bright(), donors, elsewhere, recipients, recipients, 1, rng, 4).flip_rate == 0.0
     )
 
 
@@ -136,14 +149,14 @@ def test_texture_that_varies_between_images_is_not_blamed_on_the_place() -> None
     rng = np.random.default_rng(0)
     textured = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))  # a frame-filling object
     recipients = torch.full((6, 1, 8, 8), 0.5)
-    band = evidence.candidate_regions(8, 8, 0.25, 0.25)["outer band"]
+    band = candidate_regions(8, 8, 0.25, 0.25)[OUTER_BAND]
     each = evidence.region_transplant(
         Textured(), textured, band, recipients, 1, rng, batch_size=4, texture_control=True
     )
-    assert each["flip_rate"] == 1.0 and each["shuffled_flip_rate"] == 1.0  # values alone do it
-    assert each["control_flip_rate"] == 1.0
+    assert each.flip_rate == 1.0 and each.shuffled_flip_rate == 1.0  # values alone do it
+    assert each.control_flip_rate == 1.0
     mean = evidence.mean_transplant(Textured(), textured, band, recipients, 1, rng, batch_size=4)
-    assert mean["flip_rate"] == 0.0  # averaged out
+    assert mean.flip_rate == 0.0  # averaged out
 
 
 def test_a_cue_fixed_in_place_survives_the_mean_and_a_shape_does_not_survive_shuffling() -> None:
@@ -151,9 +164,9 @@ def test_a_cue_fixed_in_place_survives_the_mean_and_a_shape_does_not_survive_shu
     framed = torch.full((8, 1, 8, 8), 0.5)
     framed[:, :, 0, ::2] = 1.0  # the same stripes in every image
     recipients = torch.full((6, 1, 8, 8), 0.5)
-    band = evidence.candidate_regions(8, 8, 0.25, 0.25)["outer band"]
+    band = candidate_regions(8, 8, 0.25, 0.25)[OUTER_BAND]
     mean = evidence.mean_transplant(Textured(), framed, band, recipients, 1, rng, batch_size=4)
-    assert mean["flip_rate"] == 1.0 and mean["evened_flip_rate"] == 0.0 and mean["control_flip_rate"] == 0.0
+    assert mean.flip_rate == 1.0 and mean.evened_flip_rate == 0.0 and mean.control_flip_rate == 0.0
 
     class Stripes(torch.nn.Module):  # class 1 for alternating pixels along the top row: a shape
         def __init__(self) -> None:
@@ -166,10 +179,10 @@ def test_a_cue_fixed_in_place_survives_the_mean_and_a_shape_does_not_survive_shu
             return torch.stack([-s, s], 1)
 
     each = evidence.region_transplant(Stripes(), framed, band, recipients, 1, rng, 4, texture_control=True)
-    assert each["flip_rate"] == 1.0 and each["shuffled_flip_rate"] < 0.5
+    assert each.flip_rate == 1.0 and each.shuffled_flip_rate < 0.5
     plain = evidence.region_transplant(Textured(), framed, band, recipients, 1, rng, 4)
-    assert "shuffled_flip_rate" not in plain
-    assert plain["control_flip_rate"] == max(plain["other_classes_flip_rate"], plain["evened_flip_rate"])
+    assert plain.shuffled_flip_rate is None
+    assert plain.control_flip_rate == max(plain.other_classes_flip_rate, plain.evened_flip_rate)
 
 
 def test_shuffle_within_keeps_values_inside_and_pixels_outside() -> None:
@@ -202,7 +215,7 @@ def test_a_class_with_no_correct_image_is_reported_not_a_crash() -> None:
         objects=np.ones((n, 8, 8), dtype=bool),
         annotated=np.zeros(n, dtype=bool),
     )
-    regions = evidence.candidate_regions(8, 8, 0.1, 0.3)
+    regions = candidate_regions(8, 8, 0.1, 0.3)
     figures = {
         str(c): evidence.class_figures(
             AlwaysZero(),
@@ -216,7 +229,8 @@ def test_a_class_with_no_correct_image_is_reported_not_a_crash() -> None:
         )
         for c in (0, 1)
     }
-    assert figures["1"]["n_correct"] == 0 and figures["1"]["n_errors"] == 3
+    assert figures["1"].n_correct == 0 and figures["1"].n_errors == 3
+    assert figures["1"].transplant_regions[OUTER_BAND].evened_flip_rate is None  # nothing to paste
     result = decide(figures, None, A)
-    coverage = [w for w in result["warnings"] if w["class"] == "1" and w["test"] == "coverage"]
-    assert coverage and "0 correctly classified" in coverage[0]["sentence"]
+    coverage = [w for w in result.warnings if w.class_name == "1" and w.test == "coverage"]
+    assert coverage and "0 correctly classified" in coverage[0].sentence

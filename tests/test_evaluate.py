@@ -60,7 +60,9 @@ def test_checkpoint_from_another_run_is_refused(trained_digits: TrainedDigits, t
     with pytest.raises(StageInputError, match=stale):
         evaluate.run(t.params, evaluate.EvaluatePaths(t.model, t.prepared, report, tmp_path / "m.json"))
     with pytest.raises(StageInputError, match=stale):
-        audit.run(t.params, t.model, t.prepared, report, audit.AuditPaths(tmp_path / "a.json", tmp_path))
+        audit.run(
+            t.params, audit.AuditPaths(t.model, t.prepared, report, None, None, tmp_path / "a.json", tmp_path)
+        )
     with pytest.raises(StageInputError, match=stale):
         export.run(t.params, export.ExportPaths(
             t.model, t.prepared, report, tmp_path / "m.onnx", tmp_path / "c", tmp_path / "e.json"

@@ -38,9 +38,12 @@ def test_a_real_gallery_becomes_a_png_of_the_window_size(
     raw = trained_digits.params.model_dump(mode="json", by_alias=True)
     raw["audit"].update(methods=["gradcam"], max_images_per_class=8, gallery_images_per_class=2)
     params = parse_params(raw, "screenshot test")
-    paths = audit.AuditPaths(tmp_path / "audit.json", tmp_path / "audit", None, None)
+    t = trained_digits
+    paths = audit.AuditPaths(
+        t.model, t.prepared, t.train_report, None, None, tmp_path / "audit.json", tmp_path / "audit"
+    )
     with one_thread():
-        audit.run(params, trained_digits.model, trained_digits.prepared, trained_digits.train_report, paths)
+        audit.run(params, paths)
 
     out = tmp_path / "img" / "gallery.png"
     done = screenshot(str(paths.gallery / "index.html"), str(out))

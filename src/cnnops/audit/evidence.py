@@ -4,21 +4,25 @@ Saliency statistics (attention consistency, border and corner energy) only point
 The interventions test it: paste the place into other classes' images and count flips to the class
 (transplant), or remove it and compare with removing a random place of the same size (deletion).
 Every intervention has a control beside it so a number means the same on every dataset.
-All functions take tensors and arrays, never files.
+All functions take tensors and arrays, never files; the figures they return are the types of
+`cnnops.audit.contract`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
+from cnnops.audit.contract import Attention, ClassFigures, Deletion, Errors, MaskAgreement, Transplant
+from cnnops.audit.regions import OUTER_BAND
 from cnnops.models import Classifier
 
-OUTER_BAND = "outer band"
+# A transplant with no image to paste, or none to paste into: nothing flipped, nothing to judge.
+NO_PAIRS = Transplant(flip_rate=0.0, control_flip_rate=0.0, pairs=0)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Batch:
 
 
 def predict_proba(model: Classifier, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Class probabilities in batches on the model's device, back on the CPU (empty for no image)."""
     device = next(model.parameters()).device
     out = []
     with torch.no_grad():
@@ -52,27 +57,6 @@ def top_mask(maps: np.ndarray, fraction: float) -> np.ndarray:
     mask = np.zeros((n, h * w), dtype=bool)
     np.put_along_axis(mask, order, True, axis=1)
     return mask.reshape(n, h, w)
-
-
-def candidate_regions(
-    h: int, w: int, border_fraction: float, corner_fraction: float
-) -> dict[str, np.ndarray]:
-    """Fixed places where shortcuts usually sit: the outer band and each corner."""
-    b = max(1, round(border_fraction * min(h, w)))
-    c = max(1, round(corner_fraction * min(h, w)))
-    band = np.ones((h, w), dtype=bool)
-    band[b:-b, b:-b] = False
-    regions = {OUTER_BAND: band}
-    for name, (ys, xs) in {
-        "top-left corner": (slice(0, c), slice(0, c)),
-        "top-right corner": (slice(0, c), slice(w - c, w)),
-        "bottom-left corner": (slice(h - c, h), slice(0, c)),
-        "bottom-right corner": (slice(h - c, h), slice(w - c, w)),
-    }.items():
-        m = np.zeros((h, w), dtype=bool)
-        m[ys, xs] = True
-        regions[name] = m
-    return regions
 
 
 def estimate_objects(x: torch.Tensor) -> np.ndarray:
@@ -100,6 +84,7 @@ def estimate_objects(x: torch.Tensor) -> np.ndarray:
 
 
 def _centroids(weights: np.ndarray) -> np.ndarray:
+    """Each map's centre of mass as (row, column): where its weight sits, as one point."""
     n, h, w = weights.shape
     yy, xx = np.mgrid[0:h, 0:w]
     total = weights.reshape(n, -1).sum(1).clip(1e-8)
@@ -109,25 +94,26 @@ def _centroids(weights: np.ndarray) -> np.ndarray:
 
 
 def _spread(points: np.ndarray, diagonal: float) -> float:
+    """Mean distance of the points from their mean, as a share of the diagonal (any image size)."""
     if len(points) < 2:
         return 0.0
     return float(np.linalg.norm(points - points.mean(0), axis=1).mean() / diagonal)
 
 
-def attention_consistency(maps: np.ndarray, objects: np.ndarray) -> dict[str, float]:
+def attention_consistency(maps: np.ndarray, objects: np.ndarray) -> Attention:
     """How fixed the saliency peak is across a class's images, against how much its objects move."""
     n, h, w = maps.shape
     if n == 0:  # no image to measure: the verdict reports the class as too few to audit
-        return {"peak_spread": 0.0, "object_spread": 0.0, "peak_off_object": 0.0}
+        return Attention(peak_spread=0.0, object_spread=0.0, peak_off_object=0.0)
     flat = maps.reshape(n, -1).argmax(1)
     peaks = np.stack([flat // w, flat % w], 1).astype(float)
     diagonal = float(np.hypot(h, w))
     off = ~objects[np.arange(n), peaks[:, 0].astype(int), peaks[:, 1].astype(int)]
-    return {
-        "peak_spread": round(_spread(peaks, diagonal), 4),
-        "object_spread": round(_spread(_centroids(objects.astype(float)), diagonal), 4),
-        "peak_off_object": round(float(off.mean()), 4),
-    }
+    return Attention(
+        peak_spread=round(_spread(peaks, diagonal), 4),
+        object_spread=round(_spread(_centroids(objects.astype(float)), diagonal), 4),
+        peak_off_object=round(float(off.mean()), 4),
+    )
 
 
 def region_energy(maps: np.ndarray, regions: dict[str, np.ndarray]) -> dict[str, float]:
@@ -150,7 +136,7 @@ def transplant(
     cls: int,
     rng: np.random.Generator,
     batch_size: int,
-) -> dict[str, float]:
+) -> Transplant:
     """Paste each recipient with a random donor's masked pixels; the share now predicted `cls`.
 
     The control pastes the same pixels taken from `controls` (images of other classes), so the
@@ -159,19 +145,20 @@ def transplant(
     """
     n = len(recipients)
     if n == 0 or len(donors) == 0:
-        return {"flip_rate": 0.0, "control_flip_rate": 0.0, "pairs": 0}
+        return NO_PAIRS
     pick = rng.integers(0, len(donors), n)
     m = torch.as_tensor(masks[pick] if masks.ndim == 3 else np.repeat(masks[None], n, 0))[:, None].float()
     pasted = recipients * (1 - m) + donors[pick] * m
     ctrl = recipients * (1 - m) + controls[rng.integers(0, len(controls), n)] * m
-    return {
-        "flip_rate": _share_predicted(model, pasted, cls, batch_size),
-        "control_flip_rate": _share_predicted(model, ctrl, cls, batch_size),
-        "pairs": n,
-    }
+    return Transplant(
+        flip_rate=_share_predicted(model, pasted, cls, batch_size),
+        control_flip_rate=_share_predicted(model, ctrl, cls, batch_size),
+        pairs=n,
+    )
 
 
 def _share_predicted(model: Classifier, x: torch.Tensor, cls: int, batch_size: int) -> float:
+    """Share of `x` predicted `cls`, rounded as the report gives it."""
     return round(float((predict_proba(model, x, batch_size).argmax(1) == cls).float().mean()), 4)
 
 
@@ -185,7 +172,7 @@ def region_transplant(
     batch_size: int,
     *,
     texture_control: bool = False,
-) -> dict[str, float]:
+) -> Transplant:
     """Paste a fixed place of each of the class's images into recipients, against its controls.
 
     Other classes' pixels there measure the damage of pasting; the place evened out (each recipient's
@@ -199,15 +186,15 @@ def region_transplant(
     docs/audit.md). The larger control counts.
     """
     each = transplant(model, donors, region, recipients, recipients, cls, rng, batch_size)
-    if not each["pairs"]:
+    if not each.pairs:
         return _with_controls(each)
-    controls = {"evened_flip_rate": _evened_rate(model, recipients, region, cls, batch_size)}
-    if texture_control:
-        shuffled = shuffle_within(donors, region, rng)
-        controls["shuffled_flip_rate"] = transplant(
-            model, shuffled, region, recipients, recipients, cls, rng, batch_size
-        )["flip_rate"]
-    return _with_controls(each, **controls)
+    evened = _evened_rate(model, recipients, region, cls, batch_size)
+    if not texture_control:
+        return _with_controls(each, evened=evened)
+    shuffled = transplant(
+        model, shuffle_within(donors, region, rng), region, recipients, recipients, cls, rng, batch_size
+    )
+    return _with_controls(each, evened=evened, shuffled=shuffled.flip_rate)
 
 
 def _evened_rate(
@@ -237,7 +224,7 @@ def mean_transplant(
     cls: int,
     rng: np.random.Generator,
     batch_size: int,
-) -> dict[str, float]:
+) -> Transplant:
     """Paste what the class's images have in common at a fixed place (their mean) into recipients.
 
     A cue that is the same in every image of the class (a frame, a tint, a tag at one place)
@@ -249,19 +236,23 @@ def mean_transplant(
         model, donors.mean(0, keepdim=True), region, recipients, recipients.mean(0, keepdim=True), cls, rng,
         batch_size,
     )  # fmt: skip
-    if not mean["pairs"]:
+    if not mean.pairs:
         return _with_controls(mean)
-    return _with_controls(mean, evened_flip_rate=_evened_rate(model, recipients, region, cls, batch_size))
+    return _with_controls(mean, evened=_evened_rate(model, recipients, region, cls, batch_size))
 
 
-def _with_controls(result: dict[str, float], **more: float) -> dict[str, float]:
-    """`result` with its other-classes control kept apart and the larger control as the control."""
-    return {
-        **result,
-        "other_classes_flip_rate": result["control_flip_rate"],
-        **more,
-        "control_flip_rate": max([result["control_flip_rate"], *more.values()]),
-    }
+def _with_controls(
+    result: Transplant, *, evened: float | None = None, shuffled: float | None = None
+) -> Transplant:
+    """`result` with its other-classes control kept apart and the largest control as the control."""
+    measured = [v for v in (result.control_flip_rate, evened, shuffled) if v is not None]
+    return replace(
+        result,
+        other_classes_flip_rate=result.control_flip_rate,
+        evened_flip_rate=evened,
+        shuffled_flip_rate=shuffled,
+        control_flip_rate=max(measured),
+    )
 
 
 def deletion(
@@ -272,13 +263,13 @@ def deletion(
     cls: int,
     rng: np.random.Generator,
     batch_size: int,
-) -> dict[str, float]:
+) -> Deletion:
     """Confidence drop when the most-attended pixels are replaced by `fill`, against a random place.
 
     The random place is the same mask shifted by a random offset (wrapping), so size and shape match.
     """
     if len(x) == 0:
-        return {"drop_top": 0.0, "drop_random": 0.0, "gap": 0.0}
+        return Deletion(drop_top=0.0, drop_random=0.0, gap=0.0)
     h, w = masks.shape[1:]
     rolled = np.stack([np.roll(m, (int(rng.integers(h)), int(rng.integers(w))), axis=(0, 1)) for m in masks])
     base = predict_proba(model, x, batch_size)[:, cls]
@@ -289,10 +280,10 @@ def deletion(
         return float((base - p).mean())
 
     top, rand = drop(masks), drop(rolled)
-    return {"drop_top": round(top, 4), "drop_random": round(rand, 4), "gap": round(top - rand, 4)}
+    return Deletion(drop_top=round(top, 4), drop_random=round(rand, 4), gap=round(top - rand, 4))
 
 
-def mask_agreement(maps: np.ndarray, objects: np.ndarray, top_fraction: float) -> dict[str, float]:
+def mask_agreement(maps: np.ndarray, objects: np.ndarray, top_fraction: float) -> MaskAgreement:
     """With annotations: saliency energy inside the mask or box (energy-based pointing game), the
     share of the most-attended pixels inside it, and the pointing-game hit rate of the peak.
 
@@ -306,11 +297,12 @@ def mask_agreement(maps: np.ndarray, objects: np.ndarray, top_fraction: float) -
     top_inside = (tops & objects).reshape(n, -1).sum(1) / tops.reshape(n, -1).sum(1).clip(1)
     flat = maps.reshape(n, -1).argmax(1)
     hits = objects[np.arange(n), flat // w, flat % w]
-    return {
-        "energy_inside": round(float(inside.mean()), 4),
-        "top_inside": round(float(top_inside.mean()), 4),
-        "pointing_hit_rate": round(float(hits.mean()), 4),
-    }
+    return MaskAgreement(
+        n=n,
+        energy_inside=round(float(inside.mean()), 4),
+        top_inside=round(float(top_inside.mean()), 4),
+        pointing_hit_rate=round(float(hits.mean()), 4),
+    )
 
 
 def describe_place(mask: np.ndarray) -> str:
@@ -336,8 +328,11 @@ def class_figures(
     max_images: int,
     batch_size: int,
     rng: np.random.Generator,
-) -> dict:
-    """Every test's figures for one class: on its correctly classified images, and its errors apart."""
+) -> ClassFigures:
+    """Every test's figures for one class: on its correctly classified images, and its errors apart.
+
+    The tests draw from `rng` in the order written here: the report stays the same run to run.
+    """
     correct = np.flatnonzero((batch.labels == cls) & (batch.preds == cls))
     errors = np.flatnonzero((batch.labels == cls) & (batch.preds != cls))
     others = np.flatnonzero((batch.labels != cls) & (batch.preds == batch.labels))
@@ -346,52 +341,67 @@ def class_figures(
     maps, objects = batch.maps[correct], batch.objects[correct]
     tops = top_mask(maps, top_fraction)
     donors, recipients = batch.x[correct], batch.x[others]
-    fill = batch.x.mean(0, keepdim=True)
-    figures: dict = {
-        "n_correct": len(correct),
-        "n_errors": len(errors),
-        "attention": attention_consistency(maps, objects),
-        "top_off_object": round(float((tops & ~objects).sum() / max(tops.sum(), 1)), 4),
-        "energy": region_energy(maps, regions),
-        "energy_others": region_energy(batch.maps[others], regions),
-        "transplant_top": {
-            **transplant(model, donors, tops, recipients, recipients, cls, rng, batch_size),
-            "pixels": int(tops[0].sum()) if len(tops) else 0,
-            "where": describe_place(tops.mean(0) > 0.5)
-            if len(tops) and (tops.mean(0) > 0.5).any()
-            else "spread out",
-        },
-        "transplant_regions": {
+    annotated = correct[batch.annotated[correct]]
+    return ClassFigures(
+        n_correct=len(correct),
+        n_errors=len(errors),
+        attention=attention_consistency(maps, objects),
+        top_off_object=round(float((tops & ~objects).sum() / max(tops.sum(), 1)), 4),
+        energy=region_energy(maps, regions),
+        energy_others=region_energy(batch.maps[others], regions),
+        transplant_top=_top_transplant(model, donors, tops, recipients, cls, rng, batch_size),
+        transplant_regions={
             name: region_transplant(
                 model, donors, region, recipients, cls, rng, batch_size, texture_control=name == OUTER_BAND
             )
             for name, region in regions.items()
         },
-        "transplant_regions_mean": {
+        transplant_regions_mean={
             name: mean_transplant(model, donors, region, recipients, cls, rng, batch_size)
             for name, region in regions.items()
         },
-        "transplant_tone": tone_transplant(model, donors, recipients, recipients, cls, rng, batch_size),
-        "deletion": deletion(model, donors, tops, fill, cls, rng, batch_size),
-        "masks": None,
-        "errors": {
-            "n": len(errors),
-            "energy": region_energy(batch.maps[errors], regions) if len(errors) else None,
-            "attention": attention_consistency(batch.maps[errors], batch.objects[errors])
-            if len(errors)
-            else None,
-        },
-    }
-    annotated = correct[batch.annotated[correct]]
-    if len(annotated):
-        figures["masks"] = {
-            "n": len(annotated),
-            **mask_agreement(batch.maps[annotated], batch.objects[annotated], top_fraction),
-        }
-    return figures
+        transplant_tone=tone_transplant(model, donors, recipients, recipients, cls, rng, batch_size),
+        deletion=deletion(model, donors, tops, batch.x.mean(0, keepdim=True), cls, rng, batch_size),
+        masks=mask_agreement(batch.maps[annotated], batch.objects[annotated], top_fraction)
+        if len(annotated)
+        else None,
+        errors=_errors(batch, errors, regions),
+    )
+
+
+def _top_transplant(
+    model: Classifier,
+    donors: torch.Tensor,
+    tops: np.ndarray,
+    recipients: torch.Tensor,
+    cls: int,
+    rng: np.random.Generator,
+    batch_size: int,
+) -> Transplant:
+    """The most-attended pixels' transplant, with how many they are and where most of them sit,
+    so its finding can say where to look."""
+    result = transplant(model, donors, tops, recipients, recipients, cls, rng, batch_size)
+    common = tops.mean(0) > 0.5 if len(tops) else np.zeros(tops.shape[1:], dtype=bool)
+    return replace(
+        result,
+        pixels=int(tops[0].sum()) if len(tops) else 0,
+        where=describe_place(common) if common.any() else "spread out",
+    )
+
+
+def _errors(batch: Batch, errors: np.ndarray, regions: dict[str, np.ndarray]) -> Errors:
+    """Saliency figures of the misclassified images, kept apart so they do not blur the class's."""
+    if not len(errors):
+        return Errors(n=0, energy=None, attention=None)
+    return Errors(
+        n=len(errors),
+        energy=region_energy(batch.maps[errors], regions),
+        attention=attention_consistency(batch.maps[errors], batch.objects[errors]),
+    )
 
 
 def _subsample(idx: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """At most `k` of `idx`, drawn without replacement and kept in order."""
     return idx if len(idx) <= k else np.sort(rng.choice(idx, k, replace=False))
 
 
@@ -403,7 +413,7 @@ def tone_transplant(
     cls: int,
     rng: np.random.Generator,
     batch_size: int,
-) -> dict[str, float]:
+) -> Transplant:
     """Give each recipient a random donor's per-channel brightness and contrast; the share now `cls`.
 
     The candidate "region" of a tint or exposure shortcut is the whole image, so what moves is the
@@ -414,7 +424,7 @@ def tone_transplant(
     """
     n = len(recipients)
     if n == 0 or len(donors) == 0:
-        return {"flip_rate": 0.0, "control_flip_rate": 0.0, "pairs": 0}
+        return NO_PAIRS
     mu_r = recipients.mean((2, 3), keepdim=True)
     sd_r = recipients.std((2, 3), keepdim=True).clamp_min(1e-4)
     standard = (recipients - mu_r) / sd_r
@@ -429,4 +439,4 @@ def tone_transplant(
         flips(ctrl.mean((2, 3), keepdim=True), ctrl.std((2, 3), keepdim=True)),
         flips(2 * mu_r - mu_d, sd_r * sd_r / sd_d.clamp_min(1e-4)),
     )
-    return {"flip_rate": flips(mu_d, sd_d), "control_flip_rate": control, "pairs": n}
+    return Transplant(flip_rate=flips(mu_d, sd_d), control_flip_rate=control, pairs=n)

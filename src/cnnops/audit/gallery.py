@@ -13,7 +13,6 @@ import base64
 import html
 import io
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -22,7 +21,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
+from cnnops.audit.contract import AuditReport, ClassFigures, Finding, TransplantKind
+from cnnops.audit.regions import OUTER_BAND
+
 OVERLAY_SCALE = 4  # small training images are enlarged so a person can see the cue
+
+Shown = dict[str, list[tuple[str, str, Image.Image]]]  # per class: (file name, caption, overlay)
 
 
 def overlay(image: np.ndarray, saliency: np.ndarray) -> Image.Image:
@@ -36,22 +40,33 @@ def overlay(image: np.ndarray, saliency: np.ndarray) -> Image.Image:
 
 
 def _png(image: Image.Image) -> str:
+    """The image as base64 PNG, to embed: the page must open offline, as one file."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def chart(figures: dict[str, Any]) -> Image.Image:
+def _label(kind: TransplantKind, place: str | None) -> str:
+    """A transplant's short name on the chart."""
+    return {"top": "most-attended", "region": place, "mean": f"{place} (mean)", "tone": "tone"}[kind]
+
+
+def _row_label(kind: TransplantKind, place: str | None) -> str:
+    """A transplant's name in the figures table."""
+    return {
+        "top": "most-attended transplant",
+        "region": f"{place} transplant, each image",
+        "mean": f"{place} transplant, class mean",
+        "tone": "tone transplant",
+    }[kind]
+
+
+def chart(figures: ClassFigures) -> Image.Image:
     """Bars of each intervention's flip rate beside its control, for one class."""
-    tests = {
-        "most-attended": figures["transplant_top"],
-        **figures["transplant_regions"],
-        **{f"{name} (mean)": r for name, r in figures["transplant_regions_mean"].items()},
-        "tone": figures["transplant_tone"],
-    }
-    names = list(tests)
-    flips = [tests[n]["flip_rate"] for n in names]
-    ctrls = [tests[n]["control_flip_rate"] for n in names]
+    transplants = figures.transplants()
+    names = [_label(kind, place) for kind, place, _ in transplants]
+    flips = [t.flip_rate for _, _, t in transplants]
+    ctrls = [t.control_flip_rate for _, _, t in transplants]
     fig, ax = plt.subplots(figsize=(9, 2.6), dpi=80)
     pos = np.arange(len(names))
     ax.bar(pos - 0.2, flips, 0.4, label="pasted from this class", color="#c0392b")
@@ -75,100 +90,81 @@ table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;paddi
 figure{display:inline-block;margin:4px;font-size:.75em;max-width:280px;word-break:break-all}"""
 
 
-def _figure_rows(f: dict[str, Any]) -> str:
-    rows = [("correct / errors", f"{f['n_correct']} / {f['n_errors']}")]
-    rows.append(
-        (
-            "most-attended transplant",
-            f"{f['transplant_top']['flip_rate']:.2f} vs {f['transplant_top']['control_flip_rate']:.2f}",
-        )
-    )
-    for kind, key in (("each image", "transplant_regions"), ("class mean", "transplant_regions_mean")):
-        for region, r in f[key].items():
-            rows.append(
-                (f"{region} transplant, {kind}", f"{r['flip_rate']:.2f} vs {r['control_flip_rate']:.2f}")
-            )
-    rows.append(
-        (
-            "tone transplant",
-            f"{f['transplant_tone']['flip_rate']:.2f} vs {f['transplant_tone']['control_flip_rate']:.2f}",
-        )
-    )
-    rows.append(
-        (
-            "deletion drop top / random",
-            f"{f['deletion']['drop_top']:.2f} / {f['deletion']['drop_random']:.2f}",
-        )
-    )
-    rows.append(
+def _figure_rows(f: ClassFigures) -> str:
+    """The class's figures as table rows: each transplant against its control, then the rest."""
+    rows = [("correct / errors", f"{f.n_correct} / {f.n_errors}")]
+    for kind, place, t in f.transplants():
+        rows.append((_row_label(kind, place), f"{t.flip_rate:.2f} vs {t.control_flip_rate:.2f}"))
+    d, att = f.deletion, f.attention
+    rows += [
+        ("deletion drop top / random", f"{d.drop_top:.2f} / {d.drop_random:.2f}"),
         (
             "outer-band saliency (others)",
-            f"{f['energy']['outer band']:.2f} ({f['energy_others']['outer band']:.2f})",
-        )
-    )
-    rows.append(("peak off object", f"{f['attention']['peak_off_object']:.2f}"))
-    rows.append(
-        (
-            "peak / object spread",
-            f"{f['attention']['peak_spread']:.3f} / {f['attention']['object_spread']:.3f}",
-        )
-    )
-    if f.get("masks"):
-        m = f["masks"]
+            f"{f.energy[OUTER_BAND]:.2f} ({f.energy_others[OUTER_BAND]:.2f})",
+        ),
+        ("peak off object", f"{att.peak_off_object:.2f}"),
+        ("peak / object spread", f"{att.peak_spread:.3f} / {att.object_spread:.3f}"),
+    ]
+    if f.masks is not None:
+        m = f.masks
         rows.append(
             (
                 "inside masks: energy / top / peak",
-                f"{m['energy_inside']:.2f} / {m['top_inside']:.2f} / {m['pointing_hit_rate']:.2f}",
+                f"{m.energy_inside:.2f} / {m.top_inside:.2f} / {m.pointing_hit_rate:.2f}",
             )
         )
     return "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
 
 
-def render(
-    path: str | Path,
-    report: dict[str, Any],
-    images: dict[str, list[tuple[str, str, Image.Image]]],
-) -> None:
-    """Write the gallery. `images[class]` = (file name, caption, overlay) in display order."""
-    verdict = report["verdict"]
+def _findings(title: str, css: str, findings: tuple[Finding, ...]) -> list[str]:
+    """A list of finding sentences under its heading; nothing when there are none."""
+    if not findings:
+        return []
+    items = "".join(f"<li class='{css}'>{html.escape(r.sentence)}</li>" for r in findings)
+    return [f"<h2>{title}</h2><ul>{items}</ul>"]
+
+
+def _section(
+    name: str, f: ClassFigures, status: str, images: list[tuple[str, str, Image.Image]]
+) -> list[str]:
+    """One class: its status, figures table, chart and overlays."""
     e = html.escape
     parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>cnnops audit: {e(verdict)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>Shortcut audit: <span class='{e(verdict)}' id='verdict'>{e(verdict.upper())}</span></h1>",
-        f"<p>Model {e(str(report.get('model', '')))}, saliency {e(', '.join(report.get('methods', [])))} "
-        f"at layer <code>{e(str(report.get('target_layer', '')))}</code>, "
-        f"{report.get('n_images', 0)} test images.</p>",
+        f"<section><h2>class {e(name)} <span class='{status}'>({status})</span></h2>",
+        f"<table>{_figure_rows(f)}</table>",
+        f"<p><img alt='figures of class {e(name)}' src='data:image/png;base64,{_png(chart(f))}'></p>",
     ]
-    if report["failures"]:
+    for file_name, caption, picture in images:
         parts.append(
-            "<h2>Failures</h2><ul>"
-            + "".join(f"<li class='bad'>{e(r['sentence'])}</li>" for r in report["failures"])
-            + "</ul>"
+            f"<figure><img class='overlay' alt='{e(file_name)}' "
+            f"src='data:image/png;base64,{_png(picture)}'>"
+            f"<figcaption>{e(file_name)}<br>{e(caption)}</figcaption></figure>"
         )
-    if report["warnings"]:
-        parts.append(
-            "<h2>Warnings</h2><ul>"
-            + "".join(f"<li class='warn'>{e(r['sentence'])}</li>" for r in report["warnings"])
-            + "</ul>"
-        )
-    failed = set(report["failed_classes"])
-    order = sorted(report["classes"], key=lambda c: (c not in failed, c))
-    for name in order:
-        f = report["classes"][name]
+    parts.append("</section>")
+    return parts
+
+
+def render(
+    path: str | Path,
+    report: AuditReport,
+    images: Shown,
+) -> None:
+    """Write the gallery. `images[class]` = (file name, caption, overlay) in display order."""
+    d = report.decision
+    e = html.escape
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>cnnops audit: {e(d.verdict)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>Shortcut audit: <span class='{e(d.verdict)}' id='verdict'>{e(d.verdict.upper())}</span></h1>",
+        f"<p>Model {e(report.model)}, saliency {e(', '.join(report.methods))} "
+        f"at layer <code>{e(report.target_layer)}</code>, {report.n_images} test images.</p>",
+        *_findings("Failures", "bad", d.failures),
+        *_findings("Warnings", "warn", d.warnings),
+    ]
+    failed = set(d.failed_classes)
+    for name in sorted(report.classes, key=lambda c: (c not in failed, c)):
         status = "fail" if name in failed else "pass"
-        parts.append(f"<section><h2>class {e(name)} <span class='{status}'>({status})</span></h2>")
-        parts.append(f"<table>{_figure_rows(f)}</table>")
-        parts.append(
-            f"<p><img alt='figures of class {e(name)}' src='data:image/png;base64,{_png(chart(f))}'></p>"
-        )
-        for file_name, caption, picture in images.get(name, []):
-            parts.append(
-                f"<figure><img class='overlay' alt='{e(file_name)}' "
-                f"src='data:image/png;base64,{_png(picture)}'>"
-                f"<figcaption>{e(file_name)}<br>{e(caption)}</figcaption></figure>"
-            )
-        parts.append("</section>")
+        parts += _section(name, report.classes[name], status, images.get(name, []))
     parts.append("</body></html>")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

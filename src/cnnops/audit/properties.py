@@ -14,6 +14,8 @@ import numpy as np
 from sklearn.metrics import f1_score
 from sklearn.tree import DecisionTreeClassifier
 
+from cnnops.audit.contract import PropertyProbe, PropertyWeight
+from cnnops.audit.regions import band_mask, corner_slices
 from cnnops.data.splits import PreparedSplit
 
 log = logging.getLogger(__name__)
@@ -24,13 +26,15 @@ FILE_FIELDS = ("width", "height", "aspect", "bytes", "format", "mode")
 def pixel_properties(
     split: PreparedSplit, border_fraction: float, corner_fraction: float
 ) -> tuple[np.ndarray, list[str]]:
-    """Per image: brightness and contrast per channel, outer band, centre and corner means."""
+    """Per image: brightness and contrast per channel, outer band, centre and corner means.
+
+    The band and corners are the audit's candidate regions (`regions`), so a cue the probe finds
+    in the data is at the place the transplants test.
+    """
     x = split.images.float().div(255.0).numpy()
     _, c, h, w = x.shape
-    b = max(1, round(border_fraction * min(h, w)))
-    k = max(1, round(corner_fraction * min(h, w)))
-    band = np.ones((h, w), dtype=bool)
-    band[b:-b, b:-b] = False
+    band = band_mask(h, w, border_fraction)
+    corners = corner_slices(h, w, corner_fraction)
     columns, names = [], []
     for ch in range(c):
         img = x[:, ch]
@@ -41,10 +45,7 @@ def pixel_properties(
             "band mean": img[:, band].mean(1),
             "band std": img[:, band].std(1),
             "centre mean": img[:, ~band].mean(1),
-            "top-left mean": img[:, :k, :k].mean((1, 2)),
-            "top-right mean": img[:, :k, -k:].mean((1, 2)),
-            "bottom-left mean": img[:, -k:, :k].mean((1, 2)),
-            "bottom-right mean": img[:, -k:, -k:].mean((1, 2)),
+            **{f"{corner} mean": img[:, ys, xs].mean((1, 2)) for corner, (ys, xs) in corners.items()},
         }
         for name, values in feats.items():
             columns.append(values)
@@ -76,7 +77,7 @@ def probe(
     border_fraction: float,
     corner_fraction: float,
     seed: int,
-) -> dict:
+) -> PropertyProbe:
     """Fit the shallow probe on train properties; per-class F1 on test and the properties it relied on."""
     features = []
     for split in (train, test):
@@ -92,12 +93,10 @@ def probe(
     labels = list(range(len(test.class_names)))
     f1 = f1_score(y, pred, labels=labels, average=None, zero_division=0)
     importance = sorted(zip(names, tree.feature_importances_, strict=True), key=lambda t: -t[1])
-    return {
-        "accuracy": round(float((pred == y).mean()), 4) if len(y) else 0.0,
-        "majority_accuracy": round(float(np.bincount(y).max() / len(y)), 4) if len(y) else 0.0,
-        "used_file_properties": manifest is not None,
-        "top_properties": [
-            {"property": n, "importance": round(float(v), 4)} for n, v in importance[:3] if v > 0
-        ],
-        "per_class_f1": {name: round(float(v), 4) for name, v in zip(test.class_names, f1, strict=True)},
-    }
+    return PropertyProbe(
+        accuracy=round(float((pred == y).mean()), 4) if len(y) else 0.0,
+        majority_accuracy=round(float(np.bincount(y).max() / len(y)), 4) if len(y) else 0.0,
+        used_file_properties=manifest is not None,
+        top_properties=tuple(PropertyWeight(n, round(float(v), 4)) for n, v in importance[:3] if v > 0),
+        per_class_f1={name: round(float(v), 4) for name, v in zip(test.class_names, f1, strict=True)},
+    )

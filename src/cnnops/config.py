@@ -239,7 +239,7 @@ class AuditParams(Section):
 
 class ExportParams(Section):
     opset: int = Field(ge=11, le=23)
-    parity_atol: float = Field(gt=0.0, description="max abs difference of ORT from PyTorch on test")
+    parity_atol: float = Field(gt=0.0, description="max abs difference of ORT from PyTorch on test, as probabilities")
     latency_runs: int = Field(ge=5, description="timed batch-1 runs per engine")
     throughput_batch: int = Field(ge=1, description="batch of the images/s figures and the parity run")
     output: Literal["logits", "probabilities"] = Field(

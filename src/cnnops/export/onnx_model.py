@@ -189,19 +189,38 @@ def infer(session: ort.InferenceSession, images: np.ndarray, batch_size: int) ->
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
-def check_parity(expected: np.ndarray, actual: np.ndarray, atol: float, source: str) -> dict[str, float]:
-    """Max abs difference and argmax agreement of ORT against PyTorch; ExportError past the limits."""
-    max_diff = float(np.abs(expected - actual).max()) if expected.size else 0.0
-    agreement = float((expected.argmax(1) == actual.argmax(1)).mean()) if len(expected) else 1.0
+def check_parity(
+    expected: np.ndarray, actual: np.ndarray, atol: float, source: str, output: OutputKind = "logits"
+) -> dict[str, float]:
+    """ORT against PyTorch on the test split; ExportError past the limits.
+
+    Compared as probabilities, which are bounded whatever the logits' scale: a larger model's
+    logits reach the tens, where float32 rounding alone passes a fixed 1e-4 on logits (measured:
+    1.2e-4 on a correct ResNet-18 export). The argmax must agree wherever PyTorch's two top
+    probabilities are further apart than `atol`: a closer tie may flip on rounding alone.
+    """
+    p, q = probabilities(expected, output), probabilities(actual, output)
+    max_diff = float(np.abs(p - q).max()) if p.size else 0.0
+    top2 = np.sort(p, axis=1)[:, -2:] if p.shape[-1] > 1 else np.zeros((len(p), 2))
+    decided = (top2[:, 1] - top2[:, 0]) > atol
+    agree = p.argmax(1) == q.argmax(1)
+    agreement = float(agree[decided].mean()) if decided.any() else 1.0
     if not max_diff <= atol or agreement < 1.0:  # `not <=` also catches NaN
         raise ExportError(
-            f"{source}: ONNX Runtime differs from PyTorch on the test split: "
-            f"max abs difference {max_diff:.3g} "
-            f"(limit export.parity_atol = {atol:g}), argmax agreement {agreement:.2%} (must be 100%) over "
-            f"{len(expected)} images; try another export.opset, or raise export.parity_atol if the model is "
-            "numerically sensitive"
+            f"{source}: ONNX Runtime differs from PyTorch on the test split: max abs difference of the "
+            f"probabilities {max_diff:.3g} (limit export.parity_atol = {atol:g}), argmax agreement "
+            f"{agreement:.2%} (must be 100% outside near ties) over {len(expected)} images; try another "
+            "export.opset, or raise export.parity_atol if the model is numerically sensitive"
         )
-    return {"images": len(expected), "max_abs_diff": max_diff, "argmax_agreement": agreement, "atol": atol}
+    raw = float(np.abs(expected - actual).max()) if expected.size else 0.0
+    return {
+        "images": len(expected),
+        "max_abs_diff": max_diff,
+        "max_abs_output_diff": raw,  # of the graph's own output (logits or probabilities), for the record
+        "argmax_agreement": agreement,
+        "near_ties": int((~decided).sum()),
+        "atol": atol,
+    }
 
 
 def probabilities(outputs: np.ndarray, output: OutputKind) -> np.ndarray:

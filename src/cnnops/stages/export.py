@@ -88,7 +88,7 @@ def run(params: Params, paths: ExportPaths = ExportPaths()) -> ExportResult:
             "opset": e.opset,
             "output": e.output,
             "size_mb": staged.stat().st_size / 2**20,
-            "parity": check_parity(reference, onnx_out, e.parity_atol, staged.name),
+            "parity": check_parity(reference, onnx_out, e.parity_atol, staged.name, e.output),
             "accuracy": {"pytorch": _accuracy(reference, labels), "onnx": _accuracy(onnx_out, labels)},
             "latency": _latency(e, with_output(model, e.output), staged, images[0]),
             "compression": _compress(e, staged, images, labels, onnx_out),

@@ -17,13 +17,18 @@ Interface (`TrainedDigits`):
     run_id        the MLflow run id (also in train_report and the checkpoint's extra["run_id"])
     tracking      shortcut for params.tracking
 
-Also: `torch_home` (function fixture: an empty TORCH_HOME) and `cache_fake_resnet18(torch_home)`,
-which puts a locally made resnet18 state dict under IMAGENET1K_V1's exact cache file name, so the
-pretrained-weights path runs without a download (`train.weights: IMAGENET1K_V1` or `DEFAULT`).
+Also: `torch_home` (function fixture: an empty TORCH_HOME) and `cache_fake_resnet18(torch_home,
+monkeypatch)`, which caches a locally made resnet18 state dict as IMAGENET1K_V1 (named, like
+torchvision's files, by its own sha256 prefix; the member's URL points at that name for the test),
+so the pretrained-weights path runs without a download (`train.weights: IMAGENET1K_V1` or
+`DEFAULT`); `publish_weights` does the same for any bytes and weights member (`saved(obj)` gives
+torch.save's bytes).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,9 +37,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from torchvision.models import get_model, get_model_weights
+from torchvision.models import WeightsEnum, get_model, get_model_weights
 
 from cnnops.config import Params, TrackingParams, parse_params
+from cnnops.models import weights_file
 from cnnops.stages import evaluate, train
 
 FIXTURE_EPOCHS = 4
@@ -129,12 +135,38 @@ def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "torch_home"
 
 
-def cache_fake_resnet18(torch_home: Path) -> dict[str, torch.Tensor]:
-    """A locally made resnet18 state dict under the exact file name of IMAGENET1K_V1 (never downloaded)."""
-    weights = get_model_weights("resnet18").IMAGENET1K_V1
-    path = torch_home / "hub" / "checkpoints" / Path(weights.url).name
-    path.parent.mkdir(parents=True, exist_ok=True)
+def cache_fake_resnet18(torch_home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
+    """A locally made resnet18 state dict cached as IMAGENET1K_V1 (never downloaded).
+
+    cnnops checks a cached file against the sha256 prefix in its name, and the real name
+    (resnet18-f37072fd.pth) carries the real file's hash, which no locally made file can match. So
+    the test publishes its own file: IMAGENET1K_V1's URL (for this test only) ends in
+    resnet18-<sha256 prefix of the fake>.pth, and cnnops runs unchanged: enum -> cache file name
+    -> hash check -> weights_only load.
+    """
     torch.manual_seed(123)
     state = get_model("resnet18", weights=None).state_dict()
-    torch.save(state, path)
+    path = publish_weights(torch_home, monkeypatch, get_model_weights("resnet18").IMAGENET1K_V1, saved(state))
+    assert weights_file(get_model_weights("resnet18").DEFAULT) == path  # DEFAULT is the same member
     return state
+
+
+def publish_weights(
+    torch_home: Path, monkeypatch: pytest.MonkeyPatch, weights: WeightsEnum, data: bytes
+) -> Path:
+    """Cache `data` under `weights`' stem and the sha256 prefix of `data`, and point `weights`' URL at
+    that name for this test: the file is then exactly what the enum member publishes."""
+    stem = Path(weights.url).name.rsplit("-", 1)[0]
+    url = f"{weights.url.rsplit('/', 1)[0]}/{stem}-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    monkeypatch.setattr(weights.value, "url", url)
+    path = weights_file(weights)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def saved(obj: object) -> bytes:
+    """The bytes `torch.save` writes for `obj`."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_model import cache_fake_resnet18, one_thread
+from fixtures_model import cache_fake_resnet18, one_thread, publish_weights, saved
 from torchvision.models import get_model_weights
 
 from cnnops.errors import ConfigError, WeightsNotFoundError
@@ -91,8 +91,8 @@ def test_missing_weights_error_names_file_path_and_command(torch_home: Path) -> 
     assert not expected.exists()  # nothing was downloaded
 
 
-def test_pretrained_weights_load_from_torch_home(torch_home: Path) -> None:
-    state = cache_fake_resnet18(torch_home)
+def test_pretrained_weights_load_from_torch_home(torch_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = cache_fake_resnet18(torch_home, monkeypatch)
     spec = default_spec("resnet18", CLASSES, "L", (32, 32), weights="DEFAULT")
     model = create_classifier(spec, "DEFAULT")
     assert torch.equal(model.net.conv1.weight, state["conv1.weight"])
@@ -101,8 +101,10 @@ def test_pretrained_weights_load_from_torch_home(torch_home: Path) -> None:
     assert spec.mean == pytest.approx((0.485, 0.456, 0.406))  # the weights' own normalisation
 
 
-def test_linear_probe_keeps_backbone_weights_and_batchnorm_stats(torch_home: Path) -> None:
-    cache_fake_resnet18(torch_home)
+def test_linear_probe_keeps_backbone_weights_and_batchnorm_stats(
+    torch_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache_fake_resnet18(torch_home, monkeypatch)
     model = create_classifier(default_spec("resnet18", CLASSES, "L", (32, 32)), "IMAGENET1K_V1")
     model.freeze_backbone()
     model.train()
@@ -130,3 +132,75 @@ def test_finetune_parameter_groups_split_backbone_and_head() -> None:
     backbone, head = model.parameter_groups()
     assert {id(p) for p in head} == {id(model.head.weight), id(model.head.bias)}
     assert len(backbone) + len(head) == len(list(model.parameters()))
+
+
+class Payload:
+    """A pickle that runs code when loaded: it creates `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return (Path.touch, (self.marker,))
+
+
+RESNET18_V1 = get_model_weights("resnet18").IMAGENET1K_V1
+
+
+def _resnet18_v1() -> Classifier:
+    return create_classifier(default_spec("resnet18", CLASSES, "L", (32, 32)), "IMAGENET1K_V1")
+
+
+def test_planted_pickle_under_the_real_cache_name_is_refused(torch_home: Path, tmp_path: Path) -> None:
+    """resnet18-f37072fd.pth holding a code-running pickle: the sha256 check refuses it unread."""
+    live = tmp_path / "live"
+    torch.save({"conv1.weight": Payload(live)}, tmp_path / "probe.pth")
+    torch.load(tmp_path / "probe.pth", weights_only=False)
+    assert live.exists()  # the payload is real: torchvision's weights_only=False load would run it
+    marker = tmp_path / "pwned"
+    path = weights_file(RESNET18_V1)
+    path.parent.mkdir(parents=True)
+    torch.save({"conv1.weight": Payload(marker)}, path)
+    with pytest.raises(WeightsNotFoundError) as caught:
+        _resnet18_v1()
+    message = str(caught.value)
+    assert f"{path}: sha256 " in message and "does not start with f37072fd" in message
+    assert "delete it" in message and "get_model_weights('resnet18').IMAGENET1K_V1.get_state_dict" in message
+    assert not marker.exists()
+
+
+def test_pickle_matching_its_hash_is_still_never_unpickled_as_code(
+    torch_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An 8-hex-digit prefix is only 32 bits, so a forger can match it: weights_only=True is the guard."""
+    marker = tmp_path / "pwned"
+    path = publish_weights(torch_home, monkeypatch, RESNET18_V1, saved({"conv1.weight": Payload(marker)}))
+    with pytest.raises(
+        WeightsNotFoundError, match=rf"{path.name}: refused as weights \(UnpicklingError.*delete it"
+    ):
+        _resnet18_v1()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (saved([1, 2]), "holds a list, not a state dict of tensors"),
+        (saved({"conv1.weight": torch.zeros(1)}), "do not fit torchvision's resnet18 .*Missing key"),
+        (b"not a zip archive", "refused as weights"),
+    ],
+)
+def test_cached_file_that_is_not_a_state_dict_is_refused(
+    torch_home: Path, monkeypatch: pytest.MonkeyPatch, data: bytes, message: str
+) -> None:
+    publish_weights(torch_home, monkeypatch, RESNET18_V1, data)
+    with pytest.raises(WeightsNotFoundError, match=message):
+        _resnet18_v1()
+
+
+def test_truncated_cache_file_fails_its_hash(torch_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache_fake_resnet18(torch_home, monkeypatch)
+    path = weights_file(RESNET18_V1)
+    path.write_bytes(path.read_bytes()[:1000])  # a half-finished copy
+    with pytest.raises(WeightsNotFoundError, match=f"{path.name}: sha256 .* does not start with"):
+        _resnet18_v1()

@@ -93,9 +93,9 @@ def test_same_params_and_data_give_same_results(tmp_path: Path, prepared_digits:
 
 
 def test_linear_probe_stage_keeps_pretrained_backbone(
-    tmp_path: Path, torch_home: Path, prepared_digits: Path, digits_params
+    tmp_path: Path, torch_home: Path, monkeypatch: pytest.MonkeyPatch, prepared_digits: Path, digits_params
 ) -> None:
-    pretrained = cache_fake_resnet18(torch_home)
+    pretrained = cache_fake_resnet18(torch_home, monkeypatch)
     params = digits_train_params(
         tmp_path, digits_params, model="resnet18", mode="linear_probe", weights="IMAGENET1K_V1", epochs=1
     )

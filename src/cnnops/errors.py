@@ -22,7 +22,8 @@ class ValidationFailed(DataError):
 
 
 class WeightsNotFoundError(CnnopsError):
-    """Pretrained weights are not in TORCH_HOME and cnnops never downloads at run time."""
+    """Pretrained weights are not in TORCH_HOME (cnnops never downloads at run time), or the cached
+    file there is not the published one (its sha256 or its contents are wrong)."""
 
 
 class ExportError(CnnopsError):

@@ -8,6 +8,8 @@ networks), so preprocessing travels with the model into evaluate, audit and the 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from cnnops.errors import ConfigError, StageInputError, WeightsNotFoundError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_CONVNET = "convnet"
+_HASH_PREFIX = re.compile(r"-([0-9a-f]{8,})\.\w+$")  # torchvision's <name>-<sha256 prefix>.pth
 CHANNELS = {"RGB": 3, "L": 1}  # image channels of each colour mode (`cnnops.data.decode.ColorMode`)
 
 
@@ -179,6 +182,49 @@ def _fetch_command(model: str, weights: Any) -> str:
     )
 
 
+def _refetch(model: str, weights: Any, path: Path) -> str:
+    """What to do about a missing or unusable cache file: fetch it on a connected machine, copy it here."""
+    return f"On a connected machine run {_fetch_command(model, weights)}; then copy the file to {path}"
+
+
+def _check_sha256(path: Path, model: str, weights: Any) -> None:
+    """torchvision's convention: the hex after the name's last '-' starts the file's sha256, so a
+    corrupt, truncated or planted file is refused before torch.load ever reads it."""
+    match = _HASH_PREFIX.search(path.name)
+    if match is None:
+        raise WeightsNotFoundError(
+            f"{path}: the name carries no sha256 prefix (<name>-<hex>.pth), so the file cannot be checked; "
+            + _refetch(model, weights, path)
+        )
+    with path.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    if not digest.startswith(match.group(1)):
+        raise WeightsNotFoundError(
+            f"{path}: sha256 {digest[:16]}... does not start with {match.group(1)}, the hash in its name: "
+            f"the file is corrupt, truncated or not torchvision's {model}.{weights.name}; delete it. "
+            + _refetch(model, weights, path)
+        )
+
+
+def _load_weights_file(path: Path, model: str, weights: Any) -> dict[str, torch.Tensor]:
+    """The hash-checked state dict, unpickled with weights_only=True: tensors and containers only,
+    never code (torchvision itself loads its cache with weights_only=False)."""
+    _check_sha256(path, model, weights)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for code, RuntimeError/EOFError for damaged archives
+        raise WeightsNotFoundError(
+            f"{path}: refused as weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); it is "
+            f"not a plain state dict; delete it. " + _refetch(model, weights, path)
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsNotFoundError(
+            f"{path}: holds a {type(state).__name__}, not a state dict of tensors; delete it. "
+            + _refetch(model, weights, path)
+        )
+    return state
+
+
 def _pretrained_network(model: str, weights_name: str) -> nn.Module:
     """Build `model` with weights from the local cache only: cnnops never downloads at run time."""
     from torchvision.models import get_model
@@ -189,11 +235,22 @@ def _pretrained_network(model: str, weights_name: str) -> nn.Module:
         torch_home = Path(torch.hub.get_dir()).parent
         raise WeightsNotFoundError(
             f"pretrained weights {model}.{weights.name} are not in the local cache: the file {path.name} "
-            f"must be at {path} (TORCH_HOME={torch_home}; cnnops never downloads). On a connected machine "
-            f"run {_fetch_command(model, weights)}; then copy the file to {path}"
+            f"must be at {path} (TORCH_HOME={torch_home}; cnnops never downloads). "
+            + _refetch(model, weights, path)
         )
-    # torchvision loads an existing cache file without touching the network (it only downloads when absent).
-    return get_model(model, weights=weights)
+    state = _load_weights_file(path, model, weights)
+    net = get_model(model, weights=None)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise WeightsNotFoundError(
+            f"{path}: its tensors do not fit torchvision's {model} ({' '.join(str(exc).split())[:300]}); "
+            f"it is not {model}.{weights.name} as a plain state dict (cnnops does not remap the legacy keys "
+            "some families publish, e.g. densenet); choose another train.model or set train.weights: null"
+        ) from None
+    if hasattr(net, "transform_input"):  # GoogLeNet, Inception v3: torchvision turns it on with weights
+        net.transform_input = True
+    return net
 
 
 def build_network(spec: ModelSpec, weights: str | None = None) -> tuple[nn.Module, int]:

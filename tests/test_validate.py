@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import mlflow
@@ -178,3 +179,47 @@ def test_docs_folder_survives_a_missing_data_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no-such-data: data folder not found"):
         validate.run(parse_params({}), paths)
     assert (docs / "index.html").read_text() == "last run's docs"
+
+
+class _Elements(HTMLParser):
+    """Every element of an HTML page with its attributes, and the text a browser shows."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.elements: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.elements.append((tag, dict(attrs)))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def test_file_and_class_names_are_text_in_the_data_docs_never_markup(tmp_path: Path) -> None:
+    root, evil = tmp_path / "data", "<img src=x onerror=alert(1)>"
+    for i in range(6):
+        _noise(root / "a" / f"{i}.png", i)
+        _noise(root / evil / f"{i}.png", 100 + i)
+    (root / evil / f"{evil}.png").write_text("not an image")  # in the unexpected-values table
+    (root / "a" / "<svg onload=alert(2)>.png").write_text("not an image")
+    params = with_data_store(
+        parse_params({"data": {"color_mode": "L"}, "validate": {"min_images_per_class": 5}})
+    )
+    paths = validate.ValidatePaths(root, tmp_path / "v.json", tmp_path / "docs")
+    with pytest.raises(ValidationFailed):
+        validate.run(params, paths)
+    pages = list((tmp_path / "docs").rglob("*.html"))
+    assert len(pages) >= 3  # the index, the suite and the manifest's validation
+    shown = ""
+    for page in pages:
+        parsed = _Elements()
+        parsed.feed(page.read_text())
+        scripted = [
+            (tag, a) for tag, a in parsed.elements if tag in ("img", "svg") and {"onerror", "onload"} & set(a)
+        ]
+        assert scripted == [], f"{page}: markup from a file name: {scripted}"
+        shown += "".join(parsed.text)
+    assert f"{evil}/{evil}.png" in shown and "<svg onload=alert(2)>.png" in shown, "shown as text"
+    report = json.loads(paths.report.read_text())  # the report keeps the names as they are
+    assert f"{evil}/{evil}.png" in next(c for c in report["checks"] if c["check"] == "decodes")["files"]

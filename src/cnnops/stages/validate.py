@@ -11,6 +11,8 @@ the docs are written; warnings are logged and reported; "off" leaves the expecta
 from __future__ import annotations
 
 import argparse
+import copy
+import html
 import logging
 import shutil
 from collections.abc import Callable
@@ -98,31 +100,9 @@ def _expectations(validate: ValidateParams) -> dict[str, list[Any]]:
 
 def run_suite(df: pd.DataFrame, validate: ValidateParams, docs_dir: Path) -> list[dict[str, Any]]:
     """Run the suite through an ephemeral GX context; returns one record per check, and writes the docs."""
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines are internals
     import great_expectations as gx
-    from great_expectations.data_context.types.base import (
-        DataContextConfig,
-        InMemoryStoreBackendDefaults,
-        ProgressBarsConfig,
-    )
 
-    site = {
-        "class_name": "SiteBuilder",
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        "store_backend": {
-            "class_name": "TupleFilesystemStoreBackend",
-            "base_directory": str(docs_dir.resolve()),
-        },
-    }
-    context = gx.get_context(
-        mode="ephemeral",
-        project_config=DataContextConfig(
-            analytics_enabled=False,  # nothing reaches the network
-            store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
-            progress_bars=ProgressBarsConfig(globally=False),
-            data_docs_sites={DOCS_SITE: site},
-        ),
-    )
+    context = _context(docs_dir)
     batch = context.data_sources.add_pandas("cnnops").add_dataframe_asset("manifest")
     suite = context.suites.add(gx.ExpectationSuite(name=SUITE))
     severity = validate.severity.model_dump()
@@ -143,14 +123,72 @@ def run_suite(df: pd.DataFrame, validate: ValidateParams, docs_dir: Path) -> lis
         gx.Checkpoint(
             name=SUITE,
             validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=[DOCS_SITE])],
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["path"]},
         )
     )
     result = checkpoint.run(batch_parameters={"dataframe": df})
     for validation in result.run_results.values():
         records.extend(_record(r.to_json_dict(), df) for r in validation.results)
+    _write_docs(context, result.run_results)
     return records
+
+
+def _context(docs_dir: Path) -> Any:
+    """An ephemeral GX context (nothing on disk but the docs, nothing on the network) whose one docs
+    site is `docs_dir`."""
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines are internals
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    site = {
+        "class_name": "SiteBuilder",
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "store_backend": {
+            "class_name": "TupleFilesystemStoreBackend",
+            "base_directory": str(docs_dir.resolve()),
+        },
+    }
+    return gx.get_context(
+        mode="ephemeral",
+        project_config=DataContextConfig(
+            analytics_enabled=False,
+            store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+            progress_bars=ProgressBarsConfig(globally=False),
+            data_docs_sites={DOCS_SITE: site},
+        ),
+    )
+
+
+def _write_docs(context: Any, run_results: dict[Any, Any]) -> None:
+    """Build the data docs from an HTML-escaped copy of the validation results.
+
+    GX 1.24 escapes the values it substitutes into its string templates, but writes table cells raw:
+    the unexpected values, the `path` of each offending row and observed values, which hold file and
+    class names. A class folder named `<img src=x onerror=...>` would run script in the browser of
+    whoever opens the docs (here or as the MLflow artifact). The records keep the real values.
+    """
+    for key, validation in run_results.items():
+        safe = copy.deepcopy(validation)
+        for outcome in safe.results:
+            outcome.result = _escaped(outcome.result)
+            outcome.exception_info = _escaped(outcome.exception_info)
+        context.validation_results_store.set(key, safe)
+    context.build_data_docs(site_names=[DOCS_SITE])
+
+
+def _escaped(value: Any) -> Any:
+    """`value` with every string in it (keys too) HTML-escaped."""
+    if isinstance(value, str):
+        return html.escape(value)
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escaped(v) for v in value]
+    return value
 
 
 def _record(result: dict[str, Any], df: pd.DataFrame) -> dict[str, Any]:

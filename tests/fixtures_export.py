@@ -13,11 +13,13 @@ import subprocess
 from pathlib import Path
 
 import mlflow
+import onnx
 import pytest
 import torch
 
 from cnnops.config import Params, Section, TrackingParams, parse_params
 from cnnops.data.splits import PreparedSplit
+from cnnops.export.onnx_model import OnnxMetadata
 from cnnops.models import CHANNELS, Classifier, create_classifier, default_spec, save_checkpoint
 from cnnops.tracking import runs
 
@@ -40,6 +42,38 @@ def synthetic_split(
     names = CLASSES[: len(counts)]
     paths = [f"{names[y]}/{i}.png" for i, y in enumerate(labels)]
     return PreparedSplit(torch.cat(images), torch.tensor(labels), paths, names, color_mode)
+
+
+def hand_built_onnx(
+    path: Path,
+    props: dict[str, str] | None = None,
+    *,
+    input_shape: tuple[int | str, ...] = ("batch", 1, *SIZE),
+    input_type: int = onnx.TensorProto.FLOAT,
+    classes: int = len(CLASSES),
+    op: str = "GlobalAveragePool",
+) -> Path:
+    """A graph made by hand (Cast, pool, Flatten, Concat: the mean grey level once per class) with
+    cnnops metadata_props for CLASSES at SIZE, overridden by `props`: a foreign or edited file whose
+    graph and metadata can disagree in any one way."""
+    h = onnx.helper
+    nodes = [
+        h.make_node("Cast", ["image"], ["x"], to=onnx.TensorProto.FLOAT),
+        h.make_node(op, ["x"], ["pooled"]),
+        h.make_node("Flatten", ["pooled"], ["flat"]),
+        h.make_node("Concat", ["flat"] * classes, ["logits"], axis=1),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "hand_built",
+        [h.make_tensor_value_info("image", input_type, list(input_shape))],
+        [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", classes])],
+    )
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)], ir_version=9)
+    meta = OnnxMetadata(CLASSES, SIZE, "L", "logits", "convnet", "run", "commit", "data").to_props()
+    h.set_model_props(proto, {**meta, **(props or {})})
+    onnx.save(proto, path)
+    return path
 
 
 def constant_model(label: int, color_mode: str = "L") -> Classifier:

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from fixtures_export import CLASSES, SIZE, synthetic_split
+from fixtures_export import CLASSES, SIZE, hand_built_onnx, synthetic_split
 
 from cnnops.errors import ExportError, StageInputError
 from cnnops.export.compression import compress
@@ -141,3 +141,39 @@ def test_compression_keeps_contract_and_predictions(kind: str, tmp_path: Path, g
     assert small.dtype == np.float32 and small.shape == fp32.shape
     assert (small.argmax(1) == fp32.argmax(1)).all()
     assert out.stat().st_size < path.stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("props", "graph", "message"),
+    [
+        ({"input_size": "[32, 32]"}, {}, r"input 'image' has shape \[\?, 1, 16, 16\], but .*input_size say"),
+        ({}, {"input_shape": ("batch", 1, 8, 8)}, r"input 'image' has shape \[\?, 1, 8, 8\]"),
+        ({"color_mode": "RGB"}, {}, r"color_mode and input_size say \[batch, 3, 16, 16\]"),
+        ({"class_names": '["a", "b"]'}, {}, r"output 'logits' has shape \[\?, 3\], but .*class_names say"),
+        ({}, {"input_type": onnx.TensorProto.INT64}, r"input 'image' is INT64, but cnnops feeds"),
+        ({"input_size": "[-5, 8]"}, {}, r"input_size is \[-5, 8\], expected \[height, width\] .* 1\.\.4096"),
+        ({"input_size": "[]"}, {}, r"input_size is \[\], expected"),
+        ({"input_size": "[100000, 100000]"}, {}, r"input_size is \[100000, 100000\], expected"),
+        ({"input_size": '["16", 16.0]'}, {}, r"input_size is \['16', 16\.0\], expected"),  # never coerced
+        ({"input_size": "16 x 16"}, {}, r"input_size is '16 x 16', expected a JSON list"),
+        (
+            {"class_names": "[1, 2, 3]"},
+            {},
+            r"class_names is \[1, 2, 3\], expected a list of 1\.\.100000 names",
+        ),
+        ({"class_names": '["a", "a", "b"]'}, {}, r"class_names is .*, expected distinct names"),
+    ],
+)
+def test_metadata_that_does_not_describe_the_graph_is_refused(
+    tmp_path: Path, props: dict[str, str], graph: dict[str, object], message: str
+) -> None:
+    path = hand_built_onnx(tmp_path / "edited.onnx", props, **graph)
+    with pytest.raises(StageInputError, match=rf"edited\.onnx: .*{message}"):
+        read_metadata(path)
+
+
+def test_graph_onnx_runtime_cannot_load_is_refused(tmp_path: Path) -> None:
+    path = hand_built_onnx(tmp_path / "odd.onnx", op="NoSuchOp")
+    read_metadata(path)  # the declared inputs and outputs agree with the metadata
+    with pytest.raises(StageInputError, match=r"odd\.onnx: ONNX Runtime cannot load it \(.*NoSuchOp"):
+        open_session(path)

@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
-from fixtures_export import SIZE
+from fixtures_export import SIZE, hand_built_onnx
 from PIL import Image
 
+from cnnops import cli
 from cnnops.export.onnx_model import OnnxMetadata, export_classifier
 
 pytestmark = pytest.mark.integration
@@ -87,3 +89,38 @@ def test_table_with_a_missing_path_and_a_foreign_model(
     (tmp_path / "x.onnx").write_bytes(b"junk")
     bad = predict(str(tmp_path / "x.onnx"), str(odd_images))
     assert bad.returncode == 1 and "x.onnx: not a readable ONNX model" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("props", "graph", "key"),
+    [
+        ({"input_size": "[32, 32]"}, {"input_shape": ("batch", 1, 8, 8)}, "input_size"),
+        ({"class_names": '["a", "b"]'}, {}, "class_names"),
+        ({"input_size": "[-5, 8]"}, {}, "input_size"),
+        ({"input_size": "[]"}, {}, "input_size"),
+        ({"input_size": "[100000, 100000]"}, {}, "input_size"),
+        ({}, {"input_type": onnx.TensorProto.INT64}, "INT64"),
+        ({}, {"op": "NoSuchOp"}, "ONNX Runtime cannot load it"),
+    ],
+)
+def test_mismatched_or_foreign_onnx_is_a_clear_error(
+    tmp_path: Path,
+    odd_images: Path,
+    capsys: pytest.CaptureFixture[str],
+    props: dict[str, str],
+    graph: dict[str, object],
+    key: str,
+) -> None:
+    """Each is refused before any image is read: exit 1, the file and the key named, no traceback."""
+    path = hand_built_onnx(tmp_path / "edited.onnx", props, **graph)
+    assert cli.main(["predict", str(path), str(odd_images / "b_plain.bmp")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"cnnops predict: error: {path}: ") and key in err, err
+
+
+def test_hand_built_onnx_that_agrees_with_its_metadata_predicts(
+    tmp_path: Path, odd_images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = hand_built_onnx(tmp_path / "fine.onnx")
+    assert cli.main(["predict", str(path), str(odd_images / "b_plain.bmp"), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["class"] == "a"  # three equal scores

@@ -26,6 +26,9 @@ INPUT_NAME = "image"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 OutputKind = Literal["logits", "probabilities"]
+MAX_INPUT_SIDE = 4096  # pixels: bounds what a foreign file's input_size can make predict allocate per image
+MAX_CLASSES = 100_000
+MAX_CLASS_NAME = 255  # characters: the longest folder name a filesystem allows
 
 
 @dataclass(frozen=True)
@@ -51,35 +54,110 @@ class OnnxMetadata:
 
     @classmethod
     def from_props(cls, props: dict[str, str], source: str) -> OnnxMetadata:
+        """The metadata of a file, every value checked: a foreign or edited file is refused by key."""
         missing = [name for name in cls.__dataclass_fields__ if name not in props and name != "compression"]
         if missing:
             raise StageInputError(
                 f"{source}: metadata_props lack {', '.join(missing)}; it was not exported by `cnnops export` "
                 "(re-export it with `cnnops export`)"
             )
-        try:
-            size = json.loads(props["input_size"])
-            meta = cls(
-                class_names=[str(c) for c in json.loads(props["class_names"])],
-                input_size=(int(size[0]), int(size[1])),
-                color_mode=props["color_mode"],
-                output=props["output"],  # type: ignore[arg-type]
-                model=props["model"],
-                mlflow_run_id=props["mlflow_run_id"],
-                git_commit=props["git_commit"],
-                data_version=props["data_version"],
-                compression=props.get("compression", "none"),
-            )
-        except (ValueError, TypeError, IndexError) as exc:
+        meta = cls(
+            class_names=_class_names(_json_prop(props, "class_names", source), source),
+            input_size=_input_size(_json_prop(props, "input_size", source), source),
+            color_mode=props["color_mode"],
+            output=props["output"],  # type: ignore[arg-type]
+            model=props["model"],
+            mlflow_run_id=props["mlflow_run_id"],
+            git_commit=props["git_commit"],
+            data_version=props["data_version"],
+            compression=props.get("compression", "none"),
+        )
+        if meta.color_mode not in CHANNELS or meta.output not in ("logits", "probabilities"):
             raise StageInputError(
-                f"{source}: malformed metadata_props ({exc}); re-export with `cnnops export`"
-            ) from None
-        if meta.color_mode not in ("RGB", "L") or meta.output not in ("logits", "probabilities"):
-            raise StageInputError(
-                f"{source}: metadata color_mode={meta.color_mode!r} output={meta.output!r}; "
+                f"{source}: metadata color_mode={meta.color_mode[:40]!r} output={meta.output[:40]!r}; "
                 "expected RGB|L and logits|probabilities"
             )
         return meta
+
+
+def _refused(source: str, key: str, value: object, expected: str) -> StageInputError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return StageInputError(
+        f"{source}: metadata_props {key} is {shown}, expected {expected}; "
+        "it was not written by `cnnops export` or was edited since (re-export it with `cnnops export`)"
+    )
+
+
+def _json_prop(props: dict[str, str], key: str, source: str) -> object:
+    try:
+        return json.loads(props[key])
+    except ValueError:
+        raise _refused(source, key, props[key], "a JSON list") from None
+
+
+def _input_size(value: object, source: str) -> tuple[int, int]:
+    """[height, width], bounded: the size predict resizes every image to and allocates per batch."""
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(type(side) is int and 1 <= side <= MAX_INPUT_SIDE for side in value)
+    ):
+        raise _refused(
+            source, "input_size", value, f"[height, width] with each side an int in 1..{MAX_INPUT_SIDE}"
+        )
+    return value[0], value[1]
+
+
+def _class_names(value: object, source: str) -> list[str]:
+    if not (
+        isinstance(value, list)
+        and 0 < len(value) <= MAX_CLASSES
+        and all(isinstance(name, str) and 0 < len(name) <= MAX_CLASS_NAME for name in value)
+    ):
+        raise _refused(
+            source,
+            "class_names",
+            value,
+            f"a list of 1..{MAX_CLASSES} names of 1..{MAX_CLASS_NAME} characters",
+        )
+    if len(set(value)) != len(value):
+        raise _refused(source, "class_names", value, "distinct names")
+    return list(value)
+
+
+def check_graph(graph: onnx.GraphProto, meta: OnnxMetadata, source: str) -> None:
+    """The graph takes what the metadata says and gives one score per class name: float32
+    [batch, channels, H, W] in, float32 [batch, classes] out (the batch axis may be symbolic)."""
+    initializers = {t.name for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    if len(inputs) != 1 or not graph.output:
+        raise StageInputError(
+            f"{source}: the graph has {len(inputs)} input(s) and {len(graph.output)} output(s); a cnnops "
+            "classifier has one image input and a score output (re-export it with `cnnops export`)"
+        )
+    _check_tensor(inputs[0], (meta.channels, *meta.input_size), "input", "color_mode and input_size", source)
+    _check_tensor(graph.output[0], (len(meta.class_names),), "output", "class_names", source)
+
+
+def _check_tensor(
+    value: onnx.ValueInfoProto, expected: tuple[int, ...], role: str, keys: str, source: str
+) -> None:
+    tensor = value.type.tensor_type
+    if tensor.elem_type != onnx.TensorProto.FLOAT:
+        kind = onnx.TensorProto.DataType.Name(tensor.elem_type)  # UNDEFINED when not a tensor
+        raise StageInputError(
+            f"{source}: the graph's {role} {value.name[:80]!r} is {kind}, but cnnops feeds and reads "
+            "float32; it is not a cnnops classifier (re-export it with `cnnops export`)"
+        )
+    dims = [d.dim_value if d.HasField("dim_value") else "?" for d in tensor.shape.dim]
+    if not tensor.HasField("shape") or dims[1:] != list(expected):
+        shape = f"[{', '.join(map(str, dims))}]" if tensor.HasField("shape") else "undeclared"
+        raise StageInputError(
+            f"{source}: the graph's {role} {value.name[:80]!r} has shape {shape}, but metadata_props {keys} "
+            f"say [batch, {', '.join(map(str, expected))}]; the metadata does not describe this graph "
+            "(re-export it with `cnnops export`)"
+        )
 
 
 def set_metadata(proto: onnx.ModelProto, metadata: OnnxMetadata) -> None:
@@ -93,8 +171,11 @@ def set_metadata(proto: onnx.ModelProto, metadata: OnnxMetadata) -> None:
 
 
 def read_metadata(path: str | Path) -> OnnxMetadata:
+    """The file's metadata, checked against its graph (a file is untrusted: foreign, edited, mismatched)."""
     proto = load_proto(path)
-    return OnnxMetadata.from_props({p.key: p.value for p in proto.metadata_props}, str(path))
+    meta = OnnxMetadata.from_props({p.key: p.value for p in proto.metadata_props}, str(path))
+    check_graph(proto.graph, meta, str(path))
+    return meta
 
 
 def load_proto(path: str | Path) -> onnx.ModelProto:
@@ -176,7 +257,14 @@ def open_session(model: str | Path | bytes, provider: str = CPU, threads: int = 
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
     source = model if isinstance(model, bytes) else str(model)
     providers = [provider] if provider == CPU else [provider, CPU]
-    return ort.InferenceSession(source, sess_options=options, providers=providers)
+    try:
+        return ort.InferenceSession(source, sess_options=options, providers=providers)
+    except Exception as exc:  # ORT's Fail, InvalidGraph, NotImplemented... derive from Exception only
+        label = "the ONNX model" if isinstance(model, bytes) else str(model)
+        raise StageInputError(
+            f"{label}: ONNX Runtime cannot load it ({' '.join(str(exc).split())[:300]}); "
+            "re-export it with `cnnops export`"
+        ) from None
 
 
 def infer(session: ort.InferenceSession, images: np.ndarray, batch_size: int) -> np.ndarray:

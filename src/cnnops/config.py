@@ -35,6 +35,7 @@ from pydantic.fields import FieldInfo
 from cnnops.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")  # the file a command reads unless --params names another
+MAX_WORKERS = 64  # DataLoader worker processes: more only exhausts memory and file handles
 SHIPPED_PARAMS = "params.yaml"  # package data of `cnnops`: every default value
 
 
@@ -193,8 +194,22 @@ class TrainParams(Section):
     early_stopping_patience: int | None = Field(ge=1, description="epochs without improvement")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(description="autocast on CUDA; off on CPU")
     channels_last: bool = Field(description="channels_last memory format on CUDA")
-    num_workers: int = Field(ge=0)
+    num_workers: int | Literal["auto"] = Field(
+        description="DataLoader worker processes; auto: one per core but one, at most 8"
+    )
+    precise_bn: Literal["auto", "on", "off"] = Field(
+        description="recompute BatchNorm statistics before validation"
+    )
+    precise_bn_images: int = Field(ge=1, le=100_000, description="train images of the precise-BN pass")
     augment: AugmentParams
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        """One message for both forms (pydantic would report each branch of the union apart)."""
+        if value == "auto" or (type(value) is int and 0 <= value <= MAX_WORKERS):
+            return value
+        raise ValueError(f"use auto or a whole number from 0 to {MAX_WORKERS}")
 
     @model_validator(mode="after")
     def _weights_need_mode(self) -> TrainParams:
@@ -239,7 +254,9 @@ class AuditParams(Section):
 
 class ExportParams(Section):
     opset: int = Field(ge=11, le=23)
-    parity_atol: float = Field(gt=0.0, description="max abs difference of ORT from PyTorch on test, as probabilities")
+    parity_atol: float = Field(
+        gt=0.0, description="max abs difference of ORT from PyTorch on test, as probabilities"
+    )
     latency_runs: int = Field(ge=5, description="timed batch-1 runs per engine")
     throughput_batch: int = Field(ge=1, description="batch of the images/s figures and the parity run")
     output: Literal["logits", "probabilities"] = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -24,6 +25,13 @@ class SplitDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return self.transform(self.split.images[index]), self.split.labels[index]
 
 
+def resolve_workers(num_workers: int | str) -> int:
+    """`train.num_workers`: auto is one worker per core but one (the training process's), at most 8."""
+    if num_workers == "auto":
+        return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return int(num_workers)
+
+
 def train_loader(
     dataset: SplitDataset,
     *,
@@ -32,19 +40,37 @@ def train_loader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """Shuffled batches; call `loader.sampler.set_epoch(e)` each epoch for a seeded, resumable order.
 
     DistributedSampler is used even for one process: its order depends only on (seed, epoch), which
-    is what makes a resumed run see exactly the batches an uninterrupted one would.
+    is what makes a resumed run see exactly the batches an uninterrupted one would. Its workers are
+    not persistent for the same reason: new workers each epoch take their augmentation seeds from
+    the epoch's seed, where persistent ones would carry their random state across epochs and a
+    resumed run would draw other crops than the uninterrupted one.
     """
     drop_last = len(dataset) // world_size > batch_size  # no 1-image batch for BatchNorm, if avoidable
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
     )
 
 
-def eval_loader(dataset: SplitDataset, *, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """Every image once, in order."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+def eval_loader(
+    dataset: Dataset, *, batch_size: int, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """Every image once, in order; workers persist across epochs (no randomness to reseed)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )

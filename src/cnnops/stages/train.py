@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from cnnops import atomic
 from cnnops.config import Params, TrainParams
-from cnnops.data.loaders import SplitDataset, eval_loader, train_loader
+from cnnops.data.loaders import SplitDataset, eval_loader, resolve_workers, train_loader
 from cnnops.data.splits import PreparedSplit, load_splits
 from cnnops.data.transforms import EvalPreset, TrainPreset, get_mixup_cutmix
 from cnnops.errors import StageInputError
-from cnnops.models import Classifier, create_classifier, default_spec, save_checkpoint
+from cnnops.models import Classifier, ModelSpec, create_classifier, default_spec, save_checkpoint
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
 from cnnops.training import distributed, plots, resume
@@ -39,6 +39,7 @@ from cnnops.training.engine import (
     EpochStats,
     LoopSettings,
     evaluate_epoch,
+    recalibrate_batchnorm,
     train_one_epoch,
 )
 from cnnops.training.optim import build_optimizer, build_scheduler
@@ -46,6 +47,7 @@ from cnnops.training.progress import epoch_bar
 
 log = logging.getLogger(__name__)
 
+PRECISE_BN_AUTO_STEPS = 1000  # train.precise_bn: auto recalibrates runs shorter than this
 HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 
 
@@ -88,6 +90,7 @@ class _Parts:
     settings: LoopSettings
     loader: DataLoader
     val_loader: DataLoader
+    bn_loader: DataLoader | None  # train images for precise BN before each validation (None: off)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -119,17 +122,7 @@ def _build(
     model.to(
         dist.device, memory_format=torch.channels_last if settings.channels_last else torch.preserve_format
     )
-    loader = train_loader(
-        SplitDataset(train_split, TrainPreset(t.augment, spec.image_size, spec.color_mode)),
-        batch_size=t.batch_size,
-        seed=params.base.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        num_workers=t.num_workers,
-    )
-    val_loader = eval_loader(
-        SplitDataset(val_split, EvalPreset()), batch_size=t.batch_size, num_workers=t.num_workers
-    )
+    loader, val_loader, bn_loader = _loaders(params, spec, train_split, val_split, dist)
     optimizer = build_optimizer(
         model,
         name=t.optimizer,
@@ -144,6 +137,7 @@ def _build(
         settings=settings,
         loader=loader,
         val_loader=val_loader,
+        bn_loader=bn_loader if _precise_bn(t, model, t.epochs * steps) else None,
         optimizer=optimizer,
         scheduler=build_scheduler(
             optimizer, warmup_steps=t.warmup_epochs * steps, total_steps=t.epochs * steps
@@ -156,6 +150,49 @@ def _build(
             num_classes=spec.num_classes,
         ),
     )
+
+
+def _loaders(
+    params: Params,
+    spec: ModelSpec,
+    train_split: PreparedSplit,
+    val_split: PreparedSplit,
+    dist: distributed.Dist,
+) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Training batches (augmented, seeded), validation batches, and the precise-BN sample: a fixed
+    seeded subset of the train split, un-augmented as at inference, whose statistics BN should hold."""
+    t = params.train
+    workers, pin = resolve_workers(t.num_workers), dist.device.type == "cuda"
+    loader = train_loader(
+        SplitDataset(train_split, TrainPreset(t.augment, spec.image_size, spec.color_mode)),
+        batch_size=t.batch_size,
+        seed=params.base.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_workers=workers,
+        pin_memory=pin,
+    )
+    val_loader = eval_loader(
+        SplitDataset(val_split, EvalPreset()), batch_size=t.batch_size, num_workers=workers, pin_memory=pin
+    )
+    sample = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(params.base.seed))
+    bn_images = Subset(SplitDataset(train_split, EvalPreset()), sample[: t.precise_bn_images].tolist())
+    return loader, val_loader, eval_loader(bn_images, batch_size=t.batch_size, pin_memory=pin)
+
+
+def _precise_bn(t: TrainParams, model: Classifier, total_steps: int) -> bool:
+    """Whether BatchNorm statistics are recomputed before each validation (`train.precise_bn`)."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if t.precise_bn == "off" or not has_bn:
+        return False
+    if model.frozen_backbone:
+        if t.precise_bn == "on":
+            log.warning(
+                "train.precise_bn: on is skipped in linear_probe mode: the frozen backbone keeps its "
+                "statistics"
+            )
+        return False
+    return t.precise_bn == "on" or total_steps < PRECISE_BN_AUTO_STEPS
 
 
 def _load_train_val(prepared: Path) -> tuple[PreparedSplit, PreparedSplit]:
@@ -251,7 +288,8 @@ def _train(params: Params, paths: TrainPaths, dist: distributed.Dist) -> TrainRe
                 break
         if not dist.is_main:
             return TrainResult(None, {}, [])
-        report = _finish(params, model, progress, best, paths)
+        bn_images = len(parts.bn_loader.dataset) if parts.bn_loader is not None else 0
+        report = _finish(params, model, progress, best, paths, bn_images)
     resume.clear(paths.state)
     return TrainResult(progress.run_id, report, progress.history)
 
@@ -282,6 +320,8 @@ def _end_epoch(
     parts: _Parts, train_stats: EpochStats, epoch: int, progress: _Progress, best: BestEpoch
 ) -> None:
     """Validate, append the epoch's row to the history, keep the weights when it is the best so far."""
+    if parts.bn_loader is not None:
+        recalibrate_batchnorm(parts.model, parts.bn_loader, parts.settings)
     val = evaluate_epoch(parts.model, parts.val_loader, parts.settings).stats
     progress.history.append(
         {
@@ -330,7 +370,12 @@ def _log_missed_epochs(progress: _Progress) -> None:
 
 
 def _finish(
-    params: Params, model: Classifier, progress: _Progress, best: BestEpoch, paths: TrainPaths
+    params: Params,
+    model: Classifier,
+    progress: _Progress,
+    best: BestEpoch,
+    paths: TrainPaths,
+    precise_bn_images: int,
 ) -> dict[str, Any]:
     """Write the best checkpoint, history, curves and report; log them to the run."""
     model.load_state_dict(progress.best_state)
@@ -355,6 +400,8 @@ def _finish(
         "mode": params.train.mode,
         **figures,
         "stopped_early": len(history) < params.train.epochs,
+        # BatchNorm statistics recomputed on this many train images before each validation (0: not)
+        "precise_bn_images": precise_bn_images,
         "train_seconds": round(progress.seconds, 2),
     }
     atomic.write_json(paths.report, report)

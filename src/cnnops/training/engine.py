@@ -121,6 +121,20 @@ def evaluate_epoch(
     return EvalOutput(EpochStats(loss, accuracy, len(labels)), logits, labels)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, settings: LoopSettings) -> None:
+    """Precise BN: every BatchNorm's running statistics recomputed as the plain average over `loader`
+    in train mode, no gradients (torch's `swa_utils.update_bn`, as fvcore's and timm's precise BN).
+
+    After few steps the momentum-0.1 running averages still remember the initial weights' batches,
+    so eval mode sees another network than the one that trained (measured: train accuracy 0.97,
+    val accuracy 0.35 after 21 steps of a ResNet-18). Never call it on a frozen backbone: it resets
+    every BatchNorm, and a frozen one in eval mode would not relearn its statistics.
+    """
+    with settings.autocast():
+        torch.optim.swa_utils.update_bn((settings.to_device(images) for images, _ in loader), model)
+
+
 @dataclass
 class BestEpoch:
     """Best-checkpoint selection and early stopping: higher val accuracy wins, lower val loss breaks ties.

@@ -3,7 +3,8 @@
 Two channels, both optional (orchestrate.notify_block, orchestrate.notify_webhook): a Prefect
 notification block (Slack, Teams, email, a custom webhook... configured once in Prefect) or a plain
 URL that receives a JSON POST. A channel that fails is logged as an error and never changes the run's
-outcome: a Slack outage must not fail a good retrain.
+outcome: a Slack outage must not fail a good retrain. A webhook URL is its token: messages name its
+scheme and host only.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import httpx
 
 from cnnops.config import OrchestrateParams
+from cnnops.tracking.redact import redact_url
 from pipelines import Logger
 
 
@@ -36,11 +38,18 @@ def send(
         try:
             httpx.post(orchestrate.notify_webhook, json=payload, timeout=10).raise_for_status()
             delivered.append("webhook")
-        except httpx.HTTPError as exc:
-            logger.error("webhook %s failed: %s: %s", orchestrate.notify_webhook, type(exc).__name__, exc)
+        except Exception as exc:  # reported, not raised: no traceback, whose text holds the URL
+            logger.error("webhook %s failed: %s", redact_url(orchestrate.notify_webhook), _failure(exc))
     if delivered:
         logger.info("notified (%s): %s", ", ".join(delivered), subject)
     return delivered
+
+
+def _failure(exc: Exception) -> str:
+    """What went wrong with the webhook, without its text: httpx puts the URL, token and all, in it."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"{type(exc).__name__}: HTTP {exc.response.status_code} {exc.response.reason_phrase}"
+    return type(exc).__name__
 
 
 def _block(name: str):  # -> prefect.blocks.abstract.NotificationBlock

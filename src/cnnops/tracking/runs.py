@@ -24,6 +24,7 @@ from cnnops.config import Params, TrackingParams
 from cnnops.errors import StageInputError
 from cnnops.models import Classifier, load_classifier
 from cnnops.tracking.lineage import lineage
+from cnnops.tracking.redact import redact_params, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,9 @@ def continue_run(tracking: TrackingParams, run_id: str) -> Iterator[mlflow.Activ
         mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException as exc:
         raise StageInputError(
-            f"MLflow run {run_id} not found at {store_uri(tracking)}: the train report points at a run in "
-            "another tracking store; set tracking.uri (or MLFLOW_TRACKING_URI) to it, or rerun `cnnops train`"
+            f"MLflow run {run_id} not found at {redact_url(store_uri(tracking))}: the train report points "
+            "at a run in another tracking store; set tracking.uri (or MLFLOW_TRACKING_URI) to it, or rerun "
+            "`cnnops train`"
         ) from exc
     with mlflow.start_run(run_id=run_id) as run:
         yield run
@@ -136,7 +138,8 @@ def lineage_tags(repo: str | Path = ".", stage: str = "train") -> dict[str, str]
 
 
 def flat_params(params: Params) -> dict[str, str]:
-    """Every params.yaml key as a dotted MLflow param (e.g. train.augment.mixup_alpha)."""
+    """Every params.yaml key as a dotted MLflow param (e.g. train.augment.mixup_alpha), URLs that may
+    carry a password or a token redacted (`redact.SECRET_URL_PARAMS`)."""
     flat: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -146,19 +149,28 @@ def flat_params(params: Params) -> dict[str, str]:
         else:
             flat[prefix] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
 
-    walk("", params.model_dump(mode="json", by_alias=True))
+    walk("", _recorded(params))
     return {k: v[:MAX_PARAM_LENGTH] for k, v in flat.items()}
 
 
 def log_run_inputs(
     params: Params, class_names: list[str], params_file: Path | None, tags: dict[str, str]
 ) -> None:
-    """Params, lineage tags, class names and the params file: what a new run records first."""
+    """Params, lineage tags, class names and the params file: what a new run records first.
+
+    The params file is recorded as the params it configured, redacted, under its name: the file
+    itself may hold a tracking password or a webhook token.
+    """
     mlflow.log_params(flat_params(params))
     mlflow.set_tags(tags)
     mlflow.log_dict({"class_names": class_names}, "class_names.json")
     if params_file is not None:
-        mlflow.log_artifact(str(params_file))
+        mlflow.log_dict(_recorded(params), params_file.name)
+
+
+def _recorded(params: Params) -> dict[str, Any]:
+    """The params as MLflow records them: every key, secrets redacted."""
+    return redact_params(params.model_dump(mode="json", by_alias=True))
 
 
 def log_files(paths: Iterable[Path], artifact_path: str) -> None:

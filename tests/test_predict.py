@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +126,42 @@ def test_hand_built_onnx_that_agrees_with_its_metadata_predicts(
     path = hand_built_onnx(tmp_path / "fine.onnx")
     assert cli.main(["predict", str(path), str(odd_images / "b_plain.bmp"), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["predictions"][0]["class"] == "a"  # three equal scores
+
+
+EVIL_NAMES = ["[link=https://evil.example]a[/link]", "\x1b]0;pwned\x07b", "[/]"]
+
+
+def test_class_names_and_paths_reach_the_terminal_inert(tmp_path: Path) -> None:
+    """Markup is shown, not parsed (`[/]` used to crash the table, `[link=...]` to hide a hyperlink),
+    and escape sequences in names and paths are shown as \\xNN instead of driving the terminal."""
+    model = hand_built_onnx(tmp_path / "m.onnx", {"class_names": json.dumps(EVIL_NAMES)})
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(grey(0.5)).save(images / "ok\x1b[31m.png")
+    (images / "bad\x1b]8;;evil.example\x07.png").write_bytes(b"not a png")
+    (images / "note\x1b[2J.txt").write_text("skipped with a warning")
+    done = predict(str(model), str(images))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "\x1b" not in done.stdout and "\x07" not in done.stdout and "\x1b" not in done.stderr
+    assert EVIL_NAMES[0] in done.stdout and "[/]" in done.stdout and r"\x1b]0;pwned\x07b" in done.stdout
+    assert r"ok\x1b[31m.png" in done.stdout
+    assert r"bad\x1b]8;;evil.example\x07.png: is not an image" in done.stderr  # error line
+    assert r"note\x1b[2J.txt" in done.stderr  # the skip warning, through the log formatter
+    missing = predict(str(tmp_path / "no\x1b[5m.onnx"), str(images))  # a CnnopsError, printed by cli.main
+    assert r"no\x1b[5m.onnx: ONNX model not found" in missing.stderr and "\x1b" not in missing.stderr
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_log_lines_are_printable_on_both_handlers(
+    tty: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # setup_logging's handler leaves with the test
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    cli.setup_logging(verbose=False)
+    logging.getLogger("cnnops.test").warning("skipping %s", "x\x1b]0;pwned\x07[/]\u202e.png")
+    err = capsys.readouterr().err
+    assert "\x07" not in err and "\x1b]" not in err and "\u202e" not in err
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", err)  # Rich's own colours, on a terminal
+    assert r"skipping x\x1b]0;pwned\x07[/]\u202e.png" in shown

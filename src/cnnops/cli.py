@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -42,6 +43,31 @@ def positive_int(text: str) -> int:
     return value
 
 
+# C0 controls but tab and newline, DEL, C1 (CSI, OSC as one byte), the bidi overrides that reorder
+# text, and lone surrogates (a non-UTF-8 file name as Python decodes it; unencodable on stderr).
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def printable(text: object) -> str:
+    """`text` as the terminal may show it: names and paths are user input, and an ANSI or OSC escape
+    in one would recolour, retitle or hyperlink the terminal, so control characters are written as
+    \\xNN (\\uNNNN past U+00FF). Rich output takes it as `Text(printable(...))`, which
+    never parses markup."""
+    return _UNPRINTABLE.sub(_escape, str(text))
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Every log line goes through `printable`, whatever the message and its arguments hold."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 def _chosen(argv: Sequence[str]) -> str | None:
     """The command named on the command line, if any; its module is the only one imported."""
     return next((COMMANDS[a] for a in argv if a in COMMANDS), None)
@@ -62,16 +88,20 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 
 def setup_logging(verbose: bool) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     level = logging.DEBUG if verbose else logging.INFO
     if sys.stderr.isatty():
-        handler: logging.Handler = RichHandler(show_path=False, markup=False)
+        # stderr, like the plain handler (Rich's default console is stdout, where JSON and CSV go);
+        # markup=False: a message is never parsed, whatever names and paths it holds.
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, markup=False)
         fmt = "%(message)s"
     else:
         handler = logging.StreamHandler(sys.stderr)
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
+    handler.setFormatter(_PrintableFormatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.captureWarnings(True)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
@@ -86,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = load_params(args.params) if getattr(args, "needs_params", True) else None
         return int(args.handler(args, params) or 0)
     except CnnopsError as exc:
-        print(f"cnnops {args.command}: error: {exc}", file=sys.stderr)
+        print(f"cnnops {args.command}: error: {printable(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"cnnops {args.command}: interrupted", file=sys.stderr)

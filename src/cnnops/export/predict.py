@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cnnops.cli import positive_int
+from cnnops.cli import positive_int, printable
 from cnnops.data.decode import DEFAULT_MAX_PIXELS, load_tensor
 from cnnops.errors import CnnopsError
 from cnnops.export.onnx_model import best_provider, infer, open_session, probabilities, read_metadata
@@ -133,11 +133,16 @@ def write_csv(predictions: list[Prediction], class_names: list[str], stream: Tex
 def write_table(predictions: list[Prediction], top_k: int = 3) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table("file", "class", "confidence", f"top {top_k}")
     for p in predictions:
         ranked = sorted(p.probabilities.items(), key=lambda kv: kv[1], reverse=True)[:top_k]
-        table.add_row(p.path, p.label, f"{p.confidence:.3f}", "  ".join(f"{c} {v:.3f}" for c, v in ranked))
+        top = "  ".join(f"{c} {v:.3f}" for c, v in ranked)
+        # Paths and class names are user input: Text is never parsed as markup, printable() defuses escapes.
+        table.add_row(
+            Text(printable(p.path)), Text(printable(p.label)), f"{p.confidence:.3f}", Text(printable(top))
+        )
     # Off a terminal (piped to a file) the table keeps whole paths on one line instead of wrapping at 80.
     Console(width=None if sys.stdout.isatty() else 1000).print(table)
 
@@ -167,7 +172,7 @@ def _main(args: argparse.Namespace, _params: object) -> int:
     else:
         write_table(predictions)
     for failure in failures:
-        print(f"cnnops predict: error: {failure.error}", file=sys.stderr)
+        print(f"cnnops predict: error: {printable(failure.error)}", file=sys.stderr)
     if failures:
         print(
             f"cnnops predict: {len(failures)} of {len(predictions) + len(failures)} file(s) failed",

@@ -264,3 +264,24 @@ def test_special_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="is not a regular file") as info:
         scan_image_folder(root)
     assert str(root / "a" / "pipe.png") in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "culprit", [b"a/caf\xe9.png", b"caf\xe9", b"a/.caf\xe9"], ids=["file", "class", "hidden"]
+)
+def test_name_that_is_not_utf8_is_refused_by_its_bytes(tmp_path: Path, culprit: bytes) -> None:
+    """Latin-1 names from an old archive: refused with the path's bytes and what to do, not a traceback
+    later in validate's JSON or the gallery's HTML."""
+    root = _folder(tmp_path / "data", {"a": 1, "b": 1})
+    target = os.fsencode(root) + b"/" + culprit
+    if culprit.endswith(b".png"):
+        Image.new("L", (9, 9)).save(os.fsdecode(target))
+    else:
+        os.mkdir(target)
+        Image.new("L", (9, 9)).save(os.fsdecode(target + b"/0.png"))
+    with pytest.raises(DataError) as info:
+        scan_image_folder(root)
+    assert str(info.value) == (
+        f"{target!r}: the name is not valid UTF-8; rename it to UTF-8 "
+        "(e.g. `convmv -f latin1 -t utf8 --notest -r <data folder>`), then run the stage again"
+    )

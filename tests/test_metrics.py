@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from cnnops.training.metrics import classification_report, expected_calibration_error
+from cnnops.training.plots import confusion_matrix
 
 
 def test_classification_report_on_a_known_confusion() -> None:
@@ -46,3 +49,10 @@ def test_ece_of_calibrated_and_overconfident_predictions() -> None:
     assert expected_calibration_error(mixed, np.array([0, 0, 0, 1]), bins=10) == pytest.approx(
         0.5 * 0.1 + 0.5 * 0.4
     )
+
+
+def test_confusion_plot_draws_class_names_as_typed(tmp_path: Path) -> None:
+    """A folder named like mathtext used to crash evaluate's plot when matplotlib parsed it."""
+    names = [r"$\undefinedcmd$", "a $b$ c", r"\frac{1}{2}"]
+    path = confusion_matrix([[1, 0, 0], [0, 2, 0], [0, 0, 3]], names, tmp_path / "confusion.png")
+    assert path.stat().st_size > 1000

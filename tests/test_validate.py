@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -223,3 +224,15 @@ def test_file_and_class_names_are_text_in_the_data_docs_never_markup(tmp_path: P
     assert f"{evil}/{evil}.png" in shown and "<svg onload=alert(2)>.png" in shown, "shown as text"
     report = json.loads(paths.report.read_text())  # the report keeps the names as they are
     assert f"{evil}/{evil}.png" in next(c for c in report["checks"] if c["check"] == "decodes")["files"]
+
+
+def test_name_that_is_not_utf8_stops_validate_with_its_bytes(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for i in range(3):
+        _noise(root / "a" / f"{i}.png", i)
+        _noise(root / "b" / f"{i}.png", 10 + i)
+    bad = os.fsencode(root / "a") + b"/caf\xe9.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(os.fsdecode(bad))
+    paths = validate.ValidatePaths(root, tmp_path / "v.json", tmp_path / "docs")
+    with pytest.raises(DataError, match=re.escape(f"{bad!r}: the name is not valid UTF-8; rename it")):
+        validate.run(parse_params({}), paths)

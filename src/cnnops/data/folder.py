@@ -49,6 +49,7 @@ def scan_image_folder(
       skipped with a warning and listed in `skipped`.
     - a symlink whose target is outside the root, or that is broken: DataError (DVC would track
       the link, not the image). Symlinks inside the root are followed.
+    - a file or folder whose name is not valid UTF-8: DataError naming its bytes (rename it).
     - every other file is a record, whatever its name: non-image, zero-byte and corrupt files
       are refused when decoded (`read_image`), so validate can report them all at once.
     """
@@ -126,12 +127,25 @@ def _entries(
     """The sorted entries of `directory` with their root-relative paths: hidden ones skipped or
     refused, links leaving the root refused, the same rules at every depth."""
     for entry in sorted(directory.iterdir(), reverse=reverse):
+        _check_utf8(entry)
         rel = entry.relative_to(root).as_posix()
         if entry.name.startswith("."):
             _hidden(rel, root, hidden_files, skipped)
             continue
         _check_link(entry, rel, root, real_root)
         yield entry, rel
+
+
+def _check_utf8(entry: Path) -> None:
+    """A name that is not UTF-8 (Python holds its bytes as lone surrogates) breaks every manifest,
+    JSON report and HTML page downstream: refuse it here, named by its bytes."""
+    try:
+        entry.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(
+            f"{os.fsencode(entry)!r}: the name is not valid UTF-8; rename it to UTF-8 "
+            "(e.g. `convmv -f latin1 -t utf8 --notest -r <data folder>`), then run the stage again"
+        ) from None
 
 
 def _hidden(rel: str, root: Path, policy: str, skipped: list[tuple[str, str]]) -> None:

@@ -13,6 +13,10 @@ import matplotlib.pyplot as plt
 
 from cnnops import atomic
 
+# Class names are folder names, user input: drawn as typed, never as mathtext ($...$) or LaTeX, whose
+# parser raises on a name like "$\\undefinedcmd$" (and a user's matplotlibrc may turn usetex on).
+PLAIN_TEXT = {"parse_math": False, "usetex": False}
+
 
 def training_curves(history: Sequence[dict[str, float]], path: str | Path) -> Path:
     """Loss and accuracy per epoch, train beside validation."""
@@ -36,8 +40,8 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str]
     fig, ax = plt.subplots(figsize=(size, size))
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax, fraction=0.046)
-    ax.set_xticks(range(n), class_names, rotation=90)
-    ax.set_yticks(range(n), class_names)
+    ax.set_xticks(range(n), class_names, rotation=90, **PLAIN_TEXT)
+    ax.set_yticks(range(n), class_names, **PLAIN_TEXT)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     if n <= 30:

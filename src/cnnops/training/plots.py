@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 from cnnops import atomic
 
 # Class names are folder names, user input: drawn as typed, never as mathtext ($...$) or LaTeX, whose
-# parser raises on a name like "$\\undefinedcmd$" (and a user's matplotlibrc may turn usetex on).
+# parser raises on a name like "$\undefinedcmd$" (and a user's matplotlibrc may turn usetex on).
 PLAIN_TEXT = {"parse_math": False, "usetex": False}
 
 

@@ -85,7 +85,7 @@ def one_run(root: Path, source: str, cue: str, seed: int, per_class: int, epochs
     decision = report.decision
     worst = decision.failures[0] if decision.failures else None
     return {
-        "cue_flips": cue_flip_rate(tp.model, root / "prepared" / "test.pt", spec) if cls else 0.0,
+        "cue_flips": cue_flip_rate(tp.model, root / "prepared", spec) if cls else 0.0,
         "spec": spec,
         "verdict": decision.verdict,
         "named": worst is not None and worst.class_name == cls,
@@ -93,7 +93,7 @@ def one_run(root: Path, source: str, cue: str, seed: int, per_class: int, epochs
         "worst": worst.sentence if worst else "",
         "largest_excess": largest_excess(report),
         "model": tp.model,
-        "test": root / "prepared" / "test.pt",
+        "prepared": root / "prepared",
     }
 
 
@@ -102,10 +102,10 @@ def largest_excess(report: AuditReport) -> float:
     return max(t.excess for figures in report.classes.values() for _, _, t in figures.transplants())
 
 
-def cue_flip_rate(model_path: Path, test_path: Path, spec: CueSpec) -> float:
+def cue_flip_rate(model_path: Path, prepared: Path, spec: CueSpec) -> float:
     """Share of other classes' test images (correctly classified) that the planted cue flips to its class."""
     model, _ = load_classifier(model_path)
-    test = PreparedSplit.load(test_path)
+    test = PreparedSplit.load(prepared, "test")
     cls = test.class_names.index(str(spec.cued_class))
     others = test.images[test.labels != cls][:, 0].numpy()
     rng = np.random.default_rng(0)
@@ -131,7 +131,7 @@ def _rate(n: int, work: Callable[[], object], repeat: int = 3) -> float:
 
 
 def throughput(
-    model_path: Path, test_path: Path, method: str, n: int, batch: int, n_package: int
+    model_path: Path, prepared: Path, method: str, n: int, batch: int, n_package: int
 ) -> tuple[float, float, float]:
     """Images per second of `method`: ours in batches of `batch`, ours one image at a time, and the
     `grad-cam` package's one image at a time on the first `n_package` of the same images.
@@ -140,7 +140,7 @@ def throughput(
     package is set up once as its README shows, on the model as loaded: what one writes without cnnops.
     """
     model, _ = load_classifier(model_path)
-    x = PreparedSplit.load(test_path).floats()
+    x = PreparedSplit.load(prepared, "test").floats()  # a few hundred test images: small
     x = x.repeat((n + len(x) - 1) // len(x), 1, 1, 1)[:n]
     targets = torch.zeros(n, dtype=torch.long)
     maps = saliency_fn(model, method=method, batch_size=batch)
@@ -215,7 +215,7 @@ def _detection_table(rows: list[tuple[str, str, list[dict]]]) -> list[dict]:
     return figures
 
 
-def _throughput_table(model: Path, test: Path, n: int, threads: int) -> list[dict]:
+def _throughput_table(model: Path, prepared: Path, n: int, threads: int) -> list[dict]:
     """Time saliency on the first run's model, print the throughput table; its figures as JSON rows."""
     package_n = {m: n if m != "scorecam" else min(n, 32) for m in PACKAGE_CAMS}  # its Score-CAM is slow
     print(
@@ -226,7 +226,7 @@ def _throughput_table(model: Path, test: Path, n: int, threads: int) -> list[dic
     )
     figures = []
     for method in PACKAGE_CAMS:
-        batched, single, package = throughput(model, test, method, n, 64, package_n[method])
+        batched, single, package = throughput(model, prepared, method, n, 64, package_n[method])
         print(
             f"| {method} | {batched:.0f} | {single:.0f} | {batched / single:.1f}x | {package:.1f} "
             f"| {batched / package:.1f}x |",
@@ -264,7 +264,7 @@ def main() -> None:
     rows = _detection_runs(args, base)
     first = rows[0][2][0]
     figures = _detection_table(rows)
-    figures += _throughput_table(first["model"], first["test"], args.throughput_images, args.threads)
+    figures += _throughput_table(first["model"], first["prepared"], args.throughput_images, args.threads)
     write_json(args.json, figures)
     shutil.rmtree(base)
 

@@ -7,7 +7,7 @@
      epoch; its report's train_seconds),
    alternating the first two epoch by epoch so machine load hits both alike. Target: cnnops' loop at
    most 5% slower than the plain loop.
-2. One pass over all images via the prepared uint8 tensors (`PreparedSplit.load` + DataLoader)
+2. One pass over all images via the prepared, memory-mapped uint8 splits (`PreparedSplit.load` + DataLoader)
    against torchvision's ImageFolder decoding each PNG with PIL. Target: at least 3x faster.
 
 Not a test: timings depend on the machine and its load; only ratios from the same run mean anything.
@@ -107,9 +107,7 @@ def loading_ratio(data: Path, prepared: Path, color_mode: str, size: tuple[int, 
     folder_seconds = time.perf_counter() - started
     started = time.perf_counter()
     for name in ("train", "val", "test"):
-        for _ in eval_loader(
-            SplitDataset(PreparedSplit.load(prepared / f"{name}.pt"), EvalPreset()), batch_size=256
-        ):
+        for _ in eval_loader(SplitDataset(PreparedSplit.load(prepared, name), EvalPreset()), batch_size=256):
             pass
     return folder_seconds, time.perf_counter() - started
 
@@ -148,7 +146,7 @@ def main() -> None:
             }
         )
         prepare.run(params, prepare.PreparePaths(data, root / "prepared", root / "prepare.json"))
-        split = PreparedSplit.load(root / "prepared" / "train.pt")
+        split = PreparedSplit.load(root / "prepared", "train")
         plain, ours = loop_ratio(split, params, args.epochs)
         batch = params.train.batch_size
         print(f"training: {len(split)} images {split.image_size}, batch {batch}, {args.epochs} epochs")

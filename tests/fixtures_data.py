@@ -1,7 +1,7 @@
 """Session fixtures with real image data: a small digits ImageFolder and its prepared split.
 
 `digits_folder`: 40 PNG images per digit (400 in all, 32x32 grayscale) written by the same code
-as `cnnops make-example`. `prepared_digits`: the folder with {train,val,test}.pt that the real
+as `cnnops make-example`. `prepared_digits`: the folder with the {train,val,test} splits that the real
 prepare stage made from it (colour mode "L", 32x32); its report is `prepared_digits.parent /
 "prepare.json"`. Both are read-only for tests: copy them before changing anything.
 """

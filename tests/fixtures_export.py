@@ -150,11 +150,11 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TrackingPar
 
 @pytest.fixture(scope="session")
 def prepared_synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A prepared folder (test.pt only) per colour mode, with the imbalanced TEST_COUNTS split."""
+    """A prepared folder (its test split only) per colour mode, with the imbalanced TEST_COUNTS split."""
     folders = {}
     for mode in ("L", "RGB"):
         folder = tmp_path_factory.mktemp(f"prepared_{mode}")
-        synthetic_split(TEST_COUNTS, mode).save(folder / "test.pt")
+        synthetic_split(TEST_COUNTS, mode).save(folder, "test")
         folders[mode] = folder
     return folders
 

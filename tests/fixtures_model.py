@@ -7,7 +7,7 @@ before changing them; add to the MLflow run freely (e.g. `tracking.continue_run(
 
 Interface (`TrainedDigits`):
     root          project folder holding everything below, plus params.yaml, mlflow.db, mlartifacts/
-    prepared      {train,val,test}.pt (the `prepared_digits` folder)
+    prepared      the {train,val,test} splits (the `prepared_digits` folder)
     model         models/model.pt, the best checkpoint (`cnnops.models.load_classifier(path)`)
     train_report  reports/train.json: {"run_id", "model", "mode", "best_epoch", "best_val_accuracy", ...}
     metrics       reports/metrics.json from evaluate: accuracy, balanced_accuracy, macro_f1, top3_accuracy,

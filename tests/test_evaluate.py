@@ -21,7 +21,7 @@ from cnnops.stages import audit, evaluate, export
 def test_metrics_match_the_model_on_the_test_split(trained_digits: TrainedDigits) -> None:
     t = trained_digits
     metrics = json.loads(t.metrics.read_text())
-    test = PreparedSplit.load(t.prepared / "test.pt")
+    test = PreparedSplit.load(t.prepared, "test")
     model, _ = load_classifier(t.model)
     with torch.no_grad():
         predicted = model(test.floats()).argmax(1)
@@ -72,10 +72,10 @@ def test_checkpoint_from_another_run_is_refused(trained_digits: TrainedDigits, t
 
 def test_test_split_with_other_classes_is_refused(trained_digits: TrainedDigits, tmp_path: Path) -> None:
     t = trained_digits
-    test = PreparedSplit.load(t.prepared / "test.pt")
+    test = PreparedSplit.load(t.prepared, "test")
     prepared = tmp_path / "prepared"
     shutil.copytree(t.prepared, prepared)
     other = PreparedSplit(test.images, test.labels, test.paths, [f"c{i}" for i in range(10)], test.color_mode)
-    other.save(prepared / "test.pt")
+    other.save(prepared, "test")
     with pytest.raises(StageInputError, match="differ from the model's"):
         evaluate.run(t.params, evaluate.EvaluatePaths(t.model, prepared, t.train_report, tmp_path / "m.json"))

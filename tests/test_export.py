@@ -101,7 +101,7 @@ def test_failed_export_leaves_previous_outputs(
     before = out.read_bytes(), report.read_text()
 
     with pytest.raises(
-        StageInputError, match=r"test.pt \(classes \['a', 'b', 'c'\], RGB, \[16, 16\]\) does not match"
+        StageInputError, match=r"test.json \(classes \['a', 'b', 'c'\], RGB, \[16, 16\]\) does not match"
     ):
         export.run(params, paths("RGB"))
     assert (out.read_bytes(), report.read_text()) == before

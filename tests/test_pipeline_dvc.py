@@ -56,7 +56,9 @@ def test_dvc_repro_runs_validate_and_prepare_then_does_nothing(tmp_path: Path) -
 
     sh(root, "dvc", "repro")
     assert (root / "reports" / "validation_docs" / "index.html").exists()
-    assert {p.name for p in (root / "prepared").iterdir()} == {"train.pt", "val.pt", "test.pt"}
+    assert {p.name for p in (root / "prepared").iterdir()} == {
+        f"{s}.{ext}" for s in ("train", "val", "test") for ext in ("npy", "json")
+    }
     lock = (root / "dvc.lock").read_text()
     assert set(yaml.safe_load(lock)["stages"]) == set(STAGES)
     metrics = sh(root, "dvc", "metrics", "show").stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import mlflow
@@ -15,7 +16,7 @@ from fixtures_data import run_prepare, run_validate
 from PIL import Image
 
 from cnnops.config import parse_params
-from cnnops.data.splits import SPLITS, load_splits
+from cnnops.data.splits import SPLITS, PreparedSplit, SplitWriter, load_splits
 from cnnops.errors import DataError, StageInputError
 from cnnops.stages import prepare
 
@@ -169,3 +170,60 @@ def test_prepare_records_itself_in_a_data_run(tmp_path: Path) -> None:
     assert {"cnnops.data_version", "cnnops.git_commit", "cnnops.dvc_stage"} <= set(run.data.tags)
     assert "prepare.image_size" in run.data.params and "train.lr" not in run.data.params
     assert [a.path for a in client.list_artifacts(result.run_id, "prepare")] == ["prepare/prepare.json"]
+
+
+def _photos(root: Path, n: int, size: tuple[int, int] = (80, 96)) -> Path:
+    rng = np.random.default_rng(n)
+    for i in range(n):
+        (root / f"c{i % 4}").mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"c{i % 4}" / f"{i}.jpg")
+    return root
+
+
+def test_prepare_streams_images_to_disk_with_memory_that_does_not_grow_with_them(tmp_path: Path) -> None:
+    """1,200 RGB JPEGs decoded by the pool into memory-mapped split files: the parent process's
+    peak heap stays far below the 14 MiB of pixels it writes (measured: 4.4 MiB)."""
+    params = parse_params(
+        {"data": {"color_mode": "RGB", "near_duplicate_distance": 0}, "prepare": {"image_size": [64, 64]}}
+    )
+    run_prepare(_photos(tmp_path / "warm", 8), tmp_path / "warm-out", params)  # MLflow's own set-up
+    data = _photos(tmp_path / "data", 1200)
+    tracemalloc.start()
+    report = run_prepare(data, tmp_path / "out", params)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    pixels = 1200 * 3 * 64 * 64
+    assert sum(report["totals"].values()) == 1200 and peak < pixels / 2, f"peak {peak / 2**20:.1f} MiB"
+    tracemalloc.start()
+    splits = load_splits(tmp_path / "out" / "prepared")  # mapped, not read: pages come on access
+    loaded = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert sum(len(s) for s in splits.values()) == 1200 and loaded < pixels / 20
+    assert not list((tmp_path / "out" / "prepared").glob(".*"))  # no staging file left behind
+
+
+def test_broken_or_old_splits_are_refused_by_name(tmp_path: Path, prepared_digits: Path) -> None:
+    prepared = tmp_path / "prepared"
+    shutil.copytree(prepared_digits, prepared)
+    images = prepared / "test.npy"
+    images.write_bytes(images.read_bytes()[:-100])  # truncated on disk
+    with pytest.raises(StageInputError, match=r"test.npy: unreadable or truncated .*re-run `cnnops prepare`"):
+        PreparedSplit.load(prepared, "test")
+    (prepared / "val.json").write_text('{"format": "something else"}')
+    with pytest.raises(StageInputError, match=r"val.json: not a cnnops-split/2 split index"):
+        PreparedSplit.load(prepared, "val")
+    (prepared / "train.json").unlink()
+    (prepared / "train.pt").write_bytes(b"old")
+    with pytest.raises(StageInputError, match=r"train.pt: a prepared split of an older cnnops"):
+        PreparedSplit.load(prepared, "train")
+
+
+def test_a_split_that_does_not_fit_on_disk_fails_naming_it_and_leaves_nothing(tmp_path: Path) -> None:
+    """The images file is allocated in full before it is written: a disk too small (here: a split of
+    a billion 224-px images, 150 TB) is an error naming the split, not a SIGBUS mid-write."""
+    with pytest.raises(
+        StageInputError, match=r"train.npy: cannot allocate 1000000000 images of \[3, 224, 224\]"
+    ):
+        SplitWriter(tmp_path, "train", 10**9, (3, 224, 224))
+    assert list(tmp_path.iterdir()) == []

@@ -22,6 +22,7 @@ from fixtures_model import TrainedDigits, cache_fake_resnet18, digits_train_para
 
 from cnnops import cli
 from cnnops.config import Params
+from cnnops.data.splits import PreparedSplit
 from cnnops.models import load_classifier
 from cnnops.stages import evaluate, train
 
@@ -288,5 +289,4 @@ def test_precise_bn_makes_a_short_run_evaluate_the_network_it_trained(
     assert off["train_accuracy"] > 0.8 and off["val_accuracy"] < 0.6 and off["val_loss"] > 3
     assert auto["val_accuracy"] > 0.8 and auto["val_loss"] < 1.0
     assert results["off"].report["precise_bn_images"] == 0
-    assert results["auto"].report["precise_bn_images"] == len(torch.load(
-        prepared_digits / "train.pt", weights_only=True)["labels"])  # fmt: skip
+    assert results["auto"].report["precise_bn_images"] == len(PreparedSplit.load(prepared_digits, "train"))

@@ -7,15 +7,19 @@ the same thing in the validation report and in the split.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import multiprocessing
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from cnnops.data.decode import ColorMode, perceptual_hash, read_image
+from cnnops.data.decode import ColorMode, perceptual_hash, read_image, to_tensor
 from cnnops.data.folder import ImageRecord
 from cnnops.errors import DataError
 
@@ -60,6 +64,47 @@ def describe(
         phash=perceptual_hash(decoded.image),
     )
     return entry, decoded.image
+
+
+POOL_MIN_FILES = 64  # fewer files are decoded in this process: starting workers would cost more
+POOL_CHUNK = 16  # files a worker takes at a time
+
+
+def describe_all(
+    records: Sequence[ImageRecord],
+    *,
+    color_mode: ColorMode,
+    max_pixels: int,
+    size: tuple[int, int] | None = None,
+    workers: int | None = None,
+) -> Iterator[tuple[ManifestEntry, np.ndarray | None]]:
+    """`describe` over every record, in order, by a pool of processes (one per core by default).
+
+    Processes, not threads: decoding and hashing are CPU-bound and Pillow holds the GIL for much of
+    them. With `size`, each decodable image also comes back resized to it as a uint8 C x H x W
+    array (what prepare stores); without, only the entries. Results stream in record order, a
+    chunk at a time, so memory holds a few images whatever the number of files.
+    """
+    task = partial(_describe_one, color_mode=color_mode, max_pixels=max_pixels, size=size)
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(records) < POOL_MIN_FILES:
+        yield from map(task, records)
+        return
+    # fork: workers start in milliseconds and share the parent's imports; one torch thread each,
+    # as DataLoader workers, so the pool never oversubscribes the cores.
+    with multiprocessing.get_context("fork").Pool(
+        workers, initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
+        yield from pool.imap(task, records, chunksize=POOL_CHUNK)
+
+
+def _describe_one(
+    record: ImageRecord, *, color_mode: ColorMode, max_pixels: int, size: tuple[int, int] | None
+) -> tuple[ManifestEntry, np.ndarray | None]:
+    entry, image = describe(record, color_mode=color_mode, max_pixels=max_pixels)
+    if image is None or size is None:
+        return entry, None
+    return entry, to_tensor(image, size).numpy()
 
 
 def duplicate_groups(sha256: Sequence[str], phash: Sequence[str], max_distance: int) -> np.ndarray:

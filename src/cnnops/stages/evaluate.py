@@ -19,9 +19,8 @@ import torch
 
 from cnnops import atomic
 from cnnops.config import Params
-from cnnops.data.digest import file_sha256
 from cnnops.data.loaders import SplitDataset, eval_loader
-from cnnops.data.splits import PreparedSplit, load_split_for
+from cnnops.data.splits import PreparedSplit, load_split_for, split_digest
 from cnnops.data.transforms import EvalPreset
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
@@ -39,7 +38,7 @@ class EvaluatePaths:
     """The stage's inputs and outputs (the paths dvc.yaml gives the CLI)."""
 
     model: Path = path_arg("models/model.pt", "checkpoint", POSITIONAL)
-    prepared: Path = path_arg("prepared", "prepare's output folder (test.pt)")
+    prepared: Path = path_arg("prepared", "prepare's output folder (its test split)")
     train_report: Path = path_arg("reports/train.json", "train report: the model's MLflow run id")
     metrics: Path = path_arg("reports/metrics.json", "metrics JSON")
     confusion: Path = path_arg("reports/plots/confusion.csv", "per-image CSV for DVC's confusion plot")
@@ -53,7 +52,7 @@ class EvaluateResult:
 
 
 def run(params: Params, paths: EvaluatePaths = EvaluatePaths()) -> EvaluateResult:
-    """Evaluate `paths.model` on `<paths.prepared>/test.pt`; write and log the metrics and plots."""
+    """Evaluate `paths.model` on the test split of `paths.prepared`; write and log the metrics and plots."""
     model, run_id = runs.load_run_model(paths.model, paths.train_report)
     test = load_split_for(model.spec, paths.prepared, paths.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,7 +80,7 @@ def run(params: Params, paths: EvaluatePaths = EvaluatePaths()) -> EvaluateResul
         runs.log_dict({**metrics, "confusion_matrix": matrix}, "evaluate/metrics.json")
         runs.log_files([paths.confusion, paths.confusion_png], "evaluate")
         # The test split's content hash: a comparison between runs can check it used the same test set.
-        runs.set_tags({"cnnops.test_data_sha256": file_sha256(paths.prepared / "test.pt")})
+        runs.set_tags({"cnnops.test_data_sha256": split_digest(paths.prepared, ("test",))})
     summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece"))
     log.info("test %s on %d images (MLflow run %s)", summary, len(test), run_id)
     return EvaluateResult(run_id, metrics)

@@ -11,18 +11,20 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
 from cnnops import atomic
 from cnnops.config import ExportParams, Params, TrackingParams
 from cnnops.data.digest import file_sha256
-from cnnops.data.splits import load_split_for
+from cnnops.data.splits import PreparedSplit, load_split_for
 from cnnops.export.compression import compress
 from cnnops.export.latency import compare
 from cnnops.export.onnx_model import (
@@ -47,7 +49,9 @@ class ExportPaths:
     """The stage's inputs and outputs (the paths dvc.yaml gives the CLI)."""
 
     checkpoint: Path = path_arg("models/model.pt", "checkpoint", POSITIONAL)
-    prepared: Path = path_arg("prepared", "folder with test.pt: the parity and accuracy images")
+    prepared: Path = path_arg(
+        "prepared", "prepare's output folder: its test split is the parity and accuracy images"
+    )
     train_report: Path = path_arg("reports/train.json", "train report: the model's MLflow run id")
     out: Path = path_arg("models/model.onnx", "ONNX file")
     compressed_dir: Path = path_arg("models/compressed", "folder of the INT8 or FP16 copy")
@@ -75,13 +79,13 @@ def run(params: Params, paths: ExportPaths = ExportPaths()) -> ExportResult:
         mlflow_run_id=run_id,
         **lineage().as_tags(),
     )
-    images, labels = test.floats(), test.labels.numpy()
+    labels, batch = test.labels.numpy(), e.throughput_batch
     paths.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=paths.out.parent, prefix=".export-") as tmp:
         staged = Path(tmp) / paths.out.name
         export_classifier(model, staged, opset=e.opset, metadata=metadata)
-        reference = _torch_outputs(with_output(model, e.output), images, e.throughput_batch)
-        onnx_out = infer(open_session(staged), images.numpy(), e.throughput_batch)
+        reference = _outputs(_torch_fn(with_output(model, e.output)), test, batch)
+        onnx_out = _outputs(_onnx_fn(open_session(staged), batch), test, batch)
         result: dict[str, Any] = {
             "run_id": run_id,
             "onnx": str(paths.out),
@@ -90,8 +94,8 @@ def run(params: Params, paths: ExportPaths = ExportPaths()) -> ExportResult:
             "size_mb": staged.stat().st_size / 2**20,
             "parity": check_parity(reference, onnx_out, e.parity_atol, staged.name, e.output),
             "accuracy": {"pytorch": _accuracy(reference, labels), "onnx": _accuracy(onnx_out, labels)},
-            "latency": _latency(e, with_output(model, e.output), staged, images[0]),
-            "compression": _compress(e, staged, images, labels, onnx_out),
+            "latency": _latency(e, with_output(model, e.output), staged, test.floats(slice(0, 1))[0]),
+            "compression": _compress(e, staged, test, onnx_out),
             "lineage": {"git_commit": metadata.git_commit, "data_version": metadata.data_version},
         }
         _publish(staged, paths.out, paths.compressed_dir, e.compression)
@@ -119,9 +123,21 @@ def _latency(e: ExportParams, model: nn.Module, onnx_path: Path, image: torch.Te
     }
 
 
-@torch.inference_mode()
-def _torch_outputs(model: nn.Module, images: torch.Tensor, batch_size: int) -> np.ndarray:
-    return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]).numpy()
+def _outputs(fn: Callable[[torch.Tensor], np.ndarray], split: PreparedSplit, batch_size: int) -> np.ndarray:
+    """A model's outputs over the whole split, a batch at a time (memory: one batch of images)."""
+    return np.concatenate([fn(images) for images, _ in split.batches(batch_size)])
+
+
+def _torch_fn(model: nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
+    def run(images: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return model(images).numpy()
+
+    return run
+
+
+def _onnx_fn(session: ort.InferenceSession, batch_size: int) -> Callable[[torch.Tensor], np.ndarray]:
+    return lambda images: infer(session, images.numpy(), batch_size)
 
 
 def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
@@ -139,15 +155,14 @@ def _publish(staged: Path, out: Path, compressed_dir: Path, kind: str) -> None:
     staged.replace(out)
 
 
-def _compress(
-    params: ExportParams, fp32: Path, images: torch.Tensor, labels: np.ndarray, fp32_out: np.ndarray
-) -> dict[str, Any]:
+def _compress(params: ExportParams, fp32: Path, test: PreparedSplit, fp32_out: np.ndarray) -> dict[str, Any]:
     """Write the compressed copy (if asked) beside `fp32`; report its accuracy change against fp32."""
     if params.compression == "none":
         return {"kind": "none"}
     path = fp32.with_name(COMPRESSED_NAME.format(kind=params.compression))
     compress(fp32, path, params.compression)
-    outputs = infer(open_session(path), images.numpy(), params.throughput_batch)
+    outputs = _outputs(_onnx_fn(open_session(path), params.throughput_batch), test, params.throughput_batch)
+    labels = test.labels.numpy()
     fp32_accuracy, accuracy = _accuracy(fp32_out, labels), _accuracy(outputs, labels)
     return {
         "kind": params.compression,

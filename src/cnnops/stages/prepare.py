@@ -26,16 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from cnnops import atomic
 from cnnops.config import Params, ValidateParams
-from cnnops.data.decode import to_tensor
-from cnnops.data.folder import scan_image_folder
-from cnnops.data.manifest import ManifestEntry, describe, duplicate_groups
-from cnnops.data.splits import SPLITS, PreparedSplit
+from cnnops.data.folder import FolderScan, scan_image_folder
+from cnnops.data.manifest import ManifestEntry, describe_all, duplicate_groups
+from cnnops.data.splits import SPLITS, SplitWriter
 from cnnops.errors import DataError, StageInputError
 from cnnops.models import CHANNELS
+from cnnops.progress import progress_bar
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
 
@@ -97,7 +96,7 @@ class PreparePaths:
     """The stage's inputs and outputs (the paths dvc.yaml gives the CLI)."""
 
     data: Path = path_arg("data", "ImageFolder root", POSITIONAL)
-    out: Path = path_arg("prepared", "folder for {train,val,test}.pt")
+    out: Path = path_arg("prepared", "folder for the {train,val,test} splits (.npy images, .json index)")
     report: Path = path_arg("reports/prepare.json", "JSON report")
     validation: Path | None = path_arg(None, "validate's report: refuse data it did not pass")
 
@@ -110,39 +109,68 @@ class PrepareResult:
 
 @dataclass(frozen=True)
 class _Decoded:
-    """The folder read through the data contract: kept entries with their tensors, and the rest."""
+    """The folder read through the data contract: kept entries, their images staged on disk (row
+    `rows[i]` of `staged` for entry i, in scan order), and what was skipped."""
 
     class_names: list[str]
     entries: list[ManifestEntry]
-    tensors: list[torch.Tensor]
+    staged: np.ndarray  # uint8 N x C x H x W, memory-mapped, one row per scanned file
+    rows: list[int]
     skipped: list[dict[str, str]]
 
 
-def run(params: Params, paths: PreparePaths = PreparePaths()) -> PrepareResult:
-    """Split `paths.data`, write `<paths.out>/{train,val,test}.pt` and the report, log it to MLflow.
+STAGING = ".staging"  # `<out>/..staging.npy.tmp`: every decoded image, until the splits are written
+COPY_CHUNK = 256  # images copied from the staging file into a split at a time
 
-    With `paths.validation`, refuses data that failed validation or changed since it ran.
-    Undecodable files raise a DataError naming them, unless `validate.severity.decodes` is not
-    "error": then they are skipped with a warning and listed under `skipped`.
+
+def run(params: Params, paths: PreparePaths = PreparePaths()) -> PrepareResult:
+    """Split `paths.data`, write `<paths.out>/<split>.{npy,json}` and the report, log it to MLflow.
+
+    Images are decoded once, by a pool of processes, into a memory-mapped staging file, then
+    copied into their split's file: peak memory does not grow with the number of images. With
+    `paths.validation`, refuses data that failed validation or changed since it ran. Undecodable
+    files raise a DataError naming them, unless `validate.severity.decodes` is not "error": then
+    they are skipped with a warning and listed under `skipped`.
     """
-    decoded = _decode(paths, params)
+    scan = scan_image_folder(paths.data, hidden_files=params.data.hidden_files, min_classes=2)
+    shape = (CHANNELS[params.data.color_mode], *params.prepare.image_size)
+    with SplitWriter(paths.out, STAGING, len(scan.records), shape) as staging:
+        decoded = _decode(scan, staging.images, paths, params)
+        entries = decoded.entries
+        shas = [str(e.sha256) for e in entries]
+        groups = duplicate_groups(shas, [str(e.phash) for e in entries], params.data.near_duplicate_distance)
+        labels = [e.label for e in entries]
+        splits, moves = assign_splits(
+            shas,
+            labels,
+            groups,
+            val_fraction=params.prepare.val_fraction,
+            test_fraction=params.prepare.test_fraction,
+            seed=params.base.seed,
+        )
+        counts = _write_splits(paths.out, decoded, splits, params)
+    report = _report(params, decoded, groups, splits, moves, counts)
+    atomic.write_json(paths.report, report)
+    with runs.data_run(params, "prepare", ("base", "data", "prepare")) as mlflow_run:
+        runs.log_metrics({f"{split}_images": n for split, n in report["totals"].items()})
+        runs.log_files([paths.report], "prepare")
+    return PrepareResult(report, mlflow_run.info.run_id)
+
+
+def _report(
+    params: Params,
+    decoded: _Decoded,
+    groups: np.ndarray,
+    splits: list[str],
+    moves: list[tuple[str, str, str, list[int]]],
+    counts: dict[str, dict[str, int]],
+) -> dict[str, Any]:
+    """What reports/prepare.json holds: counts per split and class, duplicate groups, moves, skips."""
     entries = decoded.entries
-    shas = [str(e.sha256) for e in entries]
-    groups = duplicate_groups(shas, [str(e.phash) for e in entries], params.data.near_duplicate_distance)
-    labels = [e.label for e in entries]
-    splits, moves = assign_splits(
-        shas,
-        labels,
-        groups,
-        val_fraction=params.prepare.val_fraction,
-        test_fraction=params.prepare.test_fraction,
-        seed=params.base.seed,
-    )
-    counts = _write_splits(paths.out, decoded, splits, params)
     group_files: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         group_files[int(g)].append(i)
-    report = {
+    return {
         "classes": decoded.class_names,
         "color_mode": params.data.color_mode,
         "image_size": list(params.prepare.image_size),
@@ -159,61 +187,61 @@ def run(params: Params, paths: PreparePaths = PreparePaths()) -> PrepareResult:
         ],
         "skipped": decoded.skipped,
     }
-    atomic.write_json(paths.report, report)
-    with runs.data_run(params, "prepare", ("base", "data", "prepare")) as mlflow_run:
-        runs.log_metrics({f"{split}_images": n for split, n in report["totals"].items()})
-        runs.log_files([paths.report], "prepare")
-    return PrepareResult(report, mlflow_run.info.run_id)
 
 
-def _decode(paths: PreparePaths, params: Params) -> _Decoded:
-    """Every image of the folder at the prepared size; checks decoding and the validation report."""
+def _decode(scan: FolderScan, staged: np.ndarray, paths: PreparePaths, params: Params) -> _Decoded:
+    """Every image of the folder at the prepared size into `staged`; checks decoding and the
+    validation report."""
     data = params.data
-    scan = scan_image_folder(paths.data, hidden_files=data.hidden_files, min_classes=2)
     entries: list[ManifestEntry] = []
+    rows: list[int] = []
     undecodable: list[ManifestEntry] = []
-    tensors: list[torch.Tensor] = []
-    for record in scan.records:
-        entry, image = describe(record, color_mode=data.color_mode, max_pixels=data.max_image_pixels)
-        if image is None:
-            undecodable.append(entry)
-            continue
-        entries.append(entry)
-        tensors.append(to_tensor(image, params.prepare.image_size))
+    found = describe_all(
+        scan.records,
+        color_mode=data.color_mode,
+        max_pixels=data.max_image_pixels,
+        size=params.prepare.image_size,
+    )
+    with progress_bar("prepare: decoding", len(scan.records), unit="img") as advance:
+        for row, (entry, image) in enumerate(found):
+            advance()
+            if image is None:
+                undecodable.append(entry)
+                continue
+            staged[row] = image
+            entries.append(entry)
+            rows.append(row)
     _check_decoding(undecodable, params.validate, scan.root)
     if paths.validation is not None:
         _check_validated(paths.validation, entries, scan.root)
     skipped = [{"path": p, "reason": why} for p, why in scan.skipped]
     skipped += [{"path": e.path, "reason": str(e.error)} for e in undecodable]
-    return _Decoded(scan.class_names, entries, tensors, skipped)
+    return _Decoded(scan.class_names, entries, staged, rows, skipped)
 
 
 def _write_splits(
     out_dir: Path, decoded: _Decoded, splits: list[str], params: Params
 ) -> dict[str, dict[str, int]]:
-    """Save one PreparedSplit per split; returns the per-class image counts of each."""
+    """Write each split's files from the staged images; returns the per-class image counts of each."""
     names = decoded.class_names
     labels = [e.label for e in decoded.entries]
     counts: dict[str, dict[str, int]] = {}
     for split in SPLITS:
         index = [i for i, s in enumerate(splits) if s == split]
-        images = torch.stack([decoded.tensors[i] for i in index]) if index else _empty(params)
-        PreparedSplit(
-            images=images,
-            labels=torch.tensor([names.index(labels[i]) for i in index], dtype=torch.int64),
-            paths=[decoded.entries[i].path for i in index],
-            class_names=names,
-            color_mode=params.data.color_mode,
-        ).save(out_dir / f"{split}.pt")
+        with SplitWriter(out_dir, split, len(index), decoded.staged.shape[1:]) as writer:
+            rows = np.array([decoded.rows[i] for i in index], dtype=np.int64)
+            for start in range(0, len(rows), COPY_CHUNK):
+                writer.images[start : start + COPY_CHUNK] = decoded.staged[rows[start : start + COPY_CHUNK]]
+            writer.finish(
+                [names.index(labels[i]) for i in index],
+                [decoded.entries[i].path for i in index],
+                names,
+                params.data.color_mode,
+            )
         per_class = Counter(labels[i] for i in index)
         counts[split] = {name: per_class.get(name, 0) for name in names}
-        log.info("%s: %d images -> %s", split, len(index), out_dir / f"{split}.pt")
+        log.info("%s: %d images -> %s", split, len(index), writer.images_file)
     return counts
-
-
-def _empty(params: Params) -> torch.Tensor:
-    channels = CHANNELS[params.data.color_mode]
-    return torch.zeros((0, channels, *params.prepare.image_size), dtype=torch.uint8)
 
 
 def _check_decoding(undecodable: list[ManifestEntry], validate: ValidateParams, root: Path) -> None:

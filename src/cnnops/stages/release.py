@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from mlflow import MlflowClient
 
@@ -36,6 +37,8 @@ from cnnops.tracking.lineage import UNKNOWN, git_commit
 from cnnops.training.metrics import classification_report
 
 log = logging.getLogger(__name__)
+
+RESCORE_BATCH = 64  # test images per ONNX Runtime call when scoring challenger and champion
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,9 @@ class ReleasePaths:
 
     onnx: Path = path_arg("models/model.onnx", "exported ONNX file", POSITIONAL)
     checkpoint: Path = path_arg("models/model.pt", "checkpoint, registered beside the ONNX file")
-    prepared: Path = path_arg("prepared", "folder with test.pt: challenger and champion are scored on it")
+    prepared: Path = path_arg(
+        "prepared", "prepare's output folder: challenger and champion are scored on its test split"
+    )
     train_report: Path = path_arg("reports/train.json", "train report: the model's MLflow run id")
     audit_report: Path = path_arg("reports/audit.json", "audit report (its verdict)")
     report: Path = path_arg("reports/release.json", "JSON report: the decision and its reason")
@@ -100,11 +105,12 @@ def run(params: Params, paths: ReleasePaths = ReleasePaths()) -> ReleaseResult:
             f"names run {run_id}: the ONNX file is stale; run `cnnops export` (or `dvc repro export`)"
         )
     verdict = audit_verdict(paths.audit_report)
-    test = PreparedSplit.load(paths.prepared / "test.pt")
+    test = PreparedSplit.load(paths.prepared, "test")
     mismatch = _incomparable(paths.onnx, test)
     if mismatch:
         raise StageInputError(
-            f"{paths.onnx} does not fit {paths.prepared}/test.pt: {mismatch}; re-run `dvc repro export`"
+            f"{paths.onnx} does not fit the test split of {paths.prepared}: {mismatch}; "
+            "re-run `dvc repro export`"
         )
     score = evaluate_onnx(paths.onnx, test, r.metric)
     runs.configure(params.tracking)
@@ -242,7 +248,10 @@ def _incomparable(path: Path, test: PreparedSplit) -> str:
 
 def evaluate_onnx(path: Path, test: PreparedSplit, metric: str) -> float:
     """The release metric of an ONNX model on a prepared split, run by ONNX Runtime on CPU."""
-    outputs = infer(open_session(path), test.floats().numpy(), batch_size=64)
+    session = open_session(path)
+    outputs = np.concatenate(
+        [infer(session, x.numpy(), RESCORE_BATCH) for x, _ in test.batches(RESCORE_BATCH)]
+    )
     # The evaluate stage's metric definitions; they depend on the argmax only, so logits or
     # probabilities give the same figure.
     return float(

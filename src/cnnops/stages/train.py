@@ -26,10 +26,11 @@ from torch.utils.data import DataLoader, Subset
 from cnnops import atomic
 from cnnops.config import Params, TrainParams
 from cnnops.data.loaders import SplitDataset, eval_loader, resolve_workers, train_loader
-from cnnops.data.splits import PreparedSplit, load_splits
+from cnnops.data.splits import PreparedSplit, load_splits, split_files
 from cnnops.data.transforms import EvalPreset, TrainPreset, get_mixup_cutmix
 from cnnops.errors import StageInputError
 from cnnops.models import Classifier, ModelSpec, create_classifier, default_spec, save_checkpoint
+from cnnops.progress import progress_bar
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
 from cnnops.training import distributed, plots, resume
@@ -43,7 +44,6 @@ from cnnops.training.engine import (
     train_one_epoch,
 )
 from cnnops.training.optim import build_optimizer, build_scheduler
-from cnnops.training.progress import epoch_bar
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +201,8 @@ def _load_train_val(prepared: Path) -> tuple[PreparedSplit, PreparedSplit]:
         raise StageInputError(f"{prepared}: train and val splits have different class names; rerun prepare")
     if len(splits["val"]) == 0:
         raise StageInputError(
-            f"{prepared / 'val.pt'} has no images: best-checkpoint selection needs a validation split; "
-            "raise prepare.val_fraction or add images, then rerun prepare"
+            f"{split_files(prepared, 'val')[1]} has no images: best-checkpoint selection needs a validation "
+            "split; raise prepare.val_fraction or add images, then rerun prepare"
         )
     return splits["train"], splits["val"]
 
@@ -233,7 +233,7 @@ def _resume(
             "world_size": dist.world_size,
             "tracking": [runs.store_uri(params.tracking), params.tracking.experiment],  # run to continue
         },
-        [paths.prepared / "train.pt", paths.prepared / "val.pt"],
+        [path for name in ("train", "val") for path in split_files(paths.prepared, name)],
     )
     saved = resume.load(paths.state, fingerprint)
     if saved is None:
@@ -301,7 +301,7 @@ def _train_epoch(
     parts.loader.sampler.set_epoch(epoch)
     torch.manual_seed(_epoch_seed(params.base.seed, epoch, dist.rank))
     label = f"epoch {epoch + 1}/{params.train.epochs}"
-    with epoch_bar(label, len(parts.loader), enabled=dist.is_main) as advance:
+    with progress_bar(label, len(parts.loader), enabled=dist.is_main) as advance:
         return train_one_epoch(
             net,
             parts.criterion,

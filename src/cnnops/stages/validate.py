@@ -25,8 +25,9 @@ import pandas as pd
 from cnnops import atomic
 from cnnops.config import DataParams, Params, ValidateParams
 from cnnops.data.folder import scan_image_folder
-from cnnops.data.manifest import ManifestEntry, describe, duplicate_groups
+from cnnops.data.manifest import ManifestEntry, describe_all, duplicate_groups
 from cnnops.errors import CnnopsError, ValidationFailed
+from cnnops.progress import progress_bar
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
 
@@ -42,10 +43,12 @@ def build_manifest(
 ) -> tuple[pd.DataFrame, list[str], list[tuple[str, str]]]:
     """The manifest dataframe (with the derived check columns), class names and skipped files."""
     scan = scan_image_folder(data_dir, hidden_files=data.hidden_files, min_classes=1)
-    rows = [
-        describe(r, color_mode=data.color_mode, max_pixels=data.max_image_pixels)[0].as_dict()
-        for r in scan.records
-    ]
+    found = describe_all(scan.records, color_mode=data.color_mode, max_pixels=data.max_image_pixels)
+    rows = []
+    with progress_bar("validate: reading", len(scan.records), unit="img") as advance:
+        for entry, _ in found:
+            rows.append(entry.as_dict())
+            advance()
     df = pd.DataFrame(rows)
     counts = df.groupby("label")["path"].transform("count")
     df["class_count"] = counts

@@ -1,1 +1,1 @@
-"""Training: the loops (engine), optimizer and schedule, ranks, resume state, progress, metrics, plots."""
+"""Training: the loops (engine), optimizer and schedule, ranks, resume state, metrics, plots."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,23 +23,26 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from cnnops.errors import CnnopsError
+from cnnops.errors import TRANSIENT_EXIT, CnnopsError
 from pipelines import Logger
 
-# Output that says the failure is about the moment, not the inputs: another DVC process holds the
-# workspace lock (treeverse/dvc#10465), or a tracking server / remote did not answer. Anything else
-# (a validation error, a bad param, a bug) fails the same way on a retry, so it is never retried.
-TRANSIENT_MARKERS = (
-    "Unable to acquire lock",
-    "is busy, it is being blocked by",
-    "database is locked",
-    "Connection refused",
-    "Connection reset by peer",
-    "Max retries exceeded",
-    "Temporary failure in name resolution",
-    "503 Service Unavailable",
-    "502 Bad Gateway",
-    "504 Gateway Time-out",
+DVC_ERROR = "ERROR: "  # how DVC starts the line of its own error
+DVC_FAILED = 255  # DVC's exit status for an error of its own (dvc/cli/__init__.py)
+_STAGE = r"(failed to reproduce '[^']+': )?"
+# DVC's own error, its last `ERROR: ` line, when the failure is about the moment: another DVC process
+# holds the repo lock or a stage's lock (treeverse/dvc#10465), or the stage's `cnnops` command exited
+# TRANSIENT_EXIT (a server or database that did not answer). Anything else (a validation error, a
+# bad param, a bug) fails the same way on a retry, so it is never retried. Output is never searched
+# for words: a stage's output names user files, and a file may be called "Connection refused.png".
+TRANSIENT_ERRORS = (
+    re.compile(_STAGE + r"Unable to acquire lock\. Most likely another DVC process is running .*"),
+    re.compile(_STAGE + r"'[^']+' is busy, it is being blocked by:"),
+    re.compile(_STAGE + rf"failed to run: .+, exited with {TRANSIENT_EXIT}"),
+)
+# What DVC prints after its busy error (the lock's holders, then a hint); nothing follows the others.
+AFTER_BUSY = re.compile(
+    r"\(PID \d+\): .*"
+    r"|If there are no processes with such PIDs, you can manually remove '[^']+' and try again\."
 )
 TAIL_LINES = 40
 PID_FILE = Path(".dvc/tmp/cnnops-dvc.pid")  # process group of the `dvc` a flow is running here
@@ -68,9 +72,21 @@ class TransientDvcError(DvcCommandError):
 
 
 def failure(what: str, returncode: int, tail: Sequence[str]) -> DvcCommandError:
-    """The error for a failed command: transient when its output carries a TRANSIENT_MARKERS line."""
-    transient = any(marker in line for line in tail for marker in TRANSIENT_MARKERS)
-    return (TransientDvcError if transient else DvcCommandError)(what, returncode, tail)
+    """The error for a failed command: transient when DVC's own error says so (TRANSIENT_ERRORS)."""
+    return (TransientDvcError if _transient(returncode, tail) else DvcCommandError)(what, returncode, tail)
+
+
+def _transient(returncode: int, tail: Sequence[str]) -> bool:
+    """DVC failed (its exit status) and its last error line, with what it printed after, is one of
+    TRANSIENT_ERRORS. The stage's output comes before DVC's error, so a line a file name forged there
+    is never the last one, and a forged one inside DVC's message leaves the rest of it after."""
+    lines = [line.strip() for line in tail if line.strip()]
+    last = max((i for i, line in enumerate(lines) if line.startswith(DVC_ERROR)), default=None)
+    if returncode != DVC_FAILED or last is None:
+        return False
+    message = lines[last].removeprefix(DVC_ERROR)
+    after = lines[last + 1 :]
+    return any(p.fullmatch(message) for p in TRANSIENT_ERRORS) and all(AFTER_BUSY.fullmatch(a) for a in after)
 
 
 def _reason(tail: Sequence[str]) -> str:

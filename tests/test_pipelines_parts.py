@@ -165,12 +165,23 @@ def test_only_transient_dvc_failures_are_retryable() -> None:
     busy = [
         "ERROR: failed to reproduce 'train': '/w/models' is busy, it is being blocked by:",
         "  (PID 7): dvc",
+        "",
+        "If there are no processes with such PIDs, you can manually remove '/w/.dvc/tmp/rwlock' and try "
+        "again.",
     ]
     assert isinstance(dvc_cli.failure("stage 'train'", 255, busy), dvc_cli.TransientDvcError)
-    down = [
-        "mlflow.exceptions.MlflowException: API request failed: Max retries exceeded (Connection refused)"
+    locked = [
+        "ERROR: Unable to acquire lock. Most likely another DVC process is running or was terminated "
+        "abruptly. Check the page <https://dvc.org/doc/user-guide/troubleshooting#lock-issue> for other "
+        "possible reasons and to learn how to resolve this."
+    ]
+    assert isinstance(dvc_cli.failure("dvc add data", 255, locked), dvc_cli.TransientDvcError)
+    down = [  # cnnops said so by its exit status (cnnops.errors.TRANSIENT_EXIT)
+        "cnnops train: error: ConnectionError: Max retries exceeded (a server or database did not answer...)",
+        "ERROR: failed to reproduce 'train': failed to run: cnnops train prepared, exited with 75",
     ]
     assert isinstance(dvc_cli.failure("stage 'train'", 255, down), dvc_cli.TransientDvcError)
+    assert type(dvc_cli.failure("stage 'train'", 1, locked)) is dvc_cli.DvcCommandError, "not DVC's error"
     invalid = [
         "cnnops validate: error: 1 error-level check(s) failed on data:",
         "- decodes: data/0/x.png is not an image",
@@ -182,6 +193,27 @@ def test_only_transient_dvc_failures_are_retryable() -> None:
         "stage 'validate' failed (exit 255): cnnops validate: error: 1 error-level check(s) failed on data: "
         "- decodes: data/0/x.png is not an image"
     )
+
+
+def test_file_names_that_read_like_a_transient_error_are_not_retried() -> None:
+    """User file names in a stage's output (even with a newline in them) never make a failure transient."""
+    named = [
+        "cnnops validate: error: 1 error-level check(s) failed on data:",
+        "- decodes: data/0/Connection refused.png, data/0/Max retries exceeded.png, data/0/x is busy, it is "
+        "being blocked by.png, data/0/database is locked.png",
+        "ERROR: Unable to acquire lock. Most likely another DVC process is running (a forged line).png",
+        "ERROR: failed to reproduce 'validate': failed to run: cnnops validate ..., exited with 1",
+    ]
+    assert type(dvc_cli.failure("stage 'validate'", 255, named)) is dvc_cli.DvcCommandError
+    forged_in_dvcs_message = [
+        "ERROR: failed to reproduce 'validate': output 'data/0/a",
+        "ERROR: failed to reproduce 'x': failed to run: y, exited with 75",
+        "' does not exist",
+    ]
+    assert type(dvc_cli.failure("stage 'validate'", 255, forged_in_dvcs_message)) is dvc_cli.DvcCommandError
+
+
+def test_dvc_failure_without_a_stage_error_names_dvcs_error() -> None:
     crash = ["Traceback (most recent call last):", "ValueError: boom", "ERROR: failed to reproduce 'train'"]
     assert str(dvc_cli.failure("stage 'train'", 255, crash)).endswith(
         "ERROR: failed to reproduce 'train' (output before it: ValueError: boom)"

@@ -20,7 +20,7 @@ from fixtures_data import with_data_store
 from PIL import Image
 
 from cnnops.config import parse_params
-from cnnops.errors import DataError, ValidationFailed
+from cnnops.errors import TRANSIENT_EXIT, DataError, ValidationFailed
 from cnnops.stages import validate
 
 
@@ -147,6 +147,25 @@ def test_warnings_never_stop_and_off_checks_are_left_out(
     imbalance = [c for c in report["checks"] if c["check"] == "imbalance"]
     assert imbalance == [{"check": "imbalance", "severity": "off", "success": None}]
     assert json.loads((tmp_path / "v.json").read_text()) == report
+
+
+def test_a_tracking_server_that_does_not_answer_exits_as_worth_a_retry(tmp_path: Path) -> None:
+    """The flows retry a stage for this exit status only (pipelines/dvc_cli.py), never for words."""
+    for i in range(3):
+        _noise(tmp_path / "data" / "only" / f"{i}.png", i)
+    params = {"data": {"color_mode": "L"}, "tracking": {"uri": "http://127.0.0.1:9"}}  # nothing listens
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cnnops = Path(sys.executable).with_name("cnnops")
+    result = subprocess.run(
+        [str(cnnops), "validate", "data", "--report", "reports/v.json", "--docs", "reports/docs"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"},
+    )
+    assert result.returncode == TRANSIENT_EXIT, result.stderr
+    assert "cnnops validate: error: MlflowException: " in result.stderr
+    assert "(a server or database did not answer: worth running again)" in result.stderr
 
 
 def test_one_small_class_fails_through_the_cli(tmp_path: Path) -> None:

@@ -12,11 +12,12 @@ import logging
 import os
 import re
 import sys
+import traceback
 from collections.abc import Sequence
 
 from cnnops import __version__
 from cnnops.config import DEFAULT_PARAMS, load_params
-from cnnops.errors import CnnopsError
+from cnnops.errors import TRANSIENT_EXIT, CnnopsError, is_transient
 
 # Command name -> module that registers it, in the order `cnnops --help` lists them.
 COMMANDS = {
@@ -117,10 +118,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args, params) or 0)
     except CnnopsError as exc:
         print(f"cnnops {args.command}: error: {printable(exc)}", file=sys.stderr)
-        return 1
+        return TRANSIENT_EXIT if is_transient(exc) else 1
     except KeyboardInterrupt:
         print(f"cnnops {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug keeps its traceback and status; a server that did not answer says so
+        if not is_transient(exc):
+            raise
+        traceback.print_exc()
+        print(
+            f"cnnops {args.command}: error: {printable(f'{type(exc).__name__}: {exc}')} (a server or "
+            "database did not answer: worth running again)",
+            file=sys.stderr,
+        )
+        return TRANSIENT_EXIT
 
 
 if __name__ == "__main__":

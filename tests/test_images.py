@@ -285,3 +285,13 @@ def test_name_that_is_not_utf8_is_refused_by_its_bytes(tmp_path: Path, culprit: 
         f"{target!r}: the name is not valid UTF-8; rename it to UTF-8 "
         "(e.g. `convmv -f latin1 -t utf8 --notest -r <data folder>`), then run the stage again"
     )
+
+
+def test_resize_covers_the_size_keeping_the_aspect_then_centre_crops(tmp_path: Path) -> None:
+    """A 20x40 picture to 10x10: scaled to 10x20 (never stretched), then its middle 10 columns."""
+    pixels = np.zeros((20, 40), dtype=np.uint8)
+    pixels[:, 10:30] = 255  # a white middle half: it must fill the whole square, no black margin
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    tensor = load_tensor(tmp_path / "wide.png", color_mode="L", size=(10, 10))
+    # stretched (the old rule) it would be half black: mean about 128
+    assert tuple(tensor.shape) == (1, 10, 10) and tensor.float().mean() > 230

@@ -146,7 +146,16 @@ def test_compression_keeps_contract_and_predictions(kind: str, tmp_path: Path, g
 @pytest.mark.parametrize(
     ("props", "graph", "message"),
     [
-        ({"input_size": "[32, 32]"}, {}, r"input 'image' has shape \[\?, 1, 16, 16\], but .*input_size say"),
+        (
+            {"input_size": "[32, 32]", "resize_size": "[32, 32]"},
+            {},
+            r"input 'image' has shape \[\?, 1, 16, 16\], but .*input_size say",
+        ),
+        (
+            {"input_size": "[32, 32]"},
+            {},
+            r"resize_size is \[16, 16\], expected at least input_size \[32, 32\]",
+        ),
         ({}, {"input_shape": ("batch", 1, 8, 8)}, r"input 'image' has shape \[\?, 1, 8, 8\]"),
         ({"color_mode": "RGB"}, {}, r"color_mode and input_size say \[batch, 3, 16, 16\]"),
         ({"class_names": '["a", "b"]'}, {}, r"output 'logits' has shape \[\?, 3\], but .*class_names say"),

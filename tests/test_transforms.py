@@ -54,7 +54,7 @@ def test_train_preset_builds_each_configured_transform() -> None:
 def test_grayscale_color_jitter_has_no_saturation() -> None:
     augment = AugmentParams.from_defaults(**{**NO_AUGMENTATION, "color_jitter": 0.4})
     preset = TrainPreset(augment, (16, 16), "L")
-    jitter = preset.transforms.transforms[0]
+    (jitter,) = [t for t in preset.transforms.transforms if isinstance(t, v2.ColorJitter)]
     assert jitter.saturation is None and jitter.brightness == (0.6, 1.4)
     assert preset(image()).shape == (1, 16, 16)
 
@@ -67,3 +67,18 @@ def test_mixup_cutmix_is_none_when_off_and_gives_soft_labels_when_on() -> None:
     images, targets = mix(torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0]))
     assert images.shape == (4, 1, 8, 8) and targets.shape == (4, 3)
     assert torch.allclose(targets.sum(1), torch.ones(4))
+
+
+def test_training_crops_the_input_from_the_stored_image_and_evaluation_centre_crops_it() -> None:
+    """The reference recipe: images stored at 40 px, the network fed 32 px crops."""
+    stored = torch.arange(40 * 40, dtype=torch.int32).reshape(1, 40, 40).to(torch.uint8)
+    crop = AugmentParams.from_defaults(**{**NO_AUGMENTATION, "random_resized_crop": True})
+    assert TrainPreset(crop, (32, 32), "L")(stored).shape == (1, 32, 32)
+    assert TrainPreset(AugmentParams.from_defaults(**NO_AUGMENTATION), (32, 32), "L")(stored).shape == (
+        1,
+        32,
+        32,
+    )
+    centre = EvalPreset((32, 32))(stored)
+    torch.testing.assert_close(centre, stored[:, 4:36, 4:36].float() / 255)
+    torch.testing.assert_close(EvalPreset((40, 40))(stored), EvalPreset()(stored))

@@ -197,11 +197,21 @@ class TrainParams(Section):
     num_workers: int | Literal["auto"] = Field(
         description="DataLoader worker processes; auto: one per core but one, at most 8"
     )
+    input_size: tuple[int, int] | None = Field(
+        description="[height, width] of the network's input; null: the prepared size (prepare.image_size)"
+    )
     precise_bn: Literal["auto", "on", "off"] = Field(
         description="recompute BatchNorm statistics before validation"
     )
     precise_bn_images: int = Field(ge=1, le=100_000, description="train images of the precise-BN pass")
     augment: AugmentParams
+
+    @field_validator("input_size")
+    @classmethod
+    def _input_size(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not all(8 <= side <= 4096 for side in value):
+            raise ValueError(f"{list(value)}: each side must be 8 to 4096 pixels")
+        return value
 
     @field_validator("num_workers", mode="before")
     @classmethod

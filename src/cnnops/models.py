@@ -62,9 +62,17 @@ class ModelSpec:
     num_classes: int
     class_names: list[str]
     color_mode: str  # "RGB" or "L"
-    image_size: tuple[int, int]  # (H, W)
+    image_size: tuple[int, int]  # (H, W) of the network's input
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
+    # (H, W) the images were prepared at, when larger than image_size: training crops image_size at
+    # random from them, evaluation and the ONNX contract centre-crop it (the 256 -> 224 recipe)
+    stored_size: tuple[int, int] | None = None
+
+    @property
+    def prepared_size(self) -> tuple[int, int]:
+        """The size of the images this model reads from a prepared split."""
+        return self.stored_size or self.image_size
 
     @property
     def in_channels(self) -> int:
@@ -74,13 +82,14 @@ class ModelSpec:
         d = asdict(self)
         d["image_size"] = list(self.image_size)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["stored_size"] = None if self.stored_size is None else list(self.stored_size)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        return cls(
-            **{**d, "image_size": tuple(d["image_size"]), "mean": tuple(d["mean"]), "std": tuple(d["std"])}
-        )
+        stored = d.get("stored_size")  # absent from checkpoints written before it existed
+        sizes = {"image_size": tuple(d["image_size"]), "stored_size": None if stored is None else tuple(stored)}
+        return cls(**{**d, **sizes, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
 
 class Classifier(nn.Module):

@@ -23,8 +23,10 @@ configured colour mode ("RGB" or "L") is fixed and documented here:
 5. Convert to the target: "L" uses Pillow's ITU-R 601-2 luma (L = 0.299 R + 0.587 G + 0.114 B);
    "RGB" from grey repeats the channel.
 
-`load_tensor` then resizes to (height, width) with antialiased bilinear interpolation (torchvision
-v2), ignoring the aspect ratio so no border is cropped away, and returns a uint8 CHW tensor.
+`load_tensor` then resizes to (height, width) the way torchvision's reference recipe does: scaled
+with antialiased bilinear interpolation, keeping the aspect ratio, until it covers the size (for a
+square size: the short side), then centre-cropped; it returns a uint8 CHW tensor. So a photo is
+never stretched, and only the margins of its long side are cut.
 
 Finding the files is `cnnops.data.folder`'s job.
 """
@@ -186,11 +188,16 @@ def _scale_to_l(values: np.ndarray, full_scale: float, path: Path, mode: str) ->
 
 
 def to_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """A contract-converted PIL image as a uint8 CHW tensor, resized to (height, width) if given."""
+    """A contract-converted PIL image as a uint8 CHW tensor, resized to cover (height, width) with
+    its aspect ratio kept, then centre-cropped to it, if a size is given."""
     tensor = F.pil_to_tensor(image)
-    if size is not None and tuple(tensor.shape[-2:]) != tuple(size):
-        tensor = F.resize(tensor, list(size), interpolation=F.InterpolationMode.BILINEAR, antialias=True)
-    return tensor
+    if size is None or tuple(tensor.shape[-2:]) == tuple(size):
+        return tensor
+    (h, w), (height, width) = tensor.shape[-2:], size
+    scale = max(height / h, width / w)
+    covering = [max(height, round(h * scale)), max(width, round(w * scale))]
+    tensor = F.resize(tensor, covering, interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+    return F.center_crop(tensor, [height, width])
 
 
 def load_tensor(

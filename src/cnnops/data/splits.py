@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.transforms.v2 import functional as F
 
 from cnnops import atomic
 from cnnops.data.digest import update_digest
@@ -71,17 +72,25 @@ class PreparedSplit:
     def image_size(self) -> tuple[int, int]:
         return int(self.images.shape[2]), int(self.images.shape[3])
 
-    def floats(self, index: slice | torch.Tensor | list[int] = slice(None)) -> torch.Tensor:
-        """Images (all, or those at `index`) as float32 in [0, 1], the input every cnnops model takes.
+    def floats(
+        self, index: slice | torch.Tensor | list[int] = slice(None), size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Images (all, or those at `index`) as float32 in [0, 1], the input every cnnops model takes,
+        centre-cropped to a model's input `size` when it is smaller than the stored size.
 
         A copy: call it on a batch (`batches`), never on a whole split of lab size."""
-        return self.images[index].float().div_(255.0)
+        images = self.images[index]
+        if size is not None and tuple(images.shape[-2:]) != tuple(size):
+            images = F.center_crop(images, list(size))
+        return images.float().div_(255.0)
 
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, size: tuple[int, int] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(float images, labels) in order, `batch_size` at a time: memory bounded by one batch."""
         for start in range(0, len(self), batch_size):
             part = slice(start, start + batch_size)
-            yield self.floats(part), self.labels[part]
+            yield self.floats(part, size), self.labels[part]
 
     def save(self, prepared: str | Path, name: str) -> None:
         """Write the split from memory (small splits: tests, synthetic data); prepare streams instead."""
@@ -197,7 +206,7 @@ def load_split_for(
     if len(split) == 0:
         raise StageInputError(f"{path}: the {name} split is empty; raise prepare.{name}_fraction")
     found = (list(split.class_names), split.color_mode, list(split.image_size))
-    wanted = (list(spec.class_names), spec.color_mode, list(spec.image_size))
+    wanted = (list(spec.class_names), spec.color_mode, list(spec.prepared_size))
     if found != wanted:
         raise StageInputError(
             f"{path} (classes {found[0]}, {found[1]}, {found[2]}) does not match the model in {model_path} "

@@ -1,8 +1,10 @@
 """Train and eval presets on torchvision.transforms.v2, built from `train.augment` params.
 
-The presets take one uint8 CxHxW image (the prepared-split format) and return float32 in [0, 1]:
-normalisation lives inside the model (`models.Classifier`), so evaluation, audit and ONNX can
-never drift from training. Validation and test use the eval preset only: never augmented.
+The presets take one uint8 CxHxW image (the prepared-split format, at the stored size) and return
+float32 in [0, 1] at the network's input size: training crops it at random (RandomResizedCrop, the
+reference recipe's), evaluation centre-crops it (a no-op when both sizes agree). Normalisation lives
+inside the model (`models.Classifier`), so evaluation, audit and ONNX can never drift from training.
+Validation and test use the eval preset only: never augmented.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ class TrainPreset:
         steps: list[v2.Transform] = []
         if augment.random_resized_crop:
             steps.append(v2.RandomResizedCrop(image_size, scale=augment.crop_scale, antialias=True))
+        else:
+            steps.append(v2.CenterCrop(image_size))
         if augment.horizontal_flip > 0:
             steps.append(v2.RandomHorizontalFlip(augment.horizontal_flip))
         if augment.vertical_flip > 0:
@@ -42,10 +46,11 @@ class TrainPreset:
 
 
 class EvalPreset:
-    """Validation/test preprocessing: uint8 to float [0, 1], nothing random."""
+    """Validation/test preprocessing: centre crop to the input size, uint8 to float [0, 1]."""
 
-    def __init__(self) -> None:
-        self.transforms = v2.ToDtype(torch.float32, scale=True)
+    def __init__(self, image_size: tuple[int, int] | None = None) -> None:
+        crop = [] if image_size is None else [v2.CenterCrop(image_size)]
+        self.transforms = v2.Compose([*crop, v2.ToDtype(torch.float32, scale=True)])
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return self.transforms(image)

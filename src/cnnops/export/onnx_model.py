@@ -44,18 +44,28 @@ class OnnxMetadata:
     git_commit: str
     data_version: str
     compression: str = "none"  # none, int8 or fp16
+    # (H, W) a picture is resized to (covering, aspect kept) and centre-cropped at before the centre
+    # crop to input_size: the prepared size of the images it trained on; equal to input_size by default
+    resize_size: tuple[int, int] | None = None
+
+    @property
+    def prepared_size(self) -> tuple[int, int]:
+        return self.resize_size or self.input_size
 
     @property
     def channels(self) -> int:
         return CHANNELS[self.color_mode]
 
     def to_props(self) -> dict[str, str]:
-        return {k: v if isinstance(v, str) else json.dumps(list(v)) for k, v in asdict(self).items()}
+        props = asdict(self)
+        props["resize_size"] = props["resize_size"] or props["input_size"]
+        return {k: v if isinstance(v, str) else json.dumps(list(v)) for k, v in props.items()}
 
     @classmethod
     def from_props(cls, props: dict[str, str], source: str) -> OnnxMetadata:
         """The metadata of a file, every value checked: a foreign or edited file is refused by key."""
-        missing = [name for name in cls.__dataclass_fields__ if name not in props and name != "compression"]
+        optional = ("compression", "resize_size")  # absent from files of older cnnops versions
+        missing = [name for name in cls.__dataclass_fields__ if name not in props and name not in optional]
         if missing:
             raise StageInputError(
                 f"{source}: metadata_props lack {', '.join(missing)}; it was not exported by `cnnops export` "
@@ -71,6 +81,7 @@ class OnnxMetadata:
             git_commit=props["git_commit"],
             data_version=props["data_version"],
             compression=props.get("compression", "none"),
+            resize_size=_resize_size(props, source),
         )
         if meta.color_mode not in CHANNELS or meta.output not in ("logits", "probabilities"):
             raise StageInputError(
@@ -96,17 +107,26 @@ def _json_prop(props: dict[str, str], key: str, source: str) -> object:
         raise _refused(source, key, props[key], "a JSON list") from None
 
 
-def _input_size(value: object, source: str) -> tuple[int, int]:
+def _input_size(value: object, source: str, key: str = "input_size") -> tuple[int, int]:
     """[height, width], bounded: the size predict resizes every image to and allocates per batch."""
     if not (
         isinstance(value, list)
         and len(value) == 2
         and all(type(side) is int and 1 <= side <= MAX_INPUT_SIDE for side in value)
     ):
-        raise _refused(
-            source, "input_size", value, f"[height, width] with each side an int in 1..{MAX_INPUT_SIDE}"
-        )
+        raise _refused(source, key, value, f"[height, width] with each side an int in 1..{MAX_INPUT_SIDE}")
     return value[0], value[1]
+
+
+def _resize_size(props: dict[str, str], source: str) -> tuple[int, int] | None:
+    """resize_size, bounded like input_size and never smaller than it (the crop comes out of it)."""
+    if "resize_size" not in props:
+        return None
+    size = _input_size(_json_prop(props, "resize_size", source), source, "resize_size")
+    crop = _input_size(_json_prop(props, "input_size", source), source)
+    if size[0] < crop[0] or size[1] < crop[1]:
+        raise _refused(source, "resize_size", list(size), f"at least input_size {list(crop)}")
+    return None if size == crop else size  # no crop: the file reads as it was written
 
 
 def _class_names(value: object, source: str) -> list[str]:

@@ -20,6 +20,7 @@ from typing import TextIO
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as F
 
 from cnnops.cli import positive_int, printable
 from cnnops.data.decode import DEFAULT_MAX_PIXELS, load_tensor
@@ -81,9 +82,12 @@ def predict(
         tensors, loaded = [], []
         for path in batch:
             try:
-                tensors.append(
-                    load_tensor(path, color_mode=meta.color_mode, size=meta.input_size, max_pixels=max_pixels)
+                # prepare's geometry (cover and centre-crop at the prepared size), then evaluation's
+                # centre crop to the input: the very pixels the model was evaluated on
+                image = load_tensor(
+                    path, color_mode=meta.color_mode, size=meta.prepared_size, max_pixels=max_pixels
                 )
+                tensors.append(F.center_crop(image, list(meta.input_size)))
                 loaded.append(path)
             except CnnopsError as exc:
                 failures.append(Failure(str(path), str(exc)))

@@ -58,7 +58,7 @@ def run(params: Params, paths: EvaluatePaths = EvaluatePaths()) -> EvaluateResul
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     output = evaluate_epoch(
         model.to(device),
-        eval_loader(SplitDataset(test, EvalPreset()), batch_size=EVAL_BATCH),
+        eval_loader(SplitDataset(test, EvalPreset(model.spec.image_size)), batch_size=EVAL_BATCH),
         LoopSettings(device),
     )
     report = classification_report(

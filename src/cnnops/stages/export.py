@@ -34,6 +34,7 @@ from cnnops.export.onnx_model import (
     export_classifier,
     infer,
     open_session,
+    read_metadata,
     with_output,
 )
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
@@ -78,14 +79,15 @@ def run(params: Params, paths: ExportPaths = ExportPaths()) -> ExportResult:
         model=model.spec.model,
         mlflow_run_id=run_id,
         **lineage().as_tags(),
+        resize_size=model.spec.stored_size,
     )
-    labels, batch = test.labels.numpy(), e.throughput_batch
+    labels, batch, size = test.labels.numpy(), e.throughput_batch, model.spec.image_size
     paths.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=paths.out.parent, prefix=".export-") as tmp:
         staged = Path(tmp) / paths.out.name
         export_classifier(model, staged, opset=e.opset, metadata=metadata)
-        reference = _outputs(_torch_fn(with_output(model, e.output)), test, batch)
-        onnx_out = _outputs(_onnx_fn(open_session(staged), batch), test, batch)
+        reference = _outputs(_torch_fn(with_output(model, e.output)), test, batch, size)
+        onnx_out = _outputs(_onnx_fn(open_session(staged), batch), test, batch, size)
         result: dict[str, Any] = {
             "run_id": run_id,
             "onnx": str(paths.out),
@@ -94,7 +96,7 @@ def run(params: Params, paths: ExportPaths = ExportPaths()) -> ExportResult:
             "size_mb": staged.stat().st_size / 2**20,
             "parity": check_parity(reference, onnx_out, e.parity_atol, staged.name, e.output),
             "accuracy": {"pytorch": _accuracy(reference, labels), "onnx": _accuracy(onnx_out, labels)},
-            "latency": _latency(e, with_output(model, e.output), staged, test.floats(slice(0, 1))[0]),
+            "latency": _latency(e, with_output(model, e.output), staged, test.floats(slice(0, 1), size)[0]),
             "compression": _compress(e, staged, test, onnx_out),
             "lineage": {"git_commit": metadata.git_commit, "data_version": metadata.data_version},
         }
@@ -123,9 +125,11 @@ def _latency(e: ExportParams, model: nn.Module, onnx_path: Path, image: torch.Te
     }
 
 
-def _outputs(fn: Callable[[torch.Tensor], np.ndarray], split: PreparedSplit, batch_size: int) -> np.ndarray:
-    """A model's outputs over the whole split, a batch at a time (memory: one batch of images)."""
-    return np.concatenate([fn(images) for images, _ in split.batches(batch_size)])
+def _outputs(
+    fn: Callable[[torch.Tensor], np.ndarray], split: PreparedSplit, batch_size: int, size: tuple[int, int]
+) -> np.ndarray:
+    """A model's outputs over the whole split at its input `size`, a batch at a time (memory: one batch)."""
+    return np.concatenate([fn(images) for images, _ in split.batches(batch_size, size)])
 
 
 def _torch_fn(model: nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
@@ -161,7 +165,10 @@ def _compress(params: ExportParams, fp32: Path, test: PreparedSplit, fp32_out: n
         return {"kind": "none"}
     path = fp32.with_name(COMPRESSED_NAME.format(kind=params.compression))
     compress(fp32, path, params.compression)
-    outputs = _outputs(_onnx_fn(open_session(path), params.throughput_batch), test, params.throughput_batch)
+    size = read_metadata(fp32).input_size
+    outputs = _outputs(
+        _onnx_fn(open_session(path), params.throughput_batch), test, params.throughput_batch, size
+    )
     labels = test.labels.numpy()
     fp32_accuracy, accuracy = _accuracy(fp32_out, labels), _accuracy(outputs, labels)
     return {

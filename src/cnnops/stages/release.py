@@ -238,9 +238,9 @@ def _incomparable(path: Path, test: PreparedSplit) -> str:
     meta = read_metadata(path)
     if list(meta.class_names) != list(test.class_names):
         return f"classes {meta.class_names} differ from the split's {test.class_names}"
-    if meta.color_mode != test.color_mode or tuple(meta.input_size) != test.image_size:
+    if meta.color_mode != test.color_mode or tuple(meta.prepared_size) != test.image_size:
         return (
-            f"it takes {meta.color_mode} {list(meta.input_size)} images, the split has "
+            f"it takes {meta.color_mode} {list(meta.prepared_size)} images, the split has "
             f"{test.color_mode} {list(test.image_size)}"
         )
     return ""
@@ -248,10 +248,9 @@ def _incomparable(path: Path, test: PreparedSplit) -> str:
 
 def evaluate_onnx(path: Path, test: PreparedSplit, metric: str) -> float:
     """The release metric of an ONNX model on a prepared split, run by ONNX Runtime on CPU."""
-    session = open_session(path)
-    outputs = np.concatenate(
-        [infer(session, x.numpy(), RESCORE_BATCH) for x, _ in test.batches(RESCORE_BATCH)]
-    )
+    session, size = open_session(path), read_metadata(path).input_size
+    batches = test.batches(RESCORE_BATCH, size)  # centre-cropped to its input, as evaluate does
+    outputs = np.concatenate([infer(session, x.numpy(), RESCORE_BATCH) for x, _ in batches])
     # The evaluate stage's metric definitions; they depend on the argmax only, so logits or
     # probabilities give the same figure.
     return float(

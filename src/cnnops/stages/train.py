@@ -13,7 +13,7 @@ import csv
 import logging
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +112,7 @@ def _build(
 ) -> _Parts:
     t = params.train
     torch.manual_seed(params.base.seed)
-    spec = default_spec(
-        t.model, train_split.class_names, train_split.color_mode, train_split.image_size, t.weights
-    )
+    spec = _spec(t, train_split)
     model = create_classifier(spec, t.weights, check_input=True)
     if t.mode == "linear_probe":
         model.freeze_backbone()
@@ -152,6 +150,19 @@ def _build(
     )
 
 
+def _spec(t: TrainParams, split: PreparedSplit) -> ModelSpec:
+    """The model's spec: its input is `train.input_size`, cropped from the stored images when smaller."""
+    stored = split.image_size
+    size = tuple(t.input_size) if t.input_size is not None else stored
+    if size[0] > stored[0] or size[1] > stored[1]:
+        raise StageInputError(
+            f"train.input_size {list(size)} is larger than the prepared images {list(stored)}: a crop cannot "
+            "grow an image; raise prepare.image_size (and re-run prepare) or lower train.input_size"
+        )
+    spec = default_spec(t.model, split.class_names, split.color_mode, size, t.weights)
+    return replace(spec, stored_size=stored) if size != stored else spec
+
+
 def _loaders(
     params: Params,
     spec: ModelSpec,
@@ -173,10 +184,15 @@ def _loaders(
         pin_memory=pin,
     )
     val_loader = eval_loader(
-        SplitDataset(val_split, EvalPreset()), batch_size=t.batch_size, num_workers=workers, pin_memory=pin
+        SplitDataset(val_split, EvalPreset(spec.image_size)),
+        batch_size=t.batch_size,
+        num_workers=workers,
+        pin_memory=pin,
     )
     sample = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(params.base.seed))
-    bn_images = Subset(SplitDataset(train_split, EvalPreset()), sample[: t.precise_bn_images].tolist())
+    bn_images = Subset(
+        SplitDataset(train_split, EvalPreset(spec.image_size)), sample[: t.precise_bn_images].tolist()
+    )
     return loader, val_loader, eval_loader(bn_images, batch_size=t.batch_size, pin_memory=pin)
 
 

@@ -23,3 +23,9 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path
     assert json.loads(report.read_text()) == {"accuracy": 0.9}
     atomic.write_json(report, {"accuracy": 0.95})
     assert json.loads(report.read_text()) == {"accuracy": 0.95}
+
+
+def test_an_atomic_file_gets_the_permissions_a_plain_write_would(tmp_path: Path) -> None:
+    (tmp_path / "plain.json").write_text("{}")
+    atomic.write_json(tmp_path / "atomic.json", {})
+    assert (tmp_path / "atomic.json").stat().st_mode == (tmp_path / "plain.json").stat().st_mode

@@ -37,7 +37,10 @@ def test_a_model_cropped_from_larger_stored_images_predicts_what_evaluation_saw(
     model, _ = load_classifier(checkpoint)
     assert (model.spec.image_size, model.spec.stored_size) == ((32, 32), (40, 40))
     metrics = evaluate.run(
-        params, evaluate.EvaluatePaths(checkpoint, prepared, tp.report, reports / "m.json")
+        params,
+        evaluate.EvaluatePaths(
+            checkpoint, prepared, tp.report, reports / "m.json", reports / "c.csv", reports / "c.png"
+        ),
     )
     assert metrics.metrics["n_test"] > 0
 

@@ -31,10 +31,12 @@ from pipelines.workspace import (
     MergeResult,
     check_workspace,
     clear_incoming,
+    incoming_folder,
     merge_incoming,
     note_retrain,
     pending_retrain,
     recover,
+    rollback_merge,
     workspace_lock,
 )
 
@@ -43,6 +45,7 @@ DATA_DVC = "data.dvc"  # the pointer `dvc add data` writes
 TRAIN_REPORT = Path("reports/train.json")
 RELEASE_REPORT = Path("reports/release.json")
 VERSIONED_FILES = (DATA_DVC, "dvc.lock")
+CHECK_STAGE = "validate"  # retrain versions new data, and clears the incoming folder, once it passed
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class RetrainResult:
 
 
 def _retry_transient(task: Task[..., Any], task_run: TaskRun, state: State) -> bool:
-    """Retry only what can succeed on a second try (see dvc_cli.TRANSIENT_MARKERS)."""
+    """Retry only what can succeed on a second try (see dvc_cli.TRANSIENT_ERRORS)."""
     try:
         state.result()
     except dvc_cli.TransientDvcError:
@@ -69,7 +72,7 @@ def _retry_transient(task: Task[..., Any], task_run: TaskRun, state: State) -> b
     return False
 
 
-@task(task_run_name="{stage}")
+@task(task_run_name="{stage}")  # retries: _stage_task
 def run_stage(root: Path, stage: str) -> None:
     """One DVC stage, and only it: its upstream stages ran as the tasks before."""
     dvc_cli.run(["repro", "--single-item", stage], root, get_run_logger(), f"stage {stage!r}")
@@ -101,18 +104,46 @@ def _params(root: Path) -> Params:
     return load_params(root / "params.yaml")
 
 
-def _run_pipeline(root: Path, orchestrate: OrchestrateParams, target: str | None = None) -> list[str]:
-    """The stages of dvc.yaml (up to `target`) in order, each retried only on transient failures."""
-    stages = dvc_cli.pipeline_stages(root, target)
-    get_run_logger().info("pipeline: %s", " -> ".join(stages))
-    stage_task = run_stage.with_options(
+def _stage_task(orchestrate: OrchestrateParams) -> Task[..., None]:
+    """`run_stage` retried only on transient failures."""
+    return run_stage.with_options(
         retries=orchestrate.retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=orchestrate.retry_delay),
         retry_condition_fn=_retry_transient,
     )
+
+
+def _run_stages(root: Path, orchestrate: OrchestrateParams, stages: list[str]) -> None:
+    stage_task = _stage_task(orchestrate)
     for stage in stages:
         stage_task(root, stage)
+
+
+def _pipeline(root: Path, target: str | None = None) -> list[str]:
+    """The stages of dvc.yaml (up to `target`) in order."""
+    stages = dvc_cli.pipeline_stages(root, target)
+    get_run_logger().info("pipeline: %s", " -> ".join(stages))
     return stages
+
+
+def _check_new_data(root: Path, orchestrate: OrchestrateParams, stages: list[str], logger: Logger) -> int:
+    """Run the stages up to CHECK_STAGE before data/ gets a new version; returns how many ran.
+
+    If one of them fails (or the run is stopped), the merge is rolled back: data/ is as data.dvc has
+    it, the incoming originals are still there, and no version holds the files that failed.
+    """
+    if CHECK_STAGE not in stages:
+        raise StageInputError(
+            f"dvc.yaml has no {CHECK_STAGE!r} stage: retrain checks new data with it before versioning "
+            "it; put the stage back"
+        )
+    checks = stages[: stages.index(CHECK_STAGE) + 1]
+    try:
+        _run_stages(root, orchestrate, checks)
+    except BaseException:
+        rollback_merge(root, root / DATA_DIR, logger)
+        raise
+    return len(checks)
 
 
 def _notify_failure(flow_: Any, flow_run: FlowRun, state: State) -> None:
@@ -146,43 +177,47 @@ def reproduce(
     root = Path(workspace).resolve()
     params = _params(root)
     with _workspace(root, params.orchestrate, lock_timeout):
-        return _run_pipeline(root, params.orchestrate, target)
+        stages = _pipeline(root, target)
+        _run_stages(root, params.orchestrate, stages)
+        return stages
 
 
 @flow(name="retrain", on_failure=[_notify_failure])
 def retrain(workspace: str = ".", lock_timeout: float | None = None) -> RetrainResult:
-    """New data (in data/ or the incoming folder) -> new data version, pipeline, release, a record.
+    """New data (in data/ or the incoming folder) -> validated, a new data version, pipeline, release, record.
 
-    With nothing new it ends after one `dvc status`. It also finishes what an interrupted run left:
-    stages out of date with dvc.lock (`dvc status` reports them) and a record not yet written
-    (noted in PENDING_FILE before the pipeline starts, forgotten once the record is written).
+    With nothing new it ends after one `dvc status`. New data is validated before it is versioned:
+    if validate fails, the merge is rolled back and the incoming files stay where they are. It also
+    finishes what an interrupted run left: stages out of date with dvc.lock (`dvc status` reports
+    them) and a record not yet written (noted in PENDING_FILE, forgotten once the record is written).
     """
     root = Path(workspace).resolve()
     params = _params(root)
     orchestrate = params.orchestrate
+    incoming = incoming_folder(root, orchestrate.incoming, root / DATA_DIR)
     logger = get_run_logger()
     with _workspace(root, orchestrate, lock_timeout):
-        incoming = (root / orchestrate.incoming) if orchestrate.incoming else None
-        merged = merge_incoming(incoming, root / DATA_DIR, logger) if incoming else MergeResult()
+        merged = merge_incoming(root, incoming, root / DATA_DIR, logger) if incoming else MergeResult()
         pending = dvc_cli.status(root, logger)
         data_changed = DATA_DVC in pending or data_version(root / DATA_DVC) is None
         unrecorded = pending_retrain(root)  # an earlier run was stopped after its pipeline
         if not pending and not merged.copied and not unrecorded:
             if incoming:
-                clear_incoming(merged, incoming, logger)
+                clear_incoming(root, merged, incoming, logger)
             version = data_version(root / DATA_DVC)
             reason = f"nothing new: data/ matches data.dvc ({version}) and every stage matches dvc.lock"
             logger.info(reason)
             return RetrainResult(changed=False, reason=reason, data_version=version)
         reason = _describe(merged, data_changed, pending, unrecorded)
         logger.info("retraining: %s", reason)
+        champion_before = unrecorded["champion_before"] if unrecorded else _champion(root)
+        stages = _pipeline(root) if pending or merged.copied else []  # else only the record is missing
+        checked = _check_new_data(root, orchestrate, stages, logger) if stages else 0
         version = version_data(root) if data_changed else data_version(root / DATA_DVC)
         if incoming:
-            clear_incoming(merged, incoming, logger)
-        champion_before = unrecorded["champion_before"] if unrecorded else _champion(root)
+            clear_incoming(root, merged, incoming, logger)
         note_retrain(root, {"reason": reason, "champion_before": champion_before})
-        if pending or merged.copied:  # else only the record of an interrupted run is missing
-            _run_pipeline(root, orchestrate)
+        _run_stages(root, orchestrate, stages[checked:])
         result = _record(root, params, reason, version, champion_before)
         note_retrain(root, None)
     _announce_champion(orchestrate, result, logger)

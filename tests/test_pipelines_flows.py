@@ -185,15 +185,42 @@ def test_a_busy_workspace_refuses_a_second_run_with_a_clear_message(make_workspa
 def test_a_stage_error_fails_the_run_naming_the_stage_without_retrying(make_workspace, webhook) -> None:
     url, messages = webhook
     root = make_workspace(notify_webhook=url)
-    (root / "incoming" / CLASSES[0] / "broken.png").write_text("not an image")
+    data_dvc = (root / "data.dvc").read_text()
+    # A name that reads like a transient error: the failure is still the data's, never retried.
+    (root / "incoming" / CLASSES[0] / "Connection refused.png").write_text("not an image")
     messages.clear()
     state = retrain(workspace=str(root), return_state=True)
     assert state.is_failed()
-    assert "stage 'validate' failed" in state.message and "broken.png" in state.message
+    assert "stage 'validate' failed" in state.message and "Connection refused.png" in state.message
     runs = task_runs(state)
     assert runs["validate"].run_count == 1, "a data error is not retried"
-    assert "prepare" not in runs, "no stage runs after the failed one"
+    assert "prepare" not in runs and "version_data" not in {n.split("-")[0] for n in runs}
     assert [m["event"] for m in messages] == ["failure"] and "validate" in messages[0]["text"]
+    # The merge is rolled back: data/ is the versioned data, the incoming files are all still there.
+    assert images(root) == len(CLASSES) * PER_CLASS and (root / "data.dvc").read_text() == data_dvc
+    assert "data.dvc" not in dvc_cli.status(root, _quiet())
+    assert len(list((root / "incoming").rglob("*.png"))) == len(CLASSES) * NEW_PER_CLASS + 1
+
+
+def test_links_in_the_incoming_folder_are_refused_before_anything_is_merged(make_workspace) -> None:
+    root = make_workspace()
+    secret = root.parent / "secret.key"
+    secret.write_bytes(b"private")
+    (root / "incoming" / CLASSES[0] / "secret.png").symlink_to(secret)
+    state = retrain(workspace=str(root), return_state=True)
+    assert state.is_failed()
+    assert "incoming images must be regular files" in state.message
+    assert f"secret.png (a symbolic link to {secret})" in state.message
+    assert task_runs(state) == {} and images(root) == len(CLASSES) * PER_CLASS
+    assert len(list((root / "incoming").rglob("*.png"))) == len(CLASSES) * NEW_PER_CLASS + 1
+
+
+def test_an_incoming_folder_that_is_the_data_folder_is_refused(make_workspace) -> None:
+    root = make_workspace(incoming="data")
+    state = retrain(workspace=str(root), return_state=True)
+    assert state.is_failed() and "orchestrate.incoming = 'data'" in state.message
+    assert "is the data folder" in state.message
+    assert images(root) == len(CLASSES) * PER_CLASS, "data/ is untouched"
 
 
 def test_lock_contention_is_retried_then_reported(make_workspace) -> None:

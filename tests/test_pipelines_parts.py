@@ -4,6 +4,7 @@ notifications and the reading of DVC failures. Seconds, no pipeline run."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from pathlib import Path
@@ -12,14 +13,17 @@ import pytest
 from fixtures_prefect import sh
 
 from cnnops.config import OrchestrateParams
-from cnnops.errors import CnnopsError, DataError
+from cnnops.errors import CnnopsError, ConfigError, DataError
 from pipelines import dvc_cli, gitops, notify
 from pipelines.workspace import (
+    MERGE_FILE,
     TMP_SUFFIX,
     WorkspaceBusy,
     clear_incoming,
+    incoming_folder,
     merge_incoming,
     recover,
+    rollback_merge,
     workspace_lock,
 )
 
@@ -37,42 +41,101 @@ def test_merge_copies_new_files_and_is_idempotent(tmp_path: Path) -> None:
     write(data / "cat" / "old.png", b"old")
     write(incoming / "cat" / "new.png", b"new")
     write(incoming / "dog" / "d.png", b"dog")
-    first = merge_incoming(incoming, data, log)
+    first = merge_incoming(tmp_path, incoming, data, log)
     assert sorted(p.name for p in first.copied) == ["d.png", "new.png"]
     assert (data / "dog" / "d.png").read_bytes() == b"dog"
-    again = merge_incoming(incoming, data, log)  # as after a run killed before clear_incoming
+    again = merge_incoming(tmp_path, incoming, data, log)  # as after a run killed before clear_incoming
     assert again.copied == [] and len(again.identical) == 2
-    clear_incoming(again, incoming, log)
+    clear_incoming(tmp_path, again, incoming, log)
     assert list(incoming.iterdir()) == [], "files and emptied class folders are gone"
+    assert not (tmp_path / MERGE_FILE).exists(), "versioned: nothing left to roll back"
 
 
 def test_merge_refuses_a_name_clash_and_a_file_outside_a_class_folder(tmp_path: Path) -> None:
     incoming, data = tmp_path / "incoming", tmp_path / "data"
     write(data / "cat" / "a.png", b"one")
     write(incoming / "cat" / "a.png", b"two")
+    write(incoming / "cat" / "b.png", b"fine")
     with pytest.raises(DataError, match=r"cat/a.png already exists with other content; rename"):
-        merge_incoming(incoming, data, log)
+        merge_incoming(tmp_path, incoming, data, log)
+    assert not (data / "cat" / "b.png").exists(), "checked before anything is copied"
     (incoming / "cat" / "a.png").unlink()
     write(incoming / "loose.png", b"x")
     with pytest.raises(DataError, match=r"loose.png: incoming images must sit in a class folder"):
-        merge_incoming(incoming, data, log)
+        merge_incoming(tmp_path, incoming, data, log)
     assert (data / "cat" / "a.png").read_bytes() == b"one"
+
+
+def test_merge_refuses_links_and_anything_but_regular_files(tmp_path: Path) -> None:
+    incoming, data, secret = tmp_path / "incoming", tmp_path / "data", tmp_path / "secret.key"
+    secret.write_bytes(b"private")
+    write(incoming / "cat" / "fine.png", b"png")
+    (incoming / "cat" / "link.png").symlink_to(secret)
+    (incoming / "linked").symlink_to(tmp_path, target_is_directory=True)
+    os.mkfifo(incoming / "cat" / "pipe.png")
+    with pytest.raises(DataError, match=r"nothing merged, as incoming images must be regular files") as info:
+        merge_incoming(tmp_path, incoming, data, log)
+    message = str(info.value)
+    assert f"{incoming / 'cat' / 'link.png'} (a symbolic link to {secret})" in message
+    assert f"{incoming / 'linked'} (a symbolic link to {tmp_path})" in message
+    assert f"{incoming / 'cat' / 'pipe.png'} (a named pipe)" in message and "cp --dereference" in message
+    assert not data.exists(), "nothing was copied"
+    assert secret.read_bytes() == b"private" and (incoming / "cat" / "link.png").is_symlink()
+
+
+def test_an_unversioned_merge_is_rolled_back_and_a_changed_copy_kept(tmp_path: Path, caplog) -> None:
+    incoming, data = tmp_path / "incoming", tmp_path / "data"
+    write(data / "cat" / "old.png", b"old")
+    write(incoming / "cat" / "new.png", b"new")
+    write(incoming / "dog" / "d.png", b"dog")
+    write(incoming / "eel" / "e.png", b"eel")
+    merge_incoming(tmp_path, incoming, data, log)
+    (data / "eel" / "e.png").write_bytes(b"fixed by hand")
+    with caplog.at_level(logging.WARNING):
+        removed = rollback_merge(tmp_path, data, log)
+    assert sorted(p.name for p in removed) == ["d.png", "new.png"]
+    assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png")) == ["cat/old.png", "eel/e.png"]
+    assert not (data / "dog").exists(), "the class folder the merge made is gone"
+    assert "keeping" in caplog.text and "eel/e.png" in caplog.text
+    assert len(list(incoming.rglob("*.png"))) == 3, "the originals stay"
+    assert rollback_merge(tmp_path, data, log) == [], "nothing noted any more"
 
 
 def test_hidden_incoming_files_are_left_with_a_warning(tmp_path: Path, caplog) -> None:
     incoming, data = tmp_path / "incoming", tmp_path / "data"
     write(incoming / ".DS_Store", b"x")
     with caplog.at_level(logging.WARNING):
-        assert merge_incoming(incoming, data, log).sources == []
+        assert merge_incoming(tmp_path, incoming, data, log).sources == []
     assert "not merging" in caplog.text and ".DS_Store" in caplog.text
 
 
-def test_recover_removes_a_copy_an_interrupted_merge_left(tmp_path: Path) -> None:
-    data = tmp_path / "data"
+def test_recover_removes_what_an_interrupted_merge_left(tmp_path: Path) -> None:
+    incoming, data = tmp_path / "incoming", tmp_path / "data"
     leftover = write(data / "cat" / f".a.png{TMP_SUFFIX}", b"half")
     kept = write(data / "cat" / "b.png", b"whole")
+    write(incoming / "cat" / "c.png", b"merged, never versioned")
+    merge_incoming(tmp_path, incoming, data, log)  # then the run was killed
     recover(tmp_path, data, log)
     assert not leftover.exists() and kept.exists()
+    assert not (data / "cat" / "c.png").exists() and (incoming / "cat" / "c.png").exists()
+
+
+@pytest.mark.parametrize(("incoming", "where"), [("data", "is"), ("data/cat", "is inside"), (".", "holds")])
+def test_the_incoming_folder_is_never_the_data_folder(tmp_path: Path, incoming: str, where: str) -> None:
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    with pytest.raises(
+        ConfigError, match=rf"orchestrate.incoming = '{re.escape(incoming)}' .* {where} the data"
+    ):
+        incoming_folder(tmp_path, incoming, tmp_path / "data")
+
+
+def test_the_incoming_folder_is_checked_where_it_really_is(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "data", target_is_directory=True)
+    with pytest.raises(ConfigError, match=r"orchestrate.incoming = 'alias' .* is the data folder"):
+        incoming_folder(tmp_path, "alias", tmp_path / "data")
+    assert incoming_folder(tmp_path, "incoming", tmp_path / "data") == tmp_path / "incoming"
+    assert incoming_folder(tmp_path, None, tmp_path / "data") is None
 
 
 def test_the_workspace_lock_names_its_holder(tmp_path: Path) -> None:

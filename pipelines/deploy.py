@@ -27,6 +27,7 @@ CODE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding pipelines/
 # name from `serve` keeps its source storage, and its runs then fail to load the flow.
 SERVED = "served"
 ENTRYPOINTS = {"retrain": "pipelines/flows.py:retrain", "reproduce": "pipelines/flows.py:reproduce"}
+ONE_RUN = 1  # concurrency limit of each deployment, kept by the Prefect server
 
 
 def schedules(orchestrate: OrchestrateParams) -> list[Any]:
@@ -44,10 +45,31 @@ def schedules(orchestrate: OrchestrateParams) -> list[Any]:
         ) from None
 
 
-def _settings(workspace: Path) -> tuple[dict[str, Any], list[Any]]:
+def deployments(workspace: Path, pool: str | None = None) -> list[Any]:
+    """The two deployments for `workspace`: served from this process (no pool), or from this checkout
+    (CODE_ROOT) by a worker of the process work pool `pool`.
+
+    Each allows one flow run at a time: the workspace lock keeps a machine's runs apart, and this
+    limit, kept by the server, keeps apart the runs of one deployment on workers of several machines.
+    """
+    from prefect import Flow
+
     root = workspace.resolve()
-    orchestrate = load_params(root / "params.yaml").orchestrate
-    return {"workspace": str(root)}, schedules(orchestrate)
+    parameters = {"workspace": str(root)}
+    retrain_schedules = schedules(load_params(root / "params.yaml").orchestrate)
+    built = []
+    for name, flow_ in (("retrain", retrain), ("reproduce", reproduce)):
+        source = Flow.from_source(source=str(CODE_ROOT), entrypoint=ENTRYPOINTS[name]) if pool else flow_
+        built.append(
+            source.to_deployment(
+                name=name if pool else SERVED,
+                work_pool_name=pool,
+                parameters=parameters,
+                schedules=retrain_schedules if name == "retrain" else None,
+                concurrency_limit=ONE_RUN,
+            )
+        )
+    return built
 
 
 def serve(workspace: Path) -> None:
@@ -55,18 +77,14 @@ def serve(workspace: Path) -> None:
     from prefect import serve as prefect_serve
     from prefect.settings import PREFECT_API_URL
 
-    parameters, retrain_schedules = _settings(workspace)
+    served = deployments(workspace)
     if not PREFECT_API_URL.value():
         log.warning(
             "no Prefect server configured (PREFECT_API_URL): the deployments can be run by hand, but "
             "Prefect's ephemeral API has no scheduler, so the retrain schedule will not fire. Start "
             "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api for schedules"
         )
-    prefect_serve(
-        retrain.to_deployment(name=SERVED, parameters=parameters, schedules=retrain_schedules),
-        reproduce.to_deployment(name=SERVED, parameters=parameters),
-        limit=1,  # one flow run at a time from this process; the workspace lock guards the rest
-    )
+    prefect_serve(*served, limit=1)  # one flow run at a time from this process
 
 
 def deploy(workspace: Path, pool: str) -> list[str]:
@@ -75,7 +93,7 @@ def deploy(workspace: Path, pool: str) -> list[str]:
     The worker runs the flows from this checkout (CODE_ROOT) against `workspace`; both must be
     reachable from the worker's machine, so start the worker where the project lives.
     """
-    from prefect import Flow
+    from prefect import deploy as prefect_deploy
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
@@ -93,21 +111,11 @@ def deploy(workspace: Path, pool: str) -> list[str]:
                 f"work pool {pool!r} not found at {PREFECT_API_URL.value()}: create it with "
                 f"`prefect work-pool create {pool} --type process`"
             ) from None
-    parameters, retrain_schedules = _settings(workspace)
-    ids = []
-    for name, entrypoint in ENTRYPOINTS.items():
-        source = Flow.from_source(source=str(CODE_ROOT), entrypoint=entrypoint)
-        ids.append(
-            str(
-                source.deploy(
-                    name=name,
-                    work_pool_name=pool,
-                    parameters=parameters,
-                    schedules=retrain_schedules if name == "retrain" else None,
-                    build=False,
-                    push=False,
-                    print_next_steps=False,
-                )
-            )
-        )
-    return ids
+    ids = prefect_deploy(
+        *deployments(workspace, pool),
+        work_pool_name=pool,
+        build=False,
+        push=False,
+        print_next_steps_message=False,
+    )
+    return [str(deployment_id) for deployment_id in ids]

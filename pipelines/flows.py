@@ -5,6 +5,7 @@ Prefect owns when and where; DVC owns the DAG. Each DVC stage is one task runnin
 record and a stage added to dvc.yaml needs no change here. Stage output goes to the Prefect logs
 line by line; only failures worth retrying (lock contention, a server that did not answer) are
 retried, with exponential backoff; any other failure ends the flow with the stage and its error.
+Every task has a timeout, and a run that fails or crashes says so through the configured channels.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import FlowRun, State, TaskRun
+from prefect.logging.loggers import flow_run_logger
 from prefect.runtime import flow_run as current_flow_run
 from prefect.tasks import Task, exponential_backoff
 
@@ -46,6 +48,10 @@ TRAIN_REPORT = Path("reports/train.json")
 RELEASE_REPORT = Path("reports/release.json")
 VERSIONED_FILES = (DATA_DVC, "dvc.lock")
 CHECK_STAGE = "validate"  # retrain versions new data, and clears the incoming folder, once it passed
+# Until params.yaml has them (orchestrate.stage_timeout): a task that runs longer is stopped (DVC and
+# its stage with it) and fails, so a hung stage or server cannot hold the workspace for ever.
+STAGE_TIMEOUT_SECONDS = 12 * 3600.0  # a DVC stage or `dvc add data`: training a large model is slow
+RECORD_TIMEOUT_SECONDS = 600.0  # tagging the MLflow run, the git commit
 
 
 @dataclass(frozen=True)
@@ -72,27 +78,27 @@ def _retry_transient(task: Task[..., Any], task_run: TaskRun, state: State) -> b
     return False
 
 
-@task(task_run_name="{stage}")  # retries: _stage_task
+@task(task_run_name="{stage}")  # timeout and retries: _stage_task
 def run_stage(root: Path, stage: str) -> None:
     """One DVC stage, and only it: its upstream stages ran as the tasks before."""
     dvc_cli.run(["repro", "--single-item", stage], root, get_run_logger(), f"stage {stage!r}")
 
 
-@task
+@task(timeout_seconds=STAGE_TIMEOUT_SECONDS)
 def version_data(root: Path) -> str | None:
     """`dvc add data`: the new data version goes into data.dvc (and the DVC cache)."""
     dvc_cli.run(["add", DATA_DIR], root, get_run_logger(), "dvc add data")
     return data_version(root / DATA_DVC)
 
 
-@task
+@task(timeout_seconds=RECORD_TIMEOUT_SECONDS)
 def tag_mlflow_run(tracking_params: TrackingParams, run_id: str, tags: dict[str, str], root: Path) -> None:
     """Point the MLflow run at this flow run (and its data version), so each record leads to the other.
     A relative local store is the workspace's (where DVC ran the stages), not this process's cwd."""
     runs.tag_run(tracking_params, run_id, tags, root)
 
 
-@task
+@task(timeout_seconds=RECORD_TIMEOUT_SECONDS)
 def commit_versions(root: Path, branch: str, message: str) -> str:
     commit = gitops.commit_to_branch(root, branch, VERSIONED_FILES, message)
     get_run_logger().info("committed %s to branch %s as %s", ", ".join(VERSIONED_FILES), branch, commit[:12])
@@ -105,11 +111,12 @@ def _params(root: Path) -> Params:
 
 
 def _stage_task(orchestrate: OrchestrateParams) -> Task[..., None]:
-    """`run_stage` retried only on transient failures."""
+    """`run_stage` retried only on transient failures, and stopped after STAGE_TIMEOUT_SECONDS."""
     return run_stage.with_options(
         retries=orchestrate.retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=orchestrate.retry_delay),
         retry_condition_fn=_retry_transient,
+        timeout_seconds=STAGE_TIMEOUT_SECONDS,
     )
 
 
@@ -147,15 +154,17 @@ def _check_new_data(root: Path, orchestrate: OrchestrateParams, stages: list[str
 
 
 def _notify_failure(flow_: Any, flow_run: FlowRun, state: State) -> None:
-    """on_failure hook: say which flow failed, where, and why (the state message names the stage)."""
-    logger = get_run_logger()
+    """on_failure and on_crashed hook: say which flow failed or crashed, where, and why (a failed
+    run's message names the stage). A crashed run's hooks can run in the worker, outside the run,
+    hence a logger made from the flow run."""
+    logger = flow_run_logger(flow_run, flow_)
     try:
         params = _params(Path(flow_run.parameters.get("workspace", ".")).resolve())
     except Exception as exc:  # params themselves may be what failed: then there is no channel to use
         logger.error("no failure notification sent: the notification settings could not be read: %s", exc)
         return
-    subject = f"cnnops {flow_.name} failed: flow run {flow_run.name}"
-    notify.send(params.orchestrate, "failure", subject, state.message or "failed", logger)
+    subject = f"cnnops {flow_.name} {state.name.lower()}: flow run {flow_run.name}"
+    notify.send(params.orchestrate, "failure", subject, state.message or state.name, logger)
 
 
 @contextmanager
@@ -169,7 +178,7 @@ def _workspace(root: Path, orchestrate: OrchestrateParams, lock_timeout: float |
         yield
 
 
-@flow(name="reproduce", on_failure=[_notify_failure])
+@flow(name="reproduce", on_failure=[_notify_failure], on_crashed=[_notify_failure])
 def reproduce(
     workspace: str = ".", target: str | None = None, lock_timeout: float | None = None
 ) -> list[str]:
@@ -182,7 +191,7 @@ def reproduce(
         return stages
 
 
-@flow(name="retrain", on_failure=[_notify_failure])
+@flow(name="retrain", on_failure=[_notify_failure], on_crashed=[_notify_failure])
 def retrain(workspace: str = ".", lock_timeout: float | None = None) -> RetrainResult:
     """New data (in data/ or the incoming folder) -> validated, a new data version, pipeline, release, record.
 

@@ -19,7 +19,7 @@ import httpx
 import mlflow
 import pytest
 import yaml
-from fixtures_prefect import PROJECT, copy_workspace, tool_env, touch_export_params
+from fixtures_prefect import PROJECT, copy_workspace, tool_env, touch_export_params, write_params
 
 from cnnops.config import OrchestrateParams
 from cnnops.errors import CnnopsError, ConfigError
@@ -81,6 +81,19 @@ def test_a_bad_schedule_names_the_params_keys() -> None:
         schedules(OrchestrateParams.from_defaults(schedule="0 3 * * *", timezone="Mars/Olympus"))
 
 
+def test_each_deployment_runs_one_flow_run_at_a_time(tmp_path: Path) -> None:
+    """Beside the workspace lock of one machine: the server keeps runs on several workers apart."""
+    from pipelines.deploy import deployments
+
+    write_params(tmp_path)
+    for pool, names in ((None, ["served", "served"]), (POOL, ["retrain", "reproduce"])):
+        built = deployments(tmp_path, pool)
+        assert [(d.name, d.work_pool_name) for d in built] == [(name, pool) for name in names]
+        assert [d.concurrency_limit for d in built] == [1, 1]
+        assert [bool(d.schedules) for d in built] == [True, False], "retrain is scheduled, reproduce not"
+        assert all(d.parameters == {"workspace": str(tmp_path.resolve())} for d in built)
+
+
 def test_deploy_needs_a_server_and_an_existing_pool(workspace_template: Path, prefect_harness) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -121,6 +134,7 @@ def test_deployed_retrain_runs_on_a_server_through_a_process_worker(retrained, t
         deployment = httpx.get(f"{api}/deployments/name/retrain/retrain").json()
         assert deployment["work_pool_name"] == POOL
         assert deployment["parameters"] == {"workspace": str(root)}
+        assert deployment["global_concurrency_limit"]["limit"] == 1, "one run of it at a time"
         schedule = deployment["schedules"][0]["schedule"]
         assert (schedule["cron"], schedule["timezone"]) == ("30 2 * * 1", "Europe/Paris")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import psutil
 import pytest
 from filelock import FileLock
 from fixtures_prefect import (
@@ -29,6 +30,7 @@ from fixtures_prefect import (
     sh,
     tool_env,
     touch_export_params,
+    write_params,
 )
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -40,7 +42,7 @@ from prefect.client.schemas.filters import (
 from prefect.settings import PREFECT_API_URL
 
 from cnnops.errors import CnnopsError
-from pipelines import dvc_cli
+from pipelines import dvc_cli, flows
 from pipelines.flows import RetrainResult, reproduce, retrain
 from pipelines.workspace import LOCK_FILE, note_retrain, pending_retrain
 
@@ -221,6 +223,68 @@ def test_an_incoming_folder_that_is_the_data_folder_is_refused(make_workspace) -
     assert state.is_failed() and "orchestrate.incoming = 'data'" in state.message
     assert "is the data folder" in state.message
     assert images(root) == len(CLASSES) * PER_CLASS, "data/ is untouched"
+
+
+def sleeping_workspace(root: Path, **orchestrate: Any) -> Path:
+    """A DVC project whose one stage writes its pid to sleeper.pid and sleeps for two minutes."""
+    root.mkdir()
+    sh(root, "git", "init", "-q", "-b", "main")
+    sh(root, "dvc", "init", "-q")
+    (root / "sleep.py").write_text(
+        "import os, pathlib, time\n"
+        "pathlib.Path('sleeper.pid').write_text(str(os.getpid()))\n"
+        "time.sleep(120)\n"
+    )
+    (root / "dvc.yaml").write_text("stages:\n  sleep:\n    cmd: python sleep.py\n")
+    write_params(root, **orchestrate)
+    return root
+
+
+def wait_for_file(path: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+def gone(pid_file: Path) -> bool:
+    try:
+        return psutil.Process(int(pid_file.read_text())).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_stage_past_its_timeout_is_stopped_and_not_retried(tmp_path: Path, monkeypatch) -> None:
+    root = sleeping_workspace(tmp_path / "ws")
+    monkeypatch.setattr(flows, "STAGE_TIMEOUT_SECONDS", 3.0)
+    state = reproduce(workspace=str(root), return_state=True)
+    assert state.is_failed() and "timed out after 3.0 second" in state.message, state.message
+    assert task_runs(state)["sleep"].run_count == 1, "a timeout is not retried"
+    assert gone(root / "sleeper.pid") and not (root / dvc_cli.PID_FILE).exists(), "the stage was stopped"
+
+
+def test_a_crashed_run_is_announced(tmp_path: Path, webhook) -> None:
+    url, messages = webhook
+    root = sleeping_workspace(tmp_path / "ws", notify_webhook=url)
+    messages.clear()
+    run = subprocess.Popen(  # a flow run's own process, as a worker starts it
+        [sys.executable, "-m", "pipelines", "reproduce", "--workspace", str(root)],
+        cwd=PROJECT,
+        env=tool_env(PREFECT_API_URL=str(PREFECT_API_URL.value())),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _read_until(run, "> python sleep.py", timeout=120)
+        wait_for_file(root / "sleeper.pid")
+        run.terminate()  # SIGTERM, as a machine shutting down sends: the run crashes
+        run.wait(timeout=60)
+    finally:
+        run.kill()
+    assert [m["event"] for m in messages] == ["failure"], "the crash was announced"
+    assert messages[0]["subject"].startswith("cnnops reproduce crashed: flow run ")
+    assert gone(root / "sleeper.pid") and not (root / dvc_cli.PID_FILE).exists(), "the stage was stopped"
 
 
 def test_lock_contention_is_retried_then_reported(make_workspace) -> None:

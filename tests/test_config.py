@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -104,7 +105,10 @@ def test_a_partial_mapping_is_merged_over_the_defaults() -> None:
             {"data": {"max_image_pixels": 0}},
             "'data.max_image_pixels' = 0 is not allowed: Input should be greater than 0",
         ),
-        ({"prepare": {"image_size": [4, 32]}}, "image_size [4, 32] is too small"),
+        (
+            {"prepare": {"image_size": [4, 32]}},
+            "'prepare.image_size' = [4, 32] is not allowed: Value error, each side must be 8 to 4096 pixels",
+        ),
         ({"validate": {"allowed_formats": ["JPG"]}}, "'JPG' is not a Pillow name (did you mean 'JPEG'?)"),
         ({"validate": {"allowed_modes": ["I16"]}}, "'I16' is not a Pillow name (did you mean 'I;16'?)"),
         ({"validate": {"min_width": 64, "max_width": 32}}, "min_width 64 is larger than max_width 32"),
@@ -115,6 +119,103 @@ def test_bad_values_name_the_key(raw: dict, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_params(raw, "params.yaml")
     assert expected in str(info.value)
+
+
+INF, NAN = math.inf, math.nan
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "allowed"),
+    [
+        ({"prepare": {"image_size": [100000, 100000]}}, "prepare.image_size", "each side must be 8 to 4096"),
+        ({"train": {"input_size": [8, 5000]}}, "train.input_size", "each side must be 8 to 4096"),
+        ({"train": {"input_size": ["16", 16]}}, "train.input_size.0", "valid integer"),
+        ({"train": {"batch_size": 10**9}}, "train.batch_size", "(allowed: >= 1 and <= 65536)"),
+        ({"train": {"batch_size": 1e9}}, "train.batch_size", "valid integer (allowed: >= 1 and <= 65536)"),
+        ({"audit": {"batch_size": 10**9}}, "audit.batch_size", "(allowed: >= 1 and <= 65536)"),
+        ({"evaluate": {"ece_bins": 10**9}}, "evaluate.ece_bins", "(allowed: >= 2 and <= 1000)"),
+        ({"train": {"num_workers": 10000}}, "train.num_workers", "use auto or a whole number from 0 to 64"),
+        ({"data": {"max_image_pixels": 10**15}}, "data.max_image_pixels", "(allowed: > 0 and <= 178956970)"),
+        ({"train": {"lr": INF}}, "train.lr", "finite number (allowed: > 0.0 and <= 10.0)"),
+        ({"train": {"grad_clip": INF}}, "train.grad_clip", "finite number (allowed: > 0.0)"),
+        ({"release": {"margin": INF}}, "release.margin", "finite number (allowed: >= 0.0 and < 1.0)"),
+        ({"orchestrate": {"lock_timeout": INF}}, "orchestrate.lock_timeout", "and <= 86400.0)"),
+        ({"orchestrate": {"retry_delay": NAN}}, "orchestrate.retry_delay", "(allowed: >= 0.0 and <= 3600.0)"),
+        ({"train": {"augment": {"crop_scale": [0.5, NAN]}}}, "train.augment.crop_scale.1", "finite number"),
+        ({"train": {"epochs": True}}, "train.epochs", "valid integer (allowed: >= 1 and <= 10000)"),
+        ({"train": {"epochs": "12"}}, "train.epochs", "valid integer (allowed: >= 1 and <= 10000)"),
+        ({"prepare": {"image_size": [True, 32]}}, "prepare.image_size.0", "valid integer"),
+        ({"train": {"channels_last": 1}}, "train.channels_last", "valid boolean"),
+        ({"base": {"seed": 2**70}}, "base.seed", "(allowed: >= 0 and < 4294967296)"),
+        ({"audit": {"seed": 2**32}}, "audit.seed", "(allowed: >= 0 and < 4294967296)"),
+    ],
+)
+def test_values_that_would_exhaust_resources_are_refused_with_the_range(
+    raw: dict, key: str, allowed: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw, "params.yaml")
+    assert f"params.yaml: '{key}' = " in str(info.value) and allowed in str(info.value)
+
+
+def _leaves(raw: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """(key path, value) of every scalar in a params mapping."""
+    found = []
+    for key, value in raw.items():
+        path = (*prefix, key)
+        found += _leaves(value, path) if isinstance(value, dict) else [(path, value)]
+    return found
+
+
+def _nested(path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    return {path[0]: _nested(path[1:], value) if len(path) > 1 else value}
+
+
+def _probes(default: Any) -> list[Any]:
+    """Values no number or switch may take: the other kind, text, the unbounded, the non-finite."""
+    if isinstance(default, bool):
+        return [1, "true"]
+    if isinstance(default, int):
+        return [True, str(default), float(default), 10**18]
+    if isinstance(default, float):
+        return [True, str(default), 1e18, INF, NAN]
+    return []
+
+
+def test_every_number_and_switch_is_strict_bounded_and_finite() -> None:
+    """Not one key at a time: every int, float and bool of params.yaml, so a new one is covered too."""
+    defaults = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    accepted = [
+        (".".join(path), probe)
+        for path, default in _leaves(defaults)
+        for probe in _probes(default)
+        if not _refused_naming(path, probe)
+    ]
+    assert accepted == []
+    assert parse_params({"orchestrate": {"lock_timeout": 60}}).orchestrate.lock_timeout == 60.0  # int ok
+
+
+def _refused_naming(path: tuple[str, ...], probe: Any) -> bool:
+    try:
+        parse_params(_nested(path, probe), "p.yaml")
+    except ConfigError as exc:
+        return f"p.yaml: '{'.'.join(path)}' = {probe!r} is not allowed" in str(exc)
+    return False
+
+
+def test_exponents_read_as_yaml_1_2_and_dvc_write_them(tmp_path: Path) -> None:
+    """`dvc exp run -S train.lr=1e-5` writes `lr: 1e-05`, text to PyYAML's YAML 1.1 but a float here;
+    a quoted number stays text and is refused with why, and a float is never an int."""
+    (tmp_path / "p.yaml").write_text("train:\n  lr: 1e-05\n  weight_decay: 2E-4\n")
+    train = load_params(tmp_path / "p.yaml").train
+    assert (train.lr, train.weight_decay) == (1e-05, 2e-4)
+    (tmp_path / "p.yaml").write_text("train:\n  batch_size: 1e9\n  lr: '0.001'\n")
+    with pytest.raises(ConfigError) as info:
+        load_params(tmp_path / "p.yaml")
+    batch, lr = str(info.value).splitlines()  # in schema order
+    assert "'train.batch_size' = 1000000000.0 is not allowed: Input should be a valid integer" in batch
+    assert "'train.lr' = '0.001' is not allowed: Input should be a valid number" in lr
+    assert lr.endswith("; it is quoted, so YAML reads it as text: write the number without quotes")
 
 
 def test_file_problems(tmp_path: Path) -> None:

@@ -15,16 +15,21 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -36,13 +41,26 @@ from cnnops.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")  # the file a command reads unless --params names another
 MAX_WORKERS = 64  # DataLoader worker processes: more only exhausts memory and file handles
+# Upper bounds: a value past them exhausts memory, disk or time instead of doing more of the same.
+SEED_LIMIT = 2**32  # exclusive: numpy's legacy seeding and scikit-learn's random_state take 32 bits
+MIN_IMAGE_SIDE = 8  # pixels: the smallest the pipeline is built for (the ConvNet's two poolings leave 2x2)
+MAX_IMAGE_SIDE = 4096  # pixels: 50 MB an RGB image in a prepared split; bounds ONNX input_size too
+MAX_IMAGE_PIXELS = 2 * 89_478_485  # twice Pillow's default Image.MAX_IMAGE_PIXELS, where Pillow itself
+# refuses an image outright: a larger limit turns the decompression-bomb protection off
+MAX_CLASSES = 100_000  # of a dataset or an ONNX file's class_names (ImageNet-21k has 21,841)
+MAX_BATCH = 65_536  # images a batch: their activations at 224x224 exceed any accelerator's memory
+MAX_EPOCHS = 10_000  # full passes over the training split: past any schedule the pipeline runs
+MAX_RUNS = 10_000  # timed runs a latency engine: 10,000 runs of a ResNet-50 on a CPU take minutes
 SHIPPED_PARAMS = "params.yaml"  # package data of `cnnops`: every default value
 
 
 class Section(BaseModel):
-    """Base of every params section: frozen, strict about unknown keys."""
+    """Base of every params section: frozen, strict about unknown keys, numbers finite.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    Numbers and switches are Strict* types, never coerced: `true` is not the int 1, nor "32" the
+    int 32. Not `strict=True` here: strict tuples refuse the lists YAML gives."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     @classmethod
     def from_defaults(cls, **values: Any) -> Self:
@@ -51,8 +69,19 @@ class Section(BaseModel):
         return cls.model_validate(deep_merge(_defaults_of(cls), values))
 
 
+def _image_sides(size: tuple[int, int]) -> tuple[int, int]:
+    if not all(MIN_IMAGE_SIDE <= side <= MAX_IMAGE_SIDE for side in size):
+        raise ValueError(f"each side must be {MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE} pixels")
+    return size
+
+
+ImageSize = Annotated[tuple[StrictInt, StrictInt], AfterValidator(_image_sides)]  # [height, width]
+
+
 class BaseParams(Section):
-    seed: int = Field(ge=0, description="seed for splits, initialisation and augmentation")
+    seed: StrictInt = Field(
+        ge=0, lt=SEED_LIMIT, description="seed for splits, initialisation and augmentation"
+    )
 
 
 class TrackingParams(Section):
@@ -71,15 +100,17 @@ class TrackingParams(Section):
 
 class DataParams(Section):
     color_mode: Literal["RGB", "L"] = Field(description="colour mode every image is converted to")
-    max_image_pixels: int = Field(
-        gt=0, description="larger images are refused as decompression bombs (Pillow's default)"
+    max_image_pixels: StrictInt = Field(
+        gt=0,
+        le=MAX_IMAGE_PIXELS,
+        description="larger images are refused as decompression bombs (Pillow's default)",
     )
     hidden_files: Literal["error", "skip"] = Field(
         description="files or folders starting with '.' under data/: refuse, or skip with a warning"
     )
     # 4 on the digits example: the largest group is 8 near-identical 6s and no group spans two classes;
     # at 6 chaining glues 45 images into one group and the first two-class group appears.
-    near_duplicate_distance: int = Field(
+    near_duplicate_distance: StrictInt = Field(
         ge=0, le=64, description="max Hamming distance of 64-bit perceptual hashes for near duplicates"
     )
 
@@ -118,13 +149,16 @@ class ValidateParams(Section):
     allowed_modes: tuple[str, ...] = Field(
         description="Pillow modes accepted (as stored in the file)",
     )
-    min_width: int = Field(ge=1)
-    min_height: int = Field(ge=1)
-    max_width: int = Field(ge=1)
-    max_height: int = Field(ge=1)
-    min_classes: int = Field(ge=2)
-    min_images_per_class: int = Field(ge=1)
-    max_imbalance_ratio: float = Field(ge=1.0, description="largest class count / smallest")
+    # a side is at most max_image_pixels long: a longer image is refused as a bomb before it is measured
+    min_width: StrictInt = Field(ge=1, le=MAX_IMAGE_PIXELS)
+    min_height: StrictInt = Field(ge=1, le=MAX_IMAGE_PIXELS)
+    max_width: StrictInt = Field(ge=1, le=MAX_IMAGE_PIXELS)
+    max_height: StrictInt = Field(ge=1, le=MAX_IMAGE_PIXELS)
+    min_classes: StrictInt = Field(ge=2, le=MAX_CLASSES)
+    min_images_per_class: StrictInt = Field(ge=1, le=1_000_000, description="ImageNet has ~1,300 a class")
+    max_imbalance_ratio: StrictFloat = Field(
+        ge=1.0, le=1e6, description="largest class count / smallest; severity.imbalance: off skips the check"
+    )
     severity: Severities
 
     @field_validator("allowed_formats", "allowed_modes")
@@ -146,28 +180,23 @@ class ValidateParams(Section):
 
 
 class PrepareParams(Section):
-    image_size: tuple[int, int] = Field(description="[height, width] of the cached tensors")
-    val_fraction: float = Field(gt=0.0, lt=0.5)
-    test_fraction: float = Field(gt=0.0, lt=0.5)
-
-    @model_validator(mode="after")
-    def _positive_size(self) -> PrepareParams:
-        if min(self.image_size) < 8:
-            raise ValueError(f"image_size {list(self.image_size)} is too small: each side must be >= 8")
-        return self
+    image_size: ImageSize = Field(description="[height, width] of the cached tensors")
+    val_fraction: StrictFloat = Field(gt=0.0, lt=0.5)
+    test_fraction: StrictFloat = Field(gt=0.0, lt=0.5)
 
 
 class AugmentParams(Section):
-    random_resized_crop: bool
-    crop_scale: tuple[float, float]
-    horizontal_flip: float = Field(ge=0.0, le=1.0, description="probability")
-    vertical_flip: float = Field(ge=0.0, le=1.0, description="probability")
-    color_jitter: float = Field(ge=0.0, le=1.0, description="brightness/contrast/saturation strength")
-    randaugment: bool
-    randaugment_magnitude: int = Field(ge=0, le=30)
-    mixup_alpha: float = Field(ge=0.0)
-    cutmix_alpha: float = Field(ge=0.0)
-    random_rotation: float = Field(ge=0.0, le=180.0, description="max degrees")
+    random_resized_crop: StrictBool
+    crop_scale: tuple[StrictFloat, StrictFloat]
+    horizontal_flip: StrictFloat = Field(ge=0.0, le=1.0, description="probability")
+    vertical_flip: StrictFloat = Field(ge=0.0, le=1.0, description="probability")
+    color_jitter: StrictFloat = Field(ge=0.0, le=1.0, description="brightness/contrast/saturation strength")
+    randaugment: StrictBool
+    randaugment_magnitude: StrictInt = Field(ge=0, le=30)
+    # Beta(10, 10) already mixes about half-and-half every time; the papers use 0.2 to 1
+    mixup_alpha: StrictFloat = Field(ge=0.0, le=10.0)
+    cutmix_alpha: StrictFloat = Field(ge=0.0, le=10.0)
+    random_rotation: StrictFloat = Field(ge=0.0, le=180.0, description="max degrees")
 
     @model_validator(mode="after")
     def _crop_scale_range(self) -> AugmentParams:
@@ -181,37 +210,32 @@ class TrainParams(Section):
     model: str = Field(description="'convnet' or any torchvision classification model name")
     mode: Literal["scratch", "linear_probe", "finetune"]
     weights: str | None = Field(description="torchvision weights enum name, e.g. DEFAULT or IMAGENET1K_V1")
-    epochs: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
+    epochs: StrictInt = Field(ge=1, le=MAX_EPOCHS)
+    batch_size: StrictInt = Field(ge=1, le=MAX_BATCH)
     optimizer: Literal["adamw", "sgd"]
-    lr: float = Field(gt=0.0)
-    backbone_lr_scale: float = Field(gt=0.0, le=1.0, description="finetune: backbone lr = lr * this")
-    weight_decay: float = Field(ge=0.0)
-    momentum: float = Field(ge=0.0, lt=1.0)
-    warmup_epochs: int = Field(ge=0)
-    label_smoothing: float = Field(ge=0.0, lt=1.0)
-    grad_clip: float | None = Field(gt=0.0, description="max gradient norm; null turns clipping off")
-    early_stopping_patience: int | None = Field(ge=1, description="epochs without improvement")
+    lr: StrictFloat = Field(gt=0.0, le=10.0, description="a peak above 10 diverges with AdamW and SGD alike")
+    backbone_lr_scale: StrictFloat = Field(gt=0.0, le=1.0, description="finetune: backbone lr = lr * this")
+    weight_decay: StrictFloat = Field(ge=0.0, le=1.0, description="at 1, decay takes the whole lr step")
+    momentum: StrictFloat = Field(ge=0.0, lt=1.0)
+    warmup_epochs: StrictInt = Field(ge=0, le=MAX_EPOCHS)
+    label_smoothing: StrictFloat = Field(ge=0.0, lt=1.0)
+    grad_clip: StrictFloat | None = Field(gt=0.0, description="max gradient norm; null turns clipping off")
+    early_stopping_patience: StrictInt | None = Field(
+        ge=1, le=MAX_EPOCHS, description="epochs without improvement"
+    )
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(description="autocast on CUDA; off on CPU")
-    channels_last: bool = Field(description="channels_last memory format on CUDA")
+    channels_last: StrictBool = Field(description="channels_last memory format on CUDA")
     num_workers: int | Literal["auto"] = Field(
         description="DataLoader worker processes; auto: one per core but one, at most 8"
     )
-    input_size: tuple[int, int] | None = Field(
+    input_size: ImageSize | None = Field(
         description="[height, width] of the network's input; null: the prepared size (prepare.image_size)"
     )
     precise_bn: Literal["auto", "on", "off"] = Field(
         description="recompute BatchNorm statistics before validation"
     )
-    precise_bn_images: int = Field(ge=1, le=100_000, description="train images of the precise-BN pass")
+    precise_bn_images: StrictInt = Field(ge=1, le=100_000, description="train images of the precise-BN pass")
     augment: AugmentParams
-
-    @field_validator("input_size")
-    @classmethod
-    def _input_size(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
-        if value is not None and not all(8 <= side <= 4096 for side in value):
-            raise ValueError(f"{list(value)}: each side must be 8 to 4096 pixels")
-        return value
 
     @field_validator("num_workers", mode="before")
     @classmethod
@@ -234,8 +258,8 @@ class TrainParams(Section):
 
 
 class EvaluateParams(Section):
-    top_k: int = Field(ge=1)
-    ece_bins: int = Field(ge=2)
+    top_k: StrictInt = Field(ge=1, le=MAX_CLASSES)
+    ece_bins: StrictInt = Field(ge=2, le=1000, description="more leave most bins empty on any test split")
 
 
 class AuditParams(Section):
@@ -244,31 +268,41 @@ class AuditParams(Section):
         description="saliency methods; the first drives the evidence, the others are compared with it",
     )
     target_layer: str | None = Field(description="dotted module path in the network; null finds it")
-    batch_size: int = Field(ge=1)
-    max_images_per_class: int = Field(ge=1, description="images audited per class (and recipients)")
-    seed: int = Field(ge=0)
-    top_fraction: float = Field(gt=0.0, lt=1.0, description="share of pixels called most-attended")
-    border_fraction: float = Field(gt=0.0, lt=0.5, description="width of the outer band (share of side)")
-    corner_fraction: float = Field(gt=0.0, le=0.5, description="side of each corner region (share of side)")
-    transplant_flip_threshold: float = Field(gt=0.0, le=1.0, description="flip rate minus control")
-    significance: float = Field(
+    batch_size: StrictInt = Field(ge=1, le=MAX_BATCH)
+    max_images_per_class: StrictInt = Field(
+        ge=1, le=100_000, description="images audited per class (and recipients); each costs many passes"
+    )
+    seed: StrictInt = Field(ge=0, lt=SEED_LIMIT)
+    top_fraction: StrictFloat = Field(gt=0.0, lt=1.0, description="share of pixels called most-attended")
+    border_fraction: StrictFloat = Field(
+        gt=0.0, lt=0.5, description="width of the outer band (share of side)"
+    )
+    corner_fraction: StrictFloat = Field(
+        gt=0.0, le=0.5, description="side of each corner region (share of side)"
+    )
+    transplant_flip_threshold: StrictFloat = Field(gt=0.0, le=1.0, description="flip rate minus control")
+    significance: StrictFloat = Field(
         gt=0.0, le=1.0, description="one-sided Fisher exact p-value a transplant's flips must reach"
     )
-    deletion_gap_threshold: float = Field(gt=0.0, le=1.0, description="drop(top) minus drop(random)")
-    mask_inside_threshold: float = Field(
+    deletion_gap_threshold: StrictFloat = Field(gt=0.0, le=1.0, description="drop(top) minus drop(random)")
+    mask_inside_threshold: StrictFloat = Field(
         gt=0.0, le=1.0, description="min share of the most-attended pixels inside the masks"
     )
-    property_f1_threshold: float = Field(gt=0.0, le=1.0, description="probe F1 that raises a warning")
-    gallery_images_per_class: int = Field(ge=1)
+    property_f1_threshold: StrictFloat = Field(gt=0.0, le=1.0, description="probe F1 that raises a warning")
+    gallery_images_per_class: StrictInt = Field(ge=1, le=1000, description="overlays a class on one page")
 
 
 class ExportParams(Section):
-    opset: int = Field(ge=11, le=23)
-    parity_atol: float = Field(
-        gt=0.0, description="max abs difference of ORT from PyTorch on test, as probabilities"
+    opset: StrictInt = Field(ge=11, le=23)
+    parity_atol: StrictFloat = Field(
+        gt=0.0,
+        lt=1.0,
+        description="max abs difference of ORT from PyTorch on test, as probabilities (1 checks nothing)",
     )
-    latency_runs: int = Field(ge=5, description="timed batch-1 runs per engine")
-    throughput_batch: int = Field(ge=1, description="batch of the images/s figures and the parity run")
+    latency_runs: StrictInt = Field(ge=5, le=MAX_RUNS, description="timed batch-1 runs per engine")
+    throughput_batch: StrictInt = Field(
+        ge=1, le=MAX_BATCH, description="batch of the images/s figures and the parity run"
+    )
     output: Literal["logits", "probabilities"] = Field(
         description="graph output; probabilities appends a softmax"
     )
@@ -280,7 +314,11 @@ class ExportParams(Section):
 class ReleaseParams(Section):
     model_name: str = Field(min_length=1, description="MLflow registered model name")
     metric: Literal["accuracy", "balanced_accuracy", "macro_f1"]
-    margin: float = Field(ge=0.0, description="the challenger must beat the champion by more than this")
+    margin: StrictFloat = Field(
+        ge=0.0,
+        lt=1.0,
+        description="the challenger must beat the champion by more than this (the metrics are 0 to 1)",
+    )
 
 
 class OrchestrateParams(Section):
@@ -298,12 +336,18 @@ class OrchestrateParams(Section):
         pattern=r"^[a-z0-9-]+/[^/]+$",
         description="Prefect notification block as <block-type-slug>/<name>, e.g. slack-webhook/ops",
     )
-    git_commit: bool = Field(description="commit data.dvc and dvc.lock to git_branch after a retrain")
+    git_commit: StrictBool = Field(description="commit data.dvc and dvc.lock to git_branch after a retrain")
     git_branch: str = Field(min_length=1)
-    retries: int = Field(ge=0, description="retries of a stage that failed for a transient reason")
-    retry_delay: float = Field(ge=0.0, description="seconds before the first retry; doubles each retry")
-    lock_timeout: float = Field(
-        ge=0.0, description="seconds a run waits for another to free the workspace; 0 refuses at once"
+    retries: StrictInt = Field(
+        ge=0, le=10, description="retries of a stage that failed for a transient reason (10: 1023 delays)"
+    )
+    retry_delay: StrictFloat = Field(
+        ge=0.0, le=3600.0, description="seconds before the first retry (at most an hour); doubles each retry"
+    )
+    lock_timeout: StrictFloat = Field(
+        ge=0.0,
+        le=86_400.0,
+        description="seconds (a day at most) a run waits for the workspace to be free; 0 refuses at once",
     )
 
 
@@ -374,13 +418,57 @@ def _format(error: dict[str, Any], source: str) -> str:
         hint = _suggest(str(loc[-1]), valid)
         return f"{source}: unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}"
     value = error.get("input")
-    return f"{source}: '{key}' = {value!r} is not allowed: {error['msg']}"
+    return f"{source}: '{key}' = {value!r} is not allowed: {error['msg']}{_allowed(loc)}{_text_hint(error)}"
+
+
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _allowed(loc: tuple[Any, ...]) -> str:
+    """The key's whole range, for every error on it: pydantic names only the bound that was crossed."""
+    fields = _model_at(loc).model_fields.items()
+    field = next((f for n, f in fields if loc and (f.alias or n) == loc[-1]), None)
+    bounds = [
+        f"{sign} {getattr(rule, name)}"
+        for rule in (field.metadata if field is not None else [])
+        for name, sign in _BOUNDS.items()
+        if getattr(rule, name, None) is not None
+    ]
+    return f" (allowed: {' and '.join(bounds)})" if bounds else ""
+
+
+def _text_hint(error: dict[str, Any]) -> str:
+    """A quoted number is text, refused like any text where a number goes: say so, as it looks right."""
+    value = error.get("input")
+    if error["type"] not in ("int_type", "float_type") or not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return "; it is quoted, so YAML reads it as text: write the number without quotes"
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading 1e-5 as a float as YAML 1.2 does: PyYAML's YAML 1.1 wants 1.0e-5
+    and gives text, yet `dvc exp run -S train.lr=1e-5` writes 1e-05 (DVC reads YAML 1.2)."""
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ParamsLoader)  # a SafeLoader: plain values only, never objects
 
 
 @cache
 def _shipped_defaults() -> dict[str, Any]:
     """params.yaml as shipped in the package: the only place a default value is written."""
-    return yaml.safe_load(resources.files("cnnops").joinpath(SHIPPED_PARAMS).read_text())
+    return _read_yaml(resources.files("cnnops").joinpath(SHIPPED_PARAMS).read_text())
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -413,7 +501,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     if not path.exists():
         raise ConfigError(f"{path}: no such params file; run from the project root or pass --params PATH")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _read_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse_params(raw, str(path))

@@ -19,6 +19,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from cnnops.config import MAX_CLASSES, MAX_IMAGE_SIDE
 from cnnops.errors import ExportError, StageInputError
 from cnnops.models import CHANNELS
 
@@ -26,8 +27,6 @@ INPUT_NAME = "image"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 OutputKind = Literal["logits", "probabilities"]
-MAX_INPUT_SIDE = 4096  # pixels: bounds what a foreign file's input_size can make predict allocate per image
-MAX_CLASSES = 100_000
 MAX_CLASS_NAME = 255  # characters: the longest folder name a filesystem allows
 
 
@@ -112,9 +111,9 @@ def _input_size(value: object, source: str, key: str = "input_size") -> tuple[in
     if not (
         isinstance(value, list)
         and len(value) == 2
-        and all(type(side) is int and 1 <= side <= MAX_INPUT_SIDE for side in value)
+        and all(type(side) is int and 1 <= side <= MAX_IMAGE_SIDE for side in value)
     ):
-        raise _refused(source, key, value, f"[height, width] with each side an int in 1..{MAX_INPUT_SIDE}")
+        raise _refused(source, key, value, f"[height, width] with each side an int in 1..{MAX_IMAGE_SIDE}")
     return value[0], value[1]
 
 

@@ -79,3 +79,14 @@ def test_test_split_with_other_classes_is_refused(trained_digits: TrainedDigits,
     other.save(prepared, "test")
     with pytest.raises(StageInputError, match="differ from the model's"):
         evaluate.run(t.params, evaluate.EvaluatePaths(t.model, prepared, t.train_report, tmp_path / "m.json"))
+
+
+def test_damaged_or_foreign_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    for name, content in (("torn.pt", b"PK\x03\x04 torn"), ("foreign.pt", None)):
+        path = tmp_path / name
+        if content is None:
+            torch.save({"weights": torch.zeros(2)}, path)  # a tensor file, but not a cnnops checkpoint
+        else:
+            path.write_bytes(content)
+        with pytest.raises(StageInputError, match=rf"{name}: not a cnnops checkpoint, or a damaged one"):
+            load_classifier(path)

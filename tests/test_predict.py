@@ -165,3 +165,10 @@ def test_log_lines_are_printable_on_both_handlers(
     assert "\x07" not in err and "\x1b]" not in err and "\u202e" not in err
     shown = re.sub(r"\x1b\[[0-9;]*m", "", err)  # Rich's own colours, on a terminal
     assert r"skipping x\x1b]0;pwned\x07[/]\u202e.png" in shown
+
+
+def test_limits_on_the_command_line_are_the_params_bounds(tmp_path: Path) -> None:
+    """--max-pixels past twice Pillow's default would turn the bomb protection off: refused."""
+    for flag, value in (("--max-pixels", "10000000000"), ("--batch-size", "1000000000")):
+        result = predict(str(tmp_path / "m.onnx"), str(tmp_path), flag, value)
+        assert result.returncode == 2 and "is more than" in result.stderr and "Traceback" not in result.stderr

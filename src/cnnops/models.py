@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import pickle
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,7 +89,10 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         stored = d.get("stored_size")  # absent from checkpoints written before it existed
-        sizes = {"image_size": tuple(d["image_size"]), "stored_size": None if stored is None else tuple(stored)}
+        sizes = {
+            "image_size": tuple(d["image_size"]),
+            "stored_size": None if stored is None else tuple(stored),
+        }
         return cls(**{**d, **sizes, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
 
@@ -355,7 +359,14 @@ def load_classifier(
         raise StageInputError(
             f"{path}: model checkpoint not found; run `cnnops train` (or `dvc repro train`)"
         )
-    blob = torch.load(path, map_location=map_location, weights_only=True)
-    model = create_classifier(ModelSpec.from_dict(blob["spec"]))
-    model.load_state_dict(blob["state_dict"])
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+        model = create_classifier(ModelSpec.from_dict(blob["spec"]))
+        model.load_state_dict(blob["state_dict"])
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError) as exc:
+        # weights_only refuses any pickled code; a torn or foreign file fails on its keys or shapes
+        raise StageInputError(
+            f"{path}: not a cnnops checkpoint, or a damaged one ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); re-run `cnnops train`"
+        ) from None
     return model.eval(), blob.get("extra", {})

@@ -12,7 +12,7 @@ import csv
 import json
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -23,6 +23,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from cnnops.cli import positive_int, printable
+from cnnops.config import MAX_BATCH, MAX_IMAGE_PIXELS
 from cnnops.data.decode import DEFAULT_MAX_PIXELS, load_tensor
 from cnnops.errors import CnnopsError
 from cnnops.export.onnx_model import best_provider, infer, open_session, probabilities, read_metadata
@@ -151,6 +152,21 @@ def write_table(predictions: list[Prediction], top_k: int = 3) -> None:
     Console(width=None if sys.stdout.isatty() else 1000).print(table)
 
 
+def _bounded(limit: int) -> Callable[[str], int]:
+    """An argparse type: a positive int up to `limit`, the bound params.yaml has for the same knob."""
+
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"{text} is more than {limit}")
+        return value
+
+    return parse
+
+
+_pixel_limit, _batch_size = _bounded(MAX_IMAGE_PIXELS), _bounded(MAX_BATCH)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "predict", help="classify images with an exported ONNX model", description=__doc__
@@ -158,9 +174,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", type=Path, help="an ONNX file written by `cnnops export`")
     parser.add_argument("paths", type=Path, nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per ONNX Runtime call")
+    parser.add_argument("--batch-size", type=_batch_size, default=64, help="images per ONNX Runtime call")
     parser.add_argument(
-        "--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit"
+        "--max-pixels",
+        type=_pixel_limit,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"decompression-bomb limit (at most {MAX_IMAGE_PIXELS}, as data.max_image_pixels)",
     )
     parser.set_defaults(handler=_main, needs_params=False)
 

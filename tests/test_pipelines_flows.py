@@ -42,7 +42,7 @@ from prefect.client.schemas.filters import (
 from prefect.settings import PREFECT_API_URL
 
 from cnnops.errors import CnnopsError
-from pipelines import dvc_cli, flows
+from pipelines import dvc_cli
 from pipelines.flows import RetrainResult, reproduce, retrain
 from pipelines.workspace import LOCK_FILE, note_retrain, pending_retrain
 
@@ -254,9 +254,8 @@ def gone(pid_file: Path) -> bool:
         return True
 
 
-def test_a_stage_past_its_timeout_is_stopped_and_not_retried(tmp_path: Path, monkeypatch) -> None:
-    root = sleeping_workspace(tmp_path / "ws")
-    monkeypatch.setattr(flows, "STAGE_TIMEOUT_SECONDS", 3.0)
+def test_a_stage_past_its_timeout_is_stopped_and_not_retried(tmp_path: Path) -> None:
+    root = sleeping_workspace(tmp_path / "ws", stage_timeout=3.0)
     state = reproduce(workspace=str(root), return_state=True)
     assert state.is_failed() and "timed out after 3.0 second" in state.message, state.message
     assert task_runs(state)["sleep"].run_count == 1, "a timeout is not retried"

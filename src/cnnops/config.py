@@ -349,6 +349,11 @@ class OrchestrateParams(Section):
         le=86_400.0,
         description="seconds (a day at most) a run waits for the workspace to be free; 0 refuses at once",
     )
+    stage_timeout: StrictFloat = Field(
+        gt=0.0,
+        le=7 * 86_400.0,
+        description="seconds (a week at most) a stage or `dvc add` may run before the flow stops it",
+    )
 
 
 class Params(Section):

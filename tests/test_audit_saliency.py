@@ -108,3 +108,23 @@ def test_a_planted_square_draws_the_map() -> None:
     m = saliency(model, x, torch.tensor([0]))[0]
     y, xx = np.unravel_index(m.argmax(), m.shape)
     assert y < 10 and xx > 22
+
+
+def test_score_cam_in_chunks_equals_one_forward_of_every_masked_image() -> None:
+    """batch_size 3 makes its 4 x 64 masked images 3 at a time; 256 makes them all in one forward."""
+    model = _model("convnet")
+    x, targets = torch.rand(4, 1, 32, 32), torch.tensor([0, 1, 2, 0])
+    chunked = saliency(model, x, targets, method="scorecam", batch_size=3)
+    whole = saliency(model, x, targets, method="scorecam", batch_size=4 * 64)
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+
+
+def test_score_cam_forwards_at_most_a_batch_of_masked_images() -> None:
+    model = _model("convnet")  # 64 channels in its last block
+    batches: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args: batches.append(len(args[0])))  # the copy keeps it
+    saliency(
+        model, torch.rand(7, 1, 32, 32), torch.zeros(7, dtype=torch.long), method="scorecam", batch_size=5
+    )
+    assert max(batches) <= 5
+    assert sum(batches) == 1 + 7 + 7 * 64  # the layer search, each image's own forward, each (image, channel)

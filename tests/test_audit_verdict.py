@@ -207,8 +207,10 @@ def test_a_class_with_no_correct_image_is_reported_not_a_crash() -> None:
 
     n = 6
     labels = np.array([0, 0, 0, 1, 1, 1])
+    x = torch.rand(n, 1, 8, 8)
     batch = evidence.Batch(
-        x=torch.rand(n, 1, 8, 8),
+        x=x,
+        mean=evidence.mean_image(x, 4),
         labels=labels,
         preds=np.zeros(n, dtype=int),
         maps=np.random.default_rng(0).random((n, 8, 8)),
@@ -231,6 +233,7 @@ def test_a_class_with_no_correct_image_is_reported_not_a_crash() -> None:
     }
     assert figures["1"].n_correct == 0 and figures["1"].n_errors == 3
     assert figures["1"].transplant_regions[OUTER_BAND].evened_flip_rate is None  # nothing to paste
+    assert figures["1"].transplant_regions_mean[OUTER_BAND].pairs == 0  # no mean of no image
     result = decide(figures, None, A)
     coverage = [w for w in result.warnings if w.class_name == "1" and w.test == "coverage"]
     assert coverage and "0 correctly classified" in coverage[0].sentence

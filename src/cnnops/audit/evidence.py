@@ -5,11 +5,14 @@ The interventions test it: paste the place into other classes' images and count 
 (transplant), or remove it and compare with removing a random place of the same size (deletion).
 Every intervention has a control beside it so a number means the same on every dataset.
 All functions take tensors and arrays, never files; the figures they return are the types of
-`cnnops.audit.contract`.
+`cnnops.audit.contract`. Images come as the split stores them (uint8) or as floats in [0, 1]; every
+intervention makes its altered images one batch at a time, just before the model sees them, so its
+memory is one batch whatever the number of pairs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -23,13 +26,17 @@ from cnnops.models import Classifier
 
 # A transplant with no image to paste, or none to paste into: nothing flipped, nothing to judge.
 NO_PAIRS = Transplant(flip_rate=0.0, control_flip_rate=0.0, pairs=0)
+TOP_MASK_ROWS = 64  # maps ranked at a time: the ranking holds 8 bytes a pixel, twice a float32 map
+
+Build = Callable[[slice], torch.Tensor]  # the float images of a slice of 0..n, made when asked for
 
 
 @dataclass(frozen=True)
 class Batch:
     """The audited images of a split with the model's view of them."""
 
-    x: torch.Tensor  # float [0, 1] NCHW
+    x: torch.Tensor  # NCHW, uint8 as the split stores them (or float [0, 1])
+    mean: torch.Tensor  # float 1 x C x H x W: the mean of `x` (`mean_image`), deletion's fill
     labels: np.ndarray  # int, N
     preds: np.ndarray  # int, N
     maps: np.ndarray  # saliency for the predicted class, N x H x W in [0, 1]
@@ -37,25 +44,51 @@ class Batch:
     annotated: np.ndarray  # bool N: whether `objects` came from data/annotations.csv
 
 
-def predict_proba(model: Classifier, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Class probabilities in batches on the model's device, back on the CPU (empty for no image)."""
+def as_unit(x: torch.Tensor) -> torch.Tensor:
+    """Images as a model takes them, float [0, 1]: uint8 ones are converted here, a batch at a time,
+    so the audited images are held at one byte a pixel (floats pass through)."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
+def mean_image(x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The mean of images `x` (1 x C x H x W float), summed a batch at a time in float64: a float
+    copy of all of them at once would be four times their uint8 size. Empty for no image."""
+    if len(x) == 0:
+        return torch.zeros(0, *x.shape[1:])
+    total = torch.zeros(1, *x.shape[1:], dtype=torch.float64)
+    for i in range(0, len(x), batch_size):
+        total += as_unit(x[i : i + batch_size]).sum(0, keepdim=True, dtype=torch.float64)
+    return (total / len(x)).float()
+
+
+def _probabilities(model: Classifier, n: int, build: Build, batch_size: int) -> torch.Tensor:
+    """Class probabilities of the `n` images `build` makes, a batch at a time on the model's device,
+    back on the CPU (empty for no image)."""
     device = next(model.parameters()).device
     out = []
     with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            out.append(model(x[i : i + batch_size].to(device)).softmax(1).cpu())
+        for i in range(0, n, batch_size):
+            out.append(model(build(slice(i, i + batch_size)).to(device)).softmax(1).cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
+def predict_proba(model: Classifier, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Class probabilities of images `x` in batches on the model's device, back on the CPU."""
+    return _probabilities(model, len(x), lambda s: as_unit(x[s]), batch_size)
+
+
 def top_mask(maps: np.ndarray, fraction: float) -> np.ndarray:
-    """The `fraction` most salient pixels of each map (ties broken by order), whatever their shape."""
+    """The `fraction` most salient pixels of each map (ties broken by order), whatever their shape.
+
+    Ranked `TOP_MASK_ROWS` maps at a time: the ranking of every map at once would take twice their memory.
+    """
     n, h, w = maps.shape
     k = max(1, round(fraction * h * w))
-    if n == 0:
-        return np.zeros(maps.shape, dtype=bool)
-    order = np.argsort(-maps.reshape(n, -1), axis=1, kind="stable")[:, :k]
     mask = np.zeros((n, h * w), dtype=bool)
-    np.put_along_axis(mask, order, True, axis=1)
+    for i in range(0, n, TOP_MASK_ROWS):
+        rows = maps[i : i + TOP_MASK_ROWS].reshape(-1, h * w)
+        order = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+        np.put_along_axis(mask[i : i + TOP_MASK_ROWS], order, True, axis=1)
     return mask.reshape(n, h, w)
 
 
@@ -66,7 +99,7 @@ def estimate_objects(x: torch.Tensor) -> np.ndarray:
     the largest connected blob is taken as the object, so a small planted square is not.
     A heuristic for when no masks are given; the docs say so.
     """
-    gray = x.mean(1).numpy()
+    gray = as_unit(x).mean(1).numpy()
     out = np.zeros(gray.shape, dtype=bool)
     for i, g in enumerate(gray):
         diff = np.abs(g - np.median(g))
@@ -147,19 +180,25 @@ def transplant(
     if n == 0 or len(donors) == 0:
         return NO_PAIRS
     pick = rng.integers(0, len(donors), n)
-    m = torch.as_tensor(masks[pick] if masks.ndim == 3 else np.repeat(masks[None], n, 0))[:, None].float()
-    pasted = recipients * (1 - m) + donors[pick] * m
-    ctrl = recipients * (1 - m) + controls[rng.integers(0, len(controls), n)] * m
+    ctrl = rng.integers(0, len(controls), n)
+
+    def pasting(source: torch.Tensor, chosen: np.ndarray) -> Build:
+        def build(s: slice) -> torch.Tensor:
+            m = torch.as_tensor(masks[pick[s]] if masks.ndim == 3 else masks[None])[:, None].float()
+            return as_unit(recipients[s]) * (1 - m) + as_unit(source[chosen[s]]) * m
+
+        return build
+
     return Transplant(
-        flip_rate=_share_predicted(model, pasted, cls, batch_size),
-        control_flip_rate=_share_predicted(model, ctrl, cls, batch_size),
+        flip_rate=_share_predicted(model, n, pasting(donors, pick), cls, batch_size),
+        control_flip_rate=_share_predicted(model, n, pasting(controls, ctrl), cls, batch_size),
         pairs=n,
     )
 
 
-def _share_predicted(model: Classifier, x: torch.Tensor, cls: int, batch_size: int) -> float:
-    """Share of `x` predicted `cls`, rounded as the report gives it."""
-    return round(float((predict_proba(model, x, batch_size).argmax(1) == cls).float().mean()), 4)
+def _share_predicted(model: Classifier, n: int, build: Build, cls: int, batch_size: int) -> float:
+    """Share of the `n` images `build` makes that the model predicts `cls`, rounded as the report gives it."""
+    return round(float((_probabilities(model, n, build, batch_size).argmax(1) == cls).float().mean()), 4)
 
 
 def region_transplant(
@@ -202,12 +241,19 @@ def _evened_rate(
 ) -> float:
     """Share of recipients predicted `cls` once `region` holds only their own mean value there."""
     m = torch.as_tensor(region).float()
-    evened = recipients * (1 - m) + (recipients * m).sum((2, 3), keepdim=True) / m.sum() * m
-    return _share_predicted(model, evened, cls, batch_size)
+
+    def evened(s: slice) -> torch.Tensor:
+        r = as_unit(recipients[s])
+        return r * (1 - m) + (r * m).sum((2, 3), keepdim=True) / m.sum() * m
+
+    return _share_predicted(model, len(recipients), evened, cls, batch_size)
 
 
 def shuffle_within(x: torch.Tensor, region: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-    """Each image's pixels inside `region` in a random order of their own: same values, no shape."""
+    """Each image's pixels inside `region` in a random order of their own: same values, no shape.
+
+    A copy of `x` in its own dtype (the class's donors, one byte a pixel as the split stores them).
+    """
     n, c = x.shape[:2]
     idx = np.flatnonzero(region)
     perm = torch.as_tensor(rng.permuted(np.tile(idx, (n, 1)), axis=1))[:, None].expand(-1, c, -1)
@@ -233,8 +279,8 @@ def mean_transplant(
     there (pasting any mean smooths the place, which alone can flip a two-class model).
     """
     mean = transplant(
-        model, donors.mean(0, keepdim=True), region, recipients, recipients.mean(0, keepdim=True), cls, rng,
-        batch_size,
+        model, mean_image(donors, batch_size), region, recipients, mean_image(recipients, batch_size), cls,
+        rng, batch_size,
     )  # fmt: skip
     if not mean.pairs:
         return _with_controls(mean)
@@ -275,9 +321,11 @@ def deletion(
     base = predict_proba(model, x, batch_size)[:, cls]
 
     def drop(mask: np.ndarray) -> float:
-        m = torch.as_tensor(mask)[:, None].float()
-        p = predict_proba(model, x * (1 - m) + fill * m, batch_size)[:, cls]
-        return float((base - p).mean())
+        def deleted(s: slice) -> torch.Tensor:
+            m = torch.as_tensor(mask[s])[:, None].float()
+            return as_unit(x[s]) * (1 - m) + fill * m
+
+        return float((base - _probabilities(model, len(x), deleted, batch_size)[:, cls]).mean())
 
     top, rand = drop(masks), drop(rolled)
     return Deletion(drop_top=round(top, 4), drop_random=round(rand, 4), gap=round(top - rand, 4))
@@ -336,8 +384,8 @@ def class_figures(
     correct = np.flatnonzero((batch.labels == cls) & (batch.preds == cls))
     errors = np.flatnonzero((batch.labels == cls) & (batch.preds != cls))
     others = np.flatnonzero((batch.labels != cls) & (batch.preds == batch.labels))
-    correct = _subsample(correct, max_images, rng)
-    others = _subsample(others, max_images, rng)
+    correct = subsample(correct, max_images, rng)
+    others = subsample(others, max_images, rng)
     maps, objects = batch.maps[correct], batch.objects[correct]
     tops = top_mask(maps, top_fraction)
     donors, recipients = batch.x[correct], batch.x[others]
@@ -361,7 +409,7 @@ def class_figures(
             for name, region in regions.items()
         },
         transplant_tone=tone_transplant(model, donors, recipients, recipients, cls, rng, batch_size),
-        deletion=deletion(model, donors, tops, batch.x.mean(0, keepdim=True), cls, rng, batch_size),
+        deletion=deletion(model, donors, tops, batch.mean, cls, rng, batch_size),
         masks=mask_agreement(batch.maps[annotated], batch.objects[annotated], top_fraction)
         if len(annotated)
         else None,
@@ -400,7 +448,7 @@ def _errors(batch: Batch, errors: np.ndarray, regions: dict[str, np.ndarray]) ->
     )
 
 
-def _subsample(idx: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+def subsample(idx: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """At most `k` of `idx`, drawn without replacement and kept in order."""
     return idx if len(idx) <= k else np.sort(rng.choice(idx, k, replace=False))
 
@@ -425,18 +473,24 @@ def tone_transplant(
     n = len(recipients)
     if n == 0 or len(donors) == 0:
         return NO_PAIRS
-    mu_r = recipients.mean((2, 3), keepdim=True)
-    sd_r = recipients.std((2, 3), keepdim=True).clamp_min(1e-4)
-    standard = (recipients - mu_r) / sd_r
+    mu_r, sd_r = _tones(recipients, batch_size)
+    sd_r = sd_r.clamp_min(1e-4)
+    src, ctrl = rng.integers(0, len(donors), n), rng.integers(0, len(controls), n)
+    mu_d, sd_d = (t[src] for t in _tones(donors, batch_size))
+    mu_c, sd_c = (t[ctrl] for t in _tones(controls, batch_size))
 
     def flips(mu: torch.Tensor, sd: torch.Tensor) -> float:
-        return _share_predicted(model, (standard * sd + mu).clamp(0, 1), cls, batch_size)
+        def toned(s: slice) -> torch.Tensor:
+            return ((as_unit(recipients[s]) - mu_r[s]) / sd_r[s] * sd[s] + mu[s]).clamp(0, 1)
 
-    src = donors[rng.integers(0, len(donors), n)]
-    mu_d, sd_d = src.mean((2, 3), keepdim=True), src.std((2, 3), keepdim=True)
-    ctrl = controls[rng.integers(0, len(controls), n)]
-    control = max(
-        flips(ctrl.mean((2, 3), keepdim=True), ctrl.std((2, 3), keepdim=True)),
-        flips(2 * mu_r - mu_d, sd_r * sd_r / sd_d.clamp_min(1e-4)),
-    )
+        return _share_predicted(model, n, toned, cls, batch_size)
+
+    control = max(flips(mu_c, sd_c), flips(2 * mu_r - mu_d, sd_r * sd_r / sd_d.clamp_min(1e-4)))
     return Transplant(flip_rate=flips(mu_d, sd_d), control_flip_rate=control, pairs=n)
+
+
+def _tones(x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's per-channel mean and standard deviation (N x C x 1 x 1 each), a batch at a time."""
+    parts = (as_unit(x[i : i + batch_size]) for i in range(0, len(x), batch_size))
+    stats = [(p.mean((2, 3), keepdim=True), p.std((2, 3), keepdim=True)) for p in parts]
+    return torch.cat([m for m, _ in stats]), torch.cat([sd for _, sd in stats])

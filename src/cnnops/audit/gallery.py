@@ -24,19 +24,24 @@ from PIL import Image
 from cnnops.audit.contract import AuditReport, ClassFigures, Finding, TransplantKind
 from cnnops.audit.regions import OUTER_BAND
 
-OVERLAY_SCALE = 4  # small training images are enlarged so a person can see the cue
+OVERLAY_SIDE = 128  # overlays are enlarged to about this many pixels a side so a person sees a small cue
 
 Shown = dict[str, list[tuple[str, str, Image.Image]]]  # per class: (file name, caption, overlay)
 
 
 def overlay(image: np.ndarray, saliency: np.ndarray) -> Image.Image:
-    """The image (C x H x W float [0, 1]) with its saliency blended in as a jet heatmap, enlarged."""
+    """The image (C x H x W float [0, 1]) with its saliency blended in as a jet heatmap, enlarged.
+
+    By a whole factor up to about `OVERLAY_SIDE`: a 32-px digit 4x, a 224-px photo not at all (4x,
+    each overlay would hold 5 MB in memory, and the page a PNG of that size per image).
+    """
     rgb = np.repeat(image, 3, 0) if image.shape[0] == 1 else image
     heat = plt.get_cmap("jet")(saliency)[..., :3].transpose(2, 0, 1)
     blend = (0.55 * rgb + 0.45 * heat).clip(0, 1)
     pair = np.concatenate([rgb, blend], axis=2)  # original beside overlay
     pil = Image.fromarray((pair.transpose(1, 2, 0) * 255).astype(np.uint8))
-    return pil.resize((pil.width * OVERLAY_SCALE, pil.height * OVERLAY_SCALE), Image.NEAREST)
+    scale = max(1, OVERLAY_SIDE // max(image.shape[1:]))
+    return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
 
 
 def _png(image: Image.Image) -> str:

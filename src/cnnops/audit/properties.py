@@ -9,6 +9,7 @@ reported. It is a warning, never a `fail`: a cue in the data is not proof the mo
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 from sklearn.metrics import f1_score
@@ -24,33 +25,39 @@ FILE_FIELDS = ("width", "height", "aspect", "bytes", "format", "mode")
 
 
 def pixel_properties(
-    split: PreparedSplit, border_fraction: float, corner_fraction: float
+    split: PreparedSplit, border_fraction: float, corner_fraction: float, batch_size: int
 ) -> tuple[np.ndarray, list[str]]:
     """Per image: brightness and contrast per channel, outer band, centre and corner means.
 
     The band and corners are the audit's candidate regions (`regions`), so a cue the probe finds
-    in the data is at the place the transplants test.
+    in the data is at the place the transplants test. Read `batch_size` images at a time: the
+    features are 11 numbers a channel, so the whole train split of a lab is probed in a few MB.
     """
-    x = split.images.float().div(255.0).numpy()
-    _, c, h, w = x.shape
-    band = band_mask(h, w, border_fraction)
-    corners = corner_slices(h, w, corner_fraction)
-    columns, names = [], []
-    for ch in range(c):
-        img = x[:, ch]
-        tag = f"[{'RGB'[ch]}]" if c == 3 else ""
-        feats = {
-            "brightness": img.mean((1, 2)),
-            "contrast": img.std((1, 2)),
-            "band mean": img[:, band].mean(1),
-            "band std": img[:, band].std(1),
-            "centre mean": img[:, ~band].mean(1),
-            **{f"{corner} mean": img[:, ys, xs].mean((1, 2)) for corner, (ys, xs) in corners.items()},
-        }
-        for name, values in feats.items():
-            columns.append(values)
-            names.append(name + tag)
-    return np.stack(columns, 1), names
+    _, c, h, w = split.images.shape
+    fields = _pixel_fields(band_mask(h, w, border_fraction), corner_slices(h, w, corner_fraction))
+    names = [name + (f"[{'RGB'[ch]}]" if c == 3 else "") for ch in range(c) for name in fields]
+    values = np.zeros((len(split), len(names)), dtype=np.float32)
+    for i in range(0, len(split), batch_size):
+        x = split.images[i : i + batch_size].float().div(255.0).numpy()
+        values[i : i + len(x)] = np.stack([f(x[:, ch]) for ch in range(c) for f in fields.values()], 1)
+    return values, names
+
+
+def _pixel_fields(
+    band: np.ndarray, corners: dict[str, tuple[slice, slice]]
+) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Each pixel property by name, as a function of one channel of a batch (N x H x W in [0, 1])."""
+    return {
+        "brightness": lambda img: img.mean((1, 2)),
+        "contrast": lambda img: img.std((1, 2)),
+        "band mean": lambda img: img[:, band].mean(1),
+        "band std": lambda img: img[:, band].std(1),
+        "centre mean": lambda img: img[:, ~band].mean(1),
+        **{
+            f"{corner} mean": lambda img, ys=ys, xs=xs: img[:, ys, xs].mean((1, 2))
+            for corner, (ys, xs) in corners.items()
+        },
+    }
 
 
 def file_properties(paths: list[str], manifest: dict[str, dict]) -> tuple[np.ndarray, list[str]]:
@@ -77,11 +84,16 @@ def probe(
     border_fraction: float,
     corner_fraction: float,
     seed: int,
+    batch_size: int,
 ) -> PropertyProbe:
-    """Fit the shallow probe on train properties; per-class F1 on test and the properties it relied on."""
+    """Fit the shallow probe on train properties; per-class F1 on test and the properties it relied on.
+
+    Both splits are streamed whole (`pixel_properties`), not sampled: the figures are those of every
+    image, and memory is one batch of images plus the small feature table.
+    """
     features = []
     for split in (train, test):
-        pix, names = pixel_properties(split, border_fraction, corner_fraction)
+        pix, names = pixel_properties(split, border_fraction, corner_fraction, batch_size)
         if manifest is not None:
             files, file_names = file_properties(split.paths, manifest)
             pix, names = np.concatenate([pix, files], 1), names + file_names

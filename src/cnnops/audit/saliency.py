@@ -4,7 +4,7 @@ Saliency only says where to intervene; the evidence module decides. Grad-CAM and
 hooked here rather than taken from the `grad-cam` package (the tests' reference), which backpropagates
 through the whole network to every parameter and scales each image in numpy: our hook makes the target
 layer's output a leaf, so the backward runs through the head only, and whole batches scale in torch.
-Score-CAM is ours too: it masks a whole batch of images with every channel at once.
+Score-CAM is ours too: it masks a batch of images with every channel, a bounded chunk at a time.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ def find_target_layer(model: Classifier, dotted: str | None = None) -> tuple[str
     Inception. One rule instead of a table, so a new torchvision family needs no entry.
     """
     net = model.net
+    if not any(isinstance(m, nn.Conv2d) for m in net.modules()):
+        raise ConfigError(
+            f"audit: {model.spec.model} has no convolutional layer, and Grad-CAM, Grad-CAM++ and Score-CAM "
+            "weigh a convolution's feature maps; the audit supports convolutional networks (an MLP can be "
+            "trained, evaluated and exported, not audited): set train.model to a CNN to audit it"
+        )
     names = dict(net.named_modules())
     if dotted is not None:
         if dotted not in names or dotted == "":
@@ -141,18 +147,24 @@ def _grad_cam(
 def _score_cam(
     model: Classifier, layer: nn.Module, x: torch.Tensor, targets: torch.Tensor, chunk: int
 ) -> torch.Tensor:
-    """Score-CAM (Wang et al., 2020): each channel weighs by the class probability of the image it masks."""
+    """Score-CAM (Wang et al., 2020): each channel weighs by the class probability of the image it masks.
+
+    The masked images are made `chunk` at a time, just before their forward: made at once, a batch of
+    N images through C channels holds N*C of them (64 photos at 224 px through ResNet-50's 2048
+    channels: about 100 GB). Each (image, channel) pair is masked as before, so the maps are the same.
+    """
     logits, a = _forward(model, layer, x, leaf=False)
     base = logits.softmax(1).gather(1, targets[:, None])
     n, c = a.shape[:2]
-    masks = _upsampled_unit(a, x.shape[-2:])  # N x C x H x W in [0, 1]
-    masked = (x[:, None] * masks[:, :, None]).flatten(0, 1)  # (N*C) x ch x H x W
-    rep_targets = targets.repeat_interleave(c)
+    maps = a.flatten(0, 1)[None]  # 1 x (N*C) x h x w: one mask for each masked image
+    image = torch.arange(n, device=x.device).repeat_interleave(c)  # the image each mask applies to
     scores = []
     with torch.no_grad():
-        for i in range(0, masked.shape[0], chunk):
-            out = model(masked[i : i + chunk]).softmax(1)
-            scores.append(out.gather(1, rep_targets[i : i + chunk, None]))
+        for i in range(0, n * c, chunk):
+            part = image[i : i + chunk]
+            masks = _upsampled_unit(maps[:, i : i + chunk], x.shape[-2:])  # upsampled as channels: faster
+            masked = x[part].mul_(masks[0, :, None])
+            scores.append(model(masked).softmax(1).gather(1, targets[part, None]))
     weights = (torch.cat(scores).view(n, c) - base).softmax(1)
     return F.relu((weights[:, :, None, None] * a).sum(1))
 

@@ -54,36 +54,16 @@ class AuditResult:
 
 
 def run(params: Params, paths: AuditPaths = AuditPaths()) -> AuditResult:
-    """Audit `paths.model` on `<paths.prepared>/test.pt`: write the report and the gallery, and log
+    """Audit `paths.model` on the prepared test split: write the report and the gallery, and log
     both to the model's run."""
     a = params.audit
     model, run_id = runs.load_run_model(paths.model, paths.train_report)
     test = load_split_for(model.spec, paths.prepared, paths.model)
     train = PreparedSplit.load(paths.prepared, "train")
     model = model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    batch, maps_by_method, layer = _look(model, test, a, paths.data)
-    figures = _figures(model, batch, maps_by_method, test, a)
-    probe = properties.probe(
-        train,
-        test,
-        _manifest(paths.validation),
-        border_fraction=a.border_fraction,
-        corner_fraction=a.corner_fraction,
-        seed=a.seed,
-    )
-    report = AuditReport(
-        decision=verdict.decide(figures, probe, a),
-        model=model.spec.model,
-        methods=tuple(a.methods),
-        target_layer=layer,
-        n_images=len(test),
-        annotated_images=int(batch.annotated.sum()),
-        thresholds=a.model_dump(mode="json"),
-        data_properties=probe,
-        classes=figures,
-    )
+    report, shown = examine(model, test, train, _manifest(paths.validation), a, paths.data)
     document = to_json(report)
-    written = _write(paths, report, document, batch, test, a)
+    written = _write(paths, report, document, shown)
     metrics = _track(params, run_id, report, document, paths)
     for finding in report.decision.failures:
         log.warning("audit: %s", finding.sentence)
@@ -91,8 +71,74 @@ def run(params: Params, paths: AuditPaths = AuditPaths()) -> AuditResult:
     return AuditResult(report=report, run_id=run_id, written=written, metrics=metrics)
 
 
+def examine(
+    model: Classifier,
+    test: PreparedSplit,
+    train: PreparedSplit,
+    manifest: dict[str, dict] | None,
+    a: AuditParams,
+    data_dir: Path | None,
+) -> tuple[AuditReport, gallery.Shown]:
+    """The audit in memory, no file written: the report, and per class the overlays the gallery shows.
+
+    At most `audit.max_images_per_class` test images of each class are audited, read from the split
+    once and held as uint8; the data probe streams both splits. So memory grows with the classes,
+    never with the number of images in a split.
+    """
+    looked = _look(model, test, _audited(test, a), a, data_dir)
+    figures = _figures(model, looked, test, a)
+    probe = properties.probe(
+        train,
+        test,
+        manifest,
+        border_fraction=a.border_fraction,
+        corner_fraction=a.corner_fraction,
+        seed=a.seed,
+        batch_size=a.batch_size,
+    )
+    report = AuditReport(
+        decision=verdict.decide(figures, probe, a),
+        model=model.spec.model,
+        methods=tuple(a.methods),
+        target_layer=looked.layer,
+        n_images=len(looked.paths),
+        annotated_images=int(looked.batch.annotated.sum()),
+        thresholds=a.model_dump(mode="json"),
+        data_properties=probe,
+        classes=figures,
+    )
+    return report, _gallery_images(looked, test.class_names, a)
+
+
+@dataclass(frozen=True)
+class _Looked:
+    """The audited images with the model's view of them, where they come from, and how far the
+    other saliency methods agree with the first."""
+
+    batch: evidence.Batch
+    paths: list[str]  # each audited image's path, as the split gives it
+    agreement: dict[str, np.ndarray]  # per method after the first: each image's top-pixel IoU with it
+    layer: str  # the target layer of the saliency methods
+
+
+def _audited(test: PreparedSplit, a: AuditParams) -> np.ndarray:
+    """Positions in the split of the audited images, in split order: all of a class's images, or
+    `audit.max_images_per_class` of them drawn at random when it has more.
+
+    The draw has a generator of its own (from `audit.seed`), so the transplants' generator draws
+    what it drew before there was a subset to take.
+    """
+    labels = test.labels.numpy()
+    rng = np.random.default_rng([a.seed, 1])
+    chosen = [
+        evidence.subsample(np.flatnonzero(labels == cls), a.max_images_per_class, rng)
+        for cls in range(len(test.class_names))
+    ]
+    return np.sort(np.concatenate(chosen))
+
+
 def _figures(
-    model: Classifier, batch: evidence.Batch, maps: dict[str, np.ndarray], test: PreparedSplit, a: AuditParams
+    model: Classifier, looked: _Looked, test: PreparedSplit, a: AuditParams
 ) -> dict[str, ClassFigures]:
     """Every class's figures, with how far the other saliency methods agree with the first.
 
@@ -105,7 +151,7 @@ def _figures(
         name: replace(
             evidence.class_figures(
                 model,
-                batch,
+                looked.batch,
                 cls,
                 top_fraction=a.top_fraction,
                 regions=candidates,
@@ -113,44 +159,77 @@ def _figures(
                 batch_size=a.batch_size,
                 rng=rng,
             ),
-            method_agreement=_agreement(batch, maps, cls, a.top_fraction),
+            method_agreement=_agreement(looked, cls),
         )
         for cls, name in enumerate(test.class_names)
     }
 
 
 def _look(
-    model: Classifier, test: PreparedSplit, a: AuditParams, data_dir: Path | None
-) -> tuple[evidence.Batch, dict[str, np.ndarray], str]:
-    """Predictions, saliency by every method, and object extents (masks where annotated)."""
-    x = test.floats()
-    preds = evidence.predict_proba(model, x, a.batch_size).argmax(1)
+    model: Classifier, test: PreparedSplit, chosen: np.ndarray, a: AuditParams, data_dir: Path | None
+) -> _Looked:
+    """The images at `chosen`, read from the split once and kept as uint8, with the model's view of
+    them, and object extents from masks where annotated."""
+    images = test.images[torch.as_tensor(chosen)]
+    paths = [test.paths[i] for i in chosen]
     layer, _ = saliency.find_target_layer(model, a.target_layer)
-    maps = {
-        m: saliency.saliency(model, x, preds, method=m, target_layer=a.target_layer, batch_size=a.batch_size)
-        for m in a.methods
-    }
-    objects = evidence.estimate_objects(x)
-    masks = load_object_masks(data_dir, test.paths, test.image_size) if data_dir is not None else {}
-    annotated = np.array([p in masks for p in test.paths], dtype=bool)
+    preds, maps, objects, agreement = _see(model, images, a)
+    masks = load_object_masks(data_dir, paths, test.image_size) if data_dir is not None else {}
+    annotated = np.array([p in masks for p in paths], dtype=bool)
     for i in np.flatnonzero(annotated):
-        objects[i] = masks[test.paths[i]]
-    batch = evidence.Batch(x, test.labels.numpy(), preds.numpy(), maps[a.methods[0]], objects, annotated)
-    return batch, maps, layer
+        objects[i] = masks[paths[i]]
+    mean = evidence.mean_image(images, a.batch_size)
+    batch = evidence.Batch(images, mean, test.labels.numpy()[chosen], preds, maps, objects, annotated)
+    return _Looked(batch, paths, agreement, layer)
 
 
-def _agreement(
-    batch: evidence.Batch, maps: dict[str, np.ndarray], cls: int, fraction: float
-) -> dict[str, float]:
+def _see(
+    model: Classifier, images: torch.Tensor, a: AuditParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Predictions, the first method's maps, estimated object extents and each other method's
+    agreement with the first, `audit.batch_size` images at a time.
+
+    One method at a time, so one saliency copy of the model is held; the other methods' maps are
+    reduced to their agreement batch by batch: an extra method costs a number an image, not a map.
+    """
+    first, *others = dict.fromkeys(a.methods)
+    cam = saliency.saliency_fn(model, method=first, target_layer=a.target_layer, batch_size=a.batch_size)
+    n, h, w = len(images), *images.shape[2:]
+    preds = np.zeros(n, dtype=np.int64)
+    maps = np.zeros((n, h, w), dtype=np.float32)
+    objects = np.zeros((n, h, w), dtype=bool)
+    for i in range(0, n, a.batch_size):
+        part = slice(i, i + a.batch_size)
+        x = evidence.as_unit(images[part])
+        p = evidence.predict_proba(model, x, a.batch_size).argmax(1)
+        preds[part], maps[part], objects[part] = p.numpy(), cam(x, p), evidence.estimate_objects(x)
+    agreement = {m: _agreement_with(model, m, images, preds, maps, a) for m in others}
+    return preds, maps, objects, agreement
+
+
+def _agreement_with(
+    model: Classifier, method: str, images: torch.Tensor, preds: np.ndarray, maps: np.ndarray, a: AuditParams
+) -> np.ndarray:
+    """Each image's IoU of `method`'s most-attended pixels with those of `maps` (the first method's)."""
+    cam = saliency.saliency_fn(model, method=method, target_layer=a.target_layer, batch_size=a.batch_size)
+    iou = np.zeros(len(images))
+    for i in range(0, len(images), a.batch_size):
+        part = slice(i, i + a.batch_size)
+        other = cam(evidence.as_unit(images[part]), torch.as_tensor(preds[part]))
+        iou[part] = _overlap(maps[part], other, a.top_fraction)
+    return iou
+
+
+def _overlap(first: np.ndarray, other: np.ndarray, fraction: float) -> np.ndarray:
+    """Each image's IoU of two methods' most-attended pixels."""
+    a, b = evidence.top_mask(first, fraction), evidence.top_mask(other, fraction)
+    return (a & b).sum((1, 2)) / (a | b).sum((1, 2)).clip(1)
+
+
+def _agreement(looked: _Looked, cls: int) -> dict[str, float]:
     """Mean IoU of each other method's most-attended pixels with the first method's, on this class."""
-    idx = np.flatnonzero(batch.preds == cls)
-    first = evidence.top_mask(batch.maps[idx], fraction)
-    out = {}
-    for method, m in list(maps.items())[1:]:
-        other = evidence.top_mask(m[idx], fraction)
-        union = (first | other).sum((1, 2)).clip(1)
-        out[method] = round(float(((first & other).sum((1, 2)) / union).mean()) if len(idx) else 0.0, 4)
-    return out
+    idx = np.flatnonzero(looked.batch.preds == cls)
+    return {m: round(float(iou[idx].mean()) if len(idx) else 0.0, 4) for m, iou in looked.agreement.items()}
 
 
 def _manifest(validation: Path | None) -> dict[str, dict] | None:
@@ -166,43 +245,41 @@ def _manifest(validation: Path | None) -> dict[str, dict] | None:
     return {row["path"]: row for row in json.loads(validation.read_text()).get("manifest", [])}
 
 
-def _gallery_images(batch: evidence.Batch, test: PreparedSplit, a: AuditParams, out: Path) -> gallery.Shown:
-    """Per class, the images to show, worst offenders first: most of the top pixels off the object.
-
-    Each overlay is also saved under `out`, so the run's artifacts hold them as files.
-    """
+def _gallery_images(looked: _Looked, names: list[str], a: AuditParams) -> gallery.Shown:
+    """Per class, the images to show, worst offenders first: most of the top pixels off the object."""
+    batch = looked.batch
     tops = evidence.top_mask(batch.maps, a.top_fraction)
     off = (tops & ~batch.objects).sum((1, 2)) / tops.sum((1, 2)).clip(1)
-    names = test.class_names
     shown: gallery.Shown = {}
     for cls, name in enumerate(names):
         idx = np.flatnonzero(batch.labels == cls)
         idx = idx[np.lexsort((-off[idx], batch.preds[idx] != cls))]  # correct first, then errors
-        shown[name] = []
-        for k, i in enumerate(idx[: a.gallery_images_per_class]):
-            picture = gallery.overlay(batch.x[i].numpy(), batch.maps[i])
-            picture.save(out / f"c{cls:03d}_{k:02d}.png")
-            caption = f"predicted '{names[batch.preds[i]]}', {100 * off[i]:.0f}% of top pixels off the object"
-            shown[name].append((test.paths[i], caption, picture))
+        shown[name] = [
+            (
+                looked.paths[i],
+                f"predicted '{names[batch.preds[i]]}', {100 * off[i]:.0f}% of top pixels off the object",
+                gallery.overlay(evidence.as_unit(batch.x[i]).numpy(), batch.maps[i]),
+            )
+            for i in idx[: a.gallery_images_per_class]
+        ]
     return shown
 
 
 def _write(
-    paths: AuditPaths,
-    report: AuditReport,
-    document: dict[str, Any],
-    batch: evidence.Batch,
-    test: PreparedSplit,
-    a: AuditParams,
+    paths: AuditPaths, report: AuditReport, document: dict[str, Any], shown: gallery.Shown
 ) -> tuple[Path, ...]:
-    """The gallery (stale overlays removed first), then the report, replaced in one step so a
-    reader never sees half of it. Returns every file written."""
+    """The gallery and its overlays, each saved as a file too so the run's artifacts hold them (stale
+    ones removed first), then the report, replaced in one step so a reader never sees half of it.
+    Returns every file written."""
     overlays = paths.gallery / "overlays"
     overlays.mkdir(parents=True, exist_ok=True)
     for old in overlays.glob("*.png"):
         old.unlink()
+    for cls, pictures in enumerate(shown.values()):
+        for k, (_, _, picture) in enumerate(pictures):
+            picture.save(overlays / f"c{cls:03d}_{k:02d}.png")
     page = paths.gallery / "index.html"
-    gallery.render(page, report, _gallery_images(batch, test, a, overlays))
+    gallery.render(page, report, shown)
     paths.report.parent.mkdir(parents=True, exist_ok=True)
     tmp = paths.report.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(document, indent=1) + "\n")

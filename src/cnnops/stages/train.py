@@ -47,7 +47,10 @@ from cnnops.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
-PRECISE_BN_AUTO_STEPS = 1000  # train.precise_bn: auto recalibrates runs shorter than this
+# train.precise_bn: auto recalibrates runs shorter than this: after 100 steps the momentum-0.1
+# averages keep 0.9**100 (3e-5) of their initial values; after 27 they kept 6%, and a ResNet-18's
+# validation accuracy was 0.40 against 0.89 recalibrated (tests/test_train.py)
+PRECISE_BN_AUTO_STEPS = 100
 HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 
 

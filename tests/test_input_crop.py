@@ -1,6 +1,6 @@
 """Images stored larger than the network's input (torchvision's 256 -> 224 recipe, here 40 -> 32):
 training crops at random, evaluation and the ONNX contract centre-crop, and `cnnops predict` on the
-original file sees exactly the pixels evaluation saw."""
+original file sees exactly the pixels evaluation saw; the audit looks at those crops too."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pytest
 from fixtures_data import run_prepare
 from fixtures_model import digits_train_params, one_thread
 
-from cnnops.config import ExportParams, parse_params
+from cnnops.config import AuditParams, ExportParams, parse_params
 from cnnops.data.splits import PreparedSplit
 from cnnops.errors import StageInputError
 from cnnops.export.onnx_model import infer, open_session, probabilities, read_metadata
 from cnnops.export.predict import predict
 from cnnops.models import load_classifier
-from cnnops.stages import evaluate, export, train
+from cnnops.stages import audit, evaluate, export, train
 
 
 @pytest.mark.slow
@@ -54,6 +54,14 @@ def test_a_model_cropped_from_larger_stored_images_predicts_what_evaluation_saw(
     expected = probabilities(infer(open_session(onnx_path), test.floats([0], (32, 32)).numpy(), 1), "logits")
     assert failures == []
     np.testing.assert_allclose(list(prediction.probabilities.values()), expected[0], atol=1e-5)
+
+    ap = audit.AuditPaths(
+        checkpoint, prepared, tp.report, None, None, reports / "a.json", tmp_path / "gallery"
+    )
+    audited = audit.run(
+        params.model_copy(update={"audit": AuditParams.from_defaults(methods=["gradcam"])}), ap
+    )
+    assert audited.report.n_images > 0 and audited.report.decision.verdict in ("pass", "fail")
 
     too_big = digits_train_params(tmp_path / "big", base, input_size=[48, 48])
     with pytest.raises(

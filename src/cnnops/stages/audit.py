@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.transforms.v2 import functional as F
 
 from cnnops.audit import evidence, gallery, properties, regions, saliency, verdict
 from cnnops.audit.annotations import load_object_masks
 from cnnops.audit.contract import AuditReport, ClassFigures, to_json
 from cnnops.config import AuditParams, Params
+from cnnops.data.decode import DEFAULT_MAX_PIXELS
 from cnnops.data.splits import PreparedSplit, load_split_for
 from cnnops.models import Classifier
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
@@ -35,7 +37,7 @@ class AuditPaths:
     """The stage's inputs and outputs (the paths dvc.yaml gives the CLI)."""
 
     model: Path = path_arg("models/model.pt", "checkpoint", POSITIONAL)
-    prepared: Path = path_arg("prepared", "prepare's output folder ({train,test}.pt)")
+    prepared: Path = path_arg("prepared", "prepare's output folder (its train and test splits)")
     train_report: Path = path_arg("reports/train.json", "train report: the model's MLflow run id")
     validation: Path | None = path_arg("reports/validation.json", "validate report, for file properties")
     data: Path | None = path_arg("data", "data folder holding annotations.csv (masks or boxes)")
@@ -61,7 +63,10 @@ def run(params: Params, paths: AuditPaths = AuditPaths()) -> AuditResult:
     test = load_split_for(model.spec, paths.prepared, paths.model)
     train = PreparedSplit.load(paths.prepared, "train")
     model = model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    report, shown = examine(model, test, train, _manifest(paths.validation), a, paths.data)
+    manifest = _manifest(paths.validation)
+    report, shown = examine(
+        model, test, train, manifest, a, paths.data, max_pixels=params.data.max_image_pixels
+    )
     document = to_json(report)
     written = _write(paths, report, document, shown)
     metrics = _track(params, run_id, report, document, paths)
@@ -78,6 +83,8 @@ def examine(
     manifest: dict[str, dict] | None,
     a: AuditParams,
     data_dir: Path | None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[AuditReport, gallery.Shown]:
     """The audit in memory, no file written: the report, and per class the overlays the gallery shows.
 
@@ -85,8 +92,8 @@ def examine(
     once and held as uint8; the data probe streams both splits. So memory grows with the classes,
     never with the number of images in a split.
     """
-    looked = _look(model, test, _audited(test, a), a, data_dir)
-    figures = _figures(model, looked, test, a)
+    looked = _look(model, test, _audited(test, a), a, data_dir, max_pixels)
+    figures = _figures(model, looked, test.class_names, a)
     probe = properties.probe(
         train,
         test,
@@ -138,14 +145,14 @@ def _audited(test: PreparedSplit, a: AuditParams) -> np.ndarray:
 
 
 def _figures(
-    model: Classifier, looked: _Looked, test: PreparedSplit, a: AuditParams
+    model: Classifier, looked: _Looked, class_names: list[str], a: AuditParams
 ) -> dict[str, ClassFigures]:
     """Every class's figures, with how far the other saliency methods agree with the first.
 
     One generator for all classes, seeded by `audit.seed`: the same model gives the same report.
     """
     rng = np.random.default_rng(a.seed)
-    h, w = test.image_size
+    h, w = looked.batch.x.shape[-2:]  # the model's input: places are where the model looks
     candidates = regions.candidate_regions(h, w, a.border_fraction, a.corner_fraction)
     return {
         name: replace(
@@ -161,20 +168,30 @@ def _figures(
             ),
             method_agreement=_agreement(looked, cls),
         )
-        for cls, name in enumerate(test.class_names)
+        for cls, name in enumerate(class_names)
     }
 
 
 def _look(
-    model: Classifier, test: PreparedSplit, chosen: np.ndarray, a: AuditParams, data_dir: Path | None
+    model: Classifier,
+    test: PreparedSplit,
+    chosen: np.ndarray,
+    a: AuditParams,
+    data_dir: Path | None,
+    max_pixels: int,
 ) -> _Looked:
-    """The images at `chosen`, read from the split once and kept as uint8, with the model's view of
-    them, and object extents from masks where annotated."""
-    images = test.images[torch.as_tensor(chosen)]
+    """The images at `chosen`, read from the split once and kept as uint8 at the model's input size
+    (centre-cropped, as evaluate feeds them), with the model's view of them, and object extents
+    from masks where annotated."""
+    size = list(model.spec.image_size)
+    images = F.center_crop(test.images[torch.as_tensor(chosen)], size)
     paths = [test.paths[i] for i in chosen]
     layer, _ = saliency.find_target_layer(model, a.target_layer)
     preds, maps, objects, agreement = _see(model, images, a)
-    masks = load_object_masks(data_dir, paths, test.image_size) if data_dir is not None else {}
+    masks = {}
+    if data_dir is not None:
+        loaded = load_object_masks(data_dir, paths, test.image_size, max_pixels=max_pixels)
+        masks = {p: F.center_crop(torch.from_numpy(m), size).numpy() for p, m in loaded.items()}
     annotated = np.array([p in masks for p in paths], dtype=bool)
     for i in np.flatnonzero(annotated):
         objects[i] = masks[paths[i]]

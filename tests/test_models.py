@@ -25,6 +25,7 @@ CLASSES = ["a", "b", "c"]
 # The architectures issue 4 requires, each at the smallest input it takes (alexnet needs >= 63 px).
 ARCHITECTURES = {
     "convnet": 16,
+    "mlp": 16,
     "resnet18": 32,
     "resnet34": 32,
     "resnet50": 32,
@@ -43,7 +44,7 @@ def test_architecture_trains_a_step_on_grayscale(name: str) -> None:
     torch.manual_seed(0)
     model = create_classifier(default_spec(name, CLASSES, "L", (size, size)), check_input=True).train()
     assert model.head.out_features == len(CLASSES)
-    assert model.expand_gray == (name != "convnet")
+    assert model.expand_gray == (name not in ("convnet", "mlp"))
     images, labels = torch.rand(2, 1, size, size), torch.tensor([0, 2])
     before = model.head.weight.detach().clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -53,6 +54,21 @@ def test_architecture_trains_a_step_on_grayscale(name: str) -> None:
         optimizer.step()
     assert logits.shape == (2, len(CLASSES))
     assert not torch.equal(before, model.head.weight)
+
+
+def test_mlp_flattens_normalised_pixels_through_relu_hidden_layers() -> None:
+    spec = default_spec("mlp", CLASSES, "RGB", (8, 12))
+    model = create_classifier(spec, check_input=True)
+    layers = [type(m).__name__ for m in model.net.classifier]
+    assert layers[0] == "Flatten" and layers[-1] == "Linear" and "ReLU" in layers and "Dropout" in layers
+    assert model.net.classifier[1].in_features == 3 * 8 * 12  # every pixel of every channel
+    assert model.head.out_features == len(CLASSES) and not model.expand_gray
+    assert spec.mean == (0.5,) * 3 and spec.std == (0.5,) * 3  # as the ConvNet: [0, 1] -> [-1, 1]
+
+
+def test_mlp_has_no_pretrained_weights() -> None:
+    with pytest.raises(ConfigError, match=r"the 'mlp' has no pretrained weights; set train.weights: null"):
+        create_classifier(default_spec("mlp", CLASSES, "L", (16, 16)), "DEFAULT")
 
 
 def test_unknown_model_suggests_close_names() -> None:

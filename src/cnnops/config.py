@@ -207,7 +207,7 @@ class AugmentParams(Section):
 
 
 class TrainParams(Section):
-    model: str = Field(description="'convnet' or any torchvision classification model name")
+    model: str = Field(description="'convnet', 'mlp' or any torchvision classification model name")
     mode: Literal["scratch", "linear_probe", "finetune"]
     weights: str | None = Field(description="torchvision weights enum name, e.g. DEFAULT or IMAGENET1K_V1")
     epochs: StrictInt = Field(ge=1, le=MAX_EPOCHS)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from cnnops.errors import ConfigError, StageInputError, WeightsNotFoundError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_CONVNET = "convnet"
+LECTURE_MLP = "mlp"
 _HASH_PREFIX = re.compile(r"-([0-9a-f]{8,})\.\w+$")  # torchvision's <name>-<sha256 prefix>.pth
 CHANNELS = {"RGB": 3, "L": 1}  # image channels of each colour mode (`cnnops.data.decode.ColorMode`)
 
@@ -53,6 +56,28 @@ class SmallConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)))
+
+
+class LectureMLP(nn.Module):
+    """The lecture's multilayer perceptron: flatten, hidden layers with ReLU and dropout, classes.
+
+    It has no convolution, so it sees pixels, not local shapes: the baseline the CNNs are compared
+    with (and one the Grad-CAM audit cannot look into).
+    """
+
+    def __init__(
+        self, in_features: int, num_classes: int, hidden: tuple[int, ...] = (256, 128), dropout: float = 0.2
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        for width in hidden:
+            layers += [nn.Linear(in_features, width), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            in_features = width
+        layers.append(nn.Linear(in_features, num_classes))
+        self.classifier = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x)
 
 
 @dataclass(frozen=True)
@@ -94,6 +119,13 @@ class ModelSpec:
             "stored_size": None if stored is None else tuple(stored),
         }
         return cls(**{**d, **sizes, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+
+# cnnops' own networks (no pretrained weights; they take the dataset's channels directly), by name.
+OWN_NETWORKS: dict[str, Callable[[ModelSpec], nn.Module]] = {
+    SMALL_CONVNET: lambda spec: SmallConvNet(spec.in_channels, spec.num_classes),
+    LECTURE_MLP: lambda spec: LectureMLP(spec.in_channels * math.prod(spec.image_size), spec.num_classes),
+}
 
 
 class Classifier(nn.Module):
@@ -143,7 +175,7 @@ class Classifier(nn.Module):
 
 
 def _head_name(net: nn.Module) -> str:
-    """The last Linear layer is the head of every torchvision classifier and of SmallConvNet."""
+    """The last Linear layer is the head of every torchvision classifier and of our own networks."""
     name = None
     for module_name, module in net.named_modules():
         if isinstance(module, nn.Linear):
@@ -169,8 +201,8 @@ def resolve_weights(model: str, weights: str) -> Any:
     """The torchvision weights enum member `weights` of `model` (e.g. DEFAULT, IMAGENET1K_V1)."""
     from torchvision.models import get_model_weights
 
-    if model == SMALL_CONVNET:
-        raise ConfigError("train.weights: the 'convnet' has no pretrained weights; set train.weights: null")
+    if model in OWN_NETWORKS:
+        raise ConfigError(f"train.weights: the {model!r} has no pretrained weights; set train.weights: null")
     enum = get_model_weights(model)
     try:
         return enum[weights]
@@ -268,17 +300,17 @@ def _pretrained_network(model: str, weights_name: str) -> nn.Module:
 
 def build_network(spec: ModelSpec, weights: str | None = None) -> tuple[nn.Module, int]:
     """The bare network and the channel count it expects; random unless `weights` names an enum member."""
-    if spec.model == SMALL_CONVNET:
+    if spec.model in OWN_NETWORKS:
         if weights is not None:
-            resolve_weights(spec.model, weights)  # raises: the ConvNet has no pretrained weights
-        return SmallConvNet(spec.in_channels, spec.num_classes), spec.in_channels
+            resolve_weights(spec.model, weights)  # raises: our own networks have no pretrained weights
+        return OWN_NETWORKS[spec.model](spec), spec.in_channels
     available = _torchvision_names()
     if spec.model not in available:
-        close = difflib.get_close_matches(spec.model, available, n=3)
+        close = difflib.get_close_matches(spec.model, [*OWN_NETWORKS, *available], n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(
-            f"train.model: unknown model {spec.model!r}{hint}; use 'convnet' or a torchvision classification "
-            "model (torchvision.models.list_models(module=torchvision.models))"
+            f"train.model: unknown model {spec.model!r}{hint}; use 'convnet', 'mlp' or a torchvision "
+            "classification model (torchvision.models.list_models(module=torchvision.models))"
         )
     from torchvision.models import get_model
 
@@ -327,11 +359,11 @@ def default_spec(
 ) -> ModelSpec:
     """The spec for a model on a dataset; mean and std come from the model.
 
-    0.5/0.5 for the ConvNet, the weights' own preset for pretrained torchvision nets, ImageNet
-    statistics for torchvision nets trained from scratch.
+    0.5/0.5 for our own ConvNet and MLP, the weights' own preset for pretrained torchvision nets,
+    ImageNet statistics for torchvision nets trained from scratch.
     """
     channels = CHANNELS[color_mode]
-    if model == SMALL_CONVNET:
+    if model in OWN_NETWORKS:
         mean, std = (0.5,) * channels, (0.5,) * channels
     elif weights is not None:
         preset = resolve_weights(model, weights).transforms()

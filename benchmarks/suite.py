@@ -40,6 +40,10 @@ ARGS: dict[str, tuple[str, str]] = {
     ),
     "train_throughput": ("--epochs 4 --threads 1", "--epochs 2 --threads 1"),
     "gpu_precision": ("--model resnet18 --size 224 --batch 64 --steps 20", "--steps 10 --rounds 2"),
+    "scale": (
+        "--sizes 2000 10000 20000 --hashes 100000 --audit-per-class 100",
+        "--sizes 500 1000 2000 --hashes 20000 --audit-per-class 5",
+    ),
     "audit_detection": (
         "--seeds 5 --sources digits faces",
         "--seeds 1 --sources digits --cues corner none --per-class 40 --throughput-images 128",

@@ -7,6 +7,7 @@ from torchvision.transforms import v2
 
 from cnnops.config import AugmentParams
 from cnnops.data.transforms import EvalPreset, TrainPreset, get_mixup_cutmix
+from cnnops.training.engine import LoopSettings
 
 NO_AUGMENTATION = {
     "random_resized_crop": False, "horizontal_flip": 0.0, "vertical_flip": 0.0, "random_rotation": 0.0,
@@ -23,9 +24,11 @@ def image(channels: int = 1) -> torch.Tensor:
     )
 
 
-def test_eval_preset_only_scales_to_unit_range() -> None:
+def test_eval_preset_leaves_the_pixels_and_the_loop_scales_them_on_the_device() -> None:
     x = image()
-    torch.testing.assert_close(EvalPreset()(x), x.float() / 255)
+    assert torch.equal(EvalPreset()(x), x)
+    on_device = LoopSettings(torch.device("cpu")).to_device(x[None])
+    torch.testing.assert_close(on_device, x[None].float() / 255)
 
 
 def test_train_preset_without_augmentation_is_the_eval_preset() -> None:
@@ -44,11 +47,11 @@ def test_train_preset_builds_each_configured_transform() -> None:
     kinds = [type(t) for t in preset.transforms.transforms]
     assert kinds == [
         v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.RandomVerticalFlip, v2.RandomRotation,
-        v2.ColorJitter, v2.RandAugment, v2.ToDtype,
+        v2.ColorJitter, v2.RandAugment,
     ]  # fmt: skip
     torch.manual_seed(0)
     out = preset(image(3))
-    assert out.shape == (3, 16, 16) and out.dtype == torch.float32 and 0 <= out.min() <= out.max() <= 1
+    assert out.shape == (3, 16, 16) and out.dtype == torch.uint8  # scaled to [0, 1] on the device
 
 
 def test_grayscale_color_jitter_has_no_saturation() -> None:
@@ -80,5 +83,5 @@ def test_training_crops_the_input_from_the_stored_image_and_evaluation_centre_cr
         32,
     )
     centre = EvalPreset((32, 32))(stored)
-    torch.testing.assert_close(centre, stored[:, 4:36, 4:36].float() / 255)
+    assert torch.equal(centre, stored[:, 4:36, 4:36])
     torch.testing.assert_close(EvalPreset((40, 40))(stored), EvalPreset()(stored))

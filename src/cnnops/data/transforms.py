@@ -1,8 +1,11 @@
 """Train and eval presets on torchvision.transforms.v2, built from `train.augment` params.
 
 The presets take one uint8 CxHxW image (the prepared-split format, at the stored size) and return
-float32 in [0, 1] at the network's input size: training crops it at random (RandomResizedCrop, the
-reference recipe's), evaluation centre-crops it (a no-op when both sizes agree). Normalisation lives
+uint8 at the network's input size; the loop turns a batch into float32 in [0, 1] on the device
+(`LoopSettings.to_device`), so a quarter of the bytes cross to a GPU and the conversion runs there,
+as do MixUp and CutMix (batch transforms, applied after the copy). Geometry: training crops the
+stored image at random (RandomResizedCrop, the reference recipe's), evaluation centre-crops it (a
+no-op when both sizes agree). Normalisation lives
 inside the model (`models.Classifier`), so evaluation, audit and ONNX can never drift from training.
 Validation and test use the eval preset only: never augmented.
 """
@@ -38,7 +41,6 @@ class TrainPreset:
             )
         if augment.randaugment:
             steps.append(v2.RandAugment(magnitude=augment.randaugment_magnitude))
-        steps.append(v2.ToDtype(torch.float32, scale=True))
         self.transforms = v2.Compose(steps)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
@@ -46,11 +48,10 @@ class TrainPreset:
 
 
 class EvalPreset:
-    """Validation/test preprocessing: centre crop to the input size, uint8 to float [0, 1]."""
+    """Validation/test preprocessing: a centre crop to the input size, nothing random."""
 
     def __init__(self, image_size: tuple[int, int] | None = None) -> None:
-        crop = [] if image_size is None else [v2.CenterCrop(image_size)]
-        self.transforms = v2.Compose([*crop, v2.ToDtype(torch.float32, scale=True)])
+        self.transforms = v2.Identity() if image_size is None else v2.CenterCrop(image_size)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return self.transforms(image)

@@ -1,0 +1,1 @@
+"""The pipeline stages: one module each, `run(params, paths) -> result` plus its command line."""

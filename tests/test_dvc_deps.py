@@ -7,6 +7,7 @@ so a new import that the deps miss fails here by name instead of leaving `dvc st
 from __future__ import annotations
 
 import ast
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,27 @@ def test_closure_follows_imports_inside_packages() -> None:
     files = {f.relative_to(SRC).as_posix() for f in closure("cnnops.stages.audit")}
     assert {"cnnops/audit/saliency.py", "cnnops/audit/__init__.py", "cnnops/models.py"} <= files
     assert "cnnops/stages/release.py" not in files
+
+
+def uncached_outputs() -> list[str]:
+    """The metrics and plots files dvc.yaml keeps out of the cache: git holds them instead."""
+    return [
+        next(iter(entry))
+        for spec in STAGES.values()
+        for key in ("metrics", "plots", "outs")
+        for entry in spec.get(key) or []
+        if isinstance(entry, dict)
+        and next(iter(entry.values())).get("cache") is False
+        and Path(next(iter(entry))).suffix in (".json", ".csv")
+    ]
+
+
+def test_lock_and_uncached_metrics_and_plots_are_committed() -> None:
+    """A fresh clone has a baseline: `dvc exp show`, `dvc metrics diff` and `dvc plots diff` compare
+    against the committed dvc.lock and the example's committed reports."""
+    files = ["dvc.lock", *uncached_outputs()]
+    assert "reports/metrics.json" in files and "reports/plots/confusion.csv" in files
+    tracked = subprocess.run(
+        ["git", "ls-files", "--", *files], cwd=PROJECT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert sorted(tracked) == sorted(files), f"not committed: {sorted(set(files) - set(tracked))}"

@@ -149,38 +149,35 @@ def test_warnings_never_stop_and_off_checks_are_left_out(
     assert json.loads((tmp_path / "v.json").read_text()) == report
 
 
-def test_a_tracking_server_that_does_not_answer_exits_as_worth_a_retry(tmp_path: Path) -> None:
-    """The flows retry a stage for this exit status only (pipelines/dvc_cli.py), never for words."""
+def _validate_one_small_class(
+    root: Path, params: dict, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`cnnops validate` through the CLI on a data folder of one class of three images."""
     for i in range(3):
-        _noise(tmp_path / "data" / "only" / f"{i}.png", i)
-    params = {"data": {"color_mode": "L"}, "tracking": {"uri": "http://127.0.0.1:9"}}  # nothing listens
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        _noise(root / "data" / "only" / f"{i}.png", i)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
     cnnops = Path(sys.executable).with_name("cnnops")
-    result = subprocess.run(
+    return subprocess.run(
         [str(cnnops), "validate", "data", "--report", "reports/v.json", "--docs", "reports/docs"],
-        cwd=tmp_path,
+        cwd=root,
         capture_output=True,
         text=True,
-        env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"},
+        env={**os.environ, "PATH": f"{cnnops.parent}{os.pathsep}{os.environ['PATH']}", **(env or {})},
     )
+
+
+def test_a_tracking_server_that_does_not_answer_exits_as_worth_a_retry(tmp_path: Path) -> None:
+    """The flows retry a stage for this exit status only (pipelines/dvc_cli.py), never for words."""
+    params = {"data": {"color_mode": "L"}, "tracking": {"uri": "http://127.0.0.1:9"}}  # nothing listens
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    result = _validate_one_small_class(tmp_path, params, quick)
     assert result.returncode == TRANSIENT_EXIT, result.stderr
     assert "cnnops validate: error: MlflowException: " in result.stderr
     assert "(a server or database did not answer: worth running again)" in result.stderr
 
 
 def test_one_small_class_fails_through_the_cli(tmp_path: Path) -> None:
-    root = tmp_path / "data"
-    for i in range(3):
-        _noise(root / "only" / f"{i}.png", i)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"color_mode": "L"}}))
-    cnnops = Path(sys.executable).with_name("cnnops")
-    result = subprocess.run(
-        [str(cnnops), "validate", "data", "--report", "reports/v.json", "--docs", "reports/docs"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PATH": f"{cnnops.parent}{os.pathsep}{os.environ['PATH']}"},
-    )
+    result = _validate_one_small_class(tmp_path, {"data": {"color_mode": "L"}})
     assert result.returncode == 1, result.stderr
     assert "cnnops validate: error: 2 error-level check(s) failed on data" in result.stderr
     assert "min_classes" in result.stderr and "1 class folder(s), need at least 2" in result.stderr

@@ -115,9 +115,10 @@ def measured(command: list[str], cwd: Path) -> tuple[float, float]:
 
 
 def project(root: Path, photos: Path, n: int) -> Path:
-    """A cnnops project whose data/ holds the first n photos (hard links: no copy of the bytes)."""
+    """A cnnops project whose data/ holds the first n / CLASSES photos of each class (hard links: no
+    copy of the bytes)."""
     data = root / "data"
-    files = sorted(photos.rglob("*.jpg"))[:n]
+    files = [f for folder in sorted(photos.iterdir()) for f in sorted(folder.glob("*.jpg"))[: n // CLASSES]]
     for path in files:
         target = data / path.relative_to(photos)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,6 @@ from cnnops.export.onnx_model import (
     export_classifier,
     infer,
     open_session,
-    read_metadata,
     with_output,
 )
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
@@ -97,7 +96,7 @@ def run(params: Params, paths: ExportPaths = ExportPaths()) -> ExportResult:
             "parity": check_parity(reference, onnx_out, e.parity_atol, staged.name, e.output),
             "accuracy": {"pytorch": _accuracy(reference, labels), "onnx": _accuracy(onnx_out, labels)},
             "latency": _latency(e, with_output(model, e.output), staged, test.floats(slice(0, 1), size)[0]),
-            "compression": _compress(e, staged, test, onnx_out),
+            "compression": _compress(e, staged, test, onnx_out, size),
             "lineage": {"git_commit": metadata.git_commit, "data_version": metadata.data_version},
         }
         _publish(staged, paths.out, paths.compressed_dir, e.compression)
@@ -159,13 +158,14 @@ def _publish(staged: Path, out: Path, compressed_dir: Path, kind: str) -> None:
     staged.replace(out)
 
 
-def _compress(params: ExportParams, fp32: Path, test: PreparedSplit, fp32_out: np.ndarray) -> dict[str, Any]:
+def _compress(
+    params: ExportParams, fp32: Path, test: PreparedSplit, fp32_out: np.ndarray, size: tuple[int, int]
+) -> dict[str, Any]:
     """Write the compressed copy (if asked) beside `fp32`; report its accuracy change against fp32."""
     if params.compression == "none":
         return {"kind": "none"}
     path = fp32.with_name(COMPRESSED_NAME.format(kind=params.compression))
     compress(fp32, path, params.compression)
-    size = read_metadata(fp32).input_size
     outputs = _outputs(
         _onnx_fn(open_session(path), params.throughput_batch), test, params.throughput_batch, size
     )

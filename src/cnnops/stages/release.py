@@ -30,7 +30,7 @@ from cnnops.config import Params, ReleaseParams
 from cnnops.data.digest import file_sha256
 from cnnops.data.splits import PreparedSplit
 from cnnops.errors import StageInputError
-from cnnops.export.onnx_model import infer, open_session, read_metadata
+from cnnops.export.onnx_model import OnnxMetadata, infer, open_session, read_metadata
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import registry, runs
 from cnnops.tracking.lineage import UNKNOWN, git_commit
@@ -106,13 +106,13 @@ def run(params: Params, paths: ReleasePaths = ReleasePaths()) -> ReleaseResult:
         )
     verdict = audit_verdict(paths.audit_report)
     test = PreparedSplit.load(paths.prepared, "test")
-    mismatch = _incomparable(paths.onnx, test)
+    mismatch = _incomparable(metadata, test)
     if mismatch:
         raise StageInputError(
             f"{paths.onnx} does not fit the test split of {paths.prepared}: {mismatch}; "
             "re-run `dvc repro export`"
         )
-    score = evaluate_onnx(paths.onnx, test, r.metric)
+    score = evaluate_onnx(paths.onnx, metadata, test, r.metric)
     runs.configure(params.tracking)
     client = MlflowClient()
     version = _registered(client, params, run_id, paths)
@@ -208,7 +208,8 @@ def decide(
         compared = "there is no champion yet"
     else:
         with registry.downloaded_onnx(params.model_name, champion) as path:
-            mismatch = _incomparable(path, test)
+            champion_meta = read_metadata(path)
+            mismatch = _incomparable(champion_meta, test)
             if mismatch:
                 return Decision(
                     False,
@@ -217,7 +218,7 @@ def decide(
                     champion,
                     None,
                 )
-            champion_score = evaluate_onnx(path, test, params.metric)
+            champion_score = evaluate_onnx(path, champion_meta, test, params.metric)
         compared = (
             f"{params.metric} {score:.4f} vs champion v{champion} {champion_score:.4f} "
             f"(margin {params.margin:g})"
@@ -233,9 +234,8 @@ def decide(
     return Decision(False, reason, champion, champion_score)
 
 
-def _incomparable(path: Path, test: PreparedSplit) -> str:
-    """Why a champion's ONNX cannot take this split ('' when it can)."""
-    meta = read_metadata(path)
+def _incomparable(meta: OnnxMetadata, test: PreparedSplit) -> str:
+    """Why an ONNX file of this metadata cannot take this split ('' when it can)."""
     if list(meta.class_names) != list(test.class_names):
         return f"classes {meta.class_names} differ from the split's {test.class_names}"
     if meta.color_mode != test.color_mode or tuple(meta.prepared_size) != test.image_size:
@@ -246,10 +246,11 @@ def _incomparable(path: Path, test: PreparedSplit) -> str:
     return ""
 
 
-def evaluate_onnx(path: Path, test: PreparedSplit, metric: str) -> float:
-    """The release metric of an ONNX model on a prepared split, run by ONNX Runtime on CPU."""
-    session, size = open_session(path), read_metadata(path).input_size
-    batches = test.batches(RESCORE_BATCH, size)  # centre-cropped to its input, as evaluate does
+def evaluate_onnx(path: Path, meta: OnnxMetadata, test: PreparedSplit, metric: str) -> float:
+    """The release metric of an ONNX model (its metadata already read and checked) on a prepared
+    split, run by ONNX Runtime on CPU."""
+    session = open_session(path)
+    batches = test.batches(RESCORE_BATCH, meta.input_size)  # centre-cropped to its input, as evaluate does
     outputs = np.concatenate([infer(session, x.numpy(), RESCORE_BATCH) for x, _ in batches])
     # The evaluate stage's metric definitions; they depend on the argmax only, so logits or
     # probabilities give the same figure.

@@ -105,9 +105,17 @@ def test_probe_and_too_few_images_only_warn() -> None:
         top_properties=(PropertyWeight("band mean", 1.0),),
         per_class_f1={"a": 0.97},
     )
+    assert decide({"a": _with()}, probe, A).verdict == "pass"  # the probe alone only warns
     result = decide({"a": _with(n_correct=1, transplant_tone=replace(NONE, flip_rate=1.0))}, probe, A)
-    assert result.verdict == "pass"
+    assert result.verdict == "inconclusive"  # a class the audit could not look at is not a pass
     assert {w.test for w in result.warnings} == {"coverage", "data_properties"}
+    assert not result.failures
+
+
+def test_a_failure_elsewhere_outweighs_an_unaudited_class() -> None:
+    figures = {"a": _with(n_correct=0), "b": _with(transplant_tone=replace(NONE, flip_rate=1.0))}
+    result = decide(figures, None, A)
+    assert result.verdict == "fail" and result.failed_classes == ("b",)
 
 
 def test_transplant_moves_only_masked_pixels_and_counts_flips() -> None:

@@ -128,9 +128,10 @@ class Finding:
 
 @dataclass(frozen=True)
 class Decision:
-    """The verdict block: `fail` when any finding is a failure; failures worst first."""
+    """The verdict block: `fail` when any finding is a failure, `inconclusive` when none is but a
+    class could not be audited (too few correct images); failures worst first."""
 
-    verdict: Literal["pass", "fail"]
+    verdict: Literal["pass", "fail", "inconclusive"]
     failed_classes: tuple[str, ...]
     failures: tuple[Finding, ...]
     warnings: tuple[Finding, ...]

@@ -17,6 +17,7 @@ from cnnops.config import AuditParams
 OFF_OBJECT_FOR_DELETION = 0.5  # deletion counts only when most of the removed pixels lie off the object
 BAND_EXCESS_WARNING = 0.1  # outer-band saliency share above the other classes' by this much: a pointer
 MIN_IMAGES = 3  # fewer correctly classified images than this: the class cannot be judged
+COVERAGE = "coverage"  # the warning of a class with too few images: the verdict is inconclusive
 OTHER_PIXELS = "when the same pixels come from other classes"
 PLACE_CONTROLS_NO_SHUFFLE = "for the larger control: that place from other classes, or evened out"
 PLACE_CONTROLS = "for the larger control: that place from other classes, evened out, or its pixels shuffled"
@@ -171,7 +172,7 @@ def class_findings(name: str, f: ClassFigures, a: AuditParams) -> tuple[list[Fin
         )
         return [], [
             Finding(
-                class_name=name, test="coverage", value=f.n_correct, threshold=MIN_IMAGES, sentence=sentence
+                class_name=name, test=COVERAGE, value=f.n_correct, threshold=MIN_IMAGES, sentence=sentence
             )
         ]
     failures = _transplant_findings(name, f, a) + _deletion_finding(name, f, a) + _mask_finding(name, f, a)
@@ -206,8 +207,10 @@ def decide(figures: dict[str, ClassFigures], probe: PropertyProbe | None, a: Aud
     if probe is not None:
         warnings += _probe_warnings(probe, a)
     failures.sort(key=lambda r: -r.value if r.test != "masks" else r.value - 1)
+    # A class too few images to audit was never looked at: no failure there is not a pass.
+    unaudited = any(w.test == COVERAGE for w in warnings)
     return Decision(
-        verdict="fail" if failures else "pass",
+        verdict="fail" if failures else "inconclusive" if unaudited else "pass",
         failed_classes=tuple(sorted({r.class_name for r in failures})),
         failures=tuple(failures),
         warnings=tuple(warnings),

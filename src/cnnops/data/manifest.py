@@ -75,36 +75,53 @@ def describe_all(
     *,
     color_mode: ColorMode,
     max_pixels: int,
-    size: tuple[int, int] | None = None,
+    into: np.ndarray | None = None,
     workers: int | None = None,
-) -> Iterator[tuple[ManifestEntry, np.ndarray | None]]:
+) -> Iterator[ManifestEntry]:
     """`describe` over every record, in order, by a pool of processes (one per core by default).
 
     Processes, not threads: decoding and hashing are CPU-bound and Pillow holds the GIL for much of
-    them. With `size`, each decodable image also comes back resized to it as a uint8 C x H x W
-    array (what prepare stores); without, only the entries. Results stream in record order, a
-    chunk at a time, so memory holds a few images whatever the number of files.
+    them. With `into` (a writable N x C x H x W uint8 array, memory-mapped for prepare), each
+    decodable image is resized to H x W and written to its row by the process that decoded it: a
+    forked worker shares the parent's MAP_SHARED mapping, so pixels never travel through a pipe and
+    the parent only collects entries. Entries stream in record order, a chunk at a time, so memory
+    holds a few images whatever the number of files.
     """
-    task = partial(_describe_one, color_mode=color_mode, max_pixels=max_pixels, size=size)
+    task = partial(_describe_one, color_mode=color_mode, max_pixels=max_pixels)
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(records) < POOL_MIN_FILES:
-        yield from map(task, records)
+        global _INTO
+        _INTO = into
+        try:
+            yield from map(task, enumerate(records))
+        finally:
+            _INTO = None
         return
-    # fork: workers start in milliseconds and share the parent's imports; one torch thread each,
-    # as DataLoader workers, so the pool never oversubscribes the cores.
+    # fork: workers start in milliseconds, share the parent's imports and inherit `into`'s mapping
+    # (initargs are not pickled under fork); one torch thread each, so the pool never oversubscribes.
     with multiprocessing.get_context("fork").Pool(
-        workers, initializer=torch.set_num_threads, initargs=(1,)
+        workers, initializer=_init_worker, initargs=(into,)
     ) as pool:
-        yield from pool.imap(task, records, chunksize=POOL_CHUNK)
+        yield from pool.imap(task, enumerate(records), chunksize=POOL_CHUNK)
+
+
+_INTO: np.ndarray | None = None  # the array `describe_all` writes into, per process
+
+
+def _init_worker(into: np.ndarray | None) -> None:
+    global _INTO
+    _INTO = into
+    torch.set_num_threads(1)
 
 
 def _describe_one(
-    record: ImageRecord, *, color_mode: ColorMode, max_pixels: int, size: tuple[int, int] | None
-) -> tuple[ManifestEntry, np.ndarray | None]:
+    numbered: tuple[int, ImageRecord], *, color_mode: ColorMode, max_pixels: int
+) -> ManifestEntry:
+    row, record = numbered
     entry, image = describe(record, color_mode=color_mode, max_pixels=max_pixels)
-    if image is None or size is None:
-        return entry, None
-    return entry, to_tensor(image, size).numpy()
+    if image is not None and _INTO is not None:
+        _INTO[row] = to_tensor(image, tuple(_INTO.shape[2:])).numpy()
+    return entry
 
 
 def duplicate_groups(sha256: Sequence[str], phash: Sequence[str], max_distance: int) -> np.ndarray:

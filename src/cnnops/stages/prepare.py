@@ -197,18 +197,14 @@ def _decode(scan: FolderScan, staged: np.ndarray, paths: PreparePaths, params: P
     rows: list[int] = []
     undecodable: list[ManifestEntry] = []
     found = describe_all(
-        scan.records,
-        color_mode=data.color_mode,
-        max_pixels=data.max_image_pixels,
-        size=params.prepare.image_size,
+        scan.records, color_mode=data.color_mode, max_pixels=data.max_image_pixels, into=staged
     )
     with progress_bar("prepare: decoding", len(scan.records), unit="img") as advance:
-        for row, (entry, image) in enumerate(found):
+        for row, entry in enumerate(found):
             advance()
-            if image is None:
+            if entry.error is not None:
                 undecodable.append(entry)
                 continue
-            staged[row] = image
             entries.append(entry)
             rows.append(row)
     _check_decoding(undecodable, params.validate, scan.root)

@@ -46,7 +46,7 @@ def build_manifest(
     found = describe_all(scan.records, color_mode=data.color_mode, max_pixels=data.max_image_pixels)
     rows = []
     with progress_bar("validate: reading", len(scan.records), unit="img") as advance:
-        for entry, _ in found:
+        for entry in found:
             rows.append(entry.as_dict())
             advance()
     df = pd.DataFrame(rows)

@@ -319,19 +319,59 @@ def build_network(spec: ModelSpec, weights: str | None = None) -> tuple[nn.Modul
     return net, 3
 
 
-def _check_input_size(model: Classifier) -> None:
-    """Fail early, naming the fix, when the images are too small for the network's downsampling."""
-    probe = torch.zeros(1, model.spec.in_channels, *model.spec.image_size)
-    was_training = model.training
+SEARCH_SIDE = 512  # the smallest working input is searched up to this side (ImageNet nets take 32-224)
+
+
+def _takes(model: Classifier, size: tuple[int, int]) -> str | None:
+    """None when the network runs on one image of `size`, else the first line of its error."""
     try:
         with torch.no_grad():
-            model.eval()(probe)
-    except RuntimeError as exc:
+            model(torch.zeros(1, model.spec.in_channels, *size))
+    except (RuntimeError, ValueError) as exc:  # a kernel larger than its input, an empty pooled map
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
+
+
+def smallest_input(model: Classifier) -> tuple[int, int] | None:
+    """The smallest input, no side below the spec's, the network takes (None: none up to SEARCH_SIDE).
+
+    Found by trying, as the downsampling of a network (strides, pooling, fixed kernels) is not
+    declared anywhere: square sides double until one runs, then bisection finds the first.
+    """
+    h, w = model.spec.image_size
+
+    def grown(side: int) -> tuple[int, int]:
+        return max(h, side), max(w, side)
+
+    low = high = min(h, w)  # grown(low) is the failing size itself
+    while _takes(model, grown(high)) is not None:
+        if high >= SEARCH_SIDE:
+            return None
+        low, high = high, min(2 * high, SEARCH_SIDE)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if _takes(model, grown(middle)) is not None else (low, middle)
+    return grown(high)
+
+
+def _check_input_size(model: Classifier) -> None:
+    """Fail early, naming the smallest size that works, when the images are too small for the
+    network's downsampling."""
+    was_training = model.training
+    model.eval()
+    try:
+        error = _takes(model, model.spec.image_size)
+        if error is None:
+            return
         h, w = model.spec.image_size
-        raise ConfigError(
-            f"train.model: {model.spec.model} cannot take {h}x{w} images ({str(exc).splitlines()[0]}); "
-            "set a larger prepare.image_size (alexnet needs at least 63x63)"
-        ) from None
+        smallest = smallest_input(model)
+        fix = (
+            f"the smallest it takes is {smallest[0]}x{smallest[1]}: set prepare.image_size (or "
+            "train.input_size) to at least that"
+            if smallest is not None
+            else f"no size up to {SEARCH_SIDE}x{SEARCH_SIDE} worked; check the model"
+        )
+        raise ConfigError(f"train.model: {model.spec.model} cannot take {h}x{w} images ({error}); {fix}")
     finally:
         model.train(was_training)
 

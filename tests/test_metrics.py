@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from cnnops.training.metrics import classification_report, expected_calibration_error
+from cnnops.training.metrics import (
+    classification_report,
+    expected_calibration_error,
+    majority_baseline,
+    mcnemar,
+)
 from cnnops.training.plots import confusion_matrix
 
 
@@ -56,3 +61,22 @@ def test_confusion_plot_draws_class_names_as_typed(tmp_path: Path) -> None:
     names = [r"$\undefinedcmd$", "a $b$ c", r"\frac{1}{2}"]
     path = confusion_matrix([[1, 0, 0], [0, 2, 0], [0, 0, 3]], names, tmp_path / "confusion.png")
     assert path.stat().st_size > 1000
+
+
+def test_majority_baseline_is_an_exact_binomial_test_against_the_largest_class() -> None:
+    labels = np.array([0] * 7 + [1] * 3 + [2] * 3)
+    all_right = majority_baseline(labels, np.ones(13, bool), ["a", "b", "c"])
+    assert (all_right["majority_class"], all_right["accuracy"]) == ("a", 7 / 13)
+    assert all_right["p_value"] == pytest.approx((7 / 13) ** 13)  # P(13 of 13 | p = 7/13)
+    constant = majority_baseline(labels, labels == 0, ["a", "b", "c"])
+    assert constant["model_accuracy"] == 7 / 13 and constant["p_value"] > 0.5
+    assert majority_baseline(np.zeros(5, int), np.ones(5, bool), ["a", "b"])["p_value"] == 1.0
+
+
+def test_mcnemar_counts_only_the_images_one_model_gets_right() -> None:
+    challenger = np.array([1, 1, 1, 1, 1, 0, 1, 0], bool)
+    champion = np.array([1, 0, 0, 0, 0, 0, 1, 1], bool)
+    result = mcnemar(challenger, champion)
+    assert (result["challenger_only_correct"], result["champion_only_correct"]) == (4, 1)
+    assert result["p_value"] == pytest.approx(6 / 32)  # P(4 or 5 of 5 | 1/2)
+    assert mcnemar(champion, champion)["p_value"] == 1.0  # no disagreement: nothing shown

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from fixtures_export import constant_model, model_run, stage_params
+from fixtures_export import constant_model, model_run, stage_params, synthetic_split
 from mlflow import MlflowClient
 
 from cnnops.config import ExportParams, ReleaseParams, TrackingParams
@@ -19,7 +20,25 @@ from cnnops.models import Classifier
 from cnnops.stages import export, release
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-PARAMS = ReleaseParams(model_name="clf", metric="accuracy", margin=0.0)
+PARAMS = ReleaseParams.from_defaults(model_name="clf", metric="accuracy", margin=0.0)
+COUNTS = (14, 6, 6)  # 26 test images: always answering "a" scores 14/26
+
+
+@pytest.fixture(scope="module")
+def prepared_26(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A test split large enough for the exact tests to tell the models apart at p 0.05."""
+    folder = tmp_path_factory.mktemp("prepared_26")
+    synthetic_split(COUNTS).save(folder, "test")
+    return folder
+
+
+def never_c(model: Classifier) -> Classifier:
+    """`model` with class c's output pushed far below b's: every c image is answered a or b."""
+    blind = copy.deepcopy(model)
+    with torch.no_grad():
+        blind.head.weight[2] = blind.head.weight[1]
+        blind.head.bias[2] = blind.head.bias[1] - 100.0
+    return blind.eval()
 
 
 def exported(
@@ -39,12 +58,15 @@ def exported(
     return dict(onnx_path=onnx_path, checkpoint=checkpoint, train_report=train_report, audit_report=audit)
 
 
-def do_release(paths: dict[str, Path], tracking: TrackingParams, prepared: Path, project: Path) -> dict:
+def do_release(
+    paths: dict[str, Path], tracking: TrackingParams, prepared: Path, project: Path, **params: object
+) -> dict:
     stage = release.ReleasePaths(
         paths["onnx_path"], paths["checkpoint"], prepared, paths["train_report"], paths["audit_report"],
         paths["onnx_path"].with_name("release.json"), project,
     )  # fmt: skip
-    return release.run(stage_params(tracking, release=PARAMS), stage).report
+    section = PARAMS.model_copy(update=params) if params else PARAMS
+    return release.run(stage_params(tracking, release=section), stage).report
 
 
 def aliases(client: MlflowClient) -> dict[str, str]:
@@ -54,50 +76,71 @@ def aliases(client: MlflowClient) -> dict[str, str]:
 def test_champion_challenger_decisions_and_idempotence(
     tmp_path: Path,
     mlflow_store: TrackingParams,
-    prepared_synthetic: dict[str, Path],
+    prepared_26: Path,
     good_model: Classifier,
     committed_repo: Path,
 ) -> None:
-    tracking, prepared = mlflow_store, prepared_synthetic["L"]
-    first = exported(tmp_path, "first", constant_model(0), tracking, "pass")  # accuracy 7/13
-    result = do_release(first, tracking, prepared, committed_repo)
+    tracking, prepared = mlflow_store, prepared_26
     client = MlflowClient(tracking.uri)
-    assert (result["promoted"], result["version"], result["score"]) == (True, "1", 7 / 13)
-    assert "no champion yet" in result["reason"]
-    assert aliases(client) == {"champion": "1", "challenger": "1"}
+    chance = do_release(exported(tmp_path, "chance", constant_model(0), tracking, "pass"), tracking, prepared,
+                        committed_repo)  # fmt: skip
+    assert (chance["promoted"], chance["score"], chance["champion"]) == (False, 14 / 26, None)
+    assert chance["baseline"]["accuracy"] == 14 / 26 and chance["baseline"]["majority_class"] == "a"
+    assert chance["baseline"]["p_value"] > 0.5
+    assert "not significantly above the majority-class baseline 0.5385" in chance["reason"]
+    assert aliases(client) == {"challenger": "1"}
+
+    first = exported(tmp_path, "first", never_c(good_model), tracking, "pass")  # accuracy 20/26
+    low = do_release(first, tracking, prepared, committed_repo, min_score=0.9)
+    assert not low["promoted"] and "accuracy 0.7692 is below release.min_score 0.9" in low["reason"]
+    result = do_release(first, tracking, prepared, committed_repo)
+    assert (result["promoted"], result["version"], result["score"]) == (True, "2", 20 / 26)
+    assert result["baseline"]["p_value"] == pytest.approx(0.013478, abs=1e-6)  # binomial: 20+ of 26 at 14/26
+    assert "no champion yet" in result["reason"] and result["paired_test"] is None
+    assert aliases(client) == {"champion": "2", "challenger": "2"}
 
     again = do_release(first, tracking, prepared, committed_repo)  # idempotent: no new version, same record
     assert again == result
-    assert len(client.search_model_versions("name = 'clf'")) == 1
+    assert len(client.search_model_versions("name = 'clf'")) == 2
     assert first["onnx_path"].with_name("release.json").read_text() == json.dumps(result, indent=2) + "\n"
 
-    worse_model = exported(tmp_path, "worse", constant_model(1), tracking, "pass")
-    worse = do_release(worse_model, tracking, prepared, committed_repo)
-    assert (worse["promoted"], worse["score"], worse["champion_score"]) == (False, 3 / 13, 7 / 13)
-    assert "does not beat the champion" in worse["reason"]
-    assert aliases(client) == {"champion": "1", "challenger": "2"}
+    worse = do_release(exported(tmp_path, "worse", constant_model(1), tracking, "pass"), tracking, prepared,
+                       committed_repo)  # fmt: skip
+    assert (worse["promoted"], worse["score"], worse["champion_score"]) == (False, 6 / 26, 20 / 26)
+    assert "accuracy 0.2308 is below release.min_score 0.5" in worse["reason"]
+    assert worse["paired_test"]["champion_only_correct"] == 14  # the champion's a and b, which it misses
+    assert aliases(client) == {"champion": "2", "challenger": "3"}
 
-    failed_model = exported(tmp_path, "failed", good_model, tracking, "fail")
-    failed = do_release(failed_model, tracking, prepared, committed_repo)
-    assert (failed["promoted"], failed["score"], failed["champion"]) == (False, 1.0, "1")
-    assert "audit verdict is 'fail'" in failed["reason"]
-    assert aliases(client)["champion"] == "1"
+    for verdict in ("fail", "inconclusive"):
+        audited = exported(tmp_path, verdict, good_model, tracking, verdict)
+        refused = do_release(audited, tracking, prepared, committed_repo)
+        assert (refused["promoted"], refused["score"], refused["champion"]) == (False, 1.0, "2")
+        assert f"audit verdict is '{verdict}'" in refused["reason"]
+    assert aliases(client)["champion"] == "2"
 
+    # 26/26 against 20/26: the 6 c images are the only disagreements, McNemar p = 0.5**6 = 0.0156
     better = exported(tmp_path, "better", good_model, tracking, "pass")
+    noisy = do_release(better, tracking, prepared, committed_repo, significance=0.01)
+    assert not noisy["promoted"] and "the difference is not significant" in noisy["reason"]
     promoted = do_release(better, tracking, prepared, committed_repo)
-    assert (promoted["promoted"], promoted["version"], promoted["champion_version"]) == (True, "4", "1")
-    assert promoted["champion_score"] == 7 / 13 and "beats the champion" in promoted["reason"]
-    assert aliases(client) == {"champion": "4", "challenger": "4"}
+    assert (promoted["promoted"], promoted["version"], promoted["champion_version"]) == (True, "6", "2")
+    assert promoted["champion_score"] == 20 / 26 and "beats the champion" in promoted["reason"]
+    paired = promoted["paired_test"]
+    assert (paired["images"], paired["challenger_correct"], paired["champion_correct"]) == (26, 26, 20)
+    assert (paired["challenger_only_correct"], paired["champion_only_correct"]) == (6, 0)
+    assert paired["p_value"] == 0.5**6 and "McNemar p = 0.0156" in promoted["reason"]
+    assert aliases(client) == {"champion": "6", "challenger": "6"}
     assert do_release(better, tracking, prepared, committed_repo) == promoted
-    assert len(client.search_model_versions("name = 'clf'")) == 4
+    assert len(client.search_model_versions("name = 'clf'")) == 6
 
-    version = client.get_model_version("clf", "4")
+    version = client.get_model_version("clf", "6")
     assert (
         version.tags["release.decision"] == "champion"
         and version.tags["release.reason"] == promoted["reason"]
     )
     assert client.get_run(version.run_id).data.tags["release.decision"] == "champion"
-    loser = client.get_model_version("clf", "3")
+    assert json.loads(version.tags["release.paired_test"]) == paired
+    loser = client.get_model_version("clf", "4")
     assert loser.tags["release.decision"] == "challenger" and loser.tags["release.audit_verdict"] == "fail"
     mlflow.set_tracking_uri(tracking.uri)
     files = Path(mlflow.artifacts.download_artifacts("models:/clf@champion", dst_path=str(tmp_path / "dl")))
@@ -177,7 +220,7 @@ def test_export_then_release_the_model_train_made(
         onnx_path, t.model, t.prepared, t.train_report, audit, tmp_path / "release.json", committed_repo
     )
     result = release.run(
-        stage_params(t.tracking, release=ReleaseParams(model_name="digits", metric="accuracy", margin=0.0)),
+        stage_params(t.tracking, release=ReleaseParams.from_defaults(model_name="digits")),
         paths,
     ).report
     assert result["promoted"] and result["run_id"] == t.run_id

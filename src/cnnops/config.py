@@ -336,6 +336,13 @@ class OrchestrateParams(Section):
         pattern=r"^[a-z0-9-]+/[^/]+$",
         description="Prefect notification block as <block-type-slug>/<name>, e.g. slack-webhook/ops",
     )
+    min_score: StrictFloat = Field(ge=0.0, le=1.0, description="a model scoring below this is never champion")
+    significance: StrictFloat = Field(
+        gt=0.0,
+        lt=1.0,
+        description="one-sided exact p-value the model must reach against the majority-class baseline "
+        "and, in McNemar's test, against the champion",
+    )
     git_commit: StrictBool = Field(description="commit data.dvc and dvc.lock to git_branch after a retrain")
     git_branch: str = Field(min_length=1)
     retries: StrictInt = Field(

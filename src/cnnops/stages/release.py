@@ -1,10 +1,13 @@
 """`cnnops release`: register the exported model, then decide whether it becomes the champion.
 
 Every release registers (once) a model version and points alias `challenger` at it. Alias
-`champion` moves only when the audit verdict is `pass` and the model beats the current champion
-by more than `release.margin` on the *current* test split, the champion being re-evaluated on
-that split through ONNX Runtime exactly like the challenger. The decision and its reason are tags
-on the version and the run and go to the report. Running it again changes nothing.
+`champion` moves only when the audit verdict is `pass` (never `fail` or `inconclusive`), the
+model's `release.metric` is at least `release.min_score`, its accuracy is significantly above
+always answering the test split's largest class, and, when there is a champion, it beats the
+champion by more than `release.margin` on the *current* test split with a significant McNemar
+test on the two models' per-image correctness (the champion re-evaluated on that split through
+ONNX Runtime exactly like the challenger). The decision, its reason and both tests are tags on the
+version and the run and go to the report. Running it again changes nothing.
 
 Only a reproducible run deploys: under `dvc exp run`, or from a git work tree with uncommitted
 changes (DVC's own writes during repro aside), a model that earned champion stays challenger
@@ -34,11 +37,19 @@ from cnnops.export.onnx_model import OnnxMetadata, infer, open_session, read_met
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import registry, runs
 from cnnops.tracking.lineage import UNKNOWN, git_commit
-from cnnops.training.metrics import classification_report
+from cnnops.training.metrics import classification_report, majority_baseline, mcnemar
 
 log = logging.getLogger(__name__)
 
 RESCORE_BATCH = 64  # test images per ONNX Runtime call when scoring challenger and champion
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A model's release figures on the test split: its metric, and which images it gets right."""
+
+    score: float
+    correct: np.ndarray  # bool, one per test image in split order (the paired test's input)
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,7 @@ class Decision:
     reason: str
     champion_version: str | None  # the champion it was compared with (None: there was none)
     champion_score: float | None
+    paired_test: dict[str, Any] | None = None  # McNemar's test against that champion (metrics.mcnemar)
 
     def as_tags(self, metric: str, score: float, verdict: str) -> dict[str, str]:
         return {
@@ -57,6 +69,8 @@ class Decision:
             "release.compared_with": self.champion_version or "none",
             "release.champion_score": "none" if self.champion_score is None else repr(self.champion_score),
             "release.audit_verdict": verdict,
+            # JSON keeps the floats exact (repr), so a re-run reports the same test
+            "release.paired_test": json.dumps(self.paired_test),
         }
 
     @classmethod
@@ -68,6 +82,7 @@ class Decision:
             reason=tags["release.reason"],
             champion_version=None if compared == "none" else compared,
             champion_score=None if score == "none" else float(score),
+            paired_test=json.loads(tags.get("release.paired_test", "null")),  # absent before cnnops 0.2
         )
 
 
@@ -112,12 +127,14 @@ def run(params: Params, paths: ReleasePaths = ReleasePaths()) -> ReleaseResult:
             f"{paths.onnx} does not fit the test split of {paths.prepared}: {mismatch}; "
             "re-run `dvc repro export`"
         )
-    score = evaluate_onnx(paths.onnx, metadata, test, r.metric)
+    scored = evaluate_onnx(paths.onnx, metadata, test, r.metric)
+    score = scored.score
+    baseline = majority_baseline(test.labels.numpy(), scored.correct, test.class_names)
     runs.configure(params.tracking)
     client = MlflowClient()
     version = _registered(client, params, run_id, paths)
     client.set_registered_model_alias(r.model_name, registry.CHALLENGER, version)
-    decision = decide(client, r, version, test, score, verdict)
+    decision = decide(client, r, version, test, scored, verdict, baseline)
     if decision.promoted and registry.alias_version(client, r.model_name, registry.CHAMPION) != version:
         decision = held_back(decision, paths.project)
     if decision.promoted:
@@ -131,6 +148,9 @@ def run(params: Params, paths: ReleasePaths = ReleasePaths()) -> ReleaseResult:
         "metric": r.metric,
         "score": score,
         "margin": r.margin,
+        "min_score": r.min_score,
+        "significance": r.significance,
+        "baseline": baseline,
         **asdict(decision),
         "champion": version if decision.promoted else decision.champion_version,
     }
@@ -186,10 +206,12 @@ def decide(
     params: ReleaseParams,
     version: str,
     test: PreparedSplit,
-    score: float,
+    challenger: Scored,
     verdict: str,
+    baseline: dict[str, Any],
 ) -> Decision:
-    """Whether `version` (scoring `score` on `test`) takes alias champion, and why."""
+    """Whether `version` (`challenger`'s figures on `test`; `baseline`: metrics.majority_baseline)
+    takes alias champion, and why."""
     champion = registry.alias_version(client, params.model_name, registry.CHAMPION)
     if champion == version:
         if verdict != "pass":
@@ -203,10 +225,8 @@ def decide(
         if "release.decision" in tags:
             return Decision.from_tags(tags)  # the decision that made it champion, unchanged
         return Decision(True, "already the champion (alias set outside cnnops release)", None, None)
-    champion_score = None
-    if champion is None:
-        compared = "there is no champion yet"
-    else:
+    champion_score, paired, compared = None, None, "there is no champion yet"
+    if champion is not None:
         with registry.downloaded_onnx(params.model_name, champion) as path:
             champion_meta = read_metadata(path)
             mismatch = _incomparable(champion_meta, test)
@@ -218,20 +238,61 @@ def decide(
                     champion,
                     None,
                 )
-            champion_score = evaluate_onnx(path, champion_meta, test, params.metric)
+            held = evaluate_onnx(path, champion_meta, test, params.metric)
+        champion_score, paired = held.score, mcnemar(challenger.correct, held.correct)
         compared = (
-            f"{params.metric} {score:.4f} vs champion v{champion} {champion_score:.4f} "
-            f"(margin {params.margin:g})"
+            f"{params.metric} {challenger.score:.4f} vs champion v{champion} {champion_score:.4f} "
+            f"(margin {params.margin:g}; McNemar p = {paired['p_value']:.3g}: "
+            f"{paired['challenger_only_correct']} test image(s) only it gets right, "
+            f"{paired['champion_only_correct']} only the champion)"
         )
-    if verdict != "pass":
-        reason = f"audit verdict is {verdict!r}: a model that failed its audit is never promoted; {compared}"
-        return Decision(False, reason, champion, champion_score)
-    if champion_score is None:
-        return Decision(True, f"audit passed and {compared}", None, None)
-    if score > champion_score + params.margin:
-        return Decision(True, f"audit passed and it beats the champion: {compared}", champion, champion_score)
-    reason = f"audit passed but it does not beat the champion by more than the margin: {compared}"
-    return Decision(False, reason, champion, champion_score)
+    refused = _refusal(params, verdict, challenger.score, baseline)
+    if refused:
+        return Decision(False, f"{refused}; {compared}", champion, champion_score, paired)
+    if paired is None:
+        return Decision(True, f"audit passed, {_earned(params, baseline)}, and {compared}", None, None)
+    if challenger.score <= champion_score + params.margin:
+        reason = f"audit passed but it does not beat the champion by more than the margin: {compared}"
+        return Decision(False, reason, champion, champion_score, paired)
+    if paired["p_value"] > params.significance:
+        reason = (
+            f"audit passed and it scores above the champion by the margin, but the difference is not "
+            f"significant (McNemar p > release.significance {params.significance:g}): {compared}"
+        )
+        return Decision(False, reason, champion, champion_score, paired)
+    return Decision(
+        True, f"audit passed and it beats the champion: {compared}", champion, champion_score, paired
+    )
+
+
+def _refusal(params: ReleaseParams, verdict: str, score: float, baseline: dict[str, Any]) -> str:
+    """Why a model may not become champion whatever the champion ('' when it may)."""
+    if verdict == "fail":
+        return "audit verdict is 'fail': a model that failed its audit is never promoted"
+    if verdict == "inconclusive":
+        return (
+            "audit verdict is 'inconclusive': a class had too few correctly classified test images to "
+            "audit (reports/audit.json warnings), and a model the audit could not look at is never promoted"
+        )
+    if score < params.min_score:
+        return f"{params.metric} {score:.4f} is below release.min_score {params.min_score:g}"
+    if baseline["p_value"] > params.significance:
+        return (
+            f"its test accuracy {baseline['model_accuracy']:.4f} is not significantly above the "
+            f"majority-class baseline {baseline['accuracy']:.4f} (always answering "
+            f"{baseline['majority_class'][:80]!r}; one-sided binomial p = {baseline['p_value']:.3g} > "
+            f"release.significance {params.significance:g})"
+        )
+    return ""
+
+
+def _earned(params: ReleaseParams, baseline: dict[str, Any]) -> str:
+    """The bars a first champion cleared, in words."""
+    return (
+        f"{params.metric} at least release.min_score {params.min_score:g}, accuracy "
+        f"{baseline['model_accuracy']:.4f} above the majority-class baseline {baseline['accuracy']:.4f} "
+        f"(p = {baseline['p_value']:.3g})"
+    )
 
 
 def _incomparable(meta: OnnxMetadata, test: PreparedSplit) -> str:
@@ -246,17 +307,16 @@ def _incomparable(meta: OnnxMetadata, test: PreparedSplit) -> str:
     return ""
 
 
-def evaluate_onnx(path: Path, meta: OnnxMetadata, test: PreparedSplit, metric: str) -> float:
-    """The release metric of an ONNX model (its metadata already read and checked) on a prepared
-    split, run by ONNX Runtime on CPU."""
+def evaluate_onnx(path: Path, meta: OnnxMetadata, test: PreparedSplit, metric: str) -> Scored:
+    """The release metric and per-image correctness of an ONNX model (its metadata already read
+    and checked) on a prepared split, run by ONNX Runtime on CPU."""
     session = open_session(path)
     batches = test.batches(RESCORE_BATCH, meta.input_size)  # centre-cropped to its input, as evaluate does
     outputs = np.concatenate([infer(session, x.numpy(), RESCORE_BATCH) for x, _ in batches])
     # The evaluate stage's metric definitions; they depend on the argmax only, so logits or
     # probabilities give the same figure.
-    return float(
-        classification_report(torch.from_numpy(outputs), test.labels, test.class_names, top_k=1)[metric]
-    )
+    report = classification_report(torch.from_numpy(outputs), test.labels, test.class_names, top_k=1)
+    return Scored(float(report[metric]), outputs.argmax(1) == test.labels.numpy())
 
 
 def audit_verdict(audit_report: Path) -> str:
@@ -268,9 +328,9 @@ def audit_verdict(audit_report: Path) -> str:
         verdict = json.loads(audit_report.read_text()).get("verdict")
     except (json.JSONDecodeError, AttributeError):
         raise StageInputError(f"{audit_report}: not a JSON object; re-run `cnnops audit`") from None
-    if verdict not in ("pass", "fail"):
+    if verdict not in ("pass", "fail", "inconclusive"):
         raise StageInputError(
-            f"{audit_report}: top-level 'verdict' is {verdict!r}, expected 'pass' or 'fail'; "
+            f"{audit_report}: top-level 'verdict' is {verdict!r}, expected 'pass', 'fail' or 'inconclusive'; "
             "re-run `cnnops audit`"
         )
     return verdict

@@ -1,7 +1,8 @@
 """Classification metrics from logits and labels, in plain Python types ready for JSON and MLflow.
 
 scikit-learn computes the standard ones; expected calibration error has no scikit-learn function,
-so it is written here (the usual equal-width confidence bins of Guo et al., 2017).
+so it is written here (the usual equal-width confidence bins of Guo et al., 2017). The significance
+tests release decides with are exact binomial tests from scipy (statsmodels is not a dependency).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 from sklearn import metrics as skm
 
 
@@ -55,4 +57,47 @@ def classification_report(
             for i, name in enumerate(class_names)
         },
         "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=classes).tolist(),
+    }
+
+
+def majority_baseline(labels: np.ndarray, correct: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Whether a model's accuracy is above always answering the split's largest class.
+
+    One-sided exact binomial test of its correct count against that class's share (the
+    "no-information rate" test of caret's confusionMatrix). A split of one class gives p = 1: no
+    accuracy can show skill there.
+    """
+    counts = np.bincount(labels, minlength=len(class_names))
+    largest = int(counts.argmax())
+    share = float(counts[largest] / len(labels))
+    hits = int(correct.sum())
+    return {
+        "majority_class": class_names[largest],
+        "accuracy": share,
+        "model_accuracy": hits / len(labels),
+        "test": "binomial, one-sided (model accuracy > majority-class share)",
+        "p_value": float(binomtest(hits, len(labels), share, alternative="greater").pvalue),
+    }
+
+
+def mcnemar(challenger: np.ndarray, champion: np.ndarray) -> dict[str, Any]:
+    """McNemar's exact test, one-sided, of two models' per-image correctness on the same images.
+
+    Only the images exactly one model gets right count; under "no difference" either model is as
+    likely to be the one, so the challenger's share of them is Binomial(n, 1/2): the exact
+    McNemar test (statsmodels' `mcnemar(exact=True)` is the two-sided form of it). No such image:
+    p = 1, nothing shows the challenger better.
+    """
+    only_challenger = int((challenger & ~champion).sum())
+    only_champion = int((~challenger & champion).sum())
+    discordant = only_challenger + only_champion
+    p = binomtest(only_challenger, discordant, 0.5, alternative="greater").pvalue if discordant else 1.0
+    return {
+        "test": "McNemar exact, one-sided (challenger better)",
+        "images": len(challenger),
+        "challenger_correct": int(challenger.sum()),
+        "champion_correct": int(champion.sum()),
+        "challenger_only_correct": only_challenger,
+        "champion_only_correct": only_champion,
+        "p_value": float(p),
     }

@@ -30,12 +30,14 @@ from pydantic import (
     StrictBool,
     StrictFloat,
     StrictInt,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from cnnops.errors import ConfigError
 
@@ -206,12 +208,21 @@ class AugmentParams(Section):
         return self
 
 
+_BATCH = TypeAdapter(Annotated[StrictInt, Field(ge=1, le=MAX_BATCH, strict=True)])
+
+
 class TrainParams(Section):
     model: str = Field(description="'convnet', 'mlp' or any torchvision classification model name")
     mode: Literal["scratch", "linear_probe", "finetune"]
     weights: str | None = Field(description="torchvision weights enum name, e.g. DEFAULT or IMAGENET1K_V1")
     epochs: StrictInt = Field(ge=1, le=MAX_EPOCHS)
-    batch_size: StrictInt = Field(ge=1, le=MAX_BATCH)
+    batch_size: StrictInt | Literal["auto"] = Field(
+        ge=1, le=MAX_BATCH, description="auto: the largest batch whose memory estimate fits the device"
+    )
+    auto_batch_max: StrictInt = Field(ge=1, le=MAX_BATCH, description="the most batch_size auto picks")
+    memory_fraction: StrictFloat = Field(
+        gt=0.0, le=1.0, description="share of the device's free memory the training estimate may fill"
+    )
     optimizer: Literal["adamw", "sgd"]
     lr: StrictFloat = Field(gt=0.0, le=10.0, description="a peak above 10 diverges with AdamW and SGD alike")
     backbone_lr_scale: StrictFloat = Field(gt=0.0, le=1.0, description="finetune: backbone lr = lr * this")
@@ -236,6 +247,19 @@ class TrainParams(Section):
     )
     precise_bn_images: StrictInt = Field(ge=1, le=100_000, description="train images of the precise-BN pass")
     augment: AugmentParams
+
+    @field_validator("batch_size", mode="wrap")
+    @classmethod
+    def _batch(cls, value: Any, handler: Any) -> Any:
+        """auto, or an int in bounds with pydantic's own message (a union would report each branch)."""
+        if value == "auto":
+            return value
+        try:
+            return _BATCH.validate_python(value)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            text = "Input should be auto or a valid integer" if isinstance(value, str) else error["msg"]
+            raise PydanticCustomError(error["type"], text) from None
 
     @field_validator("num_workers", mode="before")
     @classmethod

@@ -4,8 +4,9 @@ Every `benchmarks/*.py` except the `figures` helper is run in its own process wi
 (see benchmarks/figures.py); its rows (figure, value, baseline, ratio, target) are put together
 with a description of this machine. A benchmark that fails is named in the table and makes the
 exit status 1: its figures are missing, never guessed. `--quick` runs each with small settings
-(minutes on 2 CPU cores); the default runs the commands given in docs/audit.md, docs/export.md and
-docs/training.md.
+(minutes on 2 CPU cores); the default runs the commands given in docs/audit.md, docs/export.md,
+docs/training.md and docs/data.md. The figures of every run are kept in docs/benchmarks.json, so
+`--only NAME` replaces that benchmark's figures and keeps the others' with the run that made them.
 
     benchmarks/run_all --quick            # then read docs/benchmarks.md
     benchmarks/run_all --only onnx_latency --out /tmp/bench.md
@@ -100,7 +101,7 @@ def run_one(name: str, args: list[str], out: Path) -> tuple[list[dict[str, Any]]
     return rows, f"{len(rows)} figures in {took}" + ("" if rows else f": {last}")
 
 
-def table(rows: list[dict[str, Any]], machine_label: str) -> list[str]:
+def table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| benchmark | figure | value | baseline | ratio | target | met | machine |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -108,10 +109,59 @@ def table(rows: list[dict[str, Any]], machine_label: str) -> list[str]:
     for r in rows:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.3g}x"
         met = {True: "yes", False: "**no**", None: ""}[r["met"]]
-        cells = [r["benchmark"], r["figure"], r["value"], r["baseline"], ratio, r["target"], met]
-        cells.append(machine_label)
+        cells = [
+            r["benchmark"],
+            r["figure"],
+            r["value"],
+            r["baseline"],
+            ratio,
+            r["target"],
+            met,
+            r["machine"],
+        ]
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     return lines
+
+
+def merged(store: Path, fresh: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The runs kept in `store` (docs/benchmarks.json) with this invocation's runs replacing theirs:
+    rerunning one benchmark keeps the others' figures, each with the run that measured it."""
+    kept = json.loads(store.read_text())["runs"] if store.exists() else {}
+    return {**kept, **fresh}
+
+
+def render(runs: dict[str, dict[str, Any]]) -> list[str]:
+    rows = [r for name in sorted(runs) for r in runs[name]["rows"]]
+    no_gpu = any("no GPU" in run["machine"] for run in runs.values())
+    quick = [name for name, run in sorted(runs.items()) if run["quick"]]
+    return [
+        "# Benchmarks",
+        "",
+        "Written by `benchmarks/run_all` (do not edit by hand; the figures are also in",
+        "docs/benchmarks.json): every figure was measured against a baseline measured in the same run,",
+        "the run named for its benchmark in the runs table below; a ratio from another machine or",
+        "another run is not comparable. `benchmarks/run_all --only NAME` reruns one benchmark and keeps",
+        "the others' figures with their own runs.",
+        *NO_GPU_NOTE * no_gpu,
+        "",
+        *table(rows),
+        "",
+        "Each benchmark's docstring says what it measures; the detailed tables are in docs/audit.md",
+        "(audit_detection), docs/export.md (onnx_latency), docs/training.md (train_throughput) and",
+        "docs/data.md (scale).",
+        *[*QUICK_NOTE, f"Run with `--quick`: {', '.join(quick)}."] * bool(quick),
+        "",
+        "## Runs",
+        "",
+        "| benchmark | arguments | outcome | date | code | machine |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *(
+            f"| {name} | `{shlex.join(r['args']) or '(none)'}` | {r['outcome']} | {r['date']} "
+            f"| git {r['code']} | {r['machine']} |"
+            for name, r in sorted(runs.items())
+        ),
+        "",
+    ]
 
 
 def main() -> int:
@@ -121,51 +171,33 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", choices=found, default=found, help="benchmarks to run")
     parser.add_argument("--out", type=Path, default=PROJECT / "docs" / "benchmarks.md")
     args = parser.parse_args()
-    short, label = machine()
     revision = subprocess.run(
         ["git", "describe", "--always", "--dirty"], cwd=PROJECT, capture_output=True, text=True
     ).stdout.strip()
-    rows, runs = [], []
+    fresh: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="cnnops-bench-") as tmp:
         for name in args.only:
             full, quick = ARGS.get(name, ("", ""))
             chosen = shlex.split(quick if args.quick else full)
-            found_rows, outcome = run_one(name, chosen, Path(tmp) / f"{name}.json")
-            rows += found_rows
-            runs.append((name, chosen, outcome))
-    command = "benchmarks/run_all" + (" --quick" if args.quick else "")
-    if args.only != found:
-        command += " --only " + " ".join(args.only)
-    lines = [
-        "# Benchmarks",
-        "",
-        "Written by `benchmarks/run_all` (do not edit by hand): every figure below was measured in the",
-        "run described here, against a baseline measured in the same run; a ratio from another machine",
-        "or another run is not comparable.",
-        "",
-        f"- command: `{command}`",
-        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- code: git {revision}",
-        f"- machine: {label}",
-        *NO_GPU_NOTE * ("no GPU" in short),
-        "",
-        *table(rows, short),
-        "",
-        "Each benchmark's docstring says what it measures; the detailed tables are in docs/audit.md",
-        "(audit_detection), docs/export.md (onnx_latency) and docs/training.md (train_throughput).",
-        *QUICK_NOTE * args.quick,
-        "",
-        "## Runs",
-        "",
-        "| benchmark | arguments | outcome |",
-        "| --- | --- | --- |",
-        *(f"| {name} | `{shlex.join(a) or '(none)'}` | {outcome} |" for name, a, outcome in runs),
-        "",
-    ]
+            short, label = machine()  # the load average at this benchmark's start
+            started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+            rows, outcome = run_one(name, chosen, Path(tmp) / f"{name}.json")
+            fresh[name] = {
+                "args": chosen,
+                "outcome": outcome,
+                "date": started,
+                "code": revision,
+                "machine": label,
+                "quick": args.quick,
+                "rows": [{**r, "machine": short} for r in rows],
+            }
+    store = args.out.with_suffix(".json")
+    runs = merged(store, fresh)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print(f"\nwrote {args.out}")
-    return 1 if any(outcome.startswith("failed") for *_, outcome in runs) else 0
+    store.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    args.out.write_text("\n".join(render(runs)))
+    print(f"\nwrote {args.out} and {store}")
+    return 1 if any(outcome.startswith("failed") for outcome in (r["outcome"] for r in fresh.values())) else 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from cnnops.data.splits import PreparedSplit
 FIGURE_KEYS = [
     "n_correct", "n_errors", "attention", "top_off_object", "energy", "energy_others", "transplant_top",
     "transplant_regions", "transplant_regions_mean", "transplant_tone", "deletion", "masks", "errors",
-    "method_agreement",
+    "method_agreement", "transplant_properties",
 ]  # fmt: skip
 
 
@@ -58,17 +58,17 @@ def test_the_report_keeps_its_keys_in_order() -> None:
     doc = to_json(_report())
     assert json.loads(json.dumps(doc)) == doc  # plain JSON values only
     assert list(doc) == [
-        "verdict", "failed_classes", "failures", "warnings", "model", "methods", "target_layer", "n_images",
-        "annotated_images", "thresholds", "data_properties", "classes",
+        "verdict", "failed_classes", "failures", "warnings", "at_warning", "tests", "model", "methods",
+        "target_layer", "n_images", "annotated_images", "thresholds", "data_properties", "classes",
     ]  # fmt: skip
     assert doc["verdict"] == "fail" and doc["failed_classes"] == ["a"]
     transplant, deletion = doc["failures"]
-    assert list(transplant) == ["class", "test", "value", "threshold", "p_value", "sentence"]
+    assert list(transplant) == ["class", "test", "value", "threshold", "p_value", "p_adjusted", "sentence"]
     assert list(deletion) == ["class", "test", "value", "threshold", "sentence"]  # p-values: transplants only
     assert [list(w) for w in doc["warnings"]] == [["class", "test", "value", "threshold", "sentence"]]
     assert doc["data_properties"]["top_properties"] == [{"property": "bytes", "importance": 0.7}]
     assert list(doc["data_properties"]) == [
-        "accuracy", "majority_accuracy", "used_file_properties", "top_properties", "per_class_f1",
+        "accuracy", "majority_accuracy", "used_file_properties", "top_properties", "per_class_f1", "auroc",
     ]  # fmt: skip
     figures = doc["classes"]["b"]
     assert list(figures) == FIGURE_KEYS

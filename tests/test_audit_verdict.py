@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 
 from cnnops.audit import evidence, verdict
 from cnnops.audit.contract import (
@@ -15,6 +16,7 @@ from cnnops.audit.contract import (
     Errors,
     MaskAgreement,
     PropertyProbe,
+    PropertyScore,
     PropertyWeight,
     Transplant,
 )
@@ -69,7 +71,7 @@ def test_transplant_fails_with_a_sentence_naming_class_test_and_number() -> None
     assert finding.sentence == (
         "class 'malignant': pasting the top-left corner of its images into other classes' images flips 81% "
         "of them to 'malignant' (3% for the larger control: that place from other classes, or evened out; "
-        "50 images, p < 0.001)"
+        "50 images, p < 0.001, adjusted < 0.001 over 12 tests)"
     )
 
 
@@ -245,3 +247,67 @@ def test_a_class_with_no_correct_image_is_reported_not_a_crash() -> None:
     result = decide(figures, None, A)
     coverage = [w for w in result.warnings if w.class_name == "1" and w.test == "coverage"]
     assert coverage and "0 correctly classified" in coverage[0].sentence
+
+
+def test_paired_test_uses_the_discordant_recipients_only() -> None:
+    # 12 recipients flipped only by the paste, 2 only by the control: McNemar's exact binomial
+    paired = Transplant(flip_rate=0.5, control_flip_rate=0.2, pairs=40, discordant=(14, 2))
+    assert abs(verdict.p_value(paired) - binomtest(14, 16, 0.5, alternative="greater").pvalue) < 1e-12
+    # the same rates where the control flips other recipients than the paste: no better than chance
+    assert verdict.p_value(replace(paired, discordant=(20, 8))) > verdict.p_value(paired)
+    assert verdict.p_value(replace(paired, discordant=(0, 0))) == 1.0
+
+
+def test_benjamini_hochberg_over_every_test_of_every_class() -> None:
+    weak = Transplant(flip_rate=0.3, control_flip_rate=0.05, pairs=40, discordant=(7, 0))  # p = 1/128
+    alone = decide({"a": _with(transplant_tone=weak)}, None, A)
+    assert alone.verdict == "fail" and alone.failures[0].p_value == round(0.5**7, 6)
+    many = {c: _with(transplant_tone=replace(NONE, discordant=(0, 0))) for c in "bcdefghij"}
+    crowded = decide({"a": _with(transplant_tone=weak), **many}, None, A)
+    assert crowded.verdict == "pass"  # one p = 0.008 among 60 tests is what chance gives
+    (record,) = [t for t in crowded.tests if t.class_name == "a" and t.test == "transplant_tone"]
+    assert record.p_value == round(0.5**7, 6) and record.p_adjusted > A.significance
+    assert len(crowded.tests) == 10 * 6 and all(t.p_adjusted >= t.p_value for t in crowded.tests)
+
+
+def test_severity_moves_a_family_to_warnings_or_off() -> None:
+    toned = {"a": _with(transplant_tone=Transplant(flip_rate=0.9, control_flip_rate=0.0, pairs=50))}
+    strict = decide(toned, None, A)  # single-channel: tone auto is error
+    assert strict.verdict == "fail" and strict.failures[0].test == "transplant_tone"
+    assert "audit.severity.tone: warning" in strict.failures[0].sentence
+    colour = decide(toned, None, A, rgb=True)  # RGB: auto is a warning that names tone and its key
+    assert colour.verdict == "pass" and "tone" in colour.at_warning
+    (warning,) = [w for w in colour.warnings if w.test == "transplant_tone"]
+    assert "colour" in warning.sentence and "audit.severity.tone: warning" in warning.sentence
+    assert {t.severity for t in colour.tests if t.family == "tone"} == {"warning"}
+    off = A.model_copy(update={"severity": A.severity.model_copy(update={"tone": "off"})})
+    skipped = decide(toned, None, off)
+    assert skipped.verdict == "pass" and not [t for t in skipped.tests if t.family == "tone"]
+    place_warn = A.model_copy(update={"severity": A.severity.model_copy(update={"deletion": "warning"})})
+    deleted = decide({"a": _with(top_off_object=0.8)}, None, place_warn)
+    assert deleted.verdict == "pass" and "audit.severity.deletion: warning" in deleted.warnings[0].sentence
+
+
+def test_property_transplants_are_tests_of_their_own_family() -> None:
+    sharp = Transplant(flip_rate=0.7, control_flip_rate=0.1, pairs=50, discordant=(30, 0))
+    result = decide({"a": _with(transplant_properties={"sharpness": sharp})}, None, A)
+    assert result.failures[0].test == "property:sharpness"
+    assert (
+        "sharpness" in result.failures[0].sentence
+        and "audit.severity.property" in result.failures[0].sentence
+    )
+    assert (
+        decide({"a": _with(transplant_properties={"sharpness": sharp})}, None, A, rgb=True).verdict == "pass"
+    )
+
+
+def test_a_property_that_alone_tells_a_class_is_a_data_warning() -> None:
+    probe = PropertyProbe(
+        accuracy=0.5, majority_accuracy=0.5, used_file_properties=False, top_properties=(), per_class_f1={},
+        auroc={"a": {"noise": PropertyScore(auroc=0.97, p_value=0.001, class_median=0.1, others_median=0.02)},
+               "b": {"noise": PropertyScore(auroc=0.6, p_value=0.001, class_median=0.03, others_median=0.0)}},
+    )  # fmt: skip
+    result = decide({"a": CLEAN, "b": CLEAN}, probe, A)
+    assert result.verdict == "pass"
+    (warning,) = result.warnings
+    assert warning.test == "data_property:noise" and "AUROC 0.97" in warning.sentence

@@ -286,6 +286,20 @@ class EvaluateParams(Section):
     ece_bins: StrictInt = Field(ge=2, le=1000, description="more leave most bins empty on any test split")
 
 
+AuditSeverity = Literal["error", "warning", "off", "auto"]
+
+
+class AuditSeverities(Section):
+    """Per test family of `cnnops audit`: error fails the audit, warning only reports, off skips it;
+    auto is error on single-channel images and warning on RGB ones (docs/audit.md says why)."""
+
+    place: AuditSeverity
+    tone: AuditSeverity
+    property: AuditSeverity
+    deletion: AuditSeverity
+    masks: AuditSeverity
+
+
 class AuditParams(Section):
     methods: tuple[Literal["gradcam", "gradcam++", "scorecam"], ...] = Field(
         min_length=1,
@@ -314,6 +328,13 @@ class AuditParams(Section):
     )
     property_f1_threshold: StrictFloat = Field(gt=0.0, le=1.0, description="probe F1 that raises a warning")
     gallery_images_per_class: StrictInt = Field(ge=1, le=1000, description="overlays a class on one page")
+    property_auroc: StrictFloat = Field(
+        gt=0.5, le=1.0, description="one-vs-rest AUROC (or 1 minus it) that flags an image property"
+    )
+    property_permutations: StrictInt = Field(
+        ge=99, le=100_000, description="label permutations of each property's AUROC p-value"
+    )
+    severity: AuditSeverities
 
 
 class ExportParams(Section):

@@ -16,7 +16,7 @@ KEY = "key"  # field metadata: the report's key where the field cannot be named 
 OMIT_NONE = "omit_none"  # field metadata: no key at all while None (a control that was not measured)
 INLINE = "inline"  # field metadata: the field's own fields sit in its parent (the verdict's)
 
-TransplantKind = Literal["top", "region", "mean", "tone"]
+TransplantKind = Literal["top", "region", "mean", "tone", "property"]
 
 
 def _measured_only() -> Any:
@@ -41,6 +41,9 @@ class Transplant:
     shuffled_flip_rate: float | None = _measured_only()
     pixels: int | None = _measured_only()
     where: str | None = _measured_only()
+    # (recipients the paste flipped and the largest control did not, the reverse): the exact paired
+    # test's input (McNemar); None where the evidence kept only the rates (then Fisher's test is used)
+    discordant: tuple[int, int] | None = _measured_only()
 
     @property
     def excess(self) -> float:
@@ -103,6 +106,8 @@ class ClassFigures:
     masks: MaskAgreement | None
     errors: Errors
     method_agreement: dict[str, float] = field(default_factory=dict)  # IoU with the first method
+    # per flagged image property (`properties.PROPERTIES`): recipients changed to the class's level
+    transplant_properties: dict[str, Transplant] = field(default_factory=dict)
 
     def transplants(self) -> list[tuple[TransplantKind, str | None, Transplant]]:
         """Every transplant with its kind and place (a candidate region, or None), in report order."""
@@ -111,6 +116,7 @@ class ClassFigures:
             *[("region", place, t) for place, t in self.transplant_regions.items()],
             *[("mean", place, t) for place, t in self.transplant_regions_mean.items()],
             ("tone", None, self.transplant_tone),
+            *[("property", name, t) for name, t in self.transplant_properties.items()],
         ]
 
 
@@ -123,7 +129,22 @@ class Finding:
     value: float
     threshold: float
     p_value: float | None = _measured_only()  # transplants only: their flips against the control
+    p_adjusted: float | None = _measured_only()  # ... Benjamini-Hochberg over every test of every class
     sentence: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hypothesis:
+    """One statistical test of the audit (a transplant of one class) with its raw and adjusted p-value:
+    `tests` in the report lists every one the false-discovery control counted."""
+
+    class_name: str = field(metadata={KEY: "class"})
+    test: str
+    family: str  # the `audit.severity` key that governs it
+    severity: Literal["error", "warning"]
+    effect: float  # flip rate minus the largest control
+    p_value: float
+    p_adjusted: float
 
 
 @dataclass(frozen=True)
@@ -135,6 +156,8 @@ class Decision:
     failed_classes: tuple[str, ...]
     failures: tuple[Finding, ...]
     warnings: tuple[Finding, ...]
+    at_warning: tuple[str, ...] = ()  # test families (`audit.severity`) run at warning: they cannot fail
+    tests: tuple[Hypothesis, ...] = ()  # every test the false-discovery control counted, raw and adjusted
 
 
 @dataclass(frozen=True)
@@ -146,6 +169,17 @@ class PropertyWeight:
 
 
 @dataclass(frozen=True)
+class PropertyScore:
+    """How well one image property alone tells a class from the rest: one-vs-rest AUROC (0.5: not at
+    all; 0 or 1: perfectly, lower or higher) with its permutation p-value, on the train split."""
+
+    auroc: float
+    p_value: float
+    class_median: float
+    others_median: float
+
+
+@dataclass(frozen=True)
 class PropertyProbe:
     """Whether simple image and file properties alone predict the label (a warning, never a fail)."""
 
@@ -154,6 +188,7 @@ class PropertyProbe:
     used_file_properties: bool
     top_properties: tuple[PropertyWeight, ...]
     per_class_f1: dict[str, float]
+    auroc: dict[str, dict[str, PropertyScore]] = field(default_factory=dict)  # class -> property -> score
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,9 @@ def _png(image: Image.Image) -> str:
 
 def _label(kind: TransplantKind, place: str | None) -> str:
     """A transplant's short name on the chart."""
-    return {"top": "most-attended", "region": place, "mean": f"{place} (mean)", "tone": "tone"}[kind]
+    return {
+        "top": "most-attended", "region": place, "mean": f"{place} (mean)", "tone": "tone", "property": place,
+    }[kind]  # fmt: skip
 
 
 def _row_label(kind: TransplantKind, place: str | None) -> str:
@@ -63,6 +65,7 @@ def _row_label(kind: TransplantKind, place: str | None) -> str:
         "region": f"{place} transplant, each image",
         "mean": f"{place} transplant, class mean",
         "tone": "tone transplant",
+        "property": f"{place} changed to the class's level",
     }[kind]
 
 

@@ -4,13 +4,30 @@ Saliency maps alone miss unknown spurious signals and raise false alarms (Adebay
 2022, "Post hoc explanations may be ineffective for detecting unknown spurious correlation"), so
 a `fail` rests only on an intervention (transplant, deletion) or on annotated masks. Saliency
 statistics and the data-property probe become warnings: they say where to look.
+
+Every transplant of every class is one test: its p-value is an exact paired test on the
+recipients (McNemar's, on the pairs the paste and its largest control disagree on) and the
+Benjamini-Hochberg procedure controls the false discoveries over all of them together, so a
+ten-class audit of a dozen places is not a hundred chances of a false alarm. Each test family
+has a severity (`audit.severity`): a family at warning reports its findings and cannot fail.
 """
 
 from __future__ import annotations
 
-from scipy.stats import fisher_exact
+from collections.abc import Iterator
+from dataclasses import replace
 
-from cnnops.audit.contract import ClassFigures, Decision, Finding, PropertyProbe, Transplant, TransplantKind
+from scipy.stats import binomtest, false_discovery_control, fisher_exact
+
+from cnnops.audit.contract import (
+    ClassFigures,
+    Decision,
+    Finding,
+    Hypothesis,
+    PropertyProbe,
+    Transplant,
+    TransplantKind,
+)
 from cnnops.audit.regions import OUTER_BAND
 from cnnops.config import AuditParams
 
@@ -23,6 +40,34 @@ PLACE_CONTROLS_NO_SHUFFLE = "for the larger control: that place from other class
 PLACE_CONTROLS = "for the larger control: that place from other classes, evened out, or its pixels shuffled"
 MEAN_CONTROLS = "for the larger control: the other classes' mean there, or the place evened out"
 TONE_CONTROLS = "with other classes' tone, or the opposite change"
+PROPERTY_CONTROLS = "for the larger control: the opposite change, or the other classes' level"
+# The test family (`audit.severity.<family>`) of each transplant kind; kinds not named are places.
+FAMILY: dict[str, str] = {"tone": "tone", "property": "property"}
+# How to tell a genuine class property from a shortcut, per family: the end of each finding's sentence.
+GENUINE = {
+    "place": "if the class's object itself sits there in every image (a part that never moves), it is "
+    "the class; if not, the place is a shortcut: remove the cue from the data, or set "
+    "audit.severity.place: warning once it is understood",
+    "tone": "brightness, contrast and colour can be the class itself (a flower's colour, a night sky) or a "
+    "shortcut (one scanner's exposure, one site's stain): if every image of the class must look so, set "
+    "audit.severity.tone: warning (or off); if not, even out the acquisition",
+    "property": "an image property can be the class itself (a texture class is sharp) or a shortcut (one "
+    "camera's blur or grain, one archive's JPEG quality): if every image of the class must look so, set "
+    "audit.severity.property: warning (or off); if not, even out the acquisition",
+}
+
+
+def family_of(kind: str) -> str:
+    """The `audit.severity` key that governs a transplant kind."""
+    return FAMILY.get(kind, "place")
+
+
+def severities(a: AuditParams, rgb: bool) -> dict[str, str]:
+    """Each family's severity for this audit: `auto` is error on single-channel images, warning on RGB."""
+    return {
+        family: ("warning" if rgb else "error") if level == "auto" else level
+        for family, level in a.severity.model_dump().items()
+    }
 
 
 def _pct(v: float) -> str:
@@ -31,11 +76,21 @@ def _pct(v: float) -> str:
 
 
 def p_value(t: Transplant) -> float:
-    """One-sided Fisher exact test that the flips beat the control by more than chance, given the pairs.
+    """One-sided p-value that the paste flips more recipients than its largest control.
 
-    A test split of a few dozen images gives each flip a weight of several percent; the threshold
-    says how large an effect must be, this says whether so few pairs can show it.
+    With the discordant pairs (the same recipients in both arms), McNemar's exact test: under no
+    effect a recipient that only one arm flips is as likely either way, a binomial with p = 1/2.
+    Pairs flipped by both or neither say nothing about the difference, so a control that flips the
+    same weak recipients does not dilute it. Without them (rates only), Fisher's exact test on the
+    two rates, as if the arms were independent samples. A test split of a few dozen images gives each
+    flip a weight of several percent; the threshold says how large an effect must be, this says
+    whether so few pairs can show it.
     """
+    if t.discordant is not None:
+        only_paste, only_control = t.discordant
+        if only_paste + only_control == 0:
+            return 1.0
+        return float(binomtest(only_paste, only_paste + only_control, 0.5, alternative="greater").pvalue)
     n = t.pairs
     k, c = round(t.flip_rate * n), round(t.control_flip_rate * n)
     return float(fisher_exact([[k, n - k], [c, n - c]], alternative="greater").pvalue)
@@ -47,7 +102,7 @@ def _p_words(p: float) -> str:
 
 
 def _transplant_words(
-    kind: TransplantKind, place: str | None, t: Transplant, a: AuditParams
+    kind: TransplantKind, place: str | None, t: Transplant, a: AuditParams, rgb: bool
 ) -> tuple[str, str, str]:
     """(test, what was pasted, what its control pasted) of one transplant, for its finding."""
     if kind == "top":
@@ -66,37 +121,72 @@ def _transplant_words(
     if kind == "mean":
         what = f"pasting the {place} its images have in common (their mean) into other classes' images"
         return f"transplant_mean:{place}", what, MEAN_CONTROLS
-    return (
-        "transplant_tone",
-        "giving other classes' images the brightness and contrast of its images",
-        TONE_CONTROLS,
-    )
+    if kind == "property":
+        what = f"changing other classes' images to its level of {place}"
+        return f"property:{place}", what, PROPERTY_CONTROLS
+    if kind == "tone":
+        tone = "brightness, contrast and colour (per channel)" if rgb else "brightness and contrast"
+        return "transplant_tone", f"giving other classes' images the {tone} of its images", TONE_CONTROLS
+    return f"{kind}:{place}", f"pasting its {kind} {place or ''} into other classes' images", OTHER_PIXELS
 
 
-def _transplant_findings(name: str, f: ClassFigures, a: AuditParams) -> list[Finding]:
-    """Findings of the transplants whose flip rate beats their control by the threshold or more,
-    at the significance level."""
-    q = f"'{name}'"
-    found = []
-    for kind, place, t in f.transplants():
-        if not t.pairs or t.excess < a.transplant_flip_threshold:
+def _tests(
+    figures: dict[str, ClassFigures], levels: dict[str, str]
+) -> Iterator[tuple[str, TransplantKind, str | None, Transplant]]:
+    """Every transplant that is a test: of an auditable class, with pairs, its family not off."""
+    for name, f in figures.items():
+        if f.n_correct < MIN_IMAGES:
             continue
-        p = p_value(t)
-        if p > a.significance:
-            continue
-        test, what, control = _transplant_words(kind, place, t, a)
-        found.append(
-            Finding(
-                class_name=name,
-                test=test,
-                value=round(t.excess, 4),
-                threshold=a.transplant_flip_threshold,
-                p_value=round(p, 6),
-                sentence=f"class {q}: {what} flips {_pct(t.flip_rate)} of them to {q} "
-                f"({_pct(t.control_flip_rate)} {control}; {t.pairs} images, {_p_words(p)})",
+        for kind, place, t in f.transplants():
+            if t.pairs and levels[family_of(kind)] != "off":
+                yield name, kind, place, t
+
+
+def _transplant_findings(
+    figures: dict[str, ClassFigures], a: AuditParams, levels: dict[str, str], rgb: bool
+) -> tuple[list[Finding], list[Finding], list[Hypothesis]]:
+    """(failures, warnings, every test) of the transplants of every class: a finding where the flip
+    rate beats its control by the threshold or more at a Benjamini-Hochberg adjusted p-value at most
+    `significance`; a failure when its family's severity is error."""
+    tests = list(_tests(figures, levels))
+    raw = [p_value(t) for *_, t in tests]
+    adjusted = [float(v) for v in false_discovery_control(raw, method="bh")] if raw else []
+    failures, warnings, records = [], [], []
+    for (name, kind, place, t), p, q in zip(tests, raw, adjusted, strict=True):
+        test, what, control = _transplant_words(kind, place, t, a, rgb)
+        family = family_of(kind)
+        level = levels[family]
+        records.append(
+            Hypothesis(
+                class_name=name, test=test, family=family, severity=level, effect=round(t.excess, 4),  # type: ignore[arg-type]
+                p_value=round(p, 6), p_adjusted=round(q, 6),
             )
+        )  # fmt: skip
+        if t.excess < a.transplant_flip_threshold or q > a.significance:
+            continue
+        c = f"'{name}'"
+        finding = Finding(
+            class_name=name,
+            test=test,
+            value=round(t.excess, 4),
+            threshold=a.transplant_flip_threshold,
+            p_value=round(p, 6),
+            p_adjusted=round(q, 6),
+            sentence=f"class {c}: {what} flips {_pct(t.flip_rate)} of them to {c} "
+            f"({_pct(t.control_flip_rate)} {control}; {t.pairs} images, {_p_words(p)}, "
+            f"{_p_words(q).replace('p', 'adjusted', 1)} over {len(tests)} tests)"
+            + (f". {_genuine(family, level)}" if family != "place" or level == "warning" else ""),
         )
-    return found
+        (failures if level == "error" else warnings).append(finding)
+    return failures, warnings, records
+
+
+def _genuine(family: str, level: str) -> str:
+    """The end of a finding's sentence: how to tell the class from a shortcut, and which key to set."""
+    text = GENUINE[family]
+    if level == "warning":
+        return f"Reported, not failed (audit.severity.{family}: warning): {text}"
+    return text[0].upper() + text[1:]
 
 
 def _deletion_finding(name: str, f: ClassFigures, a: AuditParams) -> list[Finding]:
@@ -163,8 +253,11 @@ def _band_warning(name: str, f: ClassFigures) -> list[Finding]:
     ]
 
 
-def class_findings(name: str, f: ClassFigures, a: AuditParams) -> tuple[list[Finding], list[Finding]]:
-    """(failures, warnings) of one class."""
+def class_findings(
+    name: str, f: ClassFigures, a: AuditParams, levels: dict[str, str]
+) -> tuple[list[Finding], list[Finding]]:
+    """(failures, warnings) of one class's tests that are not transplants (those are judged together,
+    `_transplant_findings`): deletion and masks at their severity, the saliency pointer, coverage."""
     if f.n_correct < MIN_IMAGES:
         sentence = (
             f"class '{name}': only {f.n_correct} correctly classified test image(s); too few to audit "
@@ -175,8 +268,20 @@ def class_findings(name: str, f: ClassFigures, a: AuditParams) -> tuple[list[Fin
                 class_name=name, test=COVERAGE, value=f.n_correct, threshold=MIN_IMAGES, sentence=sentence
             )
         ]
-    failures = _transplant_findings(name, f, a) + _deletion_finding(name, f, a) + _mask_finding(name, f, a)
-    return failures, _band_warning(name, f)
+    failures, warnings = [], _band_warning(name, f)
+    for family, found in (("deletion", _deletion_finding(name, f, a)), ("masks", _mask_finding(name, f, a))):
+        if levels[family] == "error":
+            failures += found
+        elif levels[family] == "warning":
+            warnings += [_at_warning(r, family) for r in found]
+    return failures, warnings
+
+
+def _at_warning(finding: Finding, family: str) -> Finding:
+    """A finding of a family at warning: reported, with the key that made it so."""
+    return replace(
+        finding, sentence=f"{finding.sentence} (reported, not failed: audit.severity.{family}: warning)"
+    )
 
 
 def _probe_warnings(probe: PropertyProbe, a: AuditParams) -> list[Finding]:
@@ -196,16 +301,47 @@ def _probe_warnings(probe: PropertyProbe, a: AuditParams) -> list[Finding]:
     ]
 
 
-def decide(figures: dict[str, ClassFigures], probe: PropertyProbe | None, a: AuditParams) -> Decision:
-    """The verdict block of reports/audit.json: verdict, failures (worst first), warnings."""
-    failures: list[Finding] = []
-    warnings: list[Finding] = []
+def _property_warnings(probe: PropertyProbe, a: AuditParams) -> list[Finding]:
+    """A warning per class and image property that alone tells the class from the rest on the train
+    split (one-vs-rest AUROC at `property_auroc` or beyond, permutation p at most `significance`)."""
+    found = []
+    for name, scores in probe.auroc.items():
+        for prop, s in scores.items():
+            strength = max(s.auroc, 1 - s.auroc)
+            if strength < a.property_auroc or s.p_value > a.significance:
+                continue
+            side = "higher" if s.class_median > s.others_median else "lower"
+            found.append(
+                Finding(
+                    class_name=name,
+                    test=f"data_property:{prop}",
+                    value=round(strength, 4),
+                    threshold=a.property_auroc,
+                    p_value=s.p_value,
+                    sentence=f"class '{name}': its train images' {prop} alone tells it from the others "
+                    f"(AUROC {s.auroc:.2f}, {side}: median {s.class_median:.3g} against "
+                    f"{s.others_median:.3g}, "
+                    f"permutation {_p_words(s.p_value)}): a cue in the data; the property transplant says "
+                    "whether the model uses it",
+                )
+            )
+    return found
+
+
+def decide(
+    figures: dict[str, ClassFigures], probe: PropertyProbe | None, a: AuditParams, *, rgb: bool = False
+) -> Decision:
+    """The verdict block of reports/audit.json: verdict, failures (worst first), warnings, the
+    families run at warning and every test with its raw and adjusted p-value. `rgb`: the audited
+    images have three channels (resolves `auto` severities)."""
+    levels = severities(a, rgb)
+    failures, warnings, tests = _transplant_findings(figures, a, levels, rgb)
     for name, f in figures.items():
-        fail, warn = class_findings(name, f, a)
+        fail, warn = class_findings(name, f, a, levels)
         failures += fail
         warnings += warn
     if probe is not None:
-        warnings += _probe_warnings(probe, a)
+        warnings += _probe_warnings(probe, a) + _property_warnings(probe, a)
     failures.sort(key=lambda r: -r.value if r.test != "masks" else r.value - 1)
     # A class too few images to audit was never looked at: no failure there is not a pass.
     unaudited = any(w.test == COVERAGE for w in warnings)
@@ -214,4 +350,6 @@ def decide(figures: dict[str, ClassFigures], probe: PropertyProbe | None, a: Aud
         failed_classes=tuple(sorted({r.class_name for r in failures})),
         failures=tuple(failures),
         warnings=tuple(warnings),
+        at_warning=tuple(family for family, level in levels.items() if level == "warning"),
+        tests=tuple(tests),
     )

@@ -104,7 +104,7 @@ def examine(
         batch_size=a.batch_size,
     )
     report = AuditReport(
-        decision=verdict.decide(figures, probe, a),
+        decision=verdict.decide(figures, probe, a, rgb=test.images.shape[1] == 3),
         model=model.spec.model,
         methods=tuple(a.methods),
         target_layer=looked.layer,

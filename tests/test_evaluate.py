@@ -11,11 +11,13 @@ import mlflow
 import pytest
 import torch
 from fixtures_model import TrainedDigits
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cnnops.data.splits import PreparedSplit
 from cnnops.errors import StageInputError
 from cnnops.models import load_classifier
 from cnnops.stages import audit, evaluate, export
+from cnnops.training.calibration import nll
 
 
 def test_metrics_match_the_model_on_the_test_split(trained_digits: TrainedDigits) -> None:
@@ -45,10 +47,60 @@ def test_evaluate_adds_to_the_training_run(trained_digits: TrainedDigits) -> Non
     assert run.data.metrics["test_macro_f1"] == metrics["macro_f1"]
     assert len(run.data.tags["cnnops.test_data_sha256"]) == 64
     assert {a.path for a in client.list_artifacts(t.run_id, "evaluate")} == {
-        "evaluate/confusion.csv",
-        "evaluate/confusion.png",
-        "evaluate/metrics.json",
-    }
+        f"evaluate/{name}"
+        for name in (
+            "confusion.csv", "confusion.png", "metrics.json", "roc", "pr", "reliability.csv", "roc_pr.png",
+            "reliability.png",
+        )
+    }  # fmt: skip
+    assert len(client.list_artifacts(t.run_id, "evaluate/roc")) == 10
+    assert (
+        run.data.metrics["test_accuracy_low"] <= metrics["accuracy"] <= run.data.metrics["test_accuracy_high"]
+    )
+    assert run.data.metrics["temperature"] == metrics["calibration"]["temperature"]
+
+
+def test_curves_intervals_and_calibration_a_reviewer_can_check(trained_digits: TrainedDigits) -> None:
+    """AUROC and AP are sklearn's on the model's own probabilities, the intervals hold the point
+    figures, and the temperature was fitted on the validation split (its NLL there is lowest)."""
+    t = trained_digits
+    metrics = json.loads(t.metrics.read_text())
+    model, _ = load_classifier(t.model)
+    probs, labels = {}, {}
+    for split in ("test", "val"):
+        data = PreparedSplit.load(t.prepared, split)
+        with torch.no_grad():
+            probs[split], labels[split] = model(data.floats()).double(), data.labels.numpy()
+    test_probs = torch.softmax(probs["test"], 1).numpy()
+    assert metrics["macro_auroc"] == pytest.approx(
+        roc_auc_score(labels["test"], test_probs, multi_class="ovr"), abs=1e-6
+    )
+    positive = labels["test"] == 3
+    assert metrics["per_class"]["3"]["average_precision"] == pytest.approx(
+        average_precision_score(positive, test_probs[:, 3]), abs=1e-6
+    )
+    intervals = metrics["intervals"]
+    assert (intervals["confidence"], intervals["resamples"]) == (0.95, 1000)
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc"):
+        low, value, high = (intervals[name][k] for k in ("low", "value", "high"))
+        assert 0 <= low <= value <= high <= 1, name
+        assert value == pytest.approx(metrics[name])
+    calibration = metrics["calibration"]
+    val_logits = probs["val"].numpy()
+    assert nll(val_logits, labels["val"], calibration["temperature"]) <= nll(val_logits, labels["val"])
+    assert nll(val_logits, labels["val"], calibration["temperature"]) <= nll(
+        val_logits, labels["val"], 1.1 * calibration["temperature"]
+    )
+    assert calibration["test_ece_before"] == pytest.approx(metrics["ece"], abs=1e-6)
+    plots = t.root / "reports" / "plots"
+    roc = sorted(p.name for p in (plots / "roc").iterdir())
+    assert roc[0] == "000_0.csv" and len(roc) == 10 and len(list((plots / "pr").iterdir())) == 10
+    with (plots / "roc" / "003_3.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert (rows[0]["fpr"], rows[-1]["tpr"]) == ("0.0", "1.0")
+    reliability = list(csv.DictReader((plots / "reliability.csv").open()))
+    assert len(reliability) == 15 and sum(int(r["images_raw"]) for r in reliability) == metrics["n_test"]
+    assert (plots / "roc_pr.png").stat().st_size > 1000 and (plots / "reliability.png").stat().st_size > 1000
 
 
 def test_checkpoint_from_another_run_is_refused(trained_digits: TrainedDigits, tmp_path: Path) -> None:

@@ -7,12 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn import metrics as skm
 
+from cnnops.training.calibration import fit_temperature, nll, softmax
 from cnnops.training.metrics import (
+    bootstrap_intervals,
     classification_report,
     expected_calibration_error,
     majority_baseline,
     mcnemar,
+    one_vs_rest,
 )
 from cnnops.training.plots import confusion_matrix
 
@@ -80,3 +84,44 @@ def test_mcnemar_counts_only_the_images_one_model_gets_right() -> None:
     assert (result["challenger_only_correct"], result["champion_only_correct"]) == (4, 1)
     assert result["p_value"] == pytest.approx(6 / 32)  # P(4 or 5 of 5 | 1/2)
     assert mcnemar(champion, champion)["p_value"] == 1.0  # no disagreement: nothing shown
+
+
+def test_temperature_scaling_recovers_the_temperature_that_made_logits_overconfident() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 4000)
+    calibrated = rng.normal(size=(4000, 4))
+    calibrated[np.arange(4000), labels] += 1.5  # drawn so that softmax(calibrated) is the truth:
+    sampled = np.array([rng.choice(4, p=p) for p in softmax(calibrated)])  # labels drawn from it
+    assert fit_temperature(3.0 * calibrated, sampled) == pytest.approx(3.0, rel=0.1)
+    assert nll(3.0 * calibrated, sampled, 3.0) < nll(3.0 * calibrated, sampled)
+
+
+def test_bootstrap_point_figures_are_sklearns_and_the_intervals_hold_them() -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 300)
+    logits = rng.normal(size=(300, 3))
+    logits[np.arange(300), labels] += 1.0
+    probs = softmax(logits)
+    predicted = probs.argmax(1)
+    result = bootstrap_intervals(probs, labels, resamples=500, confidence=0.9, seed=0)
+    expected = {
+        "accuracy": skm.accuracy_score(labels, predicted),
+        "balanced_accuracy": skm.balanced_accuracy_score(labels, predicted),
+        "macro_f1": skm.f1_score(labels, predicted, average="macro"),
+        "macro_auroc": skm.roc_auc_score(labels, probs, multi_class="ovr"),
+    }
+    for name, value in expected.items():
+        assert result[name]["value"] == pytest.approx(value), name
+        assert result[name]["low"] < value < result[name]["high"], name
+    # with 4x the images the interval is about half as wide (1/sqrt(n))
+    wide = result["accuracy"]["high"] - result["accuracy"]["low"]
+    many = bootstrap_intervals(
+        np.tile(probs, (4, 1)), np.tile(labels, 4), resamples=500, confidence=0.9, seed=0
+    )
+    assert 0.35 < (many["accuracy"]["high"] - many["accuracy"]["low"]) / wide < 0.7
+
+
+def test_a_class_missing_from_the_test_split_has_no_curve() -> None:
+    probs = softmax(np.array([[2.0, 0, 0], [0, 2, 0], [2, 0, 0], [0, 0, 2]]))
+    curves = one_vs_rest(probs, np.array([0, 1, 0, 1]), ["a", "b", "c"])
+    assert set(curves) == {"a", "b"} and curves["a"].auroc == 1.0

@@ -284,6 +284,10 @@ class TrainParams(Section):
 class EvaluateParams(Section):
     top_k: StrictInt = Field(ge=1, le=MAX_CLASSES)
     ece_bins: StrictInt = Field(ge=2, le=1000, description="more leave most bins empty on any test split")
+    bootstrap_resamples: StrictInt = Field(
+        ge=100, le=100_000, description="resamples of the test split behind each confidence interval"
+    )
+    confidence: StrictFloat = Field(ge=0.5, le=0.999, description="coverage of the bootstrap intervals")
 
 
 AuditSeverity = Literal["error", "warning", "off", "auto"]

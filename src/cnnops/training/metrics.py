@@ -7,26 +7,50 @@ tests release decides with are exact binomial tests from scipy (statsmodels is n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
 from scipy.stats import binomtest
 from sklearn import metrics as skm
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """Weighted mean |accuracy - confidence| over equal-width bins of the top-class confidence."""
+@dataclass(frozen=True)
+class ReliabilityBin:
+    """An equal-width bin of top-class confidence: what the model claimed there, how often it was right."""
+
+    lower: float
+    upper: float
+    count: int
+    confidence: float  # mean top-class probability of its images (0 when empty)
+    accuracy: float  # share of them classified correctly (0 when empty)
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> list[ReliabilityBin]:
+    """The reliability diagram's data: images binned by top-class confidence."""
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
+    count = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.nan_to_num(np.bincount(which, confidence, bins) / count)
+        mean_acc = np.nan_to_num(np.bincount(which, correct, bins) / count)
+    return [
+        ReliabilityBin(
+            float(edges[b]), float(edges[b + 1]), int(count[b]), float(mean_conf[b]), float(mean_acc[b])
+        )
+        for b in range(bins)
+    ]
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Weighted mean |accuracy - confidence| over equal-width bins of the top-class confidence."""
+    parts = reliability_bins(probs, labels, bins)
+    total = max(1, sum(b.count for b in parts))
+    return float(sum(b.count / total * abs(b.accuracy - b.confidence) for b in parts))
 
 
 def classification_report(
@@ -101,3 +125,103 @@ def mcnemar(challenger: np.ndarray, champion: np.ndarray) -> dict[str, Any]:
         "champion_only_correct": only_champion,
         "p_value": float(p),
     }
+
+
+@dataclass(frozen=True)
+class ClassCurves:
+    """One class against the rest: its ROC and precision-recall curves and their areas (sklearn's)."""
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    recall: np.ndarray
+    precision: np.ndarray
+    auroc: float
+    average_precision: float
+
+
+def one_vs_rest(probs: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict[str, ClassCurves]:
+    """Per class with both positives and negatives in `labels` (the others have no curve: a class
+    with no test image, or a split of one class, cannot rank anything)."""
+    curves = {}
+    for c, name in enumerate(class_names):
+        positive = labels == c
+        if not 0 < positive.sum() < len(labels):
+            continue
+        fpr, tpr, _ = skm.roc_curve(positive, probs[:, c])
+        precision, recall, _ = skm.precision_recall_curve(positive, probs[:, c])
+        curves[name] = ClassCurves(
+            fpr,
+            tpr,
+            recall,
+            precision,
+            float(skm.roc_auc_score(positive, probs[:, c])),
+            float(skm.average_precision_score(positive, probs[:, c])),
+        )
+    return curves
+
+
+INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
+BOOTSTRAP_BUDGET = 2**22  # array elements a resampling batch may hold (32 MB of float64): memory bound
+
+
+def bootstrap_intervals(
+    probs: np.ndarray, labels: np.ndarray, *, resamples: int, confidence: float, seed: int
+) -> dict[str, dict[str, float]]:
+    """Percentile bootstrap intervals (test images resampled with replacement) of INTERVAL_METRICS.
+
+    scipy.stats.bootstrap draws the resamples and bounds memory with `batch`; the metrics are
+    computed for a whole batch of resamples at once (confusion counts by bincount, AUROC by ranks:
+    Mann-Whitney), since sklearn's take one resample a call. Percentile, not BCa: BCa's jackknife
+    costs one evaluation per test image. macro AUROC averages the classes a resample can rank.
+    """
+    n, k = probs.shape
+    predicted = probs.argmax(1)
+    ranked = [c for c in range(k) if 0 < (labels == c).sum() < n]
+    batch = max(1, min(BOOTSTRAP_BUDGET // (n * (2 + len(ranked))), BOOTSTRAP_BUDGET // (k * k)))
+
+    def statistic(index: np.ndarray, axis: int = -1) -> np.ndarray:
+        rows = np.atleast_2d(index).astype(np.intp)
+        values = _resampled_metrics(probs, labels, predicted, ranked, rows)
+        return values if index.ndim > 1 else values[:, 0]
+
+    result = stats.bootstrap(
+        (np.arange(n),),
+        statistic,
+        n_resamples=resamples,
+        batch=batch,
+        vectorized=True,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    low, high = result.confidence_interval
+    point = statistic(np.arange(n))
+    return {
+        name: {"value": float(point[i]), "low": float(low[i]), "high": float(high[i])}
+        for i, name in enumerate(INTERVAL_METRICS)
+    }
+
+
+def _resampled_metrics(
+    probs: np.ndarray, labels: np.ndarray, predicted: np.ndarray, ranked: list[int], rows: np.ndarray
+) -> np.ndarray:
+    """INTERVAL_METRICS of each resample (a row of image indices), as sklearn defines them."""
+    b, n = rows.shape
+    k = probs.shape[1]
+    y, p = labels[rows], predicted[rows]
+    codes = ((np.arange(b)[:, None] * k + y) * k + p).ravel()
+    confusion = np.bincount(codes, minlength=b * k * k).reshape(b, k, k)
+    hits = np.diagonal(confusion, axis1=1, axis2=2)
+    support, chosen = confusion.sum(2), confusion.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(support > 0, hits / support, np.nan)  # balanced accuracy: classes present only
+        f1 = np.where(support + chosen > 0, 2 * hits / (support + chosen), 0.0)  # zero_division=0
+        aurocs = []
+        for c in ranked:
+            positive = y == c
+            count = positive.sum(1)
+            ranks = stats.rankdata(probs[rows, c], axis=1)
+            u = (ranks * positive).sum(1) - count * (count + 1) / 2
+            aurocs.append(np.where((count > 0) & (count < n), u / (count * (n - count)), np.nan))
+        auroc = np.nanmean(np.stack(aurocs), 0) if aurocs else np.full(b, np.nan)
+    return np.stack([hits.sum(1) / n, np.nanmean(recall, 1), f1.mean(1), auroc])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only: never needs a display
 import matplotlib.pyplot as plt
 
 from cnnops import atomic
+from cnnops.training.metrics import ClassCurves, ReliabilityBin
 
 # Class names are folder names, user input: drawn as typed, never as mathtext ($...$) or LaTeX, whose
 # parser raises on a name like "$\undefinedcmd$" (and a user's matplotlibrc may turn usetex on).
@@ -60,3 +61,51 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
         fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
+
+
+MAX_LEGEND = 20  # classes named in a legend; past it the curves are drawn unnamed
+
+
+def roc_pr_curves(curves: Mapping[str, ClassCurves], path: str | Path) -> Path:
+    """One-vs-rest ROC and precision-recall curves, a line per class, areas in the legend."""
+    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, c in curves.items():
+        ax_roc.plot(c.fpr, c.tpr, label=f"{name} (AUROC {c.auroc:.3f})")
+        ax_pr.plot(c.recall, c.precision, label=f"{name} (AP {c.average_precision:.3f})")
+    ax_roc.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    for ax, x, y, title in (
+        (ax_roc, "false positive rate", "true positive rate", "ROC, one vs rest"),
+        (ax_pr, "recall", "precision", "precision-recall, one vs rest"),
+    ):
+        ax.set(xlabel=x, ylabel=y, title=title, xlim=(0, 1), ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        if 0 < len(curves) <= MAX_LEGEND:
+            legend = ax.legend(fontsize=7, loc="lower right" if ax is ax_roc else "lower left")
+            for text in legend.get_texts():
+                text.set(**PLAIN_TEXT)
+    return _save(fig, path)
+
+
+def reliability_diagram(
+    before: Sequence[ReliabilityBin], after: Sequence[ReliabilityBin], temperature: float, path: str | Path
+) -> Path:
+    """Accuracy against confidence per bin, before and after temperature scaling, with the counts."""
+    fig, (ax, ax_count) = plt.subplots(
+        2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
+    for bins, label, marker in ((before, "raw", "o"), (after, f"temperature {temperature:.2f}", "s")):
+        full = [b for b in bins if b.count]
+        ax.plot([b.confidence for b in full], [b.accuracy for b in full], marker=marker, label=label)
+        ax_count.bar(
+            [(b.lower + b.upper) / 2 for b in bins],
+            [b.count for b in bins],
+            width=(bins[0].upper - bins[0].lower) * (0.45 if marker == "o" else 0.3),
+            alpha=0.6,
+            label=label,
+        )
+    ax.set(ylabel="accuracy", title="reliability on the test split", xlim=(0, 1), ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax_count.set(xlabel="top-class confidence", ylabel="images")
+    return _save(fig, path)

@@ -34,6 +34,7 @@ from cnnops.progress import progress_bar
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
 from cnnops.training import distributed, plots, resume
+from cnnops.training import summary as table
 from cnnops.training.engine import (
     BatchTransform,
     BestEpoch,
@@ -66,6 +67,13 @@ class TrainPaths:
     # resume state: outside DVC outs, which DVC deletes before running the stage
     state: Path = path_arg(".cnnops/train/state.pt", "resume state")
     params_file: Path | None = None  # logged to the run as params.yaml (the CLI's --params)
+    summary: Path | None = path_arg(
+        None, "per-layer summary and memory estimate; none: model_summary.md beside --report"
+    )
+
+    @property
+    def summary_file(self) -> Path:
+        return self.summary or self.report.parent / "model_summary.md"
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,8 @@ class _Parts:
     scaler: torch.amp.GradScaler
     criterion: nn.Module
     mix: BatchTransform | None
+    summary: table.ModelSummary  # the pre-flight's: what the network costs an image
+    memory: table.TrainingMemory  # at the batch size trained with
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -120,10 +130,11 @@ def _build(
     if t.mode == "linear_probe":
         model.freeze_backbone()
     settings = _loop_settings(t, dist.device)
+    summary, memory = _preflight(t, model, len(train_split), dist)
     model.to(
         dist.device, memory_format=torch.channels_last if settings.channels_last else torch.preserve_format
     )
-    loader, val_loader, bn_loader = _loaders(params, spec, train_split, val_split, dist)
+    loader, val_loader, bn_loader = _loaders(params, spec, train_split, val_split, dist, memory.batch_size)
     optimizer = build_optimizer(
         model,
         name=t.optimizer,
@@ -150,7 +161,25 @@ def _build(
             cutmix_alpha=t.augment.cutmix_alpha,
             num_classes=spec.num_classes,
         ),
+        summary=summary,
+        memory=memory,
     )
+
+
+def _preflight(
+    t: TrainParams, model: Classifier, n_train: int, dist: distributed.Dist
+) -> tuple[table.ModelSummary, table.TrainingMemory]:
+    """Before the first step: the model's summary and the batch to train with. `train.batch_size:
+    auto` picks the largest whose estimated memory fits the device; a given one that does not fit
+    stops a GPU run here, not with out-of-memory an hour in (on CPU it warns)."""
+    summary = table.summarize(model)
+    auto = t.batch_size == "auto"
+    precision = table.configured_precision(t.amp, dist.device)
+    memory = table.training_memory(summary, 1 if auto else t.batch_size, precision, t.optimizer, t.momentum)
+    budget = table.device_budget(dist.device, t.memory_fraction)
+    cap = min(t.auto_batch_max, max(1, n_train // dist.world_size))
+    batch = table.fit_batch(summary, memory, budget, auto=auto, cap=cap)
+    return summary, memory.at(distributed.all_reduce_min(batch, dist))  # every rank steps alike
 
 
 def _spec(t: TrainParams, split: PreparedSplit) -> ModelSpec:
@@ -172,6 +201,7 @@ def _loaders(
     train_split: PreparedSplit,
     val_split: PreparedSplit,
     dist: distributed.Dist,
+    batch_size: int,
 ) -> tuple[DataLoader, DataLoader, DataLoader]:
     """Training batches (augmented, seeded), validation batches, and the precise-BN sample: a fixed
     seeded subset of the train split, un-augmented as at inference, whose statistics BN should hold."""
@@ -179,7 +209,7 @@ def _loaders(
     workers, pin = resolve_workers(t.num_workers), dist.device.type == "cuda"
     loader = train_loader(
         SplitDataset(train_split, TrainPreset(t.augment, spec.image_size, spec.color_mode)),
-        batch_size=t.batch_size,
+        batch_size=batch_size,
         seed=params.base.seed,
         rank=dist.rank,
         world_size=dist.world_size,
@@ -188,7 +218,7 @@ def _loaders(
     )
     val_loader = eval_loader(
         SplitDataset(val_split, EvalPreset(spec.image_size)),
-        batch_size=t.batch_size,
+        batch_size=batch_size,
         num_workers=workers,
         pin_memory=pin,
     )
@@ -196,7 +226,7 @@ def _loaders(
     bn_images = Subset(
         SplitDataset(train_split, EvalPreset(spec.image_size)), sample[: t.precise_bn_images].tolist()
     )
-    return loader, val_loader, eval_loader(bn_images, batch_size=t.batch_size, pin_memory=pin)
+    return loader, val_loader, eval_loader(bn_images, batch_size=batch_size, pin_memory=pin)
 
 
 def _precise_bn(t: TrainParams, model: Classifier, total_steps: int) -> bool:
@@ -250,6 +280,7 @@ def _resume(
             "train": params.train.model_dump(mode="json"),
             "seed": params.base.seed,
             "world_size": dist.world_size,
+            "batch_size": parts.memory.batch_size,  # auto's pick may change with the device's free memory
             "tracking": [runs.store_uri(params.tracking), params.tracking.experiment],  # run to continue
         },
         [path for name in ("train", "val") for path in split_files(paths.prepared, name)],
@@ -286,6 +317,7 @@ def _train(params: Params, paths: TrainPaths, dist: distributed.Dist) -> TrainRe
                 )
             progress.run_id = mlflow_run.info.run_id
             _log_missed_epochs(progress)
+            _log_summary(parts, paths.summary_file)
         for epoch in range(progress.epoch, 0 if best.should_stop else t.epochs):
             started = time.perf_counter()
             train_stats = _train_epoch(params, parts, net, epoch, dist)
@@ -363,9 +395,7 @@ def _loop_settings(t: TrainParams, device: torch.device) -> LoopSettings:
         if t.amp in ("bf16", "fp16"):
             log.warning("train.amp=%s needs CUDA: training in float32 on %s", t.amp, device)
         return LoopSettings(device, None, False, t.grad_clip)
-    amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
-    if t.amp == "auto":
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp = table.AMP_DTYPES[table.configured_precision(t.amp, device)]
     return LoopSettings(device, amp, t.channels_last, t.grad_clip)
 
 
@@ -376,6 +406,13 @@ def _device_ids(dist: distributed.Dist) -> list[int] | None:
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """A seed per (seed, epoch, rank): a resumed run draws exactly what the uninterrupted one would."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def _log_summary(parts: _Parts, path: Path) -> None:
+    """The pre-flight's table into reports/ and the run, its totals as the run's metrics."""
+    atomic.write_text(path, table.render(parts.summary, parts.memory))
+    runs.log_files([path], "train")
+    runs.log_metrics(table.totals(parts.summary, parts.memory))
 
 
 def _log_missed_epochs(progress: _Progress) -> None:

@@ -55,6 +55,15 @@ def all_reduce_sum(tensor: torch.Tensor, d: Dist) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_min(value: int, d: Dist) -> int:
+    """The smallest of an int over ranks (the batch every rank's memory fits); itself when alone."""
+    if not d.enabled:
+        return value
+    tensor = torch.tensor([value], device=d.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def broadcast_flag(flag: bool, d: Dist) -> bool:
     """Rank 0's decision (e.g. early stopping) for every rank, so all stop at the same epoch."""
     if not d.enabled:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 FP32 = 4  # bytes of a float32: weights, gradients, optimizer state and fp32 activations
 AMP = 2  # bytes of a bf16 / fp16 activation under autocast (weights stay fp32)
 PRECISIONS = {"fp32": FP32, "bf16": AMP, "fp16": AMP}
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype of each
 # fp32 buffers the optimizer keeps per trainable parameter: Adam's two moments; SGD's momentum
 OPTIMIZER_STATES = {"adamw": 2, "sgd": 1}
 INPUT = "input"  # the row of the normalised image the network reads
@@ -118,7 +119,9 @@ def summarize(model: Classifier) -> ModelSummary:
     model.eval()
     try:
         with FlopCounterMode(display=False) as flops, _fresh_output_bytes(model) as fresh:
-            info = torchinfo.summary(model, input_size=(1, *shape), depth=64, verbose=0, device="cpu")
+            # input_data, not input_size: torchinfo would move a CPU model to the GPU
+            image = torch.zeros(1, *shape, device=model.mean.device)
+            info = torchinfo.summary(model, input_data=image, depth=64, verbose=0)
     finally:
         model.train(was_training)
     names = {id(module): name for name, module in model.named_modules()}
@@ -214,28 +217,36 @@ def training_memory(
 
 @dataclass(frozen=True)
 class Budget:
-    """The memory a run may fill: a share of what the device has free now."""
+    """The memory a run may fill: a share of what a device has free."""
 
-    device: str  # cuda:0, cpu
-    free_bytes: int  # the GPU's free memory, or the RAM available on CPU
-    fraction: float  # train.memory_fraction
+    label: str  # what the free memory is, e.g. "free on cuda:0", "RAM available"
+    free_bytes: int
+    fraction: float  # train.memory_fraction: the rest is for the allocator's cache and workspaces
+    gpu: bool  # an estimate over a GPU's budget stops the run; over RAM it warns
 
     @property
     def bytes(self) -> int:
         return int(self.free_bytes * self.fraction)
 
     def describe(self) -> str:
-        what = "RAM available" if self.device == "cpu" else f"free on {self.device}"
-        return f"{_size(self.bytes)} ({self.fraction:g} of the {_size(self.free_bytes)} {what})"
+        return f"{_size(self.bytes)} ({self.fraction:g} of the {_size(self.free_bytes)} {self.label})"
 
 
 def device_budget(device: torch.device, fraction: float) -> Budget:
-    """What `device` has free: torch.cuda.mem_get_info on a GPU, psutil's available RAM on CPU."""
+    """What `device` has free now: torch.cuda.mem_get_info on a GPU, psutil's available RAM on CPU."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-    else:
-        free = psutil.virtual_memory().available
-    return Budget(str(device), int(free), fraction)
+        return Budget(f"free on {device}", int(free), fraction, gpu=True)
+    return Budget("RAM available", int(psutil.virtual_memory().available), fraction, gpu=False)
+
+
+def configured_precision(amp: str, device: torch.device) -> str:
+    """The precision `train.amp` gives on `device`: autocast on CUDA only (auto: bf16 where supported)."""
+    if device.type != "cuda" or amp == "off":
+        return "fp32"
+    if amp == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return amp
 
 
 def _size(n: float) -> str:
@@ -252,11 +263,6 @@ def _count(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{n:.0f}"
-
-
-def precision_of(amp_dtype: torch.dtype | None) -> str:
-    """The precision name of a loop's autocast dtype (None: fp32)."""
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
 
 
 def fit_batch(summary: ModelSummary, memory: TrainingMemory, budget: Budget, *, auto: bool, cap: int) -> int:
@@ -285,7 +291,7 @@ def fit_batch(summary: ModelSummary, memory: TrainingMemory, budget: Budget, *, 
         f"{where}, batch {memory.batch_size}: estimated peak training memory {_size(memory.peak_bytes)} "
         f"exceeds {budget.describe()}; the largest batch that fits is {fits}"
     )
-    if budget.device == "cpu":
+    if not budget.gpu:
         log.warning("%s: training may swap or be killed (cnnops summary shows the table)", message)
         return memory.batch_size
     hint = f"set train.batch_size: {fits} (or auto)" if fits else "choose a smaller model or input size"

@@ -1,21 +1,28 @@
-"""The data-property probe: can simple image properties alone predict the label?
+"""The data-property probes: can simple image properties alone predict the label?
 
 If brightness, a corner's mean or the file format predicts the class, the data carries a cue a
-model may take, whatever the model did. A depth-limited decision tree (scikit-learn) is fitted on
-the train split and scored on the test split; its per-class F1 and the properties it used are
-reported. It is a warning, never a `fail`: a cue in the data is not proof the model uses it.
+model may take, whatever the model did. Two probes, both warnings, never a `fail` (a cue in the data
+is not proof the model uses it): a depth-limited decision tree (scikit-learn) fitted on the train
+split and scored on the test split, with its per-class F1 and the properties it used; and per class,
+the one-vs-rest AUROC of each image property alone (brightness, contrast, sharpness, high-frequency
+energy, noise, entropy, saturation, hue, JPEG quality where the files say it) with a permutation
+p-value. A flagged property gets an intervention (`property_transplants`) that can fail the audit.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
+from scipy.stats import rankdata
 from sklearn.metrics import f1_score
 from sklearn.tree import DecisionTreeClassifier
 
-from cnnops.audit.contract import PropertyProbe, PropertyWeight
+from cnnops.audit.contract import PropertyProbe, PropertyScore, PropertyWeight
 from cnnops.audit.regions import band_mask, corner_slices
 from cnnops.data.splits import PreparedSplit
 
@@ -85,8 +92,11 @@ def probe(
     corner_fraction: float,
     seed: int,
     batch_size: int,
+    permutations: int,
+    data_dir: Path | None,
 ) -> PropertyProbe:
-    """Fit the shallow probe on train properties; per-class F1 on test and the properties it relied on.
+    """Fit the shallow probe on train properties; per-class F1 on test and the properties it relied on;
+    and each image property's one-vs-rest AUROC per class on the train split (`property_scores`).
 
     Both splits are streamed whole (`pixel_properties`), not sampled: the figures are those of every
     image, and memory is one batch of images plus the small feature table.
@@ -111,4 +121,163 @@ def probe(
         used_file_properties=manifest is not None,
         top_properties=tuple(PropertyWeight(n, round(float(v), 4)) for n, v in importance[:3] if v > 0),
         per_class_f1={name: round(float(v), 4) for name, v in zip(test.class_names, f1, strict=True)},
+        auroc=property_scores(
+            *property_values(train, batch_size, data_dir), train.labels.numpy(), train.class_names,
+            permutations, seed,
+        ),
+    )  # fmt: skip
+
+
+LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+IMMERKAER = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
+ENTROPY_BINS = 64
+GREY_PROPERTIES = ("brightness", "contrast", "sharpness", "high-frequency energy", "noise", "entropy")
+COLOUR_PROPERTIES = ("saturation", "hue")
+JPEG_QUALITY = "JPEG quality"
+# The IJG (libjpeg) standard luminance quantization table, in zig-zag order as Pillow gives tables.
+IJG_LUMA = np.array([
+    16, 11, 12, 14, 12, 10, 16, 14, 13, 14, 18, 17, 16, 19, 24, 40, 26, 24, 22, 22, 24, 49, 35, 37,
+    29, 40, 58, 51, 61, 60, 57, 51, 56, 55, 64, 72, 92, 78, 64, 68, 87, 69, 55, 56, 80, 109, 81, 87,
+    95, 98, 103, 104, 103, 62, 77, 113, 121, 112, 100, 120, 92, 101, 103, 99,
+], dtype=float)  # fmt: skip
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """N x 1 x H x W luminance of float images (ITU-R 601 weights, as Pillow's L)."""
+    if x.shape[1] == 1:
+        return x
+    return (x[:, :1] * 0.299 + x[:, 1:2] * 0.587 + x[:, 2:3] * 0.114).contiguous()
+
+
+def _filtered(g: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.conv2d(g, kernel[None, None].to(g.dtype))
+
+
+def image_properties(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each property of a batch of float images (N x C x H x W in [0, 1]), one number an image.
+
+    sharpness: variance of the Laplacian; high-frequency energy: share of the spectrum's power (mean
+    removed) beyond half the Nyquist radius; noise: Immerkaer's fast estimate of a Gaussian noise's
+    standard deviation (1996), which a flat-mean or a blurred image keeps near 0; entropy: of the grey
+    histogram in 64 bins. RGB adds saturation (HSV) and the hue's saturation-weighted unit vector
+    (`hue`: its angle, measured against the set's mean hue by `property_values`).
+    """
+    g = _grey(x)
+    h, w = g.shape[-2:]
+    lap = _filtered(g, LAPLACIAN)
+    spectrum = torch.fft.fft2(g - g.mean((2, 3), keepdim=True)).abs().square()
+    fy, fx = torch.meshgrid(torch.fft.fftfreq(h), torch.fft.fftfreq(w), indexing="ij")
+    high = (fy.square() + fx.square()).sqrt() > 0.25  # half of the Nyquist frequency (0.5 cycles/px)
+    power = spectrum.flatten(1).sum(1).clamp_min(1e-12)
+    hist = torch.stack([torch.histc(img, ENTROPY_BINS, 0.0, 1.0) for img in g])
+    prob = hist / hist.sum(1, keepdim=True)
+    out = {
+        "brightness": g.mean((1, 2, 3)),
+        "contrast": g.std((1, 2, 3)),
+        "sharpness": lap.var((1, 2, 3)),
+        "high-frequency energy": spectrum[:, :, high].flatten(1).sum(1) / power,
+        "noise": _filtered(g, IMMERKAER).abs().mean((1, 2, 3)) * float(np.sqrt(np.pi / 2) / 6),
+        "entropy": -(prob * prob.clamp_min(1e-12).log2()).sum(1),
+    }
+    if x.shape[1] == 3:
+        top, bottom = x.amax(1), x.amin(1)
+        sat = (top - bottom) / top.clamp_min(1e-6)
+        hue = _hue_angle(x, top, bottom)
+        out["saturation"] = sat.mean((1, 2))
+        out["hue cos"] = (sat * torch.cos(hue)).mean((1, 2))
+        out["hue sin"] = (sat * torch.sin(hue)).mean((1, 2))
+    return out
+
+
+def _hue_angle(x: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
+    """Per pixel HSV hue in radians, from the RGB channels of N x 3 x H x W floats."""
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    span = (top - bottom).clamp_min(1e-6)
+    sector = torch.where(
+        top == r, (g - b) / span % 6, torch.where(top == g, (b - r) / span + 2, (r - g) / span + 4)
+    )
+    return sector * (np.pi / 3)
+
+
+def jpeg_quality(path: Path) -> float:
+    """The IJG quality a JPEG file was saved at, from its luminance table (NaN for other files).
+
+    Inverts libjpeg's scaling of its standard table (quality 50 is the table itself), the usual
+    estimate: files from other encoders land near the IJG quality of the same table.
+    """
+    with Image.open(path) as im:
+        tables = getattr(im, "quantization", None) if im.format == "JPEG" else None
+    if not tables:
+        return float("nan")
+    scale = float(np.median(np.asarray(tables[0], dtype=float)[: len(IJG_LUMA)] / IJG_LUMA) * 100)
+    return float(np.clip(5000 / scale if scale > 100 else (200 - scale) / 2, 1, 100))
+
+
+def property_values(
+    split: PreparedSplit, batch_size: int, data_dir: Path | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Every image's properties (N x P), `batch_size` images at a time, and their names. With
+    `data_dir`, each image's JPEG quality where its file is a JPEG (left out when none is)."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for i in range(0, len(split), batch_size):
+        for name, v in image_properties(split.images[i : i + batch_size].float().div(255.0)).items():
+            parts.setdefault(name, []).append(v.numpy())
+    values = {name: np.concatenate(v) for name, v in parts.items()}
+    if "hue cos" in values:  # the hue's angle from the set's mean hue: one scalar a circular value
+        cos, sin = values.pop("hue cos"), values.pop("hue sin")
+        mean = np.arctan2(sin.mean(), cos.mean())
+        values["hue"] = np.degrees(np.angle(np.exp(1j * (np.arctan2(sin, cos) - mean))))
+    if data_dir is not None:
+        quality = np.array(
+            [jpeg_quality(data_dir / p) if (data_dir / p).is_file() else np.nan for p in split.paths]
+        )
+        if np.isfinite(quality).any():
+            values[JPEG_QUALITY] = quality
+    names = list(values)
+    return np.stack([values[n] for n in names], 1) if names else np.zeros((len(split), 0)), names
+
+
+def property_scores(
+    values: np.ndarray,
+    names: list[str],
+    labels: np.ndarray,
+    class_names: list[str],
+    permutations: int,
+    seed: int,
+) -> dict[str, dict[str, PropertyScore]]:
+    """Per class, each property's one-vs-rest AUROC with a two-sided permutation p-value.
+
+    By hand rather than scipy.stats.permutation_test: the AUROC is the positives' rank sum, so with
+    the ranks computed once a permutation is one gather for every property at once, where the
+    generic test would re-rank each resample. NaN values (no JPEG quality) leave their images out.
+    """
+    rng = np.random.default_rng([seed, 2])
+    out: dict[str, dict[str, PropertyScore]] = {}
+    for cls, name in enumerate(class_names):
+        scores = {}
+        for j, prop in enumerate(names):
+            known = np.isfinite(values[:, j])
+            v, pos = values[known, j], labels[known] == cls
+            if pos.sum() < 2 or (~pos).sum() < 2:
+                continue
+            scores[prop] = _score(v, pos, permutations, rng)
+        out[name] = scores
+    return out
+
+
+def _score(v: np.ndarray, pos: np.ndarray, permutations: int, rng: np.random.Generator) -> PropertyScore:
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    ranks = rankdata(v)
+    auc = (ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+    extreme = 0
+    for start in range(0, permutations, 100):  # 100 permutations a gather: memory 100 x N indices
+        k = min(100, permutations - start)
+        chosen = rng.permuted(np.tile(np.arange(len(v)), (k, 1)), axis=1)[:, :n1]
+        aucs = (ranks[chosen].sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+        extreme += int((np.abs(aucs - 0.5) >= abs(auc - 0.5) - 1e-12).sum())
+    return PropertyScore(
+        auroc=round(float(auc), 4),
+        p_value=round((1 + extreme) / (permutations + 1), 6),
+        class_median=round(float(np.median(v[pos])), 6),
+        others_median=round(float(np.median(v[~pos])), 6),
     )

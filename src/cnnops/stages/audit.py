@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from cnnops.audit import evidence, gallery, properties, regions, saliency, verdict
+from cnnops.audit import evidence, gallery, properties, property_interventions, regions, saliency, verdict
 from cnnops.audit.annotations import load_object_masks
 from cnnops.audit.contract import AuditReport, ClassFigures, to_json
 from cnnops.config import AuditParams, Params
@@ -102,7 +102,10 @@ def examine(
         corner_fraction=a.corner_fraction,
         seed=a.seed,
         batch_size=a.batch_size,
+        permutations=a.property_permutations,
+        data_dir=data_dir,
     )
+    figures = property_interventions.with_property_transplants(model, looked.batch, figures, probe, a)
     report = AuditReport(
         decision=verdict.decide(figures, probe, a, rgb=test.images.shape[1] == 3),
         model=model.spec.model,

@@ -1,0 +1,206 @@
+"""Properties that cause, not just correlate: change other classes' images to a class's level of a
+flagged image property, and count how many the model then calls that class.
+
+The data probe (`properties.property_scores`) flags a property that alone tells a class from the
+rest (its train images are blurrier, noisier, more saturated, of another hue or JPEG quality). That
+is a cue in the data, not proof the model uses it. The intervention is: blur (or sharpen) the
+correctly classified images of the other classes to the class's level, add (or remove) grain, shift
+the hue, re-encode at the class's JPEG quality; the mirror control makes the opposite change of the
+same strength (re-encodes at the other classes' quality), so a model that any change of the image
+upsets flips on both and is not blamed. Each result is a `Transplant` of kind "property", judged by
+the verdict like every other test (`audit.severity.property`).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+
+from cnnops.audit import evidence
+from cnnops.audit.contract import ClassFigures, PropertyProbe, PropertyScore, Transplant
+from cnnops.audit.properties import JPEG_QUALITY, image_properties
+from cnnops.config import AuditParams
+from cnnops.models import Classifier
+
+Change = Callable[[torch.Tensor, float], torch.Tensor]  # float images N x C x H x W, strength -> changed
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    s = sigma * x.shape[-1] / 32.0  # strengths are given at 32 px and scale with the image
+    k = 2 * math.ceil(3 * s) + 1
+    return F.gaussian_blur(x, [k, k], [s, s])
+
+
+def _sharpen(x: torch.Tensor, amount: float) -> torch.Tensor:
+    return (x + amount * (x - _blur(x, 1.0))).clamp(0, 1)
+
+
+def _grain(x: torch.Tensor, std: float) -> torch.Tensor:
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(len(x)))  # same grain each run
+    return (x + std * noise).clamp(0, 1)
+
+
+def _as_bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.mul(255).round().to(torch.uint8)
+
+
+def _equalize(x: torch.Tensor, _strength: float) -> torch.Tensor:
+    return F.equalize(_as_bytes(x)).float() / 255
+
+
+def _posterize(x: torch.Tensor, bits: float) -> torch.Tensor:
+    return F.posterize(_as_bytes(x), int(bits)).float() / 255
+
+
+def _saturation(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return F.adjust_saturation(x, factor)
+
+
+def _hue(x: torch.Tensor, turn: float) -> torch.Tensor:
+    return F.adjust_hue(x, max(-0.5, min(0.5, turn)))
+
+
+def _jpeg(x: torch.Tensor, quality: float) -> torch.Tensor:
+    """Each image through a JPEG file of `quality` in memory (Pillow: greyscale and RGB alike)."""
+    out = []
+    for img in _as_bytes(x):
+        buffer = io.BytesIO()
+        array = img.permute(1, 2, 0).numpy()
+        Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(
+            buffer, format="JPEG", quality=int(quality)
+        )
+        decoded = np.asarray(Image.open(buffer)).reshape(array.shape)
+        out.append(torch.from_numpy(decoded.copy()).permute(2, 0, 1))
+    return torch.stack(out).float() / 255
+
+
+@dataclass(frozen=True)
+class Ladder:
+    """The change that raises a property and the one that lowers it, each at rising strengths."""
+
+    raise_: tuple[Change, tuple[float, ...], str]
+    lower: tuple[Change, tuple[float, ...], str]
+
+
+BLUR = (_blur, (0.5, 0.8, 1.2, 1.8, 2.5), "blurred (sigma {:g} px at 32 px)")
+SHARPEN = (_sharpen, (0.5, 1.0, 2.0, 4.0, 8.0), "sharpened (unsharp amount {:g})")
+LADDERS = {
+    "sharpness": Ladder(SHARPEN, BLUR),
+    "high-frequency energy": Ladder(SHARPEN, BLUR),
+    "noise": Ladder((_grain, (0.01, 0.02, 0.04, 0.07, 0.1), "grain added (std {:g})"), BLUR),
+    "entropy": Ladder(
+        (_equalize, (1.0,), "equalized"), (_posterize, (5, 4, 3, 2, 1), "posterized ({:g} bits)")
+    ),
+    "saturation": Ladder(
+        (_saturation, (1.25, 1.5, 2.0, 3.0, 4.0), "saturated x{:g}"),
+        (_saturation, (0.8, 0.6, 0.4, 0.2, 0.0), "saturated x{:g}"),
+    ),
+}  # brightness and contrast are the tone transplant's (`evidence.tone_transplant`)
+
+
+def flagged(probe: PropertyProbe, a: AuditParams) -> dict[str, dict[str, PropertyScore]]:
+    """Per class, the properties whose AUROC flags them (as the verdict's data warning does) and that
+    have an intervention."""
+    return {
+        name: {
+            prop: s
+            for prop, s in scores.items()
+            if (prop in LADDERS or prop in (JPEG_QUALITY, "hue"))
+            and max(s.auroc, 1 - s.auroc) >= a.property_auroc
+            and s.p_value <= a.significance
+        }
+        for name, scores in probe.auroc.items()
+    }
+
+
+def _chosen(
+    prop: str, score: PropertyScore, sample: torch.Tensor
+) -> tuple[Change, float, Change, float, str]:
+    """(change, strength, mirror change, strength, words): the strength whose changed sample lands
+    nearest the class's median; the mirror is the opposite change at the same rung of its ladder.
+    JPEG quality: re-encode at the class's quality, against re-encoding at the others'. Hue (an angle
+    from the set's mean): turn by the class's median offset, against the opposite turn."""
+    if prop == JPEG_QUALITY:
+        q = score.class_median
+        return _jpeg, q, _jpeg, score.others_median, f"re-encoded at JPEG quality {q:.0f}"
+    if prop == "hue":
+        turn = (score.class_median - score.others_median) / 360.0
+        return _hue, turn, _hue, -turn, f"hue turned by {turn:.3f} of a turn"
+    ladder = LADDERS[prop]
+    up = score.class_median > score.others_median
+    (change, strengths, words), (_, mirrors, _) = (
+        (ladder.raise_, ladder.lower) if up else (ladder.lower, ladder.raise_)
+    )
+    mirror = (ladder.lower if up else ladder.raise_)[0]
+    gaps = [
+        abs(float(image_properties(change(sample, s))[prop].median()) - score.class_median) for s in strengths
+    ]
+    rung = int(np.argmin(gaps))
+    return (
+        change,
+        strengths[rung],
+        mirror,
+        mirrors[min(rung, len(mirrors) - 1)],
+        words.format(strengths[rung]),
+    )
+
+
+def property_transplant(
+    model: Classifier, recipients: torch.Tensor, cls: int, prop: str, score: PropertyScore, batch_size: int
+) -> Transplant:
+    """Recipients changed to the class's level of `prop`, against the mirror change: flips to `cls`."""
+    n = len(recipients)
+    if n == 0:
+        return evidence.NO_PAIRS
+    sample = evidence.as_unit(recipients[:batch_size])
+    change, strength, mirror, mirror_strength, words = _chosen(prop, score, sample)
+    device = next(model.parameters()).device
+    flips, controls = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            x = evidence.as_unit(recipients[i : i + batch_size])
+            flips[i : i + len(x)] = (model(change(x, strength).to(device)).argmax(1) == cls).cpu().numpy()
+            controls[i : i + len(x)] = (
+                (model(mirror(x, mirror_strength).to(device)).argmax(1) == cls).cpu().numpy()
+            )
+    return Transplant(
+        flip_rate=round(float(flips.mean()), 4),
+        control_flip_rate=round(float(controls.mean()), 4),
+        pairs=n,
+        where=words,
+        discordant=(int((flips & ~controls).sum()), int((~flips & controls).sum())),
+    )
+
+
+def with_property_transplants(
+    model: Classifier,
+    batch: evidence.Batch,
+    figures: dict[str, ClassFigures],
+    probe: PropertyProbe,
+    a: AuditParams,
+) -> dict[str, ClassFigures]:
+    """`figures` with each class's property transplants, for every property the probe flagged.
+
+    Recipients: up to `max_images_per_class` correctly classified images of the other classes, drawn
+    by a generator of their own so the other tests draw what they drew before.
+    """
+    if a.severity.property == "off":
+        return figures
+    rng = np.random.default_rng([a.seed, 3])
+    out = {}
+    for cls, (name, f) in enumerate(figures.items()):
+        others = np.flatnonzero((batch.labels != cls) & (batch.preds == batch.labels))
+        recipients = batch.x[evidence.subsample(others, a.max_images_per_class, rng)]
+        tests = {
+            prop: property_transplant(model, recipients, cls, prop, s, a.batch_size)
+            for prop, s in flagged(probe, a).get(name, {}).items()
+        }
+        out[name] = replace(f, transplant_properties=tests)
+    return out

@@ -1,7 +1,8 @@
 """How often the audit catches a planted shortcut, how often it cries wolf, and what batching buys.
 
-For each cue kind (and clean data) and each seed, this writes a planted copy of the digits or the
-lfw faces with `cnnops.data.planted`, runs the real prepare, train and audit stages on it, and counts:
+For each cell of a grid the flags select (source, cue, image size, model, prevalence, with leakage
+into other classes and a label confound) and each seed, this writes a planted copy with
+`cnnops.data.planted`, runs the real prepare, train and audit stages on it, and counts:
 
 - detection: the verdict is `fail` and the worst failure names the cued class ("named first"), or
   the cued class is among the failed classes ("among failed"; with two classes, removing a cue
@@ -9,8 +10,9 @@ lfw faces with `cnnops.data.planted`, runs the real prepare, train and audit sta
 - false alarm: the verdict is `fail` on clean data.
 
 A planted cue is not always a learned one: when the digit alone is easy, the model may ignore it.
-So each run also measures the ground truth the audit does not see: the planted cue itself drawn
-into other classes' test images, and the share then predicted as the cued class ("cue flips").
+So each run also measures the ground truth the audit does not see (`planted.cue_flip_rate`, through
+the PyTorch model): the planted cue itself drawn into other classes' test images, and the share
+then predicted as the cued class ("cue flips").
 A run counts as "learned" when that share reaches the audit's transplant threshold.
 
 On clean data it also reports the largest transplant flip rate minus control of any class: the
@@ -19,18 +21,24 @@ one-image-at-a-time loops: our own function on one image, and the grad-cam packa
 move the cue's position, size, intensity and class. Not a test: slow; its numbers go to docs/audit.md.
 
     .venv/bin/python benchmarks/audit_detection.py --seeds 5 --sources digits faces
+    .venv/bin/python benchmarks/audit_detection.py --seeds 3 --cues textline noise blur none \
+        --sizes 32 64 --fractions 0.6 0.9 --leakage 0.03 --throughput-images 0
+
+The audit's own time is printed per run ("audit s").
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import logging
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from contextlib import redirect_stderr
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,24 +50,49 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from cnnops.audit.contract import AuditReport
 from cnnops.audit.saliency import find_target_layer, saliency_fn
 from cnnops.config import parse_params
-from cnnops.data.planted import CUES, CueSpec, make_planted, plant
+from cnnops.data.example import PHOTOS
+from cnnops.data.planted import CUES, SOURCES, cue_flip_rate, make_planted
 from cnnops.data.splits import PreparedSplit
 from cnnops.models import load_classifier
 from cnnops.stages import audit, prepare, train
 
-CLASSES = {"digits": [str(d) for d in range(10)], "faces": ["face", "nonface"]}
+CLASSES = {
+    "digits": [str(d) for d in range(10)],
+    "faces": ["face", "nonface"],
+    "scenes": [str(d) for d in range(10)],
+    "photos": list(PHOTOS[:4]),
+    "tones": ["blue", "green", "red"],
+}
+RGB = ("scenes", "photos", "tones")
 
 
-def one_run(root: Path, source: str, cue: str, seed: int, per_class: int, epochs: int) -> dict:
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the grid: data, cue, its prevalence and leakage, image size and model."""
+
+    source: str
+    cue: str
+    size: int
+    model: str
+    fraction: float
+    leakage: float
+    confound: float
+
+
+def one_run(root: Path, cell: Cell, seed: int, per_class: int, epochs: int) -> dict:
     """Plant, prepare, train and audit; returns the verdict and whether it names the cued class."""
-    cls = CLASSES[source][seed % len(CLASSES[source])] if cue != "none" else None
-    spec = make_planted(root / "data", cue, cls, source=source, seed=seed, per_class=per_class or None)
+    cls = CLASSES[cell.source][seed % len(CLASSES[cell.source])] if cell.cue != "none" else None
+    spec = make_planted(
+        root / "data", cell.cue, cls, source=cell.source, seed=seed, image_size=cell.size,
+        per_class=per_class or None, fraction=cell.fraction, leakage=cell.leakage, confound=cell.confound,
+    )  # fmt: skip
     params = parse_params(
         {
             "base": {"seed": seed},
-            "data": {"color_mode": "L", "near_duplicate_distance": 0},
-            "prepare": {"image_size": [32, 32]},
+            "data": {"color_mode": "RGB" if cell.source in RGB else "L", "near_duplicate_distance": 0},
+            "prepare": {"image_size": [cell.size, cell.size]},
             "train": {
+                "model": cell.model,
                 "epochs": epochs,
                 "batch_size": 32,
                 "label_smoothing": 0.0,
@@ -78,20 +111,25 @@ def one_run(root: Path, source: str, cue: str, seed: int, per_class: int, epochs
     )  # fmt: skip
     train.run(params, tp)
     paths = audit.AuditPaths(
-        model=tp.model, prepared=root / "prepared", train_report=tp.report, validation=None, data=None,
-        report=root / "audit.json", gallery=root / "audit",
+        model=tp.model, prepared=root / "prepared", train_report=tp.report, validation=None,
+        data=root / "data", report=root / "audit.json", gallery=root / "audit",
     )  # fmt: skip
+    start = time.perf_counter()
     report = audit.run(params, paths).report
+    seconds = time.perf_counter() - start
     decision = report.decision
     worst = decision.failures[0] if decision.failures else None
+    model, _ = load_classifier(tp.model)
+    test = PreparedSplit.load(root / "prepared", "test")
     return {
-        "cue_flips": cue_flip_rate(tp.model, root / "prepared", spec) if cls else 0.0,
+        "cue_flips": cue_flip_rate(model, test, spec) if cls else 0.0,
         "spec": spec,
         "verdict": decision.verdict,
         "named": worst is not None and worst.class_name == cls,
         "among": cls in decision.failed_classes,
         "worst": worst.sentence if worst else "",
         "largest_excess": largest_excess(report),
+        "audit_seconds": seconds,
         "model": tp.model,
         "prepared": root / "prepared",
     }
@@ -100,21 +138,6 @@ def one_run(root: Path, source: str, cue: str, seed: int, per_class: int, epochs
 def largest_excess(report: AuditReport) -> float:
     """The largest transplant flip rate minus its control over every class: the margin to the threshold."""
     return max(t.excess for figures in report.classes.values() for _, _, t in figures.transplants())
-
-
-def cue_flip_rate(model_path: Path, prepared: Path, spec: CueSpec) -> float:
-    """Share of other classes' test images (correctly classified) that the planted cue flips to its class."""
-    model, _ = load_classifier(model_path)
-    test = PreparedSplit.load(prepared, "test")
-    cls = test.class_names.index(str(spec.cued_class))
-    others = test.images[test.labels != cls][:, 0].numpy()
-    rng = np.random.default_rng(0)
-    cued = np.stack([plant(im, spec.cue, spec.position, spec.size, spec.intensity, rng) for im in others])
-    with torch.no_grad():
-        before = model(torch.from_numpy(others)[:, None].float() / 255).argmax(1)
-        after = model(torch.from_numpy(cued)[:, None].float() / 255).argmax(1)
-    keep = before != cls
-    return float((after[keep] == cls).float().mean()) if keep.any() else 0.0
 
 
 PACKAGE_CAMS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM}
@@ -157,58 +180,73 @@ def throughput(
     return batched, single, package
 
 
-def _detection_runs(args: argparse.Namespace, base: Path) -> list[tuple[str, str, list[dict]]]:
-    """Every (source, cue) with its runs, one per seed, each printed as it ends (they take minutes)."""
+def _cells(args: argparse.Namespace) -> list[Cell]:
+    """The grid the flags select: every source x cue x size x model x prevalence (clean once)."""
+    cells = []
+    for source, cue, size, model in itertools.product(args.sources, args.cues, args.sizes, args.models):
+        if cue in ("patch", "hue") and source not in RGB:
+            continue  # colour cues need colour
+        for fraction in args.fractions if cue != "none" else [1.0]:
+            cells.append(Cell(source, cue, size, model, fraction, args.leakage, args.confound))
+    return cells
+
+
+def _detection_runs(args: argparse.Namespace, base: Path) -> list[tuple[Cell, list[dict]]]:
+    """Every cell with its runs, one per seed, each printed as it ends (they take minutes)."""
     threshold = parse_params({}).audit.transplant_flip_threshold
     rows = []
-    for source in args.sources:
-        for cue in args.cues:
-            runs = []
-            for seed in range(args.seeds):
-                per_class = args.per_class if source == "digits" else 0
-                epochs = 4 if source == "digits" else 25
-                r = one_run(base / f"{source}-{cue}-{seed}", source, cue, seed, per_class, epochs)
-                r["learned"] = r["cue_flips"] >= threshold
-                runs.append(r)
-                s = r["spec"]
-                print(
-                    f"  {source} {cue} seed {seed} class {s.cued_class} {s.position} size {s.size} "
-                    f"intensity {s.intensity}: cue flips {r['cue_flips']:.2f}, {r['verdict']} "
-                    f"{r['worst'][:100]}",
-                    flush=True,
-                )
-            rows.append((source, cue, runs))
+    for n, cell in enumerate(_cells(args)):
+        runs = []
+        for seed in range(args.seeds):
+            per_class = args.per_class if cell.source in ("digits", "scenes") else 0
+            epochs = args.epochs or (25 if cell.source == "faces" else 4 if cell.source == "digits" else 8)
+            r = one_run(base / f"{n}-{seed}", cell, seed, per_class, epochs)
+            r["learned"] = r["cue_flips"] >= threshold
+            runs.append(r)
+            s = r["spec"]
+            print(
+                f"  {cell} seed {seed} class {s.cued_class} {s.position} size {s.size} intensity "
+                f"{s.intensity}: cue flips {r['cue_flips']:.2f}, {r['verdict']} "
+                f"in {r['audit_seconds']:.0f} s "
+                f"{r['worst'][:100]}",
+                flush=True,
+            )
+        rows.append((cell, runs))
     return rows
 
 
-def _detection_table(rows: list[tuple[str, str, list[dict]]]) -> list[dict]:
+def _detection_table(rows: list[tuple[Cell, list[dict]]]) -> list[dict]:
     """Print the detection table; its figures as JSON rows."""
     print(
-        "\n| data | cue | runs | model learned the cue | caught, named first | caught, among failed "
-        "| `fail` on a cue the model ignores / on clean data |"
+        "\n| data | cue | px | model | prevalence | runs | model learned the cue | caught, named first "
+        "| caught, among failed | `fail` on a cue the model ignores / on clean data | audit s (median) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     figures = []
-    for source, cue, runs in rows:
+    for c, runs in rows:
         fails = [r["verdict"] == "fail" for r in runs]
-        if cue == "none":
+        seconds = float(np.median([r["audit_seconds"] for r in runs]))
+        head = f"| {c.source} | {c.cue if c.cue != 'none' else 'none (clean)'} | {c.size} | {c.model}"
+        if c.cue == "none":
             margin = f"largest flip − control {max(r['largest_excess'] for r in runs):.2f}"
-            print(f"| {source} | none (clean) | {len(runs)} | | | | {sum(fails)}/{len(runs)} ({margin}) |")
+            print(f"{head} | | {len(runs)} | | | | {sum(fails)}/{len(runs)} ({margin}) | {seconds:.0f} |")
             figures.append(
-                row("audit_detection", f"false alarms, clean {source}", f"{sum(fails)}/{len(runs)}", margin)
-            )
+                row("audit_detection", f"false alarms, clean {c.source} {c.size}px {c.model}",
+                    f"{sum(fails)}/{len(runs)}", margin)
+            )  # fmt: skip
             continue
         learned = [r for r in runs if r["learned"]]
         first = sum(r["verdict"] == "fail" and r["named"] for r in learned)
         among = sum(r["verdict"] == "fail" and r["among"] for r in learned)
         ignored = sum(r["verdict"] == "fail" for r in runs if not r["learned"])
         print(
-            f"| {source} | {cue} | {len(runs)} | {len(learned)} | {first}/{len(learned)} "
-            f"| {among}/{len(learned)} | {ignored}/{len(runs) - len(learned)} |"
+            f"{head} | {c.fraction:g} | {len(runs)} | {len(learned)} | {first}/{len(learned)} "
+            f"| {among}/{len(learned)} | {ignored}/{len(runs) - len(learned)} | {seconds:.0f} |"
         )
         figures.append(
             row(
-                "audit_detection", f"{cue} cue caught and named first, {source}", f"{first}/{len(learned)}",
+                "audit_detection", f"{c.cue} cue caught and named first, {c.source} {c.size}px {c.model} "
+                f"prevalence {c.fraction:g}", f"{first}/{len(learned)}",
                 f"{len(learned)} of {len(runs)} models learned the cue",
             )
         )  # fmt: skip
@@ -248,13 +286,27 @@ def _throughput_table(model: Path, prepared: Path, n: int, threads: int) -> list
 
 
 def main() -> None:
-    """Detection and false alarms over every source, cue and seed, then saliency throughput."""
+    """Detection and false alarms over the selected grid and seeds, then saliency throughput."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--sources", nargs="+", default=["digits", "faces"], choices=sorted(CLASSES))
-    parser.add_argument("--per-class", type=int, default=60, help="digits per class (faces: all 200)")
+    parser.add_argument("--sources", nargs="+", default=["digits", "faces"], choices=SOURCES)
+    parser.add_argument(
+        "--per-class", type=int, default=60, help="digits and scenes per class (faces: all 200)"
+    )
     parser.add_argument("--cues", nargs="+", default=list(CUES), choices=CUES)
-    parser.add_argument("--throughput-images", type=int, default=256)
+    parser.add_argument("--sizes", nargs="+", type=int, default=[32], help="image sides, e.g. 32 64 224")
+    parser.add_argument("--models", nargs="+", default=["convnet"], help="train.model values, e.g. resnet18")
+    parser.add_argument(
+        "--fractions", nargs="+", type=float, default=[0.9], help="prevalences, e.g. 0.3 0.6 0.9"
+    )
+    parser.add_argument(
+        "--leakage", type=float, default=0.0, help="share of other classes' images with the cue"
+    )
+    parser.add_argument(
+        "--confound", type=float, default=0.0, help="share of the cued class showing another's object"
+    )
+    parser.add_argument("--epochs", type=int, default=0, help="0: 4 on digits, 25 on faces, 8 on RGB sets")
+    parser.add_argument("--throughput-images", type=int, default=256, help="0 skips the throughput table")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     add_json_argument(parser)
     args = parser.parse_args()
@@ -262,9 +314,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = Path(tempfile.mkdtemp(prefix="audit-bench-"))  # one folder per run: MLflow caches each store
     rows = _detection_runs(args, base)
-    first = rows[0][2][0]
+    first = rows[0][1][0]
     figures = _detection_table(rows)
-    figures += _throughput_table(first["model"], first["prepared"], args.throughput_images, args.threads)
+    if args.throughput_images:
+        figures += _throughput_table(first["model"], first["prepared"], args.throughput_images, args.threads)
     write_json(args.json, figures)
     shutil.rmtree(base)
 

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from cnnops.data.example import PHOTOS, digit_images, photograph
+from cnnops.data.splits import PreparedSplit
 from cnnops.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -513,3 +515,23 @@ def _handle(args, params) -> int:  # type: ignore[no-untyped-def]
     )
     print(json.dumps(asdict(spec), indent=2))
     return 0
+
+
+def cue_flip_rate(model: torch.nn.Module, test: PreparedSplit, spec: CueSpec) -> float:
+    """The ground truth the audit never sees: the share of other classes' test images, correctly
+    classified, that the planted cue itself (drawn in as `make_planted` does) turns into the cued
+    class. Whether the model learned the cue; the detection benchmark and the proof tests read it."""
+    cls = test.class_names.index(str(spec.cued_class))
+    others = test.labels != cls
+    nhwc = test.images[others].permute(0, 2, 3, 1).numpy()
+    images = nhwc[..., 0] if nhwc.shape[-1] == 1 else nhwc
+    rng = np.random.default_rng(0)
+    cued = np.stack([plant(im, spec.cue, spec.position, spec.size, spec.intensity, rng) for im in images])
+
+    def predict(a: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(a.reshape(nhwc.shape))).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            return torch.cat([model(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)])
+
+    keep = predict(images) == test.labels[others]
+    return float((predict(cued)[keep] == cls).float().mean()) if keep.any() else 0.0

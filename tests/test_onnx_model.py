@@ -186,3 +186,25 @@ def test_graph_onnx_runtime_cannot_load_is_refused(tmp_path: Path) -> None:
     read_metadata(path)  # the declared inputs and outputs agree with the metadata
     with pytest.raises(StageInputError, match=r"odd\.onnx: ONNX Runtime cannot load it \(.*NoSuchOp"):
         open_session(path)
+
+
+def test_the_calibration_temperature_is_inside_the_graph_and_in_its_metadata(
+    tmp_path: Path, good_model
+) -> None:
+    """Probabilities come out divided by the temperature; the argmax and the metadata say so."""
+    meta = replace(metadata_for(good_model, "probabilities"), temperature=2.5)
+    path = tmp_path / "tempered.onnx"
+    export_classifier(good_model, path, opset=18, metadata=meta)
+    images = synthetic_split((4, 4, 4)).floats()
+    outputs = infer(open_session(path), images.numpy(), 12)
+    with torch.inference_mode():
+        logits = good_model(images)
+    np.testing.assert_allclose(outputs, torch.softmax(logits / 2.5, 1).numpy(), atol=1e-6)
+    assert (outputs.argmax(1) == logits.argmax(1).numpy()).all()
+    assert read_metadata(path).temperature == 2.5
+    assert read_metadata(export(good_model, tmp_path)).temperature == 1.0
+    for bad in ("0", "-1", "nan", "inf", "warm"):
+        with pytest.raises(
+            StageInputError, match=r"metadata_props temperature is .*expected a number in \(0, 1000\]"
+        ):
+            read_metadata(hand_built_onnx(tmp_path / f"t{bad}.onnx", {"temperature": bad}))

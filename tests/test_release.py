@@ -206,8 +206,9 @@ def test_export_then_release_the_model_train_made(
     t = trained_digits
     onnx_path = tmp_path / "model.onnx"
     export_paths = export.ExportPaths(
-        t.model, t.prepared, t.train_report, onnx_path, tmp_path / "compressed", tmp_path / "export.json"
-    )
+        t.model, t.prepared, t.train_report, onnx_path, tmp_path / "compressed", tmp_path / "export.json",
+        t.metrics,
+    )  # fmt: skip
     export_params = stage_params(
         t.tracking, export=ExportParams.from_defaults(latency_runs=5, throughput_batch=16)
     )
@@ -225,4 +226,7 @@ def test_export_then_release_the_model_train_made(
     ).report
     assert result["promoted"] and result["run_id"] == t.run_id
     assert result["score"] == pytest.approx(evaluated["accuracy"])
-    assert read_metadata(onnx_path).class_names == [str(d) for d in range(10)]
+    meta = read_metadata(onnx_path)
+    assert meta.class_names == [str(d) for d in range(10)]
+    temperature = evaluated["calibration"]["temperature"]  # fitted by evaluate, divided in by the graph
+    assert meta.temperature == temperature == exported_report["temperature"] and temperature != 1.0

@@ -2,8 +2,9 @@
 
 An exported model is self-describing: its input is float32 NCHW in [0, 1] with a dynamic batch axis,
 normalisation is inside the graph, and metadata_props say how to feed it (`input_size`,
-`color_mode`), how to read it (`class_names`, `output`) and where it came from (MLflow run, git
-commit, data version). `predict` and `release` need nothing but the file.
+`color_mode`), how to read it (`class_names`, `output`, the calibration `temperature` its logits
+were divided by inside the graph) and where it came from (MLflow run, git commit, data
+version). `predict` and `release` need nothing but the file.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 OutputKind = Literal["logits", "probabilities"]
 MAX_CLASS_NAME = 255  # characters: the longest folder name a filesystem allows
+MAX_TEMPERATURE = 1000.0  # calibration.TEMPERATURE_RANGE lies well inside (0, this]
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class OnnxMetadata:
     # (H, W) a picture is resized to (covering, aspect kept) and centre-cropped at before the centre
     # crop to input_size: the prepared size of the images it trained on; equal to input_size by default
     resize_size: tuple[int, int] | None = None
+    # the graph divides the logits by this before its output (temperature scaling fitted by
+    # `cnnops evaluate` on the validation split): probabilities are calibrated, the argmax unchanged
+    temperature: float = 1.0
 
     @property
     def prepared_size(self) -> tuple[int, int]:
@@ -58,12 +63,13 @@ class OnnxMetadata:
     def to_props(self) -> dict[str, str]:
         props = asdict(self)
         props["resize_size"] = props["resize_size"] or props["input_size"]
+        props["temperature"] = repr(float(self.temperature))  # repr round-trips the float exactly
         return {k: v if isinstance(v, str) else json.dumps(list(v)) for k, v in props.items()}
 
     @classmethod
     def from_props(cls, props: dict[str, str], source: str) -> OnnxMetadata:
         """The metadata of a file, every value checked: a foreign or edited file is refused by key."""
-        optional = ("compression", "resize_size")  # absent from files of older cnnops versions
+        optional = ("compression", "resize_size", "temperature")  # absent from older cnnops files
         missing = [name for name in cls.__dataclass_fields__ if name not in props and name not in optional]
         if missing:
             raise StageInputError(
@@ -81,6 +87,7 @@ class OnnxMetadata:
             data_version=props["data_version"],
             compression=props.get("compression", "none"),
             resize_size=_resize_size(props, source),
+            temperature=_temperature(props, source),
         )
         if meta.color_mode not in CHANNELS or meta.output not in ("logits", "probabilities"):
             raise StageInputError(
@@ -126,6 +133,18 @@ def _resize_size(props: dict[str, str], source: str) -> tuple[int, int] | None:
     if size[0] < crop[0] or size[1] < crop[1]:
         raise _refused(source, "resize_size", list(size), f"at least input_size {list(crop)}")
     return None if size == crop else size  # no crop: the file reads as it was written
+
+
+def _temperature(props: dict[str, str], source: str) -> float:
+    """The calibration temperature: a finite float in (0, MAX_TEMPERATURE]; 1 in older files."""
+    text = props.get("temperature", "1.0")
+    try:
+        value = float(text[:40])
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= MAX_TEMPERATURE:  # `not` also refuses NaN
+        raise _refused(source, "temperature", text, f"a number in (0, {MAX_TEMPERATURE:g}]")
+    return value
 
 
 def _class_names(value: object, source: str) -> list[str]:
@@ -209,14 +228,29 @@ def load_proto(path: str | Path) -> onnx.ModelProto:
         ) from None
 
 
-def with_output(model: nn.Module, output: OutputKind) -> nn.Module:
-    """The module whose outputs the graph holds: the Classifier, or the Classifier followed by softmax."""
-    return model if output == "logits" else nn.Sequential(model, nn.Softmax(dim=1))
+class Tempered(nn.Module):
+    """Logits divided by a fixed temperature: temperature scaling as one node of the graph."""
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.temperature = float(temperature)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits / self.temperature
+
+
+def with_output(model: nn.Module, output: OutputKind, temperature: float = 1.0) -> nn.Module:
+    """The module whose outputs the graph holds: the Classifier (its logits divided by
+    `temperature` unless it is 1), followed by softmax for probabilities."""
+    parts = [model] if temperature == 1.0 else [model, Tempered(temperature)]
+    if output == "probabilities":
+        parts.append(nn.Softmax(dim=1))
+    return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
 
 
 def export_classifier(model: nn.Module, path: str | Path, *, opset: int, metadata: OnnxMetadata) -> None:
     """Export `model` (a Classifier in eval mode) to a single checked ONNX file with a dynamic batch axis."""
-    graph = with_output(model, metadata.output).eval()
+    graph = with_output(model, metadata.output, metadata.temperature).eval()
     # A batch of 2: torch.export specialises a size-1 dimension to the constant 1.
     example = torch.zeros(2, metadata.channels, *metadata.input_size)
     try:

@@ -9,6 +9,7 @@ MLflow run.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 from collections.abc import Callable
@@ -25,9 +26,11 @@ from cnnops import atomic
 from cnnops.config import ExportParams, Params, TrackingParams
 from cnnops.data.digest import file_sha256
 from cnnops.data.splits import PreparedSplit, load_split_for
+from cnnops.errors import StageInputError
 from cnnops.export.compression import compress
 from cnnops.export.latency import compare
 from cnnops.export.onnx_model import (
+    MAX_TEMPERATURE,
     OnnxMetadata,
     available_providers,
     check_parity,
@@ -56,6 +59,10 @@ class ExportPaths:
     out: Path = path_arg("models/model.onnx", "ONNX file")
     compressed_dir: Path = path_arg("models/compressed", "folder of the INT8 or FP16 copy")
     report: Path = path_arg("reports/export.json", "JSON report")
+    # dvc.yaml gives it; without it the graph is uncalibrated (temperature 1), as the report says
+    metrics: Path | None = path_arg(
+        None, "evaluate's metrics JSON: its calibration temperature is divided into the graph's logits"
+    )
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,7 @@ def run(params: Params, paths: ExportPaths = ExportPaths()) -> ExportResult:
     e = params.export
     model, run_id = runs.load_run_model(paths.checkpoint, paths.train_report)
     test = load_split_for(model.spec, paths.prepared, paths.checkpoint)
+    temperature = _temperature(paths.metrics)
     metadata = OnnxMetadata(
         class_names=list(model.spec.class_names),
         input_size=model.spec.image_size,
@@ -79,13 +87,15 @@ def run(params: Params, paths: ExportPaths = ExportPaths()) -> ExportResult:
         mlflow_run_id=run_id,
         **lineage().as_tags(),
         resize_size=model.spec.stored_size,
+        temperature=temperature,
     )
     labels, batch, size = test.labels.numpy(), e.throughput_batch, model.spec.image_size
     paths.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=paths.out.parent, prefix=".export-") as tmp:
         staged = Path(tmp) / paths.out.name
         export_classifier(model, staged, opset=e.opset, metadata=metadata)
-        reference = _outputs(_torch_fn(with_output(model, e.output)), test, batch, size)
+        graph = with_output(model, e.output, temperature)
+        reference = _outputs(_torch_fn(graph), test, batch, size)
         onnx_out = _outputs(_onnx_fn(open_session(staged), batch), test, batch, size)
         result: dict[str, Any] = {
             "run_id": run_id,
@@ -95,7 +105,8 @@ def run(params: Params, paths: ExportPaths = ExportPaths()) -> ExportResult:
             "size_mb": staged.stat().st_size / 2**20,
             "parity": check_parity(reference, onnx_out, e.parity_atol, staged.name, e.output),
             "accuracy": {"pytorch": _accuracy(reference, labels), "onnx": _accuracy(onnx_out, labels)},
-            "latency": _latency(e, with_output(model, e.output), staged, test.floats(slice(0, 1), size)[0]),
+            "temperature": temperature,
+            "latency": _latency(e, graph, staged, test.floats(slice(0, 1), size)[0]),
             "compression": _compress(e, staged, test, onnx_out, size),
             "lineage": {"git_commit": metadata.git_commit, "data_version": metadata.data_version},
         }
@@ -107,6 +118,26 @@ def run(params: Params, paths: ExportPaths = ExportPaths()) -> ExportResult:
     atomic.write_json(paths.report, result)
     _log_to_mlflow(params.tracking, run_id, result, paths.out, paths.report)
     return ExportResult(run_id, result)
+
+
+def _temperature(metrics: Path | None) -> float:
+    """The calibration temperature evaluate fitted for this run (1: no metrics file given)."""
+    if metrics is None:
+        log.warning("export: no --metrics given, so the graph is not calibrated (temperature 1)")
+        return 1.0
+    try:
+        calibration = json.loads(metrics.read_text())["calibration"]
+        temperature = calibration["temperature"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise StageInputError(
+            f"{metrics}: no calibration.temperature in it; run `cnnops evaluate` (or `dvc repro evaluate`)"
+        ) from None
+    if not isinstance(temperature, float) or not 0.0 < temperature <= MAX_TEMPERATURE:
+        raise StageInputError(
+            f"{metrics}: calibration.temperature is {str(temperature)[:40]}, expected a number in "
+            f"(0, {MAX_TEMPERATURE:g}]; re-run `cnnops evaluate`"
+        )
+    return temperature
 
 
 def _latency(e: ExportParams, model: nn.Module, onnx_path: Path, image: torch.Tensor) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from cnnops.training.engine import (
     train_one_epoch,
 )
 from cnnops.training.optim import build_optimizer, build_scheduler
+from cnnops.training.metrics import class_weights, selection_score
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,10 @@ def _build(
             optimizer, warmup_steps=t.warmup_epochs * steps, total_steps=t.epochs * steps
         ),
         scaler=torch.amp.GradScaler(dist.device.type, enabled=settings.amp_dtype == torch.float16),
-        criterion=nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
+        criterion=nn.CrossEntropyLoss(
+            weight=class_weights(t.class_weighting, train_split.labels, spec.num_classes, dist.device),
+            label_smoothing=t.label_smoothing,
+        ),
         mix=get_mixup_cutmix(
             mixup_alpha=t.augment.mixup_alpha,
             cutmix_alpha=t.augment.cutmix_alpha,
@@ -322,7 +326,7 @@ def _train(params: Params, paths: TrainPaths, dist: distributed.Dist) -> TrainRe
             started = time.perf_counter()
             train_stats = _train_epoch(params, parts, net, epoch, dist)
             if dist.is_main:
-                _end_epoch(parts, train_stats, epoch, progress, best)
+                _end_epoch(parts, train_stats, epoch, progress, best, t.select_by)
                 progress.seconds += time.perf_counter() - started
                 state = {
                     **progress.state(),
@@ -368,12 +372,14 @@ def _train_epoch(
 
 
 def _end_epoch(
-    parts: _Parts, train_stats: EpochStats, epoch: int, progress: _Progress, best: BestEpoch
+    parts: _Parts, train_stats: EpochStats, epoch: int, progress: _Progress, best: BestEpoch, select_by: str
 ) -> None:
-    """Validate, append the epoch's row to the history, keep the weights when it is the best so far."""
+    """Validate, append the epoch's row to the history, keep the weights when it is the best so far
+    by `train.select_by` (BestEpoch's val_accuracy holds that score; lower val loss breaks ties)."""
     if parts.bn_loader is not None:
         recalibrate_batchnorm(parts.model, parts.bn_loader, parts.settings)
-    val = evaluate_epoch(parts.model, parts.val_loader, parts.settings).stats
+    output = evaluate_epoch(parts.model, parts.val_loader, parts.settings)
+    val = output.stats
     progress.history.append(
         {
             "epoch": epoch + 1,
@@ -384,7 +390,7 @@ def _end_epoch(
             "lr": parts.optimizer.param_groups[-1]["lr"],
         }
     )
-    if best.update(epoch + 1, val.accuracy, val.loss):
+    if best.update(epoch + 1, selection_score(select_by, output.logits, output.labels), val.loss):
         progress.best_state = {k: v.detach().cpu().clone() for k, v in parts.model.state_dict().items()}
     progress.epoch = epoch + 1
 
@@ -445,7 +451,8 @@ def _finish(
         writer.writerows(history)
     plots.training_curves(history, paths.curves)
     figures = {
-        "best_val_accuracy": best.val_accuracy,
+        "best_val_accuracy": history[best.epoch - 1]["val_accuracy"] if best.epoch else best.val_accuracy,
+        f"best_{params.train.select_by}": best.val_accuracy,  # the score the best epoch was chosen by
         "best_val_loss": best.val_loss,
         "best_epoch": best.epoch,
         "epochs_run": len(history),

@@ -225,3 +225,26 @@ def _resampled_metrics(
             aurocs.append(np.where((count > 0) & (count < n), u / (count * (n - count)), np.nan))
         auroc = np.nanmean(np.stack(aurocs), 0) if aurocs else np.full(b, np.nan)
     return np.stack([hits.sum(1) / n, np.nanmean(recall, 1), f1.mean(1), auroc])
+
+
+def selection_score(select_by: str, logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The validation figure `train.select_by` names (val_accuracy, val_balanced_accuracy, val_macro_f1)."""
+    y_true, y_pred = labels.numpy(), logits.argmax(1).numpy()
+    if select_by == "val_balanced_accuracy":
+        return float(skm.balanced_accuracy_score(y_true, y_pred))
+    if select_by == "val_macro_f1":
+        return float(skm.f1_score(y_true, y_pred, average="macro", zero_division=0))
+    return float(skm.accuracy_score(y_true, y_pred))
+
+
+def class_weights(
+    weighting: str, labels: torch.Tensor, num_classes: int, device: torch.device
+) -> torch.Tensor | None:
+    """Cross-entropy class weights for `train.class_weighting`: None (every image counts alike) or
+    inverse frequency, n / (classes x count), sklearn's "balanced" weights; a class with no training
+    image gets 0 (it never appears in the loss anyway)."""
+    if weighting == "none":
+        return None
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    weights = torch.where(counts > 0, len(labels) / (num_classes * counts.clamp(min=1)), 0.0)
+    return weights.float().to(device)

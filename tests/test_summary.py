@@ -6,13 +6,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import mlflow
 import pytest
+import torch
+from fixtures_model import digits_train_params, one_thread
 
 from cnnops.cli import main
 from cnnops.config import load_params
 from cnnops.errors import StageInputError
 from cnnops.models import create_classifier, default_spec
 from cnnops.stages import summary as command
+from cnnops.stages import train
+from cnnops.training import features
 from cnnops.training.summary import Budget, ModelSummary, fit_batch, summarize, training_memory
 
 DIGITS = [str(d) for d in range(10)]
@@ -172,3 +177,45 @@ def test_bad_input_is_a_clear_error(
     assert main(["summary", "--prepared", str(tmp_path), *classes, *argv]) == 1
     err = capsys.readouterr().err
     assert err.startswith("cnnops summary: error: ") and message in err and "Traceback" not in err
+
+
+def test_train_picks_auto_batch_and_records_summary_and_features(
+    tmp_path: Path, prepared_digits: Path, digits_params, caplog: pytest.LogCaptureFixture
+) -> None:
+    params = digits_train_params(tmp_path, digits_params, epochs=1, batch_size="auto", auto_batch_max=16)
+    paths = train.TrainPaths(
+        prepared=prepared_digits,
+        model=tmp_path / "model.pt",
+        report=tmp_path / "reports" / "train.json",
+        history=tmp_path / "h.csv",
+        curves=tmp_path / "h.png",
+        state=tmp_path / "state.pt",
+    )
+    with caplog.at_level(logging.INFO), one_thread():
+        result = train.run(params, paths)
+    assert "train.batch_size auto: 16 (convnet at 32x32 px, fp32, adamw; estimated peak" in caplog.text
+    table = (tmp_path / "reports" / "model_summary.md").read_text()
+    assert "| parameters (trainable) | 151,914 (151,914) |" in table and "batch 16, fp32" in table
+    c = mlflow.MlflowClient(tracking_uri=params.tracking.resolved_uri)
+    run = c.get_run(result.run_id)
+    assert run.data.metrics["train_batch_size"] == 16 and run.data.metrics["model_params"] == 151_914
+    logged = {a.path for folder in ("train", "features") for a in c.list_artifacts(result.run_id, folder)}
+    assert {
+        "train/model_summary.md",
+        "features/first_conv_filters.png",
+        "features/feature_maps.png",
+    } <= logged
+
+
+def test_feature_pictures_show_the_first_filters_and_three_depths() -> None:
+    model = create_classifier(default_spec("resnet18", DIGITS, "L", (32, 32)))
+    found = features.pictures(model, torch.rand(2, 1, 32, 32))
+    assert found.layers == ("net.conv1", "net.layer2.1.conv2", "net.layer4.1.conv2")
+    assert found.filters.size == (3 * (8 * 8 + 1),) * 2  # 64 7x7 filters, 8 a row, 1-px gaps, 3x
+    assert found.maps.height > found.maps.width / 4  # two image rows
+    assert (
+        features.pictures(
+            create_classifier(default_spec("mlp", DIGITS, "L", (16, 16))), torch.rand(1, 1, 16, 16)
+        )
+        is None
+    )

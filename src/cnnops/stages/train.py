@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -33,7 +34,7 @@ from cnnops.models import Classifier, ModelSpec, create_classifier, default_spec
 from cnnops.progress import progress_bar
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
-from cnnops.training import distributed, plots, resume
+from cnnops.training import distributed, features, plots, resume
 from cnnops.training import summary as table
 from cnnops.training.engine import (
     BatchTransform,
@@ -44,8 +45,8 @@ from cnnops.training.engine import (
     recalibrate_batchnorm,
     train_one_epoch,
 )
-from cnnops.training.optim import build_optimizer, build_scheduler
 from cnnops.training.metrics import class_weights, selection_score
+from cnnops.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 # averages keep 0.9**100 (3e-5) of their initial values; after 27 they kept 6%, and a ResNet-18's
 # validation accuracy was 0.40 against 0.89 recalibrated (tests/test_train.py)
 PRECISE_BN_AUTO_STEPS = 100
+FEATURE_IMAGES = 3  # validation images whose feature maps the run shows
 HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 
 
@@ -345,6 +347,7 @@ def _train(params: Params, paths: TrainPaths, dist: distributed.Dist) -> TrainRe
             return TrainResult(None, {}, [])
         bn_images = len(parts.bn_loader.dataset) if parts.bn_loader is not None else 0
         report = _finish(params, model, progress, best, paths, bn_images)
+        _log_features(model, parts.val_loader.dataset.split)
     resume.clear(paths.state)
     return TrainResult(progress.run_id, report, progress.history)
 
@@ -419,6 +422,15 @@ def _log_summary(parts: _Parts, path: Path) -> None:
     atomic.write_text(path, table.render(parts.summary, parts.memory))
     runs.log_files([path], "train")
     runs.log_metrics(table.totals(parts.summary, parts.memory))
+
+
+def _log_features(model: Classifier, val: PreparedSplit) -> None:
+    """The best model's first-layer filters and a few validation images' feature maps, into the run."""
+    images = val.floats(list(range(min(FEATURE_IMAGES, len(val)))), model.spec.image_size)
+    found = features.pictures(model, images)
+    if found is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            runs.log_files(features.save(found, Path(tmp)), "features")
 
 
 def _log_missed_epochs(progress: _Progress) -> None:

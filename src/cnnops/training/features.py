@@ -97,9 +97,8 @@ def _filter_grid(weight: torch.Tensor) -> Image.Image:
     """Filters (O x I x kh x kw) as a grid, each scaled to its own range: RGB when they read three
     channels, grey otherwise (their mean over the input channels)."""
     tiles = weight if weight.shape[1] == 3 else weight.mean(1, keepdim=True)
-    grid = make_grid(
-        tiles, nrow=math.ceil(math.sqrt(len(tiles))), normalize=True, scale_each=True, pad_value=1
-    )
+    side = math.ceil(math.sqrt(len(tiles)))
+    grid = make_grid(tiles, nrow=side, padding=1, normalize=True, scale_each=True, pad_value=1)
     picture = _pil(grid)
     scale = max(1, FILTER_SIDE // max(weight.shape[-2:]))
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)

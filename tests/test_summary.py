@@ -4,6 +4,7 @@ worked out by hand, and the largest batch that fits a given amount of free memor
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -11,6 +12,7 @@ import pytest
 import torch
 from fixtures_model import digits_train_params, one_thread
 
+from cnnops.audit import gallery
 from cnnops.cli import main
 from cnnops.config import load_params
 from cnnops.errors import StageInputError
@@ -219,3 +221,11 @@ def test_feature_pictures_show_the_first_filters_and_three_depths() -> None:
         )
         is None
     )
+
+
+def test_audit_gallery_section_embeds_both_pictures_with_escaped_layer_names() -> None:
+    model = create_classifier(default_spec("convnet", DIGITS, "L", (32, 32)))
+    found = features.pictures(model, torch.rand(2, 1, 32, 32))
+    section = "".join(gallery._features_section(replace(found, layers=("<b>net.x</b>",))))
+    assert section.count("src='data:image/png;base64,") == 2 and "&lt;b&gt;net.x&lt;/b&gt;" in section
+    assert gallery._features_section(None) == []

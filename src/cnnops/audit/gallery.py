@@ -23,6 +23,7 @@ from PIL import Image
 
 from cnnops.audit.contract import AuditReport, ClassFigures, Finding, TransplantKind
 from cnnops.audit.regions import OUTER_BAND
+from cnnops.training.features import MAP_CHANNELS, FeaturePictures
 
 OVERLAY_SIDE = 128  # overlays are enlarged to about this many pixels a side so a person sees a small cue
 
@@ -152,12 +153,28 @@ def _section(
     return parts
 
 
+def _features_section(found: FeaturePictures | None) -> list[str]:
+    """What the layers see: the first convolution's filters and a few test images' feature maps."""
+    if found is None:
+        return []
+    layers = ", ".join(f"<code>{html.escape(name)}</code>" for name in found.layers)
+    return [
+        "<section><h2>What the layers see</h2>",
+        f"<p>The first convolution's filters, then for a few test images the {MAP_CHANNELS} most active "
+        f"channels of {layers}: early layers answer edges and textures, later ones parts and objects.</p>",
+        f"<p><img alt='first convolution filters' src='data:image/png;base64,{_png(found.filters)}'></p>",
+        f"<p><img alt='feature maps' src='data:image/png;base64,{_png(found.maps)}'></p></section>",
+    ]
+
+
 def render(
     path: str | Path,
     report: AuditReport,
     images: Shown,
+    features: FeaturePictures | None = None,
 ) -> None:
-    """Write the gallery. `images[class]` = (file name, caption, overlay) in display order."""
+    """Write the gallery. `images[class]` = (file name, caption, overlay) in display order;
+    `features`: the filters and feature maps section (none without)."""
     d = report.decision
     e = html.escape
     parts = [
@@ -173,6 +190,7 @@ def render(
     for name in sorted(report.classes, key=lambda c: (c not in failed, c)):
         status = "fail" if name in failed else "pass"
         parts += _section(name, report.classes[name], status, images.get(name, []))
+    parts += _features_section(features)
     parts.append("</body></html>")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from cnnops.data.splits import PreparedSplit, load_split_for
 from cnnops.models import Classifier
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
+from cnnops.training import features
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def run(params: Params, paths: AuditPaths = AuditPaths()) -> AuditResult:
         model, test, train, manifest, a, paths.data, max_pixels=params.data.max_image_pixels
     )
     document = to_json(report)
-    written = _write(paths, report, document, shown)
+    written = _write(paths, report, document, shown, features.split_pictures(model, test))
     metrics = _track(params, run_id, report, document, paths)
     for finding in report.decision.failures:
         log.warning("audit: %s", finding.sentence)
@@ -286,7 +287,11 @@ def _gallery_images(looked: _Looked, names: list[str], a: AuditParams) -> galler
 
 
 def _write(
-    paths: AuditPaths, report: AuditReport, document: dict[str, Any], shown: gallery.Shown
+    paths: AuditPaths,
+    report: AuditReport,
+    document: dict[str, Any],
+    shown: gallery.Shown,
+    found: features.FeaturePictures | None,
 ) -> tuple[Path, ...]:
     """The gallery and its overlays, each saved as a file too so the run's artifacts hold them (stale
     ones removed first), then the report, replaced in one step so a reader never sees half of it.
@@ -299,7 +304,7 @@ def _write(
         for k, (_, _, picture) in enumerate(pictures):
             picture.save(overlays / f"c{cls:03d}_{k:02d}.png")
     page = paths.gallery / "index.html"
-    gallery.render(page, report, shown)
+    gallery.render(page, report, shown, found)
     paths.report.parent.mkdir(parents=True, exist_ok=True)
     tmp = paths.report.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(document, indent=1) + "\n")

@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 # averages keep 0.9**100 (3e-5) of their initial values; after 27 they kept 6%, and a ResNet-18's
 # validation accuracy was 0.40 against 0.89 recalibrated (tests/test_train.py)
 PRECISE_BN_AUTO_STEPS = 100
-FEATURE_IMAGES = 3  # validation images whose feature maps the run shows
 HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 
 
@@ -426,8 +425,7 @@ def _log_summary(parts: _Parts, path: Path) -> None:
 
 def _log_features(model: Classifier, val: PreparedSplit) -> None:
     """The best model's first-layer filters and a few validation images' feature maps, into the run."""
-    images = val.floats(list(range(min(FEATURE_IMAGES, len(val)))), model.spec.image_size)
-    found = features.pictures(model, images)
+    found = features.split_pictures(model, val)
     if found is not None:
         with tempfile.TemporaryDirectory() as tmp:
             runs.log_files(features.save(found, Path(tmp)), "features")

@@ -25,6 +25,7 @@ from PIL import Image
 from torch import nn
 from torchvision.utils import make_grid
 
+from cnnops.data.splits import PreparedSplit
 from cnnops.models import Classifier
 from cnnops.training.plots import PLAIN_TEXT
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 FILTER_SIDE = 24  # each filter enlarged to about this many pixels a side (a 5x5 kernel: 4x)
 MAP_CHANNELS = 8  # the most active channels of each layer shown for each image
+SHOWN_IMAGES = 3  # images of a split whose feature maps are shown
 MAPS = plt.get_cmap("viridis").with_extremes(bad="white")
 
 
@@ -66,6 +68,13 @@ def pictures(model: Classifier, images: torch.Tensor) -> FeaturePictures | None:
     maps = _activations(model, images, layers)
     first = model.get_submodule(layers[0]).weight.detach().cpu().float()
     return FeaturePictures(_filter_grid(first), _maps_figure(images.cpu(), maps), tuple(layers))
+
+
+def split_pictures(model: Classifier, split: PreparedSplit) -> FeaturePictures | None:
+    """Both pictures for `SHOWN_IMAGES` images spread over `split` (which is in class order), at the
+    model's input size."""
+    picks = np.linspace(0, len(split) - 1, min(SHOWN_IMAGES, len(split))).round().astype(int)
+    return pictures(model, split.floats(picks.tolist(), model.spec.image_size))
 
 
 def _activations(model: Classifier, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:

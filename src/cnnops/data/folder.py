@@ -18,7 +18,9 @@ from cnnops.errors import DataError
 
 log = logging.getLogger(__name__)
 
-ANNOTATIONS_FILE = "annotations.csv"  # the one file allowed directly in the data root (audit masks/boxes)
+ANNOTATIONS_FILE = "annotations.csv"  # audit masks/boxes (cnnops.audit.annotations)
+GROUPS_FILE = "groups.csv"  # which images belong together (cnnops.data.groups)
+ROOT_FILES = (ANNOTATIONS_FILE, GROUPS_FILE)  # the only files allowed directly in the data root
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ def scan_image_folder(
     for entry, rel in _entries(root, root, real_root, hidden_files, skipped):
         if entry.is_dir():
             class_dirs.append(entry)
-        elif entry.name != ANNOTATIONS_FILE:
+        elif entry.name not in ROOT_FILES:
             raise DataError(
                 f"{root / rel}: is directly in the data root, outside any class folder; move it into "
                 f"{root}/<class>/ (each sub-folder of {root} is a class) or out of {root}"

@@ -2,8 +2,9 @@
 
 On disk a split is two files in the prepared folder: `<split>.npy`, every image as uint8 N x C x H x
 W in NumPy's own format (its header holds the shape), and `<split>.json`, the index: format,
-count, labels, source paths, class names and colour mode. Later stages map the images file into
-memory (`numpy.load(mmap_mode="c")`): pages are read from disk when a batch touches them, so no
+count, labels, source paths, class names, colour mode and, with data/groups.csv, each image's
+group. Later stages map the images file into memory (`numpy.load(mmap_mode="c")`): pages are read
+from disk when a batch touches them, so no
 stage holds a whole split in RAM however large the data. `SplitWriter` fills the images file one
 image at a time, so prepare never holds one either.
 """
@@ -52,9 +53,14 @@ class PreparedSplit:
     paths: list[str]  # POSIX paths relative to the data root, one per image
     class_names: list[str]  # index -> class folder name, the same list in every split
     color_mode: str  # "RGB" or "L"
+    groups: list[str | None] | None = (
+        None  # data/groups.csv's group per image (None: ungrouped); no file: None
+    )
 
     def __post_init__(self) -> None:
         n = len(self.paths)
+        if self.groups is not None and len(self.groups) != n:
+            raise ValueError(f"{len(self.groups)} groups for {n} paths")
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
             raise ValueError(f"images must be uint8 NCHW, got {self.images.dtype} {tuple(self.images.shape)}")
         if self.images.shape[0] != n or self.labels.shape != (n,):
@@ -96,7 +102,7 @@ class PreparedSplit:
         """Write the split from memory (small splits: tests, synthetic data); prepare streams instead."""
         with SplitWriter(prepared, name, len(self), self.images.shape[1:]) as writer:
             writer.images[:] = self.images.numpy()
-            writer.finish(self.labels.tolist(), self.paths, self.class_names, self.color_mode)
+            writer.finish(self.labels.tolist(), self.paths, self.class_names, self.color_mode, self.groups)
 
     @classmethod
     def load(cls, prepared: str | Path, name: str) -> PreparedSplit:
@@ -113,7 +119,7 @@ class PreparedSplit:
                 f"{index['count']} uint8 NCHW images; {RERUN}"
             )
         labels = torch.tensor(index["labels"], dtype=torch.int64)
-        fields = (index["paths"], index["class_names"], index["color_mode"])
+        fields = (index["paths"], index["class_names"], index["color_mode"], index.get("groups"))
         try:
             return cls(torch.from_numpy(images), labels, *fields)
         except ValueError as exc:
@@ -175,7 +181,14 @@ class SplitWriter:
         self.images = None  # unmaps
         self._tmp.unlink(missing_ok=True)  # still there: `finish` was not reached
 
-    def finish(self, labels: list[int], paths: list[str], class_names: list[str], color_mode: str) -> None:
+    def finish(
+        self,
+        labels: list[int],
+        paths: list[str],
+        class_names: list[str],
+        color_mode: str,
+        groups: list[str | None] | None = None,
+    ) -> None:
         self.images.flush()
         count = len(self.images)
         self.images = None
@@ -187,6 +200,7 @@ class SplitWriter:
             "class_names": list(class_names),
             "labels": list(labels),
             "paths": list(paths),
+            **({} if groups is None else {"groups": list(groups)}),
         }
         atomic.write_json(self.index_file, index, indent=None)
 

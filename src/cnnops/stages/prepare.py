@@ -5,10 +5,13 @@ perceptual hashes within `data.near_duplicate_distance`, see `cnnops.data.manife
 number u in [0, 1) from SHA-256 of (seed, the smallest SHA-256 of its files); u < test_fraction
 is test, u < test_fraction + val_fraction is val, the rest train. So an image's split depends only
 on its own content and the seed: adding images never moves existing ones (unless a new image joins
-an existing duplicate group), and a duplicate group never straddles two splits.
+an existing duplicate group), and a duplicate group never straddles two splits. With
+data/groups.csv (`cnnops.data.groups`), images of one user group (a patient, a site) are joined to
+one component with their duplicates, placed by the group's name: a patient's scans share a split,
+and a new scan of the patient does not move it.
 
 Coverage: when the thresholds leave a split without any image of a class that has at least three
-groups, the group of that class whose u lies nearest to the empty split's interval is moved there
+groups, the group holding images of it whose u lies nearest to the empty split's interval is moved there
 (reported under `coverage_moves`). Only small classes need this, and only they can see an image
 move when images are added.
 """
@@ -29,7 +32,8 @@ import numpy as np
 
 from cnnops import atomic
 from cnnops.config import Params, ValidateParams
-from cnnops.data.folder import FolderScan, scan_image_folder
+from cnnops.data.folder import GROUPS_FILE, FolderScan, scan_image_folder
+from cnnops.data.groups import load_groups, merged_components
 from cnnops.data.manifest import ManifestEntry, describe_all, duplicate_groups
 from cnnops.data.splits import SPLITS, SplitWriter
 from cnnops.errors import DataError, StageInputError
@@ -54,22 +58,27 @@ def assign_splits(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    names: Sequence[str | None] | None = None,
 ) -> tuple[list[str], list[tuple[str, str, str, list[int]]]]:
-    """Split name per image (by its duplicate group), and the coverage moves made (module docstring).
+    """Split name per image (by its group), and the coverage moves made (module docstring).
 
-    A move is (class, from split, to split, indices of the moved group's images).
+    `groups` are components (duplicates, joined with data/groups.csv's groups); `names` the user
+    group of each image, if any: a component holding one is placed by its smallest group name, so a
+    patient's split does not move when scans are added. A move is (class, from split, to split,
+    indices of the moved group's images).
     """
     members: dict[int, list[int]] = defaultdict(list)
     for index, group in enumerate(groups):
         members[int(group)].append(index)
     bounds = {"test": (0.0, test_fraction), "val": (test_fraction, test_fraction + val_fraction)}
     bounds["train"] = (test_fraction + val_fraction, 1.0)
-    position = {g: split_position(min(sha256[i] for i in idx), seed) for g, idx in members.items()}
+    position = {g: split_position(_split_key(idx, sha256, names), seed) for g, idx in members.items()}
     split_of = {g: next(s for s, (lo, hi) in bounds.items() if lo <= u < hi) for g, u in position.items()}
 
-    by_class: dict[str, list[int]] = defaultdict(list)
+    by_class: dict[str, list[int]] = defaultdict(list)  # the groups holding images of each class
     for g, idx in members.items():
-        by_class[Counter(labels[i] for i in idx).most_common(1)[0][0]].append(g)
+        for label in {labels[i] for i in idx}:
+            by_class[label].append(g)
     moves: list[tuple[str, str, str, list[int]]] = []
     for label, class_groups in sorted(by_class.items()):
         if len(class_groups) < len(SPLITS):
@@ -89,6 +98,11 @@ def assign_splits(
             moves.append((label, split_of[moved], split, members[moved]))
             split_of[moved] = split
     return [split_of[int(g)] for g in groups], moves
+
+
+def _split_key(idx: list[int], sha256: Sequence[str], names: Sequence[str | None] | None) -> str:
+    named = [names[i] for i in idx if names[i] is not None] if names is not None else []
+    return f"group:{min(named)}" if named else min(sha256[i] for i in idx)
 
 
 @dataclass(frozen=True)
@@ -139,17 +153,20 @@ def run(params: Params, paths: PreparePaths = PreparePaths()) -> PrepareResult:
         entries = decoded.entries
         shas = [str(e.sha256) for e in entries]
         groups = duplicate_groups(shas, [str(e.phash) for e in entries], params.data.near_duplicate_distance)
-        labels = [e.label for e in entries]
+        named = load_groups(paths.data, [e.path for e in entries])
+        names = None if named is None else [named.get(e.path) for e in entries]
         splits, moves = assign_splits(
             shas,
-            labels,
-            groups,
+            [e.label for e in entries],
+            groups if names is None else merged_components(groups, names),
             val_fraction=params.prepare.val_fraction,
             test_fraction=params.prepare.test_fraction,
             seed=params.base.seed,
+            names=names,
         )
-        counts = _write_splits(paths.out, decoded, splits, params)
+        counts = _write_splits(paths.out, decoded, splits, names, params)
     report = _report(params, decoded, groups, splits, moves, counts)
+    report["groups"] = None if names is None else _group_counts(names, splits)
     atomic.write_json(paths.report, report)
     with runs.data_run(params, "prepare", ("base", "data", "prepare")) as mlflow_run:
         runs.log_metrics({f"{split}_images": n for split, n in report["totals"].items()})
@@ -215,11 +232,24 @@ def _decode(scan: FolderScan, staged: np.ndarray, paths: PreparePaths, params: P
     return _Decoded(scan.class_names, entries, staged, rows, skipped)
 
 
+def _group_counts(names: list[str | None], splits: list[str]) -> dict[str, Any]:
+    """data/groups.csv's groups per split (each group lies in exactly one) and the ungrouped images."""
+    per_split: dict[str, set[str]] = {split: set() for split in SPLITS}
+    for name, split in zip(names, splits, strict=True):
+        if name is not None:
+            per_split[split].add(name)
+    return {
+        "file": GROUPS_FILE,
+        "groups": {split: len(found) for split, found in per_split.items()},
+        "ungrouped_images": sum(n is None for n in names),
+    }
+
+
 def _write_splits(
-    out_dir: Path, decoded: _Decoded, splits: list[str], params: Params
+    out_dir: Path, decoded: _Decoded, splits: list[str], names: list[str | None] | None, params: Params
 ) -> dict[str, dict[str, int]]:
     """Write each split's files from the staged images; returns the per-class image counts of each."""
-    names = decoded.class_names
+    classes = decoded.class_names
     labels = [e.label for e in decoded.entries]
     counts: dict[str, dict[str, int]] = {}
     for split in SPLITS:
@@ -229,13 +259,14 @@ def _write_splits(
             for start in range(0, len(rows), COPY_CHUNK):
                 writer.images[start : start + COPY_CHUNK] = decoded.staged[rows[start : start + COPY_CHUNK]]
             writer.finish(
-                [names.index(labels[i]) for i in index],
+                [classes.index(labels[i]) for i in index],
                 [decoded.entries[i].path for i in index],
-                names,
+                classes,
                 params.data.color_mode,
+                groups=None if names is None else [names[i] for i in index],
             )
         per_class = Counter(labels[i] for i in index)
-        counts[split] = {name: per_class.get(name, 0) for name in names}
+        counts[split] = {name: per_class.get(name, 0) for name in classes}
         log.info("%s: %d images -> %s", split, len(index), writer.images_file)
     return counts
 

@@ -24,7 +24,8 @@ import pandas as pd
 
 from cnnops import atomic
 from cnnops.config import DataParams, Params, ValidateParams
-from cnnops.data.folder import scan_image_folder
+from cnnops.data.folder import GROUPS_FILE, scan_image_folder
+from cnnops.data.groups import load_groups
 from cnnops.data.manifest import ManifestEntry, describe_all, duplicate_groups
 from cnnops.errors import CnnopsError, ValidationFailed
 from cnnops.progress import progress_bar
@@ -63,6 +64,8 @@ def build_manifest(
         distinct = ok.assign(group=groups).groupby("group")["sha256"].transform("nunique")
         df.loc[decoded, "duplicate_group"] = groups
         df.loc[decoded, "near_duplicates"] = (distinct - 1).to_numpy()
+    named = load_groups(data_dir, list(df["path"]))  # a row naming a missing image is refused here
+    df["group"] = None if named is None else df["path"].map(named)
     return df, scan.class_names, scan.skipped
 
 
@@ -305,10 +308,24 @@ def _report(
             sorted(group["path"]) for _, group in df.groupby("duplicate_group") if len(group) > 1
         ],
         "skipped": [{"path": p, "reason": why} for p, why in skipped],
+        "groups": _groups(df),
         "manifest": [
             {k: _plain(v) for k, v in row.items()}
             for row in df[[f.name for f in fields(ManifestEntry)]].to_dict("records")
         ],
+    }
+
+
+def _groups(df: pd.DataFrame) -> dict[str, Any] | None:
+    """data/groups.csv at a glance: how many groups, the largest, and the images it does not list."""
+    if df["group"].isna().all():
+        return None
+    sizes = df["group"].value_counts()
+    return {
+        "file": GROUPS_FILE,
+        "groups": len(sizes),
+        "largest_group": {"group": str(sizes.index[0]), "images": int(sizes.iloc[0])},
+        "ungrouped_images": int(df["group"].isna().sum()),
     }
 
 

@@ -103,3 +103,28 @@ def test_only_flagged_properties_with_an_intervention_are_tested() -> None:
                "b": {"noise": PropertyScore(0.95, 0.5, 1.0, 0.0)}},
     )  # fmt: skip
     assert pi.flagged(probe, A) == {"a": {"noise": strong}, "b": {}}  # brightness is the tone transplant's
+
+
+def test_validate_warns_of_a_property_that_alone_tells_a_class(tmp_path: Path) -> None:
+    import json
+
+    from cnnops.data.planted import make_planted
+    from cnnops.stages import validate
+
+    make_planted(tmp_path / "data", "noise", "3", seed=0, per_class=20, fraction=1.0)
+    params = parse_params(
+        {
+            "data": {"color_mode": "L", "near_duplicate_distance": 0},
+            "tracking": {
+                "uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "artifact_location": str(tmp_path / "a"),
+            },
+        },
+        "validate property test",
+    )
+    report = tmp_path / "validation.json"
+    validate.run(params, validate.ValidatePaths(tmp_path / "data", report, tmp_path / "docs"))
+    found = json.loads(report.read_text())["image_properties"]
+    assert {(f["class"], f["property"]) for f in found} >= {("3", "noise")}
+    noise = {f["class"]: f["auroc"] for f in found if f["property"] == "noise"}  # a 1's thin strokes: low
+    assert noise["3"] > 0.95 and max(noise.values()) == noise["3"]

@@ -12,7 +12,7 @@ p-value. A flagged property gets an intervention (`property_transplants`) that c
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 from cnnops.audit.contract import PropertyProbe, PropertyScore, PropertyWeight
 from cnnops.audit.regions import band_mask, corner_slices
+from cnnops.data.decode import ColorMode, load_tensor
 from cnnops.data.splits import PreparedSplit
 
 log = logging.getLogger(__name__)
@@ -213,20 +214,29 @@ def jpeg_quality(path: Path) -> float:
     return float(np.clip(5000 / scale if scale > 100 else (200 - scale) / 2, 1, 100))
 
 
+def _collected(batches: Iterable[torch.Tensor]) -> dict[str, np.ndarray]:
+    """Every image's properties from float batches, with the hue's angle from the set's mean hue (one
+    scalar a circular value needs the whole set's mean first)."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for x in batches:
+        for name, v in image_properties(x).items():
+            parts.setdefault(name, []).append(v.numpy())
+    values = {name: np.concatenate(v) for name, v in parts.items()}
+    if "hue cos" in values:
+        cos, sin = values.pop("hue cos"), values.pop("hue sin")
+        mean = np.arctan2(sin.mean(), cos.mean())
+        values["hue"] = np.degrees(np.angle(np.exp(1j * (np.arctan2(sin, cos) - mean))))
+    return values
+
+
 def property_values(
     split: PreparedSplit, batch_size: int, data_dir: Path | None = None
 ) -> tuple[np.ndarray, list[str]]:
     """Every image's properties (N x P), `batch_size` images at a time, and their names. With
     `data_dir`, each image's JPEG quality where its file is a JPEG (left out when none is)."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for i in range(0, len(split), batch_size):
-        for name, v in image_properties(split.images[i : i + batch_size].float().div(255.0)).items():
-            parts.setdefault(name, []).append(v.numpy())
-    values = {name: np.concatenate(v) for name, v in parts.items()}
-    if "hue cos" in values:  # the hue's angle from the set's mean hue: one scalar a circular value
-        cos, sin = values.pop("hue cos"), values.pop("hue sin")
-        mean = np.arctan2(sin.mean(), cos.mean())
-        values["hue"] = np.degrees(np.angle(np.exp(1j * (np.arctan2(sin, cos) - mean))))
+    values = _collected(
+        split.images[i : i + batch_size].float().div(255.0) for i in range(0, len(split), batch_size)
+    )
     if data_dir is not None:
         quality = np.array(
             [jpeg_quality(data_dir / p) if (data_dir / p).is_file() else np.nan for p in split.paths]
@@ -281,3 +291,43 @@ def _score(v: np.ndarray, pos: np.ndarray, permutations: int, rng: np.random.Gen
         class_median=round(float(np.median(v[pos])), 6),
         others_median=round(float(np.median(v[~pos])), 6),
     )
+
+
+VALIDATE_SIDE = 64  # validate sees the files before prepare's size is known: each is measured at 64 px
+
+
+def file_property_scores(
+    root: Path,
+    paths: list[str],
+    labels: list[str],
+    *,
+    color_mode: ColorMode,
+    max_pixels: int,
+    permutations: int,
+    seed: int,
+    batch_size: int = 64,
+) -> dict[str, dict[str, PropertyScore]]:
+    """`property_scores` of the decodable image files under `root` (`paths` relative to it, with
+    their class names), read through the data contract at `VALIDATE_SIDE` px a batch at a time:
+    validate's data warning, before anything is trained. `paths` are the files validate decoded."""
+    names = sorted(set(labels))
+
+    def batches() -> Iterator[torch.Tensor]:
+        for i in range(0, len(paths), batch_size):
+            read = [
+                load_tensor(
+                    root / p,
+                    color_mode=color_mode,
+                    size=(VALIDATE_SIDE, VALIDATE_SIDE),
+                    max_pixels=max_pixels,
+                )
+                for p in paths[i : i + batch_size]
+            ]
+            yield torch.stack(read).float().div(255.0)
+
+    values = _collected(batches())
+    if not values:
+        return {}
+    props = list(values)
+    y = np.array([names.index(label) for label in labels])
+    return property_scores(np.stack([values[n] for n in props], 1), props, y, names, permutations, seed)

@@ -16,13 +16,14 @@ import html
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from cnnops import atomic
+from cnnops.audit import properties
 from cnnops.config import DataParams, Params, ValidateParams
 from cnnops.data.folder import GROUPS_FILE, scan_image_folder
 from cnnops.data.groups import load_groups
@@ -258,6 +259,7 @@ def run(params: Params, paths: ValidatePaths = ValidatePaths()) -> ValidateResul
     _reset_docs(paths.docs)
     checks = run_suite(df, params.validate, paths.docs)
     report = _report(df, class_names, skipped, checks)
+    report["image_properties"] = _image_properties(df, paths.data, params)
     atomic.write_json(paths.report, report, indent=1)
     with runs.data_run(params, "validate", ("data", "validate")) as mlflow_run:
         runs.log_metrics(
@@ -284,6 +286,31 @@ def run(params: Params, paths: ValidatePaths = ValidatePaths()) -> ValidateResul
         len(report["failed_warnings"]),
     )
     return ValidateResult(report, mlflow_run.info.run_id)
+
+
+def _image_properties(df: pd.DataFrame, data: Path, params: Params) -> list[dict[str, Any]]:
+    """Image properties (sharpness, noise, hue, ...) that alone tell a class from the rest, with the
+    audit's thresholds (`audit.property_auroc`, `significance`): a data warning before anything is
+    trained. Never an error: a cue in the data may be the class itself, and the audit's property
+    transplants are what test whether a model uses it."""
+    a = params.audit
+    ok = df[df["sha256"].notna()]
+    scores = properties.file_property_scores(
+        data, list(ok["path"]), list(ok["label"]), color_mode=params.data.color_mode,
+        max_pixels=params.data.max_image_pixels, permutations=a.property_permutations, seed=params.base.seed,
+    )  # fmt: skip
+    found = []
+    for cls, by_property in scores.items():
+        for name, s in by_property.items():
+            if max(s.auroc, 1 - s.auroc) < a.property_auroc or s.p_value > a.significance:
+                continue
+            found.append({"class": cls, "property": name, **asdict(s)})
+            log.warning(
+                "validate warning: class %r: %s alone tells its images from the others' (AUROC %.2f, median "
+                "%.3g against %.3g): a cue in the data a model may take", cls, name, s.auroc,
+                s.class_median, s.others_median,
+            )  # fmt: skip
+    return found
 
 
 def _report(

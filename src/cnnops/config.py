@@ -328,6 +328,23 @@ class AuditParams(Section):
     corner_fraction: StrictFloat = Field(
         gt=0.0, le=0.5, description="side of each corner region (share of side)"
     )
+    edge_fractions: tuple[Annotated[StrictFloat, Field(gt=0.0, le=0.25)], ...] = Field(
+        max_length=8, description="depths of the edge strips transplanted (share of the side across them)"
+    )
+    centre_fraction: StrictFloat = Field(gt=0.0, lt=1.0, description="side of the centre region (share of side)")
+    grids: tuple[Annotated[StrictInt, Field(ge=2, le=8)], ...] = Field(
+        max_length=4, description="coarse grids whose cells are transplanted"
+    )
+    occlusion_patch: StrictFloat = Field(
+        gt=0.0, le=0.5, description="occluding square's side (share of side) when the CAM is 4x4 or coarser"
+    )
+    discovery_max_patches: StrictInt = Field(ge=0, le=20, description="recurring patches a class tested")
+    discovery_min_support: StrictFloat = Field(
+        gt=0.0, le=1.0, description="share of a class's images a recurring patch must appear in"
+    )
+    discovery_distance: StrictFloat = Field(
+        gt=0.0, le=2.0, description="cosine distance under which two patch descriptions join one cluster"
+    )
     transplant_flip_threshold: StrictFloat = Field(gt=0.0, le=1.0, description="flip rate minus control")
     significance: StrictFloat = Field(
         gt=0.0, le=1.0, description="one-sided Fisher exact p-value a transplant's flips must reach"

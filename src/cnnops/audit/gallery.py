@@ -24,6 +24,7 @@ from PIL import Image
 from cnnops.audit.contract import AuditReport, ClassFigures, Finding, TransplantKind
 from cnnops.audit.regions import OUTER_BAND
 from cnnops.training.features import MAP_CHANNELS, FeaturePictures
+from cnnops.training.plots import figure_image
 
 OVERLAY_SIDE = 128  # overlays are enlarged to about this many pixels a side so a person sees a small cue
 
@@ -84,12 +85,7 @@ def chart(figures: ClassFigures) -> Image.Image:
     ax.set_ylim(0, 1)
     ax.set_ylabel("flip rate", fontsize=8)
     ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
+    return figure_image(fig)
 
 
 _CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1200px}

@@ -8,7 +8,6 @@ convolution (the first, the middle and the last Conv2d of the network, in defini
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from torchvision.utils import make_grid
 
 from cnnops.data.splits import PreparedSplit
 from cnnops.models import Classifier
-from cnnops.training.plots import PLAIN_TEXT
+from cnnops.training.plots import PLAIN_TEXT, figure_image
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +137,7 @@ def _maps_figure(images: torch.Tensor, maps: dict[str, torch.Tensor]) -> Image.I
         for ax in axes[r]:
             ax.axis("off")
     axes[0][0].set_title("image", fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
+    return figure_image(fig)
 
 
 def _pil(grid: torch.Tensor) -> Image.Image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: never needs a display
 
 import matplotlib.pyplot as plt
+from PIL import Image
 
 from cnnops import atomic
 from cnnops.training.metrics import ClassCurves, ReliabilityBin
@@ -52,6 +54,16 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str]
                 colour = "white" if count > peak / 2 else "black"
                 ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color=colour)
     return _save(fig, path)
+
+
+def figure_image(fig: plt.Figure) -> Image.Image:
+    """The figure as an RGB image, closed: for pages that embed it (the audit gallery)."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:

@@ -171,7 +171,7 @@ def _fresh_output_bytes(model: Classifier) -> Iterator[dict[int, int]]:
 
     Hand-written forward hooks: torchinfo gives every output's size but not whether it is a view
     (Flatten, Permute) or an in-place op (ReLU(inplace=True)) of its input, which hold no memory of
-    their own; the lecture's table (VGG16: ~93 MB an image) counts them so, and so does this one.
+    their own (the lecture's VGG16 table counts a convolution and its in-place ReLU once).
     """
     fresh: dict[int, int] = {}
 

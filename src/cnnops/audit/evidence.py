@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 from skimage.filters import threshold_otsu
+from skimage.restoration import inpaint_biharmonic
 
 from cnnops.audit.contract import Attention, ClassFigures, Deletion, Errors, MaskAgreement, Transplant
-from cnnops.audit.regions import OUTER_BAND
+from cnnops.audit.regions import off_object_only, shape_matters
 from cnnops.models import Classifier
 
 # A transplant with no image to paste, or none to paste into: nothing flipped, nothing to judge.
@@ -210,43 +211,78 @@ def region_transplant(
     rng: np.random.Generator,
     batch_size: int,
     *,
+    evened: float | None = None,
     texture_control: bool = False,
+    paste: np.ndarray | None = None,
 ) -> Transplant:
     """Paste a fixed place of each of the class's images into recipients, against its controls.
 
-    Other classes' pixels there measure the damage of pasting; the place evened out (each recipient's
-    own mean there) measures what removing its texture does, which alone flips a two-class model
-    towards the smooth class. With `texture_control` (the outer band), the donor's own pixels
-    shuffled within the place count too: its values without their arrangement. The band touches
-    every side, so wherever an object fills the frame (a tight face crop's hair and cheeks, an
-    X-ray's edges) its texture is there, and shuffled it flips as often: the place is not blamed.
-    A frame, the same in every image, is the mean transplant's to find. Corners go without it: a tag
-    learned as "bright pixels in this corner" flips shuffled too, and would be excused (measured in
-    docs/audit.md). The larger control counts.
+    `paste` (one mask a donor, or one for all) is what of the place is pasted: the whole place by
+    default, only its pixels off each donor's object for the large places (`regions.off_object_only`).
+
+    Other classes' pixels there measure the damage of pasting; `evened`, the share of recipients
+    predicted `cls` with the place filled in from its surroundings (`removal_predictions`; measured
+    here when not given), measures what removing its content does, which alone flips a two-class
+    model towards the smooth class.
+    With `texture_control` (the band, the strips, the centre and grid cells: `regions.shape_matters`),
+    the donor's own pixels shuffled within the place count too: its values without their arrangement.
+    The band touches every side, so wherever an object fills the frame (a tight face crop's hair and
+    cheeks, an X-ray's edges) its texture is there, and shuffled it flips as often: the place is not
+    blamed. A frame, the same in every image, is the mean transplant's to find. Corners go without
+    it: a tag learned as "bright pixels in this corner" flips shuffled too, and would be excused
+    (measured in docs/audit.md). The larger control counts.
     """
-    each = transplant(model, donors, region, recipients, recipients, cls, rng, batch_size)
+    paste = region if paste is None else paste
+    each = transplant(model, donors, paste, recipients, recipients, cls, rng, batch_size)
     if not each.pairs:
         return _with_controls(each)
-    evened = _evened_rate(model, recipients, region, cls, batch_size)
+    evened = _evened(model, recipients, region, cls, batch_size) if evened is None else evened
     if not texture_control:
         return _with_controls(each, evened=evened)
     shuffled = transplant(
-        model, shuffle_within(donors, region, rng), region, recipients, recipients, cls, rng, batch_size
+        model, shuffle_within(donors, region, rng), paste, recipients, recipients, cls, rng, batch_size
     )
     return _with_controls(each, evened=evened, shuffled=shuffled.flip_rate)
 
 
-def _evened_rate(
+def inpaint(x: torch.Tensor, region: np.ndarray) -> torch.Tensor:
+    """Images `x` (float [0, 1], N x C x H x W) with `region` filled in from its surroundings.
+
+    Biharmonic inpainting (scikit-image) continues the place's border into it, so the filled place
+    keeps the recipient's own gradient and level; a flat mean left a uniform patch that a model
+    reading "smooth place" takes for the cue. The mask is the same for every image, so the batch goes
+    in as the channels of one image: one linear system, solved once for all of them.
+    """
+    n, c, h, w = x.shape
+    stacked = x.permute(2, 3, 0, 1).reshape(h, w, n * c).double().numpy()
+    filled = inpaint_biharmonic(stacked, region, channel_axis=-1)
+    return torch.from_numpy(filled).float().view(h, w, n, c).permute(2, 3, 0, 1).contiguous()
+
+
+def removal_predictions(
+    model: Classifier, x: torch.Tensor, regions: dict[str, np.ndarray], batch_size: int
+) -> dict[str, np.ndarray]:
+    """Each image's predicted class once each region is inpainted away: the evened control of every
+    transplant there. An image's prediction does not depend on the class it is a recipient for, so
+    it is measured once for the audit, not once a class (a batch of filled images at a time)."""
+    out = {}
+    for name, region in regions.items():
+        probs = _probabilities(model, len(x), lambda s, r=region: inpaint(as_unit(x[s]), r), batch_size)
+        out[name] = probs.argmax(1).numpy() if len(x) else np.zeros(0, dtype=np.int64)
+    return out
+
+
+def _evened(
     model: Classifier, recipients: torch.Tensor, region: np.ndarray, cls: int, batch_size: int
 ) -> float:
-    """Share of recipients predicted `cls` once `region` holds only their own mean value there."""
-    m = torch.as_tensor(region).float()
+    """Share of `recipients` predicted `cls` with `region` inpainted away (for a caller without
+    `removal_predictions` of its own)."""
+    return _rate(removal_predictions(model, recipients, {"": region}, batch_size)[""], cls)
 
-    def evened(s: slice) -> torch.Tensor:
-        r = as_unit(recipients[s])
-        return r * (1 - m) + (r * m).sum((2, 3), keepdim=True) / m.sum() * m
 
-    return _share_predicted(model, len(recipients), evened, cls, batch_size)
+def _rate(preds: np.ndarray, cls: int) -> float:
+    """Share of `preds` that are `cls`, rounded as the report gives it (0 with none)."""
+    return round(float((preds == cls).mean()), 4) if len(preds) else 0.0
 
 
 def shuffle_within(x: torch.Tensor, region: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
@@ -270,13 +306,16 @@ def mean_transplant(
     cls: int,
     rng: np.random.Generator,
     batch_size: int,
+    *,
+    evened: float | None = None,
 ) -> Transplant:
     """Paste what the class's images have in common at a fixed place (their mean) into recipients.
 
     A cue that is the same in every image of the class (a frame, a tint, a tag at one place)
     survives the mean; an object that reaches the place differs image to image and averages out.
-    Controls: the other classes' mean there, and the place evened out to each recipient's own mean
-    there (pasting any mean smooths the place, which alone can flip a two-class model).
+    Controls: the other classes' mean there, and `evened`, the place inpainted away in each recipient
+    (pasting any mean smooths the place, which alone can flip a two-class model; measured here when
+    not given).
     """
     mean = transplant(
         model, mean_image(donors, batch_size), region, recipients, mean_image(recipients, batch_size), cls,
@@ -284,7 +323,9 @@ def mean_transplant(
     )  # fmt: skip
     if not mean.pairs:
         return _with_controls(mean)
-    return _with_controls(mean, evened=_evened_rate(model, recipients, region, cls, batch_size))
+    if evened is None:
+        evened = _evened(model, recipients, region, cls, batch_size)
+    return _with_controls(mean, evened=evened)
 
 
 def _with_controls(
@@ -376,10 +417,13 @@ def class_figures(
     max_images: int,
     batch_size: int,
     rng: np.random.Generator,
+    removed: dict[str, np.ndarray] | None = None,
 ) -> ClassFigures:
     """Every test's figures for one class: on its correctly classified images, and its errors apart.
 
-    The tests draw from `rng` in the order written here: the report stays the same run to run.
+    `removed` is `removal_predictions` of every image of `batch` for `regions`, when the caller
+    measured them once for all classes; measured here otherwise. The tests draw from `rng` in the
+    order written here: the report stays the same run to run.
     """
     correct = np.flatnonzero((batch.labels == cls) & (batch.preds == cls))
     errors = np.flatnonzero((batch.labels == cls) & (batch.preds != cls))
@@ -390,6 +434,10 @@ def class_figures(
     tops = top_mask(maps, top_fraction)
     donors, recipients = batch.x[correct], batch.x[others]
     annotated = correct[batch.annotated[correct]]
+    if removed is None:
+        removed = removal_predictions(model, batch.x, regions, batch_size)
+    evened = {name: _rate(removed[name][others], cls) for name in regions}
+    each_paste, mean_paste = _pastes(regions, objects)
     return ClassFigures(
         n_correct=len(correct),
         n_errors=len(errors),
@@ -400,13 +448,24 @@ def class_figures(
         transplant_top=_top_transplant(model, donors, tops, recipients, cls, rng, batch_size),
         transplant_regions={
             name: region_transplant(
-                model, donors, region, recipients, cls, rng, batch_size, texture_control=name == OUTER_BAND
+                model,
+                donors,
+                r,
+                recipients,
+                cls,
+                rng,
+                batch_size,
+                evened=evened[name],
+                texture_control=shape_matters(name),
+                paste=each_paste[name],
             )
-            for name, region in regions.items()
+            for name, r in regions.items()
         },
         transplant_regions_mean={
-            name: mean_transplant(model, donors, region, recipients, cls, rng, batch_size)
-            for name, region in regions.items()
+            name: mean_transplant(
+                model, donors, mean_paste[name], recipients, cls, rng, batch_size, evened=evened[name]
+            )
+            for name in regions
         },
         transplant_tone=tone_transplant(model, donors, recipients, recipients, cls, rng, batch_size),
         deletion=deletion(model, donors, tops, batch.mean, cls, rng, batch_size),
@@ -415,6 +474,23 @@ def class_figures(
         else None,
         errors=_errors(batch, errors, regions),
     )
+
+
+def _pastes(
+    regions: dict[str, np.ndarray], objects: np.ndarray
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """What each place's per-image and class-mean transplants paste: the place, or for the large
+    places only its part off each donor's object (per image) and off most of the donors' objects
+    (the mean). The strips, the centre and the grid cells hold a part of the object wherever it
+    reaches them, and pasted whole they are the object's own evidence: on clean digits the centre
+    flipped 40-85% of other classes' images (docs/audit.md)."""
+    each, mean = {}, {}
+    common = objects.mean(0) >= 0.5 if len(objects) else np.zeros(objects.shape[1:], dtype=bool)
+    for name, region in regions.items():
+        free = off_object_only(name)
+        each[name] = region[None] & ~objects if free else region
+        mean[name] = region & ~common if free else region
+    return each, mean
 
 
 def _top_transplant(

@@ -157,7 +157,11 @@ def _figures(
     """
     rng = np.random.default_rng(a.seed)
     h, w = looked.batch.x.shape[-2:]  # the model's input: places are where the model looks
-    candidates = regions.candidate_regions(h, w, a.border_fraction, a.corner_fraction)
+    candidates = regions.intervention_regions(
+        h, w, border_fraction=a.border_fraction, corner_fraction=a.corner_fraction,
+        edge_fractions=a.edge_fractions, centre_fraction=a.centre_fraction, grids=a.grids,
+    )  # fmt: skip
+    removed = evidence.removal_predictions(model, looked.batch.x, candidates, a.batch_size)
     return {
         name: replace(
             evidence.class_figures(
@@ -169,6 +173,7 @@ def _figures(
                 max_images=a.max_images_per_class,
                 batch_size=a.batch_size,
                 rng=rng,
+                removed=removed,
             ),
             method_agreement=_agreement(looked, cls),
         )

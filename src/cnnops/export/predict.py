@@ -12,12 +12,13 @@ import csv
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
@@ -26,7 +27,14 @@ from cnnops.cli import positive_int, printable
 from cnnops.config import MAX_BATCH, MAX_IMAGE_PIXELS
 from cnnops.data.decode import DEFAULT_MAX_PIXELS, load_tensor
 from cnnops.errors import CnnopsError
-from cnnops.export.onnx_model import best_provider, infer, open_session, probabilities, read_metadata
+from cnnops.export.onnx_model import (
+    OnnxMetadata,
+    best_provider,
+    infer,
+    open_session,
+    probabilities,
+    read_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,40 +86,50 @@ def predict(
     meta = read_metadata(model)
     session = open_session(model, best_provider())
     files, failures = image_files(paths)
-    predictions: list[Prediction] = []
-    for batch in _batches(files, batch_size):
-        tensors, loaded = [], []
-        for path in batch:
+    results = classify(session, meta, files, batch_size=batch_size, max_pixels=max_pixels)
+    failures += [r for r in results if isinstance(r, Failure)]
+    return [r for r in results if isinstance(r, Prediction)], failures
+
+
+def classify(
+    session: ort.InferenceSession,
+    meta: OnnxMetadata,
+    files: Sequence[Path],
+    *,
+    batch_size: int,
+    max_pixels: int,
+) -> list[Prediction | Failure]:
+    """One result per file, in order, with `batch_size` images in memory at a time: what both
+    `cnnops predict` and `cnnops serve` answer, so a served model gets the pixels predict feeds it."""
+    results: dict[int, Prediction | Failure] = {}
+    for start in range(0, len(files), batch_size):
+        loaded: dict[int, torch.Tensor] = {}
+        for index, path in enumerate(files[start : start + batch_size], start):
             try:
-                # prepare's geometry (cover and centre-crop at the prepared size), then evaluation's
-                # centre crop to the input: the very pixels the model was evaluated on
-                image = load_tensor(
-                    path, color_mode=meta.color_mode, size=meta.prepared_size, max_pixels=max_pixels
-                )
-                tensors.append(F.center_crop(image, list(meta.input_size)))
-                loaded.append(path)
+                loaded[index] = model_input(path, meta, max_pixels)
             except CnnopsError as exc:
-                failures.append(Failure(str(path), str(exc)))
-        if not tensors:
+                results[index] = Failure(str(path), str(exc))
+        if not loaded:
             continue
-        images = torch.stack(tensors).float().div_(255.0).numpy()
+        images = torch.stack(list(loaded.values())).float().div_(255.0).numpy()
         probs = probabilities(infer(session, images, batch_size), meta.output)
-        for path, row in zip(loaded, probs, strict=True):
+        for index, row in zip(loaded, probs, strict=True):
             best = int(np.argmax(row))
-            predictions.append(
-                Prediction(
-                    path=str(path),
-                    label=meta.class_names[best],
-                    confidence=float(row[best]),
-                    probabilities={name: float(p) for name, p in zip(meta.class_names, row, strict=True)},
-                )
+            results[index] = Prediction(
+                path=str(files[index]),
+                label=meta.class_names[best],
+                confidence=float(row[best]),
+                probabilities={name: float(p) for name, p in zip(meta.class_names, row, strict=True)},
             )
-    return predictions, failures
+    return [results[index] for index in range(len(files))]
 
 
-def _batches(items: list[Path], size: int) -> Iterator[list[Path]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def model_input(path: Path, meta: OnnxMetadata, max_pixels: int) -> torch.Tensor:
+    """The uint8 CHW pixels the model gets for one file: prepare's geometry (cover and centre-crop
+    at the prepared size), then evaluation's centre crop to the input, the very pixels the model
+    was evaluated on."""
+    image = load_tensor(path, color_mode=meta.color_mode, size=meta.prepared_size, max_pixels=max_pixels)
+    return F.center_crop(image, list(meta.input_size))
 
 
 def write_json(predictions: list[Prediction], failures: list[Failure], stream: TextIO) -> None:
@@ -164,7 +182,7 @@ def _bounded(limit: int) -> Callable[[str], int]:
     return parse
 
 
-_pixel_limit, _batch_size = _bounded(MAX_IMAGE_PIXELS), _bounded(MAX_BATCH)
+pixel_limit, batch_limit = _bounded(MAX_IMAGE_PIXELS), _bounded(MAX_BATCH)  # shared with serve
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -174,10 +192,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", type=Path, help="an ONNX file written by `cnnops export`")
     parser.add_argument("paths", type=Path, nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    parser.add_argument("--batch-size", type=_batch_size, default=64, help="images per ONNX Runtime call")
+    parser.add_argument("--batch-size", type=batch_limit, default=64, help="images per ONNX Runtime call")
     parser.add_argument(
         "--max-pixels",
-        type=_pixel_limit,
+        type=pixel_limit,
         default=DEFAULT_MAX_PIXELS,
         help=f"decompression-bomb limit (at most {MAX_IMAGE_PIXELS}, as data.max_image_pixels)",
     )

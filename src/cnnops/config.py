@@ -100,6 +100,10 @@ class TrackingParams(Section):
         return os.environ.get("MLFLOW_TRACKING_URI") or self.uri
 
 
+WindowEnd = Annotated[StrictFloat | StrictInt, Field(ge=-(2**31), le=2**32)]  # a high-bit pixel value
+Percentile = Annotated[StrictFloat | StrictInt, Field(ge=0, le=100)]
+
+
 class DataParams(Section):
     color_mode: Literal["RGB", "L"] = Field(description="colour mode every image is converted to")
     max_image_pixels: StrictInt = Field(
@@ -115,6 +119,23 @@ class DataParams(Section):
     near_duplicate_distance: StrictInt = Field(
         ge=0, le=64, description="max Hamming distance of 64-bit perceptual hashes for near duplicates"
     )
+    window: Literal["range", "percentiles"] | tuple[WindowEnd, WindowEnd] = Field(
+        description="high-bit images: the type's full range, the train split's percentiles, or [low, high]"
+    )
+    window_percentiles: tuple[Percentile, Percentile] = Field(
+        description="train split percentiles `window: percentiles` maps to 0 and 255"
+    )
+    window_sample: StrictInt = Field(
+        ge=1, le=100_000, description="train images the percentiles are measured on"
+    )
+
+    @model_validator(mode="after")
+    def _window_rises(self) -> Self:
+        for key in ("window", "window_percentiles"):
+            value = getattr(self, key)
+            if isinstance(value, tuple) and not value[0] < value[1]:
+                raise ValueError(f"data.{key} {list(value)}: low must be below high")
+        return self
 
 
 Severity = Literal["error", "warning", "off"]
@@ -311,7 +332,7 @@ class AuditSeverities(Section):
 
 
 class AuditParams(Section):
-    methods: tuple[Literal["gradcam", "gradcam++", "scorecam"], ...] = Field(
+    methods: tuple[Literal["gradcam", "gradcam++", "scorecam", "occlusion"], ...] = Field(
         min_length=1,
         description="saliency methods; the first drives the evidence, the others are compared with it",
     )
@@ -331,7 +352,9 @@ class AuditParams(Section):
     edge_fractions: tuple[Annotated[StrictFloat, Field(gt=0.0, le=0.25)], ...] = Field(
         max_length=8, description="depths of the edge strips transplanted (share of the side across them)"
     )
-    centre_fraction: StrictFloat = Field(gt=0.0, lt=1.0, description="side of the centre region (share of side)")
+    centre_fraction: StrictFloat = Field(
+        gt=0.0, lt=1.0, description="side of the centre region (share of side)"
+    )
     grids: tuple[Annotated[StrictInt, Field(ge=2, le=8)], ...] = Field(
         max_length=4, description="coarse grids whose cells are transplanted"
     )
@@ -391,6 +414,13 @@ class ReleaseParams(Section):
         lt=1.0,
         description="the challenger must beat the champion by more than this (the metrics are 0 to 1)",
     )
+    min_score: StrictFloat = Field(ge=0.0, le=1.0, description="a model scoring below this is never champion")
+    significance: StrictFloat = Field(
+        gt=0.0,
+        lt=1.0,
+        description="one-sided exact p-value the model must reach against the majority-class baseline "
+        "and, in McNemar's test, against the champion",
+    )
 
 
 class OrchestrateParams(Section):
@@ -407,13 +437,6 @@ class OrchestrateParams(Section):
     notify_block: str | None = Field(
         pattern=r"^[a-z0-9-]+/[^/]+$",
         description="Prefect notification block as <block-type-slug>/<name>, e.g. slack-webhook/ops",
-    )
-    min_score: StrictFloat = Field(ge=0.0, le=1.0, description="a model scoring below this is never champion")
-    significance: StrictFloat = Field(
-        gt=0.0,
-        lt=1.0,
-        description="one-sided exact p-value the model must reach against the majority-class baseline "
-        "and, in McNemar's test, against the champion",
     )
     git_commit: StrictBool = Field(description="commit data.dvc and dvc.lock to git_branch after a retrain")
     git_branch: str = Field(min_length=1)

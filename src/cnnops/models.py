@@ -94,6 +94,9 @@ class ModelSpec:
     # (H, W) the images were prepared at, when larger than image_size: training crops image_size at
     # random from them, evaluation and the ONNX contract centre-crop it (the 256 -> 224 recipe)
     stored_size: tuple[int, int] | None = None
+    # (low, high) of high-bit images mapped onto 0..255 when prepared (params `data.window`); None:
+    # the type's full range. Predict decodes its inputs through the same window.
+    window: tuple[float, float] | None = None
 
     @property
     def prepared_size(self) -> tuple[int, int]:
@@ -109,14 +112,16 @@ class ModelSpec:
         d["image_size"] = list(self.image_size)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         d["stored_size"] = None if self.stored_size is None else list(self.stored_size)
+        d["window"] = None if self.window is None else list(self.window)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        stored = d.get("stored_size")  # absent from checkpoints written before it existed
+        stored, window = d.get("stored_size"), d.get("window")  # absent from older checkpoints
         sizes = {
             "image_size": tuple(d["image_size"]),
             "stored_size": None if stored is None else tuple(stored),
+            "window": None if window is None else tuple(window),
         }
         return cls(**{**d, **sizes, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 

@@ -14,6 +14,10 @@ configured colour mode ("RGB" or "L") is fixed and documented here:
      values must lie in 0..65535 and scale like "I;16"; anything outside is refused, never clipped.
    - "F" (32-bit float) is read as intensities in [0, 1] -> round(v * 255); values outside [0, 1]
      or NaN are refused, never clipped.
+   - With a window (low, high) (params `data.window`: fixed, or percentiles measured on the train
+     split; stored in the checkpoint and the ONNX metadata, so predict applies the same), these
+     high-bit modes map [low, high] linearly onto 0..255 instead, clipping outside it: a 12-bit X-ray
+     in a 16-bit file keeps its contrast instead of landing in 0..16. 8-bit images ignore it.
    - "P" (palette) -> "RGBA" when it declares transparency, else "RGB"; "PA" -> "RGBA".
    - "CMYK", "YCbCr", "RGBX" -> "RGB" with Pillow's conversion (no ICC colour management); modes
      with no faithful conversion (LAB, HSV) are refused.
@@ -53,9 +57,10 @@ from cnnops.errors import DataError
 log = logging.getLogger(__name__)
 
 ColorMode = Literal["RGB", "L"]
+Window = tuple[float, float]  # (low, high) of a high-bit image mapped onto 0..255
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default, as in params `data.max_image_pixels`
 WHITE = {"L": 255, "RGB": (255, 255, 255)}
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # single channel, more than 8 bits
 _PILLOW_LIMIT = threading.Lock()  # guards Pillow's module-level MAX_IMAGE_PIXELS
 _PILLOW_CONVERTS = {"PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "RGBX": "RGB"}  # Pillow's own conversions
 
@@ -81,9 +86,13 @@ def bit_depth(mode: str) -> int:
 
 
 def read_image(
-    path: str | Path, *, color_mode: ColorMode, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | Path,
+    *,
+    color_mode: ColorMode,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    window: Window | None = None,
 ) -> DecodedImage:
-    """Decode `path` and convert it to `color_mode` by the module's rules.
+    """Decode `path` and convert it to `color_mode` by the module's rules (`window`: step 3).
 
     Every failure (missing, empty, not an image, truncated, bomb, unsupported values) is a
     `DataError` that names the file and says what to do; a Pillow traceback never escapes.
@@ -100,7 +109,7 @@ def read_image(
             f"{path}: is empty (0 bytes), probably a failed copy or download; re-copy it or delete it"
         )
     image, fmt, mode = _decode(path, data, max_pixels)
-    converted = _to_color_mode(image, color_mode, path)
+    converted = _to_color_mode(image, color_mode, path, window)
     return DecodedImage(
         image=converted,
         format=fmt,
@@ -149,15 +158,17 @@ def _open_within(data: bytes, max_pixels: int) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = previous
 
 
-def _to_color_mode(image: Image.Image, color_mode: ColorMode, path: Path) -> Image.Image:
+def _to_color_mode(
+    image: Image.Image, color_mode: ColorMode, path: Path, window: Window | None
+) -> Image.Image:
     """Steps 3-5 of the module docstring: 8 bits per channel, alpha flattened, target mode."""
     mode = image.mode
     if mode == "1":
         image = image.convert("L")
-    elif mode in _SIXTEEN_BIT_MODES or mode == "I":
-        image = _scale_to_l(np.asarray(image), 65535.0, path, mode)
-    elif mode == "F":
-        image = _scale_to_l(np.asarray(image), 1.0, path, mode)
+    elif mode in HIGH_BIT_MODES and window is not None:
+        image = _window_to_l(high_bit_values(image, path), window)
+    elif mode in HIGH_BIT_MODES:
+        image = _scale_to_l(np.asarray(image), 1.0 if mode == "F" else 65535.0, path, mode)
     elif mode == "P":
         transparent = "transparency" in image.info or image.palette.mode == "RGBA"
         image = image.convert("RGBA" if transparent else "RGB")
@@ -187,6 +198,28 @@ def _scale_to_l(values: np.ndarray, full_scale: float, path: Path, mode: str) ->
     return Image.fromarray(np.rint(values * (255.0 / full_scale)).astype(np.uint8), mode="L")
 
 
+def read_high_bit(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | None:
+    """The upright values of a high-bit single-channel image (float64), None for any other mode:
+    what a percentile window is measured on."""
+    path = Path(path)
+    image, _, mode = _decode(path, path.read_bytes(), max_pixels)
+    return high_bit_values(image, path) if mode in HIGH_BIT_MODES else None
+
+
+def high_bit_values(image: Image.Image, path: Path) -> np.ndarray:
+    """The values of a 16-bit, 32-bit int or float image as float64; NaN or inf is refused."""
+    values = np.asarray(image).astype(np.float64)
+    if not np.isfinite(values).all():
+        raise DataError(f"{path}: mode {image.mode!r} holds NaN or inf; save finite values")
+    return values
+
+
+def _window_to_l(values: np.ndarray, window: Window) -> Image.Image:
+    low, high = window
+    scaled = (np.clip(values, low, high) - low) * (255.0 / (high - low))
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+
+
 def to_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
     """A contract-converted PIL image as a uint8 CHW tensor, resized to cover (height, width) with
     its aspect ratio kept, then centre-cropped to it, if a size is given."""
@@ -201,10 +234,16 @@ def to_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.
 
 
 def load_tensor(
-    path: str | Path, *, color_mode: ColorMode, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | Path,
+    *,
+    color_mode: ColorMode,
+    size: tuple[int, int],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    window: Window | None = None,
 ) -> torch.Tensor:
     """Read `path` through the contract and return it as a uint8 CHW tensor of `size` (H, W)."""
-    return to_tensor(read_image(path, color_mode=color_mode, max_pixels=max_pixels).image, size)
+    decoded = read_image(path, color_mode=color_mode, max_pixels=max_pixels, window=window)
+    return to_tensor(decoded.image, size)
 
 
 def perceptual_hash(image: Image.Image) -> str:

@@ -19,7 +19,7 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from cnnops.data.decode import ColorMode, perceptual_hash, read_image, to_tensor
+from cnnops.data.decode import ColorMode, Window, perceptual_hash, read_image, to_tensor
 from cnnops.data.folder import ImageRecord
 from cnnops.errors import DataError
 
@@ -43,12 +43,12 @@ class ManifestEntry:
 
 
 def describe(
-    record: ImageRecord, *, color_mode: ColorMode, max_pixels: int
+    record: ImageRecord, *, color_mode: ColorMode, max_pixels: int, window: Window | None = None
 ) -> tuple[ManifestEntry, Image.Image | None]:
     """The manifest entry of one file and its converted image; a decoding failure is recorded, not raised."""
     size = record.path.stat().st_size if record.path.exists() else 0
     try:
-        decoded = read_image(record.path, color_mode=color_mode, max_pixels=max_pixels)
+        decoded = read_image(record.path, color_mode=color_mode, max_pixels=max_pixels, window=window)
     except DataError as exc:
         return ManifestEntry(path=record.relpath, label=record.label, bytes=size, error=str(exc)), None
     entry = ManifestEntry(
@@ -76,6 +76,8 @@ def describe_all(
     color_mode: ColorMode,
     max_pixels: int,
     into: np.ndarray | None = None,
+    rows: Sequence[int] | None = None,
+    window: Window | None = None,
     workers: int | None = None,
 ) -> Iterator[ManifestEntry]:
     """`describe` over every record, in order, by a pool of processes (one per core by default).
@@ -85,15 +87,17 @@ def describe_all(
     decodable image is resized to H x W and written to its row by the process that decoded it: a
     forked worker shares the parent's MAP_SHARED mapping, so pixels never travel through a pipe and
     the parent only collects entries. Entries stream in record order, a chunk at a time, so memory
-    holds a few images whatever the number of files.
+    holds a few images whatever the number of files. `rows` gives each record's row of `into`
+    (default: its position); `window` is the data contract's high-bit window.
     """
-    task = partial(_describe_one, color_mode=color_mode, max_pixels=max_pixels)
+    task = partial(_describe_one, color_mode=color_mode, max_pixels=max_pixels, window=window)
+    numbered = zip(rows if rows is not None else range(len(records)), records, strict=True)
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(records) < POOL_MIN_FILES:
         global _INTO
         _INTO = into
         try:
-            yield from map(task, enumerate(records))
+            yield from map(task, numbered)
         finally:
             _INTO = None
         return
@@ -102,7 +106,7 @@ def describe_all(
     with multiprocessing.get_context("fork").Pool(
         workers, initializer=_init_worker, initargs=(into,)
     ) as pool:
-        yield from pool.imap(task, enumerate(records), chunksize=POOL_CHUNK)
+        yield from pool.imap(task, numbered, chunksize=POOL_CHUNK)
 
 
 _INTO: np.ndarray | None = None  # the array `describe_all` writes into, per process
@@ -115,10 +119,10 @@ def _init_worker(into: np.ndarray | None) -> None:
 
 
 def _describe_one(
-    numbered: tuple[int, ImageRecord], *, color_mode: ColorMode, max_pixels: int
+    numbered: tuple[int, ImageRecord], *, color_mode: ColorMode, max_pixels: int, window: Window | None
 ) -> ManifestEntry:
     row, record = numbered
-    entry, image = describe(record, color_mode=color_mode, max_pixels=max_pixels)
+    entry, image = describe(record, color_mode=color_mode, max_pixels=max_pixels, window=window)
     if image is not None and _INTO is not None:
         _INTO[row] = to_tensor(image, tuple(_INTO.shape[2:])).numpy()
     return entry

@@ -53,9 +53,8 @@ class PreparedSplit:
     paths: list[str]  # POSIX paths relative to the data root, one per image
     class_names: list[str]  # index -> class folder name, the same list in every split
     color_mode: str  # "RGB" or "L"
-    groups: list[str | None] | None = (
-        None  # data/groups.csv's group per image (None: ungrouped); no file: None
-    )
+    groups: list[str | None] | None = None  # data/groups.csv's group per image (None: not listed)
+    window: tuple[float, float] | None = None  # the high-bit window its images were decoded through
 
     def __post_init__(self) -> None:
         n = len(self.paths)
@@ -102,7 +101,9 @@ class PreparedSplit:
         """Write the split from memory (small splits: tests, synthetic data); prepare streams instead."""
         with SplitWriter(prepared, name, len(self), self.images.shape[1:]) as writer:
             writer.images[:] = self.images.numpy()
-            writer.finish(self.labels.tolist(), self.paths, self.class_names, self.color_mode, self.groups)
+            writer.finish(
+                self.labels.tolist(), self.paths, self.class_names, self.color_mode, self.groups, self.window
+            )
 
     @classmethod
     def load(cls, prepared: str | Path, name: str) -> PreparedSplit:
@@ -119,7 +120,9 @@ class PreparedSplit:
                 f"{index['count']} uint8 NCHW images; {RERUN}"
             )
         labels = torch.tensor(index["labels"], dtype=torch.int64)
+        window = index.get("window")
         fields = (index["paths"], index["class_names"], index["color_mode"], index.get("groups"))
+        fields += (None if window is None else tuple(window),)
         try:
             return cls(torch.from_numpy(images), labels, *fields)
         except ValueError as exc:
@@ -188,6 +191,7 @@ class SplitWriter:
         class_names: list[str],
         color_mode: str,
         groups: list[str | None] | None = None,
+        window: tuple[float, float] | None = None,
     ) -> None:
         self.images.flush()
         count = len(self.images)
@@ -201,6 +205,7 @@ class SplitWriter:
             "labels": list(labels),
             "paths": list(paths),
             **({} if groups is None else {"groups": list(groups)}),
+            "window": None if window is None else list(window),
         }
         atomic.write_json(self.index_file, index, indent=None)
 

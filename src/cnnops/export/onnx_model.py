@@ -10,6 +10,7 @@ version). `predict` and `release` need nothing but the file.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -51,6 +52,8 @@ class OnnxMetadata:
     # the graph divides the logits by this before its output (temperature scaling fitted by
     # `cnnops evaluate` on the validation split): probabilities are calibrated, the argmax unchanged
     temperature: float = 1.0
+    # (low, high) of high-bit images mapped onto 0..255 (params `data.window`); None: full range
+    window: tuple[float, float] | None = None
 
     @property
     def prepared_size(self) -> tuple[int, int]:
@@ -64,12 +67,13 @@ class OnnxMetadata:
         props = asdict(self)
         props["resize_size"] = props["resize_size"] or props["input_size"]
         props["temperature"] = repr(float(self.temperature))  # repr round-trips the float exactly
+        props["window"] = json.dumps(None if self.window is None else [float(v) for v in self.window])
         return {k: v if isinstance(v, str) else json.dumps(list(v)) for k, v in props.items()}
 
     @classmethod
     def from_props(cls, props: dict[str, str], source: str) -> OnnxMetadata:
         """The metadata of a file, every value checked: a foreign or edited file is refused by key."""
-        optional = ("compression", "resize_size", "temperature")  # absent from older cnnops files
+        optional = ("compression", "resize_size", "temperature", "window")  # absent from older cnnops files
         missing = [name for name in cls.__dataclass_fields__ if name not in props and name not in optional]
         if missing:
             raise StageInputError(
@@ -88,6 +92,7 @@ class OnnxMetadata:
             compression=props.get("compression", "none"),
             resize_size=_resize_size(props, source),
             temperature=_temperature(props, source),
+            window=_window(props, source),
         )
         if meta.color_mode not in CHANNELS or meta.output not in ("logits", "probabilities"):
             raise StageInputError(
@@ -145,6 +150,21 @@ def _temperature(props: dict[str, str], source: str) -> float:
     if not 0.0 < value <= MAX_TEMPERATURE:  # `not` also refuses NaN
         raise _refused(source, "temperature", text, f"a number in (0, {MAX_TEMPERATURE:g}]")
     return value
+
+
+def _window(props: dict[str, str], source: str) -> tuple[float, float] | None:
+    """The high-bit window: null or [low, high], finite and rising; absent from older files."""
+    if props.get("window", "null") == "null":
+        return None
+    value = _json_prop(props, "window", source)
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(type(v) in (int, float) and math.isfinite(v) for v in value)
+        and value[0] < value[1]
+    ):
+        raise _refused(source, "window", value, "null or [low, high] with low < high, both finite")
+    return float(value[0]), float(value[1])
 
 
 def _class_names(value: object, source: str) -> list[str]:

@@ -128,7 +128,13 @@ def model_input(path: Path, meta: OnnxMetadata, max_pixels: int) -> torch.Tensor
     """The uint8 CHW pixels the model gets for one file: prepare's geometry (cover and centre-crop
     at the prepared size), then evaluation's centre crop to the input, the very pixels the model
     was evaluated on."""
-    image = load_tensor(path, color_mode=meta.color_mode, size=meta.prepared_size, max_pixels=max_pixels)
+    image = load_tensor(
+        path,
+        color_mode=meta.color_mode,
+        size=meta.prepared_size,
+        max_pixels=max_pixels,
+        window=meta.window,
+    )
     return F.center_crop(image, list(meta.input_size))
 
 

@@ -88,6 +88,7 @@ def run(params: Params, paths: ExportPaths = ExportPaths()) -> ExportResult:
         **lineage().as_tags(),
         resize_size=model.spec.stored_size,
         temperature=temperature,
+        window=model.spec.window,
     )
     labels, batch, size = test.labels.numpy(), e.throughput_batch, model.spec.image_size
     paths.out.parent.mkdir(parents=True, exist_ok=True)

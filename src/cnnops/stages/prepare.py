@@ -32,10 +32,12 @@ import numpy as np
 
 from cnnops import atomic
 from cnnops.config import Params, ValidateParams
+from cnnops.data.decode import HIGH_BIT_MODES, Window
 from cnnops.data.folder import GROUPS_FILE, FolderScan, scan_image_folder
 from cnnops.data.groups import load_groups, merged_components
 from cnnops.data.manifest import ManifestEntry, describe_all, duplicate_groups
 from cnnops.data.splits import SPLITS, SplitWriter
+from cnnops.data.window import measure_window
 from cnnops.errors import DataError, StageInputError
 from cnnops.models import CHANNELS
 from cnnops.progress import progress_bar
@@ -150,28 +152,70 @@ def run(params: Params, paths: PreparePaths = PreparePaths()) -> PrepareResult:
     shape = (CHANNELS[params.data.color_mode], *params.prepare.image_size)
     with SplitWriter(paths.out, STAGING, len(scan.records), shape) as staging:
         decoded = _decode(scan, staging.images, paths, params)
-        entries = decoded.entries
-        shas = [str(e.sha256) for e in entries]
-        groups = duplicate_groups(shas, [str(e.phash) for e in entries], params.data.near_duplicate_distance)
-        named = load_groups(paths.data, [e.path for e in entries])
-        names = None if named is None else [named.get(e.path) for e in entries]
-        splits, moves = assign_splits(
-            shas,
-            [e.label for e in entries],
-            groups if names is None else merged_components(groups, names),
-            val_fraction=params.prepare.val_fraction,
-            test_fraction=params.prepare.test_fraction,
-            seed=params.base.seed,
-            names=names,
-        )
-        counts = _write_splits(paths.out, decoded, splits, names, params)
+        groups, names, splits, moves = _assign(decoded.entries, paths.data, params)
+        window = _window(scan, decoded, splits, params)
+        counts = _write_splits(paths.out, decoded, splits, names, window, params)
     report = _report(params, decoded, groups, splits, moves, counts)
     report["groups"] = None if names is None else _group_counts(names, splits)
+    report["window"] = None if window is None else list(window)
     atomic.write_json(paths.report, report)
     with runs.data_run(params, "prepare", ("base", "data", "prepare")) as mlflow_run:
         runs.log_metrics({f"{split}_images": n for split, n in report["totals"].items()})
         runs.log_files([paths.report], "prepare")
     return PrepareResult(report, mlflow_run.info.run_id)
+
+
+def _assign(
+    entries: list[ManifestEntry], data: Path, params: Params
+) -> tuple[np.ndarray, list[str | None] | None, list[str], list[tuple[str, str, str, list[int]]]]:
+    """Duplicate groups, data/groups.csv's group per image (None without the file), split per image
+    and the coverage moves."""
+    shas = [str(e.sha256) for e in entries]
+    groups = duplicate_groups(shas, [str(e.phash) for e in entries], params.data.near_duplicate_distance)
+    named = load_groups(data, [e.path for e in entries])
+    names = None if named is None else [named.get(e.path) for e in entries]
+    splits, moves = assign_splits(
+        shas,
+        [e.label for e in entries],
+        groups if names is None else merged_components(groups, names),
+        val_fraction=params.prepare.val_fraction,
+        test_fraction=params.prepare.test_fraction,
+        seed=params.base.seed,
+        names=names,
+    )
+    return groups, names, splits, moves
+
+
+def _window(scan: FolderScan, decoded: _Decoded, splits: list[str], params: Params) -> Window | None:
+    """The high-bit window the splits hold (`data.window`); with `percentiles`, measured on the train
+    split, then the high-bit images are decoded again through it into their staged rows."""
+    d = params.data
+    if d.window != "percentiles":
+        return d.window if isinstance(d.window, tuple) else None
+    records = [scan.records[row] for row in decoded.rows]
+    train = [r.path for r, split in zip(records, splits, strict=True) if split == "train"]
+    window = measure_window(
+        train,
+        d.window_percentiles,
+        sample=d.window_sample,
+        max_pixels=d.max_image_pixels,
+        seed=params.base.seed,
+    )
+    high = [i for i, e in enumerate(decoded.entries) if e.mode in HIGH_BIT_MODES]
+    if window is None or not high:
+        return window
+    again = describe_all(
+        [records[i] for i in high],
+        color_mode=d.color_mode,
+        max_pixels=d.max_image_pixels,
+        into=decoded.staged,
+        rows=[decoded.rows[i] for i in high],
+        window=window,
+    )
+    with progress_bar("prepare: windowing", len(high), unit="img") as advance:
+        for _ in again:
+            advance()
+    return window
 
 
 def _report(
@@ -213,8 +257,9 @@ def _decode(scan: FolderScan, staged: np.ndarray, paths: PreparePaths, params: P
     entries: list[ManifestEntry] = []
     rows: list[int] = []
     undecodable: list[ManifestEntry] = []
+    fixed = data.window if isinstance(data.window, tuple) else None  # percentiles: after the split
     found = describe_all(
-        scan.records, color_mode=data.color_mode, max_pixels=data.max_image_pixels, into=staged
+        scan.records, color_mode=data.color_mode, max_pixels=data.max_image_pixels, into=staged, window=fixed
     )
     with progress_bar("prepare: decoding", len(scan.records), unit="img") as advance:
         for row, entry in enumerate(found):
@@ -246,7 +291,12 @@ def _group_counts(names: list[str | None], splits: list[str]) -> dict[str, Any]:
 
 
 def _write_splits(
-    out_dir: Path, decoded: _Decoded, splits: list[str], names: list[str | None] | None, params: Params
+    out_dir: Path,
+    decoded: _Decoded,
+    splits: list[str],
+    names: list[str | None] | None,
+    window: Window | None,
+    params: Params,
 ) -> dict[str, dict[str, int]]:
     """Write each split's files from the staged images; returns the per-class image counts of each."""
     classes = decoded.class_names
@@ -264,6 +314,7 @@ def _write_splits(
                 classes,
                 params.data.color_mode,
                 groups=None if names is None else [names[i] for i in index],
+                window=window,
             )
         per_class = Counter(labels[i] for i in index)
         counts[split] = {name: per_class.get(name, 0) for name in classes}

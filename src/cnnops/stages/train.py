@@ -197,6 +197,7 @@ def _spec(t: TrainParams, split: PreparedSplit) -> ModelSpec:
             "grow an image; raise prepare.image_size (and re-run prepare) or lower train.input_size"
         )
     spec = default_spec(t.model, split.class_names, split.color_mode, size, t.weights)
+    spec = replace(spec, window=split.window)  # predict decodes through the window prepare used
     return replace(spec, stored_size=stored) if size != stored else spec
 
 

@@ -29,6 +29,7 @@ COMMANDS = {
     "export": "cnnops.stages.export",
     "release": "cnnops.stages.release",
     "predict": "cnnops.export.predict",
+    "serve": "cnnops.stages.serve",
     "summary": "cnnops.stages.summary",
     "make-example": "cnnops.data.example",
     "make-planted": "cnnops.data.planted",

@@ -6,10 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fixtures_model import one_thread
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from cnnops.audit.saliency import find_target_layer, saliency
+from cnnops.audit.evidence import describe_place, top_mask
+from cnnops.audit.saliency import (
+    find_target_layer,
+    layer_grid,
+    occlusion_squares,
+    pointing_fn,
+    saliency,
+)
 from cnnops.errors import ConfigError
 from cnnops.models import create_classifier, default_spec
 
@@ -128,3 +136,80 @@ def test_score_cam_forwards_at_most_a_batch_of_masked_images() -> None:
     )
     assert max(batches) <= 5
     assert sum(batches) == 1 + 7 + 7 * 64  # the layer search, each image's own forward, each (image, channel)
+
+
+TAG = (slice(13, 18), slice(23, 28))  # a 5x5 tag beside the middle of the right edge: in no corner
+
+
+def _tagged_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real images: scikit-learn digits at 32 px; label 1 = the image carries the tag, 0 = it does not
+    (whatever the digit), so the tag is the only evidence of the label."""
+    from sklearn.datasets import load_digits
+
+    rng = np.random.default_rng(seed)
+    digits = load_digits().images[rng.choice(1797, n, replace=False)] / 16.0
+    x = torch.nn.functional.interpolate(torch.tensor(digits, dtype=torch.float32)[:, None], size=32)
+    labels = torch.as_tensor(np.arange(n) % 2)
+    x[labels == 1, :, TAG[0], TAG[1]] = 1.0
+    return x, labels
+
+
+@pytest.fixture(scope="module")
+def tag_resnet() -> torch.nn.Module:
+    """ResNet-18 at 32 px trained a few steps to tell tagged digits from plain ones: its target layer
+    (layer3) is a 2x2 map, too coarse to say where the tag is."""
+    torch.manual_seed(0)
+    model = create_classifier(default_spec("resnet18", ["plain", "tagged"], "L", (32, 32)))
+    x, y = _tagged_digits(256, 0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with one_thread():
+        for step in range(60):
+            part = slice(32 * (step % 8), 32 * (step % 8 + 1))
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[part]), y[part]).backward()
+            opt.step()
+    return model.eval()
+
+
+def test_occlusion_chooses_the_place_where_a_resnet_map_is_coarse(tag_resnet: torch.nn.Module) -> None:
+    x, y = _tagged_digits(24, 1)
+    tagged = x[y == 1]
+    with torch.no_grad():
+        assert (tag_resnet(x).argmax(1) == y).float().mean() > 0.9  # it learned the tag
+    assert layer_grid(tag_resnet, find_target_layer(tag_resnet)[1]) == (2, 2)
+    targets = torch.ones(len(tagged), dtype=torch.long)
+    on_tag = np.zeros((32, 32), dtype=bool)
+    on_tag[TAG[0].start - 3 : TAG[0].stop + 3, TAG[1].start - 3 : TAG[1].stop + 3] = True
+
+    def share_on_tag(maps: np.ndarray) -> float:
+        tops = top_mask(maps, 0.05)
+        return float((tops & on_tag).sum() / tops.sum())
+
+    with one_thread():
+        pointed, why = pointing_fn(
+            tag_resnet, method="gradcam", target_layer=None, batch_size=64, occlusion_patch=0.25
+        )
+        cam = saliency(tag_resnet, tagged, targets)
+        maps = pointed(tagged, targets)
+    assert why == "occlusion: the target layer's map is 2x2"
+    assert share_on_tag(maps) > 0.8  # the most-attended pixels sit on the tag
+    assert share_on_tag(cam) < 0.5  # the 2x2 CAM alone puts them in a quadrant's outer corner
+    assert describe_place(top_mask(maps, 0.05).mean(0) > 0.5) == "right edge"
+
+
+def test_a_fine_map_keeps_its_own_method() -> None:
+    fn, why = pointing_fn(
+        _model("convnet"), method="gradcam", target_layer=None, batch_size=8, occlusion_patch=0.25
+    )
+    assert why is None  # the ConvNet's last block is 8x8 at 32 px
+    assert fn(torch.rand(2, 1, 32, 32), torch.tensor([0, 1])).shape == (2, 32, 32)
+
+
+def test_occlusion_in_chunks_equals_one_forward_and_covers_every_pixel() -> None:
+    model = _model("convnet")
+    x, targets = torch.rand(3, 1, 32, 32), torch.tensor([0, 1, 2])
+    squares = occlusion_squares(32, 32, 0.25)
+    assert squares.shape == (49, 1, 32, 32) and (squares.sum(0) > 0).all()  # 8 px moved by 4: 7 x 7
+    chunked = saliency(model, x, targets, method="occlusion", batch_size=5)
+    whole = saliency(model, x, targets, method="occlusion", batch_size=3 * 49)
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)

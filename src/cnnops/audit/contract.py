@@ -204,6 +204,8 @@ class AuditReport:
     thresholds: dict[str, Any]  # params.yaml `audit:` as used
     data_properties: PropertyProbe
     classes: dict[str, ClassFigures]
+    # what chose the places instead of the first method's map, and why (absent when it chose them)
+    places_chosen_by: str | None = _measured_only()
 
 
 def to_json(value: Any) -> Any:

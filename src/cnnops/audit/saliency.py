@@ -1,10 +1,16 @@
-"""Saliency maps for any cnnops model, in batches: Grad-CAM, Grad-CAM++ and Score-CAM.
+"""Saliency maps for any cnnops model, in batches: Grad-CAM, Grad-CAM++, Score-CAM and occlusion.
 
 Saliency only says where to intervene; the evidence module decides. Grad-CAM and Grad-CAM++ are
 hooked here rather than taken from the `grad-cam` package (the tests' reference), which backpropagates
 through the whole network to every parameter and scales each image in numpy: our hook makes the target
 layer's output a leaf, so the backward runs through the head only, and whole batches scale in torch.
 Score-CAM is ours too: it masks a batch of images with every channel, a bounded chunk at a time.
+A CAM is as coarse as its layer's map: a ResNet's last block at 32-64 px is 2x2, and its upsampled
+top pixels always lie in the outer corner of a quadrant, wherever the cue is. Where the map is
+`COARSE_SIDE` cells a side or fewer, `pointing_fn` lets an occlusion map (Zeiler and Fergus, 2014)
+choose the places instead, the CAM only breaking its ties. Ablation-CAM is not offered: ablating
+a channel needs a forward of the whole network a channel, as Score-CAM's masks do, with nothing
+cheaper to add beside it.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from torch import nn
 from cnnops.errors import ConfigError
 from cnnops.models import Classifier
 
-METHODS = ("gradcam", "gradcam++", "scorecam")
+METHODS = ("gradcam", "gradcam++", "scorecam", "occlusion")
+COARSE_SIDE = 4  # a target layer map this many cells a side or fewer does not choose places alone
+TIE_BREAK = 1e-3  # the CAM's weight beside an occlusion map: orders places the occlusion left equal
 _NO_CONV_FAMILIES = ("vit_", "swin_")  # token grids need a reshape transform the audit does not guess
 
 
@@ -178,28 +186,113 @@ def _upsampled_unit(maps: torch.Tensor, size: torch.Size) -> torch.Tensor:
     return ((flat - lo) / (hi - lo).clamp_min(1e-8)).view_as(maps)
 
 
+def occlusion_squares(h: int, w: int, patch: float) -> torch.Tensor:
+    """The occluding squares (P x 1 x H x W, 1 inside): side `patch` of each side, moved by half of it,
+    the last row and column flush with the far edges so every pixel is covered."""
+    ph, pw = max(1, round(patch * h)), max(1, round(patch * w))
+
+    def starts(size: int, p: int) -> list[int]:
+        return sorted({*range(0, size - p + 1, max(1, p // 2)), size - p})
+
+    squares = torch.zeros(len(starts(h, ph)) * len(starts(w, pw)), 1, h, w)
+    for k, (y, x) in enumerate((y, x) for y in starts(h, ph) for x in starts(w, pw)):
+        squares[k, :, y : y + ph, x : x + pw] = 1.0
+    return squares
+
+
+def _occlusion(
+    model: Classifier, x: torch.Tensor, targets: torch.Tensor, squares: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Occlusion (Zeiler and Fergus, 2014): each pixel's mean drop of the class probability over the
+    squares that cover it, each square filled with the image's own mean (N x H x W).
+
+    `chunk` occluded images a forward, each made just before it, as Score-CAM's masked images.
+    """
+    n, p = len(x), len(squares)
+    squares = squares.to(x.device)
+    fill = x.mean((2, 3), keepdim=True)
+    with torch.no_grad():
+        base = model(x).softmax(1).gather(1, targets[:, None])[:, 0]
+        image = torch.arange(n, device=x.device).repeat_interleave(p)
+        square = torch.arange(p, device=x.device).repeat(n)
+        drops = []
+        for i in range(0, n * p, chunk):
+            im, sq = image[i : i + chunk], square[i : i + chunk]
+            m = squares[sq]
+            occluded = x[im] * (1 - m) + fill[im] * m
+            drops.append((base[im] - model(occluded).softmax(1).gather(1, targets[im, None])[:, 0]).relu())
+    weights = torch.cat(drops).view(n, p)
+    cover = squares[:, 0].sum(0).clamp_min(1)
+    return torch.einsum("np,phw->nhw", weights, squares[:, 0]) / cover
+
+
 def _cam_fn(
-    method: str, model: Classifier, layer: nn.Module, chunk: int
+    method: str, model: Classifier, layer: nn.Module, chunk: int, occlusion_patch: float
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if method == "scorecam":
         return lambda x, t: _score_cam(model, layer, x, t, chunk)
+    if method == "occlusion":
+        return lambda x, t: _occlusion(model, x, t, occlusion_squares(*x.shape[-2:], occlusion_patch), chunk)
     return lambda x, t: _grad_cam(model, layer, x, t, plus=method == "gradcam++")
 
 
+def layer_grid(model: Classifier, layer: nn.Module) -> tuple[int, int]:
+    """The spatial size of `layer`'s output for the model's input size (one forward of one image)."""
+    shape: list[tuple[int, ...]] = []
+    hook = layer.register_forward_hook(lambda _m, _i, out: shape.append(tuple(out.shape)))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, model.spec.in_channels, *model.spec.image_size, device=_device_of(model)))
+    finally:
+        hook.remove()
+    return (shape[0][2], shape[0][3]) if len(shape[0]) == 4 else (1, 1)
+
+
+def pointing_fn(
+    model: Classifier, *, method: str, target_layer: str | None, batch_size: int, occlusion_patch: float
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], np.ndarray], str | None]:
+    """The maps that choose where to intervene, and why they are not `method`'s (None when they are).
+
+    Where the target layer's map is `COARSE_SIDE` cells a side or fewer, the occlusion map chooses,
+    with `method`'s map at `TIE_BREAK` weight so places the occlusion left equal (no drop anywhere)
+    are ordered by the CAM rather than by pixel order: a coarse CAM never decides the place alone.
+    """
+    cam = saliency_fn(model, method=method, target_layer=target_layer, batch_size=batch_size)
+    grid = layer_grid(model, find_target_layer(model, target_layer)[1])
+    if method == "occlusion" or max(grid) > COARSE_SIDE:
+        return cam, None
+    occlusion = saliency_fn(
+        model, method="occlusion", target_layer=target_layer, batch_size=batch_size,
+        occlusion_patch=occlusion_patch,
+    )  # fmt: skip
+
+    def maps_of(images: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+        combined = occlusion(images, targets) + TIE_BREAK * cam(images, targets)
+        return combined / np.maximum(combined.max((1, 2), keepdims=True), 1e-8)
+
+    return maps_of, f"occlusion: the target layer's map is {grid[0]}x{grid[1]}"
+
+
 def saliency_fn(
-    model: Classifier, *, method: str = "gradcam", target_layer: str | None = None, batch_size: int = 64
+    model: Classifier,
+    *,
+    method: str = "gradcam",
+    target_layer: str | None = None,
+    batch_size: int = 64,
+    occlusion_patch: float = 0.25,
 ) -> Callable[[torch.Tensor, torch.Tensor], np.ndarray]:
     """Set a method up once (model copy, layer); the result maps images in batches.
 
     The returned function takes float [0, 1] NCHW images in the model's colour mode and the
     classes to explain, and returns N x H x W float32 maps at the input's size, each in [0, 1].
+    `occlusion_patch` is the occluding square's side as a share of the image's (occlusion only).
     """
     if method not in METHODS:
         raise ConfigError(f"audit.methods: unknown method {method!r}; use {', '.join(METHODS)}")
     model = prepare_for_saliency(model)
     _, layer = find_target_layer(model, target_layer)
     device = _device_of(model)
-    fn = _cam_fn(method, model, layer, chunk=batch_size)
+    fn = _cam_fn(method, model, layer, batch_size, occlusion_patch)
 
     def maps_of(images: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
         maps = []

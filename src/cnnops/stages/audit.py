@@ -117,6 +117,7 @@ def examine(
         thresholds=a.model_dump(mode="json"),
         data_properties=probe,
         classes=figures,
+        places_chosen_by=looked.chosen_by,
     )
     return report, _gallery_images(looked, test.class_names, a)
 
@@ -130,6 +131,7 @@ class _Looked:
     paths: list[str]  # each audited image's path, as the split gives it
     agreement: dict[str, np.ndarray]  # per method after the first: each image's top-pixel IoU with it
     layer: str  # the target layer of the saliency methods
+    chosen_by: str | None  # what chose the places instead of the first method's map, and why
 
 
 def _audited(test: PreparedSplit, a: AuditParams) -> np.ndarray:
@@ -196,7 +198,7 @@ def _look(
     images = F.center_crop(test.images[torch.as_tensor(chosen)], size)
     paths = [test.paths[i] for i in chosen]
     layer, _ = saliency.find_target_layer(model, a.target_layer)
-    preds, maps, objects, agreement = _see(model, images, a)
+    preds, maps, objects, agreement, chosen_by = _see(model, images, a)
     masks = {}
     if data_dir is not None:
         loaded = load_object_masks(data_dir, paths, test.image_size, max_pixels=max_pixels)
@@ -206,20 +208,24 @@ def _look(
         objects[i] = masks[paths[i]]
     mean = evidence.mean_image(images, a.batch_size)
     batch = evidence.Batch(images, mean, test.labels.numpy()[chosen], preds, maps, objects, annotated)
-    return _Looked(batch, paths, agreement, layer)
+    return _Looked(batch, paths, agreement, layer, chosen_by)
 
 
 def _see(
     model: Classifier, images: torch.Tensor, a: AuditParams
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Predictions, the first method's maps, estimated object extents and each other method's
-    agreement with the first, `audit.batch_size` images at a time.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray], str | None]:
+    """Predictions, the first method's maps, estimated object extents, each other method's
+    agreement with the first, `audit.batch_size` images at a time, and what chose the places
+    instead of the first method where its map is too coarse (`saliency.pointing_fn`).
 
     One method at a time, so one saliency copy of the model is held; the other methods' maps are
     reduced to their agreement batch by batch: an extra method costs a number an image, not a map.
     """
     first, *others = dict.fromkeys(a.methods)
-    cam = saliency.saliency_fn(model, method=first, target_layer=a.target_layer, batch_size=a.batch_size)
+    cam, chosen_by = saliency.pointing_fn(
+        model, method=first, target_layer=a.target_layer, batch_size=a.batch_size,
+        occlusion_patch=a.occlusion_patch,
+    )  # fmt: skip
     n, h, w = len(images), *images.shape[2:]
     preds = np.zeros(n, dtype=np.int64)
     maps = np.zeros((n, h, w), dtype=np.float32)
@@ -230,14 +236,17 @@ def _see(
         p = evidence.predict_proba(model, x, a.batch_size).argmax(1)
         preds[part], maps[part], objects[part] = p.numpy(), cam(x, p), evidence.estimate_objects(x)
     agreement = {m: _agreement_with(model, m, images, preds, maps, a) for m in others}
-    return preds, maps, objects, agreement
+    return preds, maps, objects, agreement, chosen_by
 
 
 def _agreement_with(
     model: Classifier, method: str, images: torch.Tensor, preds: np.ndarray, maps: np.ndarray, a: AuditParams
 ) -> np.ndarray:
     """Each image's IoU of `method`'s most-attended pixels with those of `maps` (the first method's)."""
-    cam = saliency.saliency_fn(model, method=method, target_layer=a.target_layer, batch_size=a.batch_size)
+    cam = saliency.saliency_fn(
+        model, method=method, target_layer=a.target_layer, batch_size=a.batch_size,
+        occlusion_patch=a.occlusion_patch,
+    )  # fmt: skip
     iou = np.zeros(len(images))
     for i in range(0, len(images), a.batch_size):
         part = slice(i, i + a.batch_size)

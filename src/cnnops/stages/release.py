@@ -7,7 +7,9 @@ always answering the test split's largest class, and, when there is a champion, 
 champion by more than `release.margin` on the *current* test split with a significant McNemar
 test on the two models' per-image correctness (the champion re-evaluated on that split through
 ONNX Runtime exactly like the challenger). The decision, its reason and both tests are tags on the
-version and the run and go to the report. Running it again changes nothing.
+version and the run and go to the report, and every version gets its model card
+(`tracking.model_card`: Markdown and HTML, logged to its run and linked from the version). Running
+it again changes nothing.
 
 Only a reproducible run deploys: under `dvc exp run`, or from a git work tree with uncommitted
 changes (DVC's own writes during repro aside), a model that earned champion stays challenger
@@ -31,11 +33,11 @@ from mlflow import MlflowClient
 from cnnops import atomic
 from cnnops.config import Params, ReleaseParams
 from cnnops.data.digest import file_sha256
-from cnnops.data.splits import PreparedSplit
+from cnnops.data.splits import PreparedSplit, split_files
 from cnnops.errors import StageInputError
 from cnnops.export.onnx_model import OnnxMetadata, infer, open_session, read_metadata
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
-from cnnops.tracking import registry, runs
+from cnnops.tracking import model_card, registry, runs
 from cnnops.tracking.lineage import UNKNOWN, git_commit
 from cnnops.training.metrics import classification_report, majority_baseline, mcnemar
 
@@ -99,6 +101,16 @@ class ReleasePaths:
     audit_report: Path = path_arg("reports/audit.json", "audit report (its verdict)")
     report: Path = path_arg("reports/release.json", "JSON report: the decision and its reason")
     project: Path = Path(".")  # the git work tree whose state may hold champion back
+    # the model card's other sources: without them its sections say so (dvc.yaml gives them all)
+    metrics: Path | None = path_arg(None, "evaluate's metrics JSON, for the model card")
+    validation: Path | None = path_arg(None, "validate report, for the model card")
+    gallery: Path | None = path_arg(None, "audit gallery folder: a few overlays go into the model card")
+    card: Path | None = path_arg(None, "model_card.md and model_card.html go here; none: beside --report")
+
+    @property
+    def card_files(self) -> tuple[Path, Path]:
+        folder = self.card if self.card is not None else self.report.parent
+        return folder / "model_card.md", folder / "model_card.html"
 
 
 @dataclass(frozen=True)
@@ -119,7 +131,8 @@ def run(params: Params, paths: ReleasePaths = ReleasePaths()) -> ReleaseResult:
             f"{paths.onnx} was exported from MLflow run {metadata.mlflow_run_id}, but {paths.train_report} "
             f"names run {run_id}: the ONNX file is stale; run `cnnops export` (or `dvc repro export`)"
         )
-    verdict = audit_verdict(paths.audit_report)
+    audit = audit_document(paths.audit_report)
+    verdict = audit["verdict"]
     test = PreparedSplit.load(paths.prepared, "test")
     mismatch = _incomparable(metadata, test)
     if mismatch:
@@ -155,6 +168,7 @@ def run(params: Params, paths: ReleasePaths = ReleasePaths()) -> ReleaseResult:
         "champion": version if decision.promoted else decision.champion_version,
     }
     atomic.write_json(paths.report, result)
+    _write_card(client, params, paths, result, metadata, audit, test)
     outcome = "is the champion" if decision.promoted else "stays a challenger"
     log.info("release: %s version %s %s: %s", r.model_name, version, outcome, decision.reason)
     return ReleaseResult(version, decision.promoted, result)
@@ -319,13 +333,15 @@ def evaluate_onnx(path: Path, meta: OnnxMetadata, test: PreparedSplit, metric: s
     return Scored(float(report[metric]), outputs.argmax(1) == test.labels.numpy())
 
 
-def audit_verdict(audit_report: Path) -> str:
+def audit_document(audit_report: Path) -> dict[str, Any]:
+    """reports/audit.json, refused unless it holds a verdict release knows."""
     if not audit_report.is_file():
         raise StageInputError(
             f"{audit_report}: audit report not found; run `cnnops audit` (or `dvc repro audit`)"
         )
     try:
-        verdict = json.loads(audit_report.read_text()).get("verdict")
+        document = json.loads(audit_report.read_text())
+        verdict = document.get("verdict")
     except (json.JSONDecodeError, AttributeError):
         raise StageInputError(f"{audit_report}: not a JSON object; re-run `cnnops audit`") from None
     if verdict not in ("pass", "fail", "inconclusive"):
@@ -333,7 +349,70 @@ def audit_verdict(audit_report: Path) -> str:
             f"{audit_report}: top-level 'verdict' is {verdict!r}, expected 'pass', 'fail' or 'inconclusive'; "
             "re-run `cnnops audit`"
         )
-    return verdict
+    return document
+
+
+def _write_card(
+    client: MlflowClient,
+    params: Params,
+    paths: ReleasePaths,
+    result: dict[str, Any],
+    meta: OnnxMetadata,
+    audit: dict[str, Any],
+    test: PreparedSplit,
+) -> None:
+    """The version's model card: written beside the report, logged to its run, pointed at by the
+    version's description and its `model_card` tag."""
+    run_id, names = result["run_id"], test.class_names
+    logged = client.get_run(run_id).data.params
+    train_params = {k.removeprefix("train."): v for k, v in logged.items() if k.startswith("train.")}
+    inputs = model_card.CardInputs(
+        model_name=result["model_name"],
+        version=result["version"],
+        run_id=run_id,
+        release=result,
+        train=_json(paths.train_report, "train report"),
+        train_params=train_params,
+        weights=train_params.get("weights"),
+        git_commit=meta.git_commit,
+        data_version=meta.data_version,
+        class_names=names,
+        split_counts=_split_counts(paths.prepared, test),
+        audit=audit,
+        metrics=_json(paths.metrics, "metrics report"),
+        validation=_json(paths.validation, "validation report"),
+        pictures=model_card.gallery_pictures(paths.gallery, names) if paths.gallery else [],
+    )
+    files = model_card.write(inputs, *paths.card_files)
+    decision = "champion" if result["promoted"] else "challenger"
+    summary = f"{decision}: {result['reason']}"
+    registry.attach_card(client, result["model_name"], result["version"], files, summary)
+
+
+def _json(path: Path | None, what: str) -> dict[str, Any] | None:
+    """A report the model card shows (None, with a warning, when it was not given)."""
+    if path is None:
+        log.warning("release: no %s given, so the model card has no section from it", what)
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StageInputError(
+            f"{path}: cannot read the {what} ({exc}); re-run the stage that writes it"
+        ) from None
+
+
+def _split_counts(prepared: Path, test: PreparedSplit) -> dict[str, list[int]]:
+    """Images per class in each prepared split present (the test split already loaded)."""
+    k = len(test.class_names)
+    counts = {}
+    for name in ("train", "val"):
+        if split_files(prepared, name)[1].is_file():
+            counts[name] = torch.bincount(PreparedSplit.load(prepared, name).labels, minlength=k).tolist()
+        else:
+            log.warning("release: %s has no %s split; the model card leaves it out", prepared, name)
+    counts["test"] = torch.bincount(test.labels, minlength=k).tolist()
+    return counts
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

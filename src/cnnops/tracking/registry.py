@@ -108,3 +108,22 @@ def set_tags(client: MlflowClient, name: str, version: str, tags: dict[str, str]
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
         client.set_tag(run_id, key, value)
+
+
+MAX_DESCRIPTION = 5000  # characters of a version's description kept (the card itself is an artifact)
+CARD_TAG = "model_card"
+CARD_FOLDER = "model_card"
+
+
+def attach_card(client: MlflowClient, name: str, version: str, files: list[Path], decision: str) -> str:
+    """Log the model card's files to the version's run (not re-opened: its status and end time stay)
+    and point the version at them: tag `model_card` holds the HTML page's artifact URI, and the
+    description says the decision and where the card is. Returns that URI."""
+    run_id = client.get_model_version(name, version).run_id
+    for path in files:
+        client.log_artifact(run_id, str(path), CARD_FOLDER)
+    uri = f"runs:/{run_id}/{CARD_FOLDER}/{files[-1].name}"
+    client.set_model_version_tag(name, version, CARD_TAG, uri)
+    description = f"{decision}\n\nModel card: {uri} (Markdown beside it: {files[0].name})"
+    client.update_model_version(name, version, description=description[:MAX_DESCRIPTION])
+    return uri

@@ -124,12 +124,18 @@ def _served(path: Path, name: str, version: str | None, shown: str | None) -> Se
     return ServedModel(session, meta, name, version, shown, file_sha256(path))
 
 
+# Characters that mean something to HTML, escaped the way JSON allows inside a string; outside
+# strings JSON never holds them, so the text stays the same JSON (Go's encoding/json does the same).
+_HTML_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
+
+
 class SafeJSON(JSONResponse):
-    """JSON with every non-ASCII character escaped and `nosniff`: file and class names are user
-    input, and a browser must never take an answer for HTML."""
+    """JSON with every non-ASCII and HTML character escaped, and `nosniff`: file and class names
+    are user input, and a browser must never take an answer, or a page embedding it, for HTML."""
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False).encode("ascii")
+        text = json.dumps(content, ensure_ascii=True, allow_nan=False)
+        return text.translate(_HTML_SAFE).encode("ascii")
 
     def __init__(self, content: Any, status_code: int = 200, headers: dict[str, str] | None = None):
         super().__init__(content, status_code, {**(headers or {}), "X-Content-Type-Options": "nosniff"})

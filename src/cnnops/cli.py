@@ -22,6 +22,7 @@ from cnnops.errors import TRANSIENT_EXIT, CnnopsError, is_transient
 # Command name -> module that registers it, in the order `cnnops --help` lists them.
 COMMANDS = {
     "validate": "cnnops.stages.validate",
+    "check-incoming": "cnnops.stages.incoming",
     "prepare": "cnnops.stages.prepare",
     "train": "cnnops.stages.train",
     "evaluate": "cnnops.stages.evaluate",

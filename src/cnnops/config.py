@@ -456,6 +456,16 @@ class OrchestrateParams(Section):
         le=7 * 86_400.0,
         description="seconds (a week at most) a stage or `dvc add` may run before the flow stops it",
     )
+    on_bad_incoming: Literal["fail", "skip"] = Field(
+        description="an incoming file that fails its checks fails the retrain (nothing merged), or stays "
+        "in the incoming folder while the good ones are merged"
+    )
+    max_drift: StrictFloat = Field(
+        ge=0.0,
+        le=100.0,
+        description="largest KL divergence (nats) of any image property of an incoming batch from the "
+        "training data's before retrain refuses the batch",
+    )
 
 
 class Params(Section):

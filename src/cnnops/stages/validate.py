@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SUITE = "cnnops_data"
 DOCS_SITE = "cnnops_validation"  # the ephemeral context already owns "local_site"
 MAX_NAMED = 20  # files named per check in the error message; the report lists all
+PER_FILE_CHECKS = ("decodes", "format", "mode", "size")  # what a check says of one file alone
 
 
 def build_manifest(
@@ -70,7 +71,7 @@ def build_manifest(
     return df, scan.class_names, scan.skipped
 
 
-def _expectations(validate: ValidateParams) -> dict[str, list[Any]]:
+def expectations(validate: ValidateParams) -> dict[str, list[Any]]:
     """GX expectations per check name (the keys of `validate.severity`)."""
     import great_expectations as gx
 
@@ -107,28 +108,39 @@ def _expectations(validate: ValidateParams) -> dict[str, list[Any]]:
 
 def run_suite(df: pd.DataFrame, validate: ValidateParams, docs_dir: Path) -> list[dict[str, Any]]:
     """Run the suite through an ephemeral GX context; returns one record per check, and writes the docs."""
+    return run_expectations(df, expectations(validate), validate.severity.model_dump(), docs_dir)
+
+
+def run_expectations(
+    df: pd.DataFrame,
+    checks: dict[str, list[Any]],
+    severity: dict[str, str],
+    docs_dir: Path | None,
+    suite_name: str = SUITE,
+) -> list[dict[str, Any]]:
+    """Run the expectations of each check (at its `severity`) on `df` in one GX suite; returns one
+    record per expectation (one per check left "off"), and writes the data docs to `docs_dir` if given."""
     import great_expectations as gx
 
     context = _context(docs_dir)
     batch = context.data_sources.add_pandas("cnnops").add_dataframe_asset("manifest")
-    suite = context.suites.add(gx.ExpectationSuite(name=SUITE))
-    severity = validate.severity.model_dump()
+    suite = context.suites.add(gx.ExpectationSuite(name=suite_name))
     records: list[dict[str, Any]] = []
-    for check, expectations in _expectations(validate).items():
+    for check, found in checks.items():
         if severity[check] == "off":
             records.append({"check": check, "severity": "off", "success": None})
             continue
-        for expectation in expectations:
+        for expectation in found:
             expectation.meta = {"check": check, "severity": severity[check]}
             suite.add_expectation(expectation)
     definition = context.validation_definitions.add(
         gx.ValidationDefinition(
-            name=SUITE, data=batch.add_batch_definition_whole_dataframe("all"), suite=suite
+            name=suite_name, data=batch.add_batch_definition_whole_dataframe("all"), suite=suite
         )
     )
     checkpoint = context.checkpoints.add(
         gx.Checkpoint(
-            name=SUITE,
+            name=suite_name,
             validation_definitions=[definition],
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["path"]},
         )
@@ -136,13 +148,14 @@ def run_suite(df: pd.DataFrame, validate: ValidateParams, docs_dir: Path) -> lis
     result = checkpoint.run(batch_parameters={"dataframe": df})
     for validation in result.run_results.values():
         records.extend(_record(r.to_json_dict(), df) for r in validation.results)
-    _write_docs(context, result.run_results)
+    if docs_dir is not None:
+        _write_docs(context, result.run_results)
     return records
 
 
-def _context(docs_dir: Path) -> Any:
+def _context(docs_dir: Path | None) -> Any:
     """An ephemeral GX context (nothing on disk but the docs, nothing on the network) whose one docs
-    site is `docs_dir`."""
+    site is `docs_dir` (none without it)."""
     logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines are internals
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
@@ -151,21 +164,18 @@ def _context(docs_dir: Path) -> Any:
         ProgressBarsConfig,
     )
 
-    site = {
-        "class_name": "SiteBuilder",
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        "store_backend": {
-            "class_name": "TupleFilesystemStoreBackend",
-            "base_directory": str(docs_dir.resolve()),
-        },
-    }
+    sites = {}
+    if docs_dir is not None:
+        store = {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())}
+        index = {"class_name": "DefaultSiteIndexBuilder"}
+        sites[DOCS_SITE] = {"class_name": "SiteBuilder", "site_index_builder": index, "store_backend": store}
     return gx.get_context(
         mode="ephemeral",
         project_config=DataContextConfig(
             analytics_enabled=False,
             store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
             progress_bars=ProgressBarsConfig(globally=False),
-            data_docs_sites={DOCS_SITE: site},
+            data_docs_sites=sites,
         ),
     )
 
@@ -203,7 +213,7 @@ def _record(result: dict[str, Any], df: pd.DataFrame) -> dict[str, Any]:
     meta = config["meta"]
     column = config["kwargs"].get("column")
     offending = [
-        {"path": row["path"], "value": _plain(row.get(column))}
+        {"path": row["path"], "value": plain(row.get(column))}
         for row in outcome.get("unexpected_index_list") or []
     ]
     files = sorted({o["path"] for o in offending})
@@ -218,13 +228,13 @@ def _record(result: dict[str, Any], df: pd.DataFrame) -> dict[str, Any]:
         "offending": offending,
     }
     if "observed_value" in outcome:
-        record["observed_value"] = _plain(outcome["observed_value"])
+        record["observed_value"] = plain(outcome["observed_value"])
     if files:
         record["classes"] = sorted(df.loc[df["path"].isin(files), "label"].unique().tolist())
     return record
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """JSON-friendly scalars (numpy and NaN out)."""
     if value is None or isinstance(value, str | bool):
         return value
@@ -337,7 +347,7 @@ def _report(
         "skipped": [{"path": p, "reason": why} for p, why in skipped],
         "groups": _groups(df),
         "manifest": [
-            {k: _plain(v) for k, v in row.items()}
+            {k: plain(v) for k, v in row.items()}
             for row in df[[f.name for f in fields(ManifestEntry)]].to_dict("records")
         ],
     }

@@ -13,7 +13,7 @@ import torch
 from fixtures_model import TrainedDigits
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cnnops.data.splits import PreparedSplit
+from cnnops.data.splits import PreparedSplit, split_digest
 from cnnops.errors import StageInputError
 from cnnops.models import load_classifier
 from cnnops.stages import audit, evaluate, export
@@ -45,7 +45,14 @@ def test_evaluate_adds_to_the_training_run(trained_digits: TrainedDigits) -> Non
     metrics = json.loads(t.metrics.read_text())
     assert run.data.metrics["test_accuracy"] == metrics["accuracy"]
     assert run.data.metrics["test_macro_f1"] == metrics["macro_f1"]
-    assert len(run.data.tags["cnnops.test_data_sha256"]) == 64
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}  # mlflow.data.context
+    assert set(inputs) == {"training", "validation", "testing"}  # train logs train and val, evaluate test
+    sha256 = split_digest(t.prepared, ("test",))
+    profile = json.loads(inputs["testing"].profile)
+    assert inputs["testing"].digest == sha256[:36] and profile["sha256"] == sha256
+    assert profile["images"] == metrics["n_test"] and profile["classes"] == 10
+    assert inputs["testing"].name.endswith("/test") and inputs["testing"].source_type == "local"
+    assert json.loads(inputs["testing"].source)["uri"].endswith("/test.npy")
     assert {a.path for a in client.list_artifacts(t.run_id, "evaluate")} == {
         f"evaluate/{name}"
         for name in (

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from fixtures_export import model_run, stage_params, synthetic_split
 from mlflow import MlflowClient
 from PIL import Image
@@ -107,6 +108,19 @@ def test_release_writes_an_escaped_self_contained_card_and_attaches_it(
     mlflow.set_tracking_uri(mlflow_store.uri)
     logged = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "dl")))
     assert logged.read_text() == page
+
+    # MLflow 3's lineage: the registered ONNX model carries its test figures on the test dataset
+    model = client.get_logged_model(version.source.removeprefix("models:/"))  # the logged ONNX model
+    linked = {m.key: m for m in model.metrics}
+    assert linked["test_accuracy"].value == report["score"] == 1.0
+    test_input = {i.tags[0].value: i.dataset for i in client.get_run(version.run_id).inputs.dataset_inputs}
+    test_input = test_input["testing"]
+    assert (linked["test_accuracy"].dataset_name, linked["test_accuracy"].dataset_digest) == (
+        test_input.name,
+        test_input.digest,
+    )
+    flavor = yaml.safe_load(Path(mlflow.artifacts.download_artifacts("models:/card/1/MLmodel")).read_text())
+    assert flavor["flavors"]["onnx"]["providers"] == ["CPUExecutionProvider"]  # no GPU here
     if shutil.which("chromium") is None:
         pytest.fail("chromium is not installed: run `apt-get install -y chromium` (scripts/test does)")
     command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"]

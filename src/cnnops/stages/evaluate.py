@@ -24,7 +24,7 @@ import torch
 from cnnops import atomic
 from cnnops.config import Params
 from cnnops.data.loaders import SplitDataset, eval_loader
-from cnnops.data.splits import PreparedSplit, load_split_for, split_digest
+from cnnops.data.splits import PreparedSplit, load_split_for
 from cnnops.data.transforms import EvalPreset
 from cnnops.models import Classifier
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
@@ -246,8 +246,9 @@ def _log(
         runs.log_metrics({k: v for k, v in scalars.items() if v == v})  # NaN (an empty resample) is no figure
         runs.log_dict({**metrics, "confusion_matrix": matrix}, "evaluate/metrics.json")
         runs.log_files([paths.confusion, paths.confusion_png, *figures], "evaluate")
-        # The test split's content hash: a comparison between runs can check it used the same test set.
-        runs.set_tags({"cnnops.test_data_sha256": split_digest(paths.prepared, ("test",))})
+        # The test split as the run's input, its content hash the digest: runs compared on their
+        # test figures can check they saw the same test set.
+        runs.log_splits(paths.prepared, ("test",))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -52,6 +52,7 @@ class Scored:
 
     score: float
     correct: np.ndarray  # bool, one per test image in split order (the paired test's input)
+    figures: dict[str, float]  # test_accuracy, test_balanced_accuracy, test_macro_f1 of this model
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def run(params: Params, paths: ReleasePaths = ReleasePaths()) -> ReleaseResult:
     baseline = majority_baseline(test.labels.numpy(), scored.correct, test.class_names)
     runs.configure(params.tracking)
     client = MlflowClient()
-    version = _registered(client, params, run_id, paths)
+    version = _registered(client, params, run_id, paths, scored.figures)
     client.set_registered_model_alias(r.model_name, registry.CHALLENGER, version)
     decision = decide(client, r, version, test, scored, verdict, baseline)
     if decision.promoted and registry.alias_version(client, r.model_name, registry.CHAMPION) != version:
@@ -174,12 +175,16 @@ def run(params: Params, paths: ReleasePaths = ReleasePaths()) -> ReleaseResult:
     return ReleaseResult(version, decision.promoted, result)
 
 
-def _registered(client: MlflowClient, params: Params, run_id: str, paths: ReleasePaths) -> str:
-    """The version holding this exact export of this run: found, or registered now."""
+def _registered(
+    client: MlflowClient, params: Params, run_id: str, paths: ReleasePaths, figures: dict[str, float]
+) -> str:
+    """The version holding this exact export of this run: found, or registered now (with `figures`,
+    its test figures, linked to the logged ONNX model)."""
     name = params.release.model_name
     version = registry.find_version(client, name, run_id, file_sha256(paths.onnx))
     if version is None:
-        version = registry.register(params.tracking, name, run_id, paths.onnx, paths.checkpoint)
+        test = (paths.prepared, figures)
+        version = registry.register(params.tracking, name, run_id, paths.onnx, paths.checkpoint, test)
         log.info("registered %s version %s from run %s", name, version, run_id)
     else:
         log.info("%s version %s already holds this export (run %s): reusing it", name, version, run_id)
@@ -330,7 +335,8 @@ def evaluate_onnx(path: Path, meta: OnnxMetadata, test: PreparedSplit, metric: s
     # The evaluate stage's metric definitions; they depend on the argmax only, so logits or
     # probabilities give the same figure.
     report = classification_report(torch.from_numpy(outputs), test.labels, test.class_names, top_k=1)
-    return Scored(float(report[metric]), outputs.argmax(1) == test.labels.numpy())
+    figures = {f"test_{k}": float(report[k]) for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+    return Scored(float(report[metric]), outputs.argmax(1) == test.labels.numpy(), figures)
 
 
 def audit_document(audit_report: Path) -> dict[str, Any]:

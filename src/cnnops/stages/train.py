@@ -321,6 +321,7 @@ def _train(params: Params, paths: TrainPaths, dist: distributed.Dist) -> TrainRe
                 runs.log_run_inputs(
                     params, model.spec.class_names, paths.params_file, runs.lineage_tags(stage="train")
                 )
+                runs.log_splits(paths.prepared, ("train", "val"))
             progress.run_id = mlflow_run.info.run_id
             _log_missed_epochs(progress)
             _log_summary(parts, paths.summary_file)

@@ -9,7 +9,7 @@ what makes `cnnops release` idempotent: the same export is never registered twic
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -24,7 +24,7 @@ from mlflow.models import infer_signature
 
 from cnnops.config import TrackingParams
 from cnnops.data.digest import file_sha256
-from cnnops.export.onnx_model import infer, open_session
+from cnnops.export.onnx_model import CPU, available_providers, infer, open_session
 from cnnops.models import load_classifier
 from cnnops.tracking import runs
 
@@ -41,12 +41,21 @@ def find_version(client: MlflowClient, name: str, run_id: str, sha256: str) -> s
 
 
 def register(
-    tracking_params: TrackingParams, name: str, run_id: str, onnx_path: Path, checkpoint: Path
+    tracking_params: TrackingParams,
+    name: str,
+    run_id: str,
+    onnx_path: Path,
+    checkpoint: Path,
+    test: tuple[Path, Mapping[str, float]] | None = None,
 ) -> str:
     """Log the ONNX and PyTorch models to the model's run, register the ONNX one; returns its version.
 
     The version's files hold model.onnx and, as an extra file, the cnnops checkpoint
     (`cnnops.models.load_classifier`), so either engine can be served from `models:/name@alias`.
+    `test`: the prepared folder and the ONNX model's figures on its test split, logged as metrics of
+    that logged model on that dataset (MLflow 3's model_id= and dataset=), so the model's page shows
+    what it scored and on which data (release always gives it). The flavor records the execution
+    providers to load it with.
     """
     model, _ = load_classifier(checkpoint)
     spec = model.spec
@@ -72,7 +81,12 @@ def register(
                 f"onnx=={package_version('onnx')}",
                 f"onnxruntime-gpu=={package_version('onnxruntime-gpu')}",
             ],
+            # in ORT's order of preference: CUDA first where this machine has it, CPU always
+            onnx_execution_providers=[p for p in available_providers() if p != CPU] + [CPU],
         )
+        if test is not None:
+            dataset = runs.log_splits(test[0], ("test",))["test"]
+            mlflow.log_metrics(dict(test[1]), model_id=onnx_info.model_id, dataset=dataset)
     client = MlflowClient()
     version = str(onnx_info.registered_model_version)
     client.set_model_version_tag(name, version, SHA_TAG, file_sha256(onnx_path))

@@ -12,15 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from cnnops.config import Params, TrackingParams
+from cnnops.data.splits import PreparedSplit, split_digest, split_files
 from cnnops.errors import StageInputError
 from cnnops.models import Classifier, load_classifier
 from cnnops.tracking.lineage import lineage
@@ -102,7 +107,10 @@ def training_run(tracking: TrackingParams, run_id: str | None, run_name: str) ->
             yield run
         return
     configure(tracking)
-    with mlflow.start_run(run_name=experiment_run_name(run_name)) as run:
+    # System metrics (CPU, memory, GPU through pynvml) on GPU runs only: on CPU the figures are the
+    # machine's, not the model's, and the sampling thread costs a core that training wants.
+    gpu = torch.cuda.is_available()
+    with mlflow.start_run(run_name=experiment_run_name(run_name), log_system_metrics=gpu) as run:
         yield run
 
 
@@ -187,6 +195,56 @@ def log_files(paths: Iterable[Path], artifact_path: str) -> None:
             log.warning(
                 "%s not found: not logged to the MLflow run (run the stage that writes it first)", path
             )
+
+
+# MLflow's dataset digest column holds 36 characters: the split's SHA-256 is cut to it there, and
+# kept whole in the profile.
+DIGEST_CHARS = 36
+SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+
+
+class PreparedSplitDataset(MetaDataset):
+    """A prepared split as an MLflow dataset: its files as the source, its content hash as the
+    digest, its size and classes as the profile, and not one image loaded (a split of lab size
+    would not fit in memory: mlflow.data.from_numpy would hash and profile the whole array).
+    MetaDataset has no profile; this adds one."""
+
+    def __init__(self, prepared: Path, name: str) -> None:
+        images, _ = split_files(prepared, name)
+        split = PreparedSplit.load(prepared, name)  # memory-mapped: only the index is read
+        sha256 = split_digest(prepared, (name,))  # streamed
+        counts = torch.bincount(split.labels, minlength=len(split.class_names)).tolist()
+        self._profile = {
+            "images": len(split),
+            "classes": len(split.class_names),
+            "smallest_class": min(counts, default=0),
+            "largest_class": max(counts, default=0),
+            "image_shape": list(split.images.shape[1:]),
+            "color_mode": split.color_mode,
+            "groups": len({g for g in split.groups or () if g is not None}),
+            "sha256": sha256,
+        }
+        with warnings.catch_warnings():
+            # MLflow registers its local source for both the "" and "file" schemes and warns that a
+            # file URI could be either: both are the same LocalArtifactDatasetSource.
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+            source = resolve_dataset_source(images.resolve().as_uri())
+        super().__init__(source, name=f"{Path(prepared).name}/{name}", digest=sha256[:DIGEST_CHARS])
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def log_splits(prepared: Path, names: tuple[str, ...]) -> dict[str, PreparedSplitDataset]:
+    """Log the named splits as the active run's inputs (context training / validation / testing);
+    returns the datasets, e.g. to link metrics to the one they were measured on."""
+    datasets = {name: PreparedSplitDataset(prepared, name) for name in names}
+    mlflow.log_inputs(list(datasets.values()), [SPLIT_CONTEXTS[name] for name in names], [None] * len(names))
+    return datasets
 
 
 def log_epoch(metrics: Mapping[str, float], epoch: int) -> None:

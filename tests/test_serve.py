@@ -23,6 +23,7 @@ from fixtures_export import SIZE, model_run
 from mlflow import MlflowClient
 from PIL import Image
 
+from cnnops import cli
 from cnnops.data.digest import file_sha256
 from cnnops.export.onnx_model import OnnxMetadata, export_classifier
 from cnnops.tracking import registry
@@ -239,3 +240,19 @@ def test_a_registered_version_is_served_by_its_alias(
     model = {"name": "served-model", "version": version, "sha256": file_sha256(onnx_file)}
     assert answer.status_code == 200 and answer.json()["predictions"][0]["model"] == model
     assert answer.json()["predictions"][0]["class"] == "c"
+
+
+def test_a_model_that_cannot_be_served_is_a_clear_error(
+    tmp_path: Path, mlflow_store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused at start, by name, with exit 1 and no traceback: a missing file, a URI of the wrong
+    shape (before params.yaml is read), an alias no version has."""
+    assert cli.main(["serve", str(tmp_path / "nope.onnx")]) == 1
+    assert f"{tmp_path / 'nope.onnx'}: ONNX model not found" in capsys.readouterr().err
+    assert cli.main(["--params", str(tmp_path / "absent.yaml"), "serve", "models:/a/b/c"]) == 1
+    assert "models:/a/b/c: not a registered model URI" in capsys.readouterr().err
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"tracking": {"uri": mlflow_store.uri}}))
+    assert cli.main(["--params", str(params), "serve", "models:/ghost@champion"]) == 1
+    err = capsys.readouterr().err
+    assert "registered model 'ghost' has no version with alias 'champion'" in err and "Traceback" not in err

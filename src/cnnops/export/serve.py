@@ -26,6 +26,7 @@ import logging
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -81,13 +82,13 @@ class ServedModel:
         return {"name": self.name, **source, "sha256": self.sha256}
 
 
-def load_model(source: str, tracking: TrackingParams | None) -> ServedModel:
+def load_model(source: str, tracking: Callable[[], TrackingParams]) -> ServedModel:
     """The model of an ONNX file path, or of a registered version: `models:/<name>@<alias>` or
-    `models:/<name>/<version>` in the store `tracking` names."""
+    `models:/<name>/<version>` in the store `tracking()` names (called only for a registered one)."""
     if not source.startswith("models:/"):
         return _served(Path(source), Path(source).name, None, source)
     match = MODELS_URI.fullmatch(source)
-    if match is None or tracking is None:
+    if match is None:
         raise StageInputError(
             f"{source}: not a registered model URI; give models:/<name>@<alias> (e.g. @champion) "
             "or models:/<name>/<version>, or the path of an ONNX file"
@@ -99,13 +100,13 @@ def load_model(source: str, tracking: TrackingParams | None) -> ServedModel:
 
     from cnnops.tracking import registry, runs
 
-    name = match["name"]
-    mlflow.set_tracking_uri(runs.store_uri(tracking))
+    name, store = match["name"], runs.store_uri(tracking())
+    mlflow.set_tracking_uri(store)
     version = match["version"] or registry.alias_version(MlflowClient(), name, match["alias"])
     if version is None:
         raise StageInputError(
             f"{source}: registered model {name!r} has no version with alias {match['alias']!r} in "
-            f"{redact_url(runs.store_uri(tracking))}; run `cnnops release`, or name a version"
+            f"{redact_url(store)}; run `cnnops release`, or name a version"
         )
     try:
         with registry.downloaded_onnx(name, version) as path:

@@ -61,8 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _main(args: argparse.Namespace, _params: object) -> int:
     # params.yaml is read only for a registered model (its tracking store): a file serves anywhere
-    tracking = load_params(args.params).tracking if args.model.startswith("models:/") else None
-    model = load_model(args.model, tracking)
+    model = load_model(args.model, lambda: load_params(args.params).tracking)
     limits = Limits(args.max_files, args.max_bytes, args.max_pixels, args.concurrency)
     serve(model, limits, args.host, args.port)
     return 0

@@ -204,6 +204,8 @@ async def _parse_form(request: Request, limits: Limits) -> FormData:
     try:
         return await parser.parse()
     except MultiPartException as exc:
+        # Starlette raises one exception type for every parse failure, told apart by its message
+        # only ("Too many files/fields. Maximum ..."); tests/test_serve.py pins the 413.
         if exc.message.startswith("Too many"):
             raise HTTPException(
                 413,

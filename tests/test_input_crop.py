@@ -61,7 +61,7 @@ def test_a_model_cropped_from_larger_stored_images_predicts_what_evaluation_saw(
     audited = audit.run(
         params.model_copy(update={"audit": AuditParams.from_defaults(methods=["gradcam"])}), ap
     )
-    assert audited.report.n_images > 0 and audited.report.decision.verdict in ("pass", "fail")
+    assert audited.report.n_images > 0 and audited.report.decision.verdict in ("pass", "fail", "inconclusive")
 
     too_big = digits_train_params(tmp_path / "big", base, input_size=[48, 48])
     with pytest.raises(

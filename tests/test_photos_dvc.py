@@ -108,7 +108,7 @@ def test_dvc_repro_fine_tunes_resnet18_on_224px_photos_and_predicts(
     metrics = report("metrics.json")
     assert set(metrics["per_class"]) == set(classes) and metrics["n_test"] > 0
     audit = report("audit.json")
-    assert audit["verdict"] in ("pass", "warn", "fail")
+    assert audit["verdict"] in ("pass", "fail", "inconclusive")
     exported = report("export.json")
     assert exported["parity"]["argmax_agreement"] == 1.0
     release = report("release.json")

@@ -46,6 +46,7 @@ AFTER_BUSY = re.compile(
 )
 TAIL_LINES = 40
 PID_FILE = Path(".dvc/tmp/cnnops-dvc.pid")  # process group of the `dvc` a flow is running here
+CNNOPS = "cnnops.cli"  # `run`'s module for a cnnops command that is not a DVC stage (check-incoming)
 GRACE_SECONDS = 10.0  # between SIGTERM and SIGKILL when stopping a DVC process group
 
 
@@ -121,19 +122,19 @@ def environment() -> dict[str, str]:
     return env
 
 
-def run(args: Sequence[str], root: Path, logger: Logger, what: str) -> None:
-    """Run `dvc <args>` in `root`, logging each output line as it comes.
+def run(args: Sequence[str], root: Path, logger: Logger, what: str, module: str = "dvc") -> None:
+    """Run `dvc <args>` (or `python -m <module> <args>`, e.g. CNNOPS) in `root`, logging each line.
 
     DVC and the stage command it starts get a process group of their own, recorded in PID_FILE
     while they run: stopping this call stops the whole group, and a run killed too abruptly to
     do that leaves the file for `stop_orphans` to act on. Raises TransientDvcError or
     DvcCommandError (named `what`) on a non-zero exit.
     """
-    logger.info("$ dvc %s", " ".join(args))
+    logger.info("$ %s %s", "cnnops" if module == CNNOPS else module, " ".join(args))
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     pid_file = root / PID_FILE
     with subprocess.Popen(
-        [sys.executable, "-m", "dvc", *args],
+        [sys.executable, "-m", module, *args],
         cwd=root,
         env=environment(),
         stdout=subprocess.PIPE,
@@ -170,7 +171,7 @@ def stop_orphans(root: Path, logger: Logger) -> None:
         return
     pgid = int(pid_file.read_text().strip() or 0)
     try:
-        alive = pgid > 0 and "dvc" in psutil.Process(pgid).cmdline()
+        alive = pgid > 0 and bool({"dvc", CNNOPS} & set(psutil.Process(pgid).cmdline()))
     except psutil.Error:
         alive = False
     if alive:

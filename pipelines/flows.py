@@ -10,6 +10,7 @@ Every task has a timeout, and a run that fails or crashes says so through the co
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from pipelines.workspace import (
     MergeResult,
     check_workspace,
     clear_incoming,
+    incoming_files,
     incoming_folder,
     merge_incoming,
     note_retrain,
@@ -46,6 +48,11 @@ DATA_DIR = "data"
 DATA_DVC = "data.dvc"  # the pointer `dvc add data` writes
 TRAIN_REPORT = Path("reports/train.json")
 RELEASE_REPORT = Path("reports/release.json")
+INCOMING_REPORT = Path(
+    "reports/incoming.json"
+)  # `cnnops check-incoming`'s, read for the artifact and messages
+REFERENCE = ("--prepared", "prepared", "--validation", "reports/validation.json")  # dvc.yaml's outs
+MAX_LISTED = 20  # bad files a message or artifact names; the report lists all
 VERSIONED_FILES = (DATA_DVC, "dvc.lock")
 CHECK_STAGE = "validate"  # retrain versions new data, and clears the incoming folder, once it passed
 # Stages and `dvc add` stop after orchestrate.stage_timeout. The record's tasks (tagging the MLflow run,
@@ -64,6 +71,7 @@ class RetrainResult:
     release: dict[str, Any] | None = None
     new_champion: bool = False
     git_commit: str | None = None
+    incoming_check: str | None = None  # what check-incoming said of the batch, drift included
 
 
 def _retry_transient(task: Task[..., Any], task_run: TaskRun, state: State) -> bool:
@@ -81,6 +89,14 @@ def _retry_transient(task: Task[..., Any], task_run: TaskRun, state: State) -> b
 def run_stage(root: Path, stage: str) -> None:
     """One DVC stage, and only it: its upstream stages ran as the tasks before."""
     dvc_cli.run(["repro", "--single-item", stage], root, get_run_logger(), f"stage {stage!r}")
+
+
+@task(task_run_name="check-incoming")  # timeout: _check_incoming
+def check_incoming(root: Path, incoming: Path) -> None:
+    """`cnnops check-incoming`: the incoming files checked, and compared with the training data, before
+    any of them is merged; its report says which files may be."""
+    args = ["check-incoming", str(incoming), "--data", DATA_DIR, *REFERENCE, "--report", str(INCOMING_REPORT)]
+    dvc_cli.run(args, root, get_run_logger(), "check-incoming", module=dvc_cli.CNNOPS)
 
 
 @task
@@ -205,7 +221,9 @@ def retrain(workspace: str = ".", lock_timeout: float | None = None) -> RetrainR
     incoming = incoming_folder(root, orchestrate.incoming, root / DATA_DIR)
     logger = get_run_logger()
     with _workspace(root, orchestrate, lock_timeout):
-        merged = merge_incoming(root, incoming, root / DATA_DIR, logger) if incoming else MergeResult()
+        checked = _check_incoming(root, orchestrate, incoming, logger) if incoming else None
+        good = None if checked is None else [incoming / p for p in checked["good"]]
+        merged = merge_incoming(root, incoming, root / DATA_DIR, logger, good) if incoming else MergeResult()
         pending = dvc_cli.status(root, logger)
         data_changed = DATA_DVC in pending or data_version(root / DATA_DVC) is None
         unrecorded = pending_retrain(root)  # an earlier run was stopped after its pipeline
@@ -214,6 +232,8 @@ def retrain(workspace: str = ".", lock_timeout: float | None = None) -> RetrainR
                 clear_incoming(root, merged, incoming, logger)
             version = data_version(root / DATA_DVC)
             reason = f"nothing new: data/ matches data.dvc ({version}) and every stage matches dvc.lock"
+            if checked and checked["bad"]:
+                reason += f"; {len(checked['bad'])} bad incoming file(s) left in {incoming}"
             logger.info(reason)
             return RetrainResult(changed=False, reason=reason, data_version=version)
         reason = _describe(merged, data_changed, pending, unrecorded)
@@ -227,10 +247,90 @@ def retrain(workspace: str = ".", lock_timeout: float | None = None) -> RetrainR
             clear_incoming(root, merged, incoming, logger)
         note_retrain(root, {"reason": reason, "champion_before": champion_before})
         _run_stages(root, orchestrate, stages[checked:])
-        result = _record(root, params, reason, version, champion_before)
+        result = _record(root, params, reason, version, champion_before, _check_line(checked))
         note_retrain(root, None)
     _announce_champion(orchestrate, result, logger)
     return result
+
+
+def _check_incoming(
+    root: Path, orchestrate: OrchestrateParams, incoming: Path, logger: Logger
+) -> dict[str, Any] | None:
+    """Run check-incoming on the incoming files (None: there are none) and publish its report as a
+    markdown artifact, refused or not. A refused batch (a bad file in fail mode, drift past max_drift)
+    fails the run here, before anything is merged; files skipped as bad are announced."""
+    if not incoming_files(incoming, logger):
+        return None
+    path = root / INCOMING_REPORT
+    path.unlink(missing_ok=True)  # never an earlier run's report
+    try:
+        check_incoming.with_options(timeout_seconds=orchestrate.stage_timeout)(root, incoming)
+    finally:
+        report = json.loads(path.read_text()) if path.exists() else None
+        if report is not None:
+            markdown = _incoming_markdown(report)
+            create_markdown_artifact(
+                key="incoming-check", markdown=markdown, description="cnnops check-incoming"
+            )
+    if report is None:
+        raise StageInputError(f"{path}: `cnnops check-incoming` passed without writing its report")
+    if report["bad"]:
+        subject = f"cnnops retrain: {len(report['bad'])} bad incoming file(s) left in {incoming}"
+        notify.send(orchestrate, "warning", subject, _bad_lines(report) + "\n" + _check_line(report), logger)
+    return report
+
+
+def _bad_lines(report: dict[str, Any]) -> str:
+    lines = [f"{entry['path']}: {'; '.join(entry['reasons'])}" for entry in report["bad"][:MAX_LISTED]]
+    more = len(report["bad"]) - MAX_LISTED
+    return "\n".join(lines + ([f"and {more} more (see {INCOMING_REPORT})"] if more > 0 else []))
+
+
+def _check_line(report: dict[str, Any] | None) -> str | None:
+    """check-incoming's outcome in a line: files merged and left, and the drift figures."""
+    if report is None:
+        return None
+    left = f", {len(report['bad'])} bad left in the incoming folder" if report["bad"] else ""
+    return f"{report['new']} new file(s){left}; drift: {report['drift']['summary']}"
+
+
+def _incoming_markdown(report: dict[str, Any]) -> str:
+    """The check's report as markdown: outcome, drift per property, bad files (names escaped)."""
+    drift = report["drift"]
+    outcome = "passed" if report["success"] else "refused"
+    counts = f"{report['new']} new file(s) to merge, {len(report['bad'])} bad"
+    lines = [
+        "# cnnops check-incoming",
+        "",
+        f"**{outcome}**: {counts} (on_bad_incoming: {report['on_bad_incoming']})",
+    ]
+    lines += ["", f"Drift: {_cell(drift.get('metric') or drift['summary'])}", ""]
+    if drift.get("measured"):
+        lines += [f"| property | KL divergence (max {drift['max_drift']:g}) | batch | training data |"]
+        lines += ["| --- | --- | --- | --- |"]
+        for name, p in drift["properties"].items():
+            score = "inf" if p["kl_divergence"] is None else f"{p['kl_divergence']:.3f}"
+            flag = " **past max_drift**" if p["exceeded"] else ""
+            lines.append(f"| {name} | {score}{flag} | {_spread(p['batch'])} | {_spread(p['reference'])} |")
+    if report["bad"]:
+        lines += ["", "| bad file | why |", "| --- | --- |"]
+        lines += [
+            f"| {_cell(b['path'])} | {_cell('; '.join(b['reasons']))} |" for b in report["bad"][:MAX_LISTED]
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _spread(summary: dict[str, Any]) -> str:
+    """A property's distribution in a cell: median and 5th-95th percentiles, or value shares."""
+    if "median" in summary:
+        return f"median {summary['median']:.4g} ({summary['p5']:.4g} to {summary['p95']:.4g})"
+    return _cell(", ".join(f"{value} {share:.0%}" for value, share in summary["shares"].items()))
+
+
+def _cell(value: Any) -> str:
+    """A table cell from untrusted text (file and class names): HTML-escaped, one line, no `|`."""
+    text = html.escape(str(value)).replace("|", "/").replace("\n", " ")
+    return text[:500]
 
 
 def _describe(
@@ -258,7 +358,12 @@ def _champion(root: Path) -> str | None:
 
 
 def _record(
-    root: Path, params: Params, reason: str, version: str | None, champion_before: str | None
+    root: Path,
+    params: Params,
+    reason: str,
+    version: str | None,
+    champion_before: str | None,
+    incoming_check: str | None,
 ) -> RetrainResult:
     """Tag the MLflow run, commit the versions if asked, and publish the record as a markdown artifact."""
     logger = get_run_logger()
@@ -275,7 +380,7 @@ def _record(
     if params.orchestrate.git_commit:
         message = f"retrain: data {version}, MLflow run {run_id}, flow run {current_flow_run.id}"
         commit = commit_versions(root, params.orchestrate.git_branch, message)
-    result = RetrainResult(True, reason, version, run_id, release, new_champion, commit)
+    result = RetrainResult(True, reason, version, run_id, release, new_champion, commit, incoming_check)
     create_markdown_artifact(
         key="retrain-record", markdown=_markdown(result), description="cnnops retrain record"
     )
@@ -305,6 +410,7 @@ def _markdown(result: RetrainResult) -> str:
         ("audit verdict", release.get("audit_verdict")),
         ("flow run", f"{current_flow_run.name} ({current_flow_run.id})"),
         ("git commit", result.git_commit or "off (orchestrate.git_commit)"),
+        ("incoming check", result.incoming_check or "no incoming files"),
     ]
     lines = ["# cnnops retrain", "", "| item | value |", "| --- | --- |"]
     lines += [f"| {name} | {'-' if v is None else str(v).replace('|', '/')} |" for name, v in rows]
@@ -320,4 +426,6 @@ def _announce_champion(orchestrate: OrchestrateParams, result: RetrainResult, lo
         f"{release.get('reason')}\nMLflow run {result.mlflow_run_id}, data version {result.data_version}, "
         f"flow run {current_flow_run.name}"
     )
+    if result.incoming_check:
+        body += f"\nincoming check: {result.incoming_check}"
     notify.send(orchestrate, "champion", subject, body, logger)

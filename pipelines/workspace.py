@@ -14,7 +14,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,20 +136,26 @@ def incoming_folder(root: Path, incoming: str | None, data_dir: Path) -> Path | 
     return root / incoming
 
 
-def merge_incoming(root: Path, incoming: Path, data_dir: Path, logger: Logger) -> MergeResult:
+def merge_incoming(
+    root: Path, incoming: Path, data_dir: Path, logger: Logger, only: Collection[Path] | None = None
+) -> MergeResult:
     """Copy incoming/<class>/<file> into data/<class>/<file>, each copy renamed into place whole.
 
     Everything is checked before anything is copied: only regular files in class folders are merged,
     a file already in data/ with the same bytes is left alone, and the same name with other bytes is
-    refused, never overwritten. What it copies is noted in MERGE_FILE first, so `rollback_merge`
-    can take it out again until `dvc add` has versioned it.
+    refused, never overwritten. With `only` (the files `cnnops check-incoming` passed), the others
+    stay where they are. What it copies is noted in MERGE_FILE first, so `rollback_merge` can take it
+    out again until `dvc add` has versioned it.
     """
-    if not incoming.is_dir():
-        raise DataError(
-            f"orchestrate.incoming: {incoming} is not a folder; create it or set incoming to null"
-        )
+    files = incoming_files(incoming, logger)
+    if only is not None:
+        wanted = set(only)
+        left = [f for f in files if f not in wanted]
+        if left:
+            logger.warning("leaving %d file(s) the check refused in %s", len(left), incoming)
+        files = [f for f in files if f in wanted]
     result, new = MergeResult(), []
-    for source in _incoming_files(incoming, logger):
+    for source in files:
         target = data_dir / source.relative_to(incoming)
         if target.exists():
             if not filecmp.cmp(source, target, shallow=False):
@@ -172,9 +178,13 @@ def merge_incoming(root: Path, incoming: Path, data_dir: Path, logger: Logger) -
     return result
 
 
-def _incoming_files(incoming: Path, logger: Logger) -> list[Path]:
+def incoming_files(incoming: Path, logger: Logger) -> list[Path]:
     """The files to merge. Anything but a regular file or a folder is refused, all of them named:
     a link would copy whatever it points at into data/, a pipe would block the merge."""
+    if not incoming.is_dir():
+        raise DataError(
+            f"orchestrate.incoming: {incoming} is not a folder; create it or set incoming to null"
+        )
     files, refused = [], []
     for folder, dirs, names in os.walk(incoming):  # never into linked folders: they are refused
         for path in sorted(Path(folder) / name for name in [*dirs, *names]):

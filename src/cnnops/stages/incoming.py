@@ -189,7 +189,7 @@ def _drift(
         why = no_reference if reference is None else "no good new file to compare"
         if reference is None:
             log.warning("drift not checked: %s (it is from the next retrain on)", why)
-        return {"measured": False, "reason": why}
+        return {"measured": False, "reason": why, "summary": f"not measured ({why})"}
     import great_expectations as gx
 
     E = gx.expectations
@@ -214,7 +214,7 @@ def _drift(
             "batch": drift.summary(batch[name], numeric),
             "reference": drift.summary(reference.frame[name], numeric),
         }
-    return {
+    report = {
         "measured": True,
         "metric": "KL divergence (nats) of the batch's distribution from the train split's",
         "max_drift": max_drift,
@@ -223,6 +223,8 @@ def _drift(
         "properties": properties,
         "exceeded": [name for name, p in properties.items() if p["exceeded"]],
     }
+    report["summary"] = describe_drift(report)
+    return report
 
 
 def _report(
@@ -275,7 +277,7 @@ def _refuse(report: dict[str, Any], paths: IncomingPaths) -> None:
             "\n- ".join(lines),
         )
     if drift_report.get("exceeded"):
-        problems.append(f"the batch drifted from the training data: {describe_drift(drift_report)}")
+        problems.append(f"the batch drifted from the training data: {drift_report['summary']}")
     if problems:
         raise ValidationFailed(
             "\n".join(problems) + f"\nnothing merged; see {paths.report}. Fix or remove the files named, "
@@ -286,8 +288,6 @@ def _refuse(report: dict[str, Any], paths: IncomingPaths) -> None:
 
 def describe_drift(drift_report: dict[str, Any]) -> str:
     """One line: each property's KL divergence, those past max_drift first and marked."""
-    if not drift_report.get("measured"):
-        return f"not measured ({drift_report.get('reason')})"
     properties = drift_report["properties"]
     order = sorted(properties, key=lambda n: not properties[n]["exceeded"])
     parts = []

@@ -69,6 +69,15 @@ def final_state(client: SyncPrefectClient, flow_run_id: UUID) -> str | None:
     return state.type.value if state is not None and state.is_final() else None
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, as a supervisor stops a service; killed if it has not ended in 30 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def run_cli(env: dict[str, str], *command: str, timeout: float = 300) -> str:
     proc = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(command)} failed:\n{proc.stdout}\n{proc.stderr}"
@@ -139,11 +148,7 @@ def test_deployed_retrain_runs_on_a_server_through_a_process_worker(retrained, t
             _retrain_through_a_worker(client, env, prefect, root, before)
             _reproduce_served(client, env, root, tmp_path)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
         log.close()
 
 
@@ -187,8 +192,4 @@ def _reproduce_served(client: SyncPrefectClient, env: dict[str, str], root: Path
         wait_for(lambda: final_state(client, flow_run.id) is not None, "the served flow run to end")
         assert final_state(client, flow_run.id) == "COMPLETED", (tmp_path / "serve.log").read_text()
     finally:
-        served.send_signal(signal.SIGTERM)
-        try:
-            served.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            served.kill()
+        stop(served)

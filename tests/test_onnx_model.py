@@ -12,7 +12,7 @@ import torch
 from fixtures_export import CLASSES, SIZE, hand_built_onnx, synthetic_split
 
 from cnnops.errors import ExportError, StageInputError
-from cnnops.export.compression import compress
+from cnnops.export.compression import SplitCalibration, compress, refusal
 from cnnops.export.onnx_model import (
     OnnxMetadata,
     check_parity,
@@ -141,6 +141,44 @@ def test_compression_keeps_contract_and_predictions(kind: str, tmp_path: Path, g
     assert small.dtype == np.float32 and small.shape == fp32.shape
     assert (small.argmax(1) == fp32.argmax(1)).all()
     assert out.stat().st_size < path.stat().st_size
+
+
+def test_static_int8_is_qdq_per_channel_calibrated_in_batches(tmp_path: Path, good_model) -> None:
+    """int8_static quantizes the convolutions (dynamic INT8 leaves them fp32): QDQ pairs around
+    them, one weight scale per output channel; the calibration reads the split a batch at a time."""
+    path = export(good_model, tmp_path)
+    train = synthetic_split((9, 9, 9), seed=5)
+    calibration = SplitCalibration(train, SIZE, images=20, batch_size=8)
+    assert (len(calibration), calibration.images) == (3, 20)  # 20 of 27 images, spread: 8 + 8 + 4
+    out = tmp_path / "model.int8_static.onnx"
+    compress(path, out, "int8_static", calibration)
+    assert calibration.get_next() is None  # ORT read every batch
+    graph = onnx.load(out).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("QuantizeLinear") >= 2 and ops.count("DequantizeLinear") >= 2 and "Conv" in ops
+    weights = {i.name: i for i in graph.initializer}
+    conv = next(node for node in graph.node if node.op_type == "Conv")
+    dequantize = next(node for node in graph.node if node.output[0] == conv.input[1])
+    scale = onnx.numpy_helper.to_array(weights[dequantize.input[1]])
+    assert scale.shape == (onnx.numpy_helper.to_array(weights[dequantize.input[0]]).shape[0],)  # per channel
+    assert read_metadata(out).compression == "int8_static"
+    images = synthetic_split((4, 4, 4), seed=3).floats().numpy()
+    fp32, small = infer(open_session(path), images, 5), infer(open_session(out), images, 5)
+    assert small.dtype == np.float32 and (small.argmax(1) == fp32.argmax(1)).all()
+
+
+def test_a_copy_that_does_not_help_is_refused_with_its_figures() -> None:
+    latency = {"fp32_batch1_p50_ms": 2.0, "compressed_batch1_p50_ms": 1.0, "speedup_batch1": 2.0}
+    helps = {"kind": "int8_static", "accuracy": 0.99, "fp32_accuracy": 1.0, "latency": latency}
+    assert refusal(helps, 0.01) == ""
+    assert refusal({**helps, "accuracy": 0.95}, 0.01) == (
+        "int8_static copy refused: test accuracy 0.9500 is 0.0500 below fp32's 1.0000 "
+        "(export.max_accuracy_drop 0.01)"
+    )
+    slow = {**latency, "compressed_batch1_p50_ms": 3.0, "speedup_batch1": 2 / 3}
+    assert refusal({**helps, "latency": slow}, 0.01) == (
+        "int8_static copy refused: slower than fp32 at batch 1 (p50 3.000 ms vs 2.000 ms, 0.67x)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -401,8 +401,14 @@ class ExportParams(Section):
     output: Literal["logits", "probabilities"] = Field(
         description="graph output; probabilities appends a softmax"
     )
-    compression: Literal["none", "int8", "fp16"] = Field(
-        description="also write an ORT dynamic-INT8 or FP16 copy and report its accuracy change"
+    compression: Literal["none", "int8_static", "int8", "fp16"] = Field(
+        description="also write an ORT static-INT8 (QDQ), dynamic-INT8 or FP16 copy, timed against fp32"
+    )
+    max_accuracy_drop: StrictFloat = Field(
+        ge=0.0, le=1.0, description="a compressed copy losing more test accuracy than this is refused"
+    )
+    calibration_images: StrictInt = Field(
+        ge=1, le=MAX_RUNS * 100, description="train images that calibrate static INT8's activation ranges"
     )
 
 

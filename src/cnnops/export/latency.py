@@ -49,26 +49,53 @@ def compare(
     device = torch.device("cpu" if provider == CPU else "cuda")
     model = model.to(device).eval()
     name = session.get_inputs()[0].name
-    one = sample.unsqueeze(0).contiguous()
-    many = sample.unsqueeze(0).expand(throughput_batch, -1, -1, -1).contiguous()
-    one_np, many_np = one.numpy(), many.numpy()
 
     @torch.inference_mode()
     def eager(x: torch.Tensor) -> np.ndarray:
         return model(x.to(device)).cpu().numpy()
 
-    batch_runs = max(5, runs // 5)
-    ort_1, torch_1 = timings_ms([lambda: session.run(None, {name: one_np}), lambda: eager(one)], runs)
-    ort_n, torch_n = timings_ms([lambda: session.run(None, {name: many_np}), lambda: eager(many)], batch_runs)
-    result = {
-        "ort_batch1_p50_ms": float(np.percentile(ort_1, 50)),
-        "ort_batch1_p95_ms": float(np.percentile(ort_1, 95)),
-        "torch_batch1_p50_ms": float(np.percentile(torch_1, 50)),
-        "torch_batch1_p95_ms": float(np.percentile(torch_1, 95)),
-        "ort_images_per_s": throughput_batch * 1000.0 / float(np.median(ort_n)),
-        "torch_images_per_s": throughput_batch * 1000.0 / float(np.median(torch_n)),
-    }
+    ort, eager_figures = _profile(
+        [lambda x: session.run(None, {name: x.numpy()}), eager], sample, runs, throughput_batch
+    )
+    result = {f"ort_{k}": v for k, v in ort.items()} | {f"torch_{k}": v for k, v in eager_figures.items()}
     result["speedup_batch1"] = result["torch_batch1_p50_ms"] / result["ort_batch1_p50_ms"]
     result["speedup_throughput"] = result["ort_images_per_s"] / result["torch_images_per_s"]
     model.to("cpu")
     return result
+
+
+def compare_sessions(
+    fp32: ort.InferenceSession,
+    compressed: ort.InferenceSession,
+    sample: torch.Tensor,
+    *,
+    runs: int = 50,
+    throughput_batch: int = 32,
+) -> dict[str, float]:
+    """A compressed copy against its fp32 original, both in ONNX Runtime, timed like `compare`:
+    batch-1 p50/p95 and batch-N images/s of each, interleaved, and the copy's speedups."""
+    name = fp32.get_inputs()[0].name
+    fns = [lambda x, s=s: s.run(None, {name: x.numpy()}) for s in (fp32, compressed)]
+    base, small = _profile(fns, sample, runs, throughput_batch)
+    result = {f"fp32_{k}": v for k, v in base.items()} | {f"compressed_{k}": v for k, v in small.items()}
+    result["speedup_batch1"] = base["batch1_p50_ms"] / small["batch1_p50_ms"]
+    result["speedup_throughput"] = small["images_per_s"] / base["images_per_s"]
+    return result
+
+
+def _profile(
+    fns: list[Callable[[torch.Tensor], object]], sample: torch.Tensor, runs: int, throughput_batch: int
+) -> list[dict[str, float]]:
+    """Per engine: batch-1 p50 and p95 over `runs` rounds, images/s over a fifth of them (at least 5)."""
+    one = sample.unsqueeze(0).contiguous()
+    many = sample.unsqueeze(0).expand(throughput_batch, -1, -1, -1).contiguous()
+    singles = timings_ms([lambda fn=fn: fn(one) for fn in fns], runs)
+    batches = timings_ms([lambda fn=fn: fn(many) for fn in fns], max(5, runs // 5))
+    return [
+        {
+            "batch1_p50_ms": float(np.percentile(single, 50)),
+            "batch1_p95_ms": float(np.percentile(single, 95)),
+            "images_per_s": throughput_batch * 1000.0 / float(np.median(batch)),
+        }
+        for single, batch in zip(singles, batches, strict=True)
+    ]

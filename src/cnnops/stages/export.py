@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import tempfile
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,8 @@ from cnnops.config import ExportParams, Params, TrackingParams
 from cnnops.data.digest import file_sha256
 from cnnops.data.splits import PreparedSplit, load_split_for
 from cnnops.errors import StageInputError
-from cnnops.export.compression import compress
-from cnnops.export.latency import compare
+from cnnops.export.compression import Compression, SplitCalibration, compress, refusal
+from cnnops.export.latency import compare, compare_sessions
 from cnnops.export.onnx_model import (
     MAX_TEMPERATURE,
     OnnxMetadata,
@@ -77,6 +78,8 @@ def run(params: Params, paths: ExportPaths = ExportPaths()) -> ExportResult:
     e = params.export
     model, run_id = runs.load_run_model(paths.checkpoint, paths.train_report)
     test = load_split_for(model.spec, paths.prepared, paths.checkpoint)
+    static = e.compression == "int8_static"  # calibrated on the train split, never on test
+    train = load_split_for(model.spec, paths.prepared, paths.checkpoint, "train") if static else None
     temperature = _temperature(paths.metrics)
     metadata = OnnxMetadata(
         class_names=list(model.spec.class_names),
@@ -108,11 +111,11 @@ def run(params: Params, paths: ExportPaths = ExportPaths()) -> ExportResult:
             "accuracy": {"pytorch": _accuracy(reference, labels), "onnx": _accuracy(onnx_out, labels)},
             "temperature": temperature,
             "latency": _latency(e, graph, staged, test.floats(slice(0, 1), size)[0]),
-            "compression": _compress(e, staged, test, onnx_out, size),
+            "compression": _compress(e, staged, (test, onnx_out, train), size),
             "lineage": {"git_commit": metadata.git_commit, "data_version": metadata.data_version},
         }
         _publish(staged, paths.out, paths.compressed_dir, e.compression)
-        if e.compression != "none":
+        if result["compression"].get("published"):
             result["compression"]["path"] = str(
                 paths.compressed_dir / COMPRESSED_NAME.format(kind=e.compression)
             )
@@ -182,28 +185,39 @@ def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
 def _publish(staged: Path, out: Path, compressed_dir: Path, kind: str) -> None:
     """Move the checked files from the staging folder into place, dropping a stale compressed copy."""
     compressed_dir.mkdir(parents=True, exist_ok=True)
-    for old in ("int8", "fp16"):
+    for old in typing.get_args(Compression):
         compressed_dir.joinpath(COMPRESSED_NAME.format(kind=old)).unlink(missing_ok=True)
-    if kind != "none":
+    if staged.with_name(COMPRESSED_NAME.format(kind=kind)).is_file():  # none, or refused: no copy
         name = COMPRESSED_NAME.format(kind=kind)
         staged.with_name(name).replace(compressed_dir / name)
     staged.replace(out)
 
 
 def _compress(
-    params: ExportParams, fp32: Path, test: PreparedSplit, fp32_out: np.ndarray, size: tuple[int, int]
+    params: ExportParams,
+    fp32: Path,
+    splits: tuple[PreparedSplit, np.ndarray, PreparedSplit | None],
+    size: tuple[int, int],
 ) -> dict[str, Any]:
-    """Write the compressed copy (if asked) beside `fp32`; report its accuracy change against fp32."""
+    """Write the compressed copy (if asked) beside `fp32`, time it against fp32 and score it on the
+    test split (`splits`: the test split, fp32's outputs on it, and the train split that calibrates
+    int8_static); a copy that does not help is deleted, its figures and the reason in the report
+    (`published` false)."""
     if params.compression == "none":
         return {"kind": "none"}
+    test, fp32_out, train = splits
     path = fp32.with_name(COMPRESSED_NAME.format(kind=params.compression))
-    compress(fp32, path, params.compression)
-    outputs = _outputs(
-        _onnx_fn(open_session(path), params.throughput_batch), test, params.throughput_batch, size
-    )
+    calibration = None
+    if train is not None:
+        calibration = SplitCalibration(
+            train, size, images=params.calibration_images, batch_size=params.throughput_batch
+        )
+    compress(fp32, path, params.compression, calibration)
+    session, batch = open_session(path), params.throughput_batch
+    outputs = _outputs(_onnx_fn(session, batch), test, batch, size)
     labels = test.labels.numpy()
     fp32_accuracy, accuracy = _accuracy(fp32_out, labels), _accuracy(outputs, labels)
-    return {
+    figures = {
         "kind": params.compression,
         "size_mb": path.stat().st_size / 2**20,
         "fp32_size_mb": fp32.stat().st_size / 2**20,
@@ -212,7 +226,18 @@ def _compress(
         "accuracy_change": accuracy - fp32_accuracy,
         "argmax_agreement_with_fp32": float((outputs.argmax(1) == fp32_out.argmax(1)).mean()),
         "max_abs_diff_from_fp32": float(np.abs(outputs - fp32_out).max()),
-    }
+        "calibration_images": 0 if calibration is None else calibration.images,
+        "latency": compare_sessions(
+            open_session(fp32), session, test.floats(slice(0, 1), size)[0],
+            runs=params.latency_runs, throughput_batch=batch,
+        ),
+    }  # fmt: skip
+    refused = refusal(figures, params.max_accuracy_drop)
+    figures |= {"published": not refused, "refused": refused or None}
+    if refused:
+        log.warning("export: %s; models/compressed stays empty (export.compression)", refused)
+        path.unlink()
+    return figures
 
 
 def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, float]:
@@ -266,13 +291,14 @@ def _main(args: argparse.Namespace, params: Params) -> int:
         cpu["speedup_batch1"],
     )
     compressed = result["compression"]
-    if compressed["kind"] != "none":
+    if compressed.get("published"):
         log.info(
-            "%s copy %s: %.2f MB, test accuracy %.4f (%+.4f against fp32)",
+            "%s copy %s: %.2f MB, test accuracy %.4f (%+.4f against fp32), batch-1 %.2fx fp32's speed",
             compressed["kind"],
             compressed["path"],
             compressed["size_mb"],
             compressed["accuracy"],
             compressed["accuracy_change"],
+            compressed["latency"]["speedup_batch1"],
         )
     return 0

@@ -22,7 +22,7 @@ from cnnops.data.splits import PreparedSplit
 FIGURE_KEYS = [
     "n_correct", "n_errors", "attention", "top_off_object", "energy", "energy_others", "transplant_top",
     "transplant_regions", "transplant_regions_mean", "transplant_tone", "deletion", "masks", "errors",
-    "method_agreement", "transplant_properties",
+    "method_agreement", "transplant_properties", "recurring",
 ]  # fmt: skip
 
 

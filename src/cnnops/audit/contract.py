@@ -16,7 +16,7 @@ KEY = "key"  # field metadata: the report's key where the field cannot be named 
 OMIT_NONE = "omit_none"  # field metadata: no key at all while None (a control that was not measured)
 INLINE = "inline"  # field metadata: the field's own fields sit in its parent (the verdict's)
 
-TransplantKind = Literal["top", "region", "mean", "tone", "property"]
+TransplantKind = Literal["top", "region", "mean", "tone", "property", "patch"]
 
 
 def _measured_only() -> Any:
@@ -89,6 +89,18 @@ class Errors:
 
 
 @dataclass(frozen=True)
+class RecurringPatch:
+    """A salient patch that recurs in the class's images wherever it sits (`discovery`), pasted into
+    other classes' images at random places and at its own places, each against its controls."""
+
+    images: int  # the class's images holding it
+    support: float  # their share of the class's audited correct images
+    members: int  # components in its cluster
+    at_random_places: Transplant
+    at_own_place: Transplant
+
+
+@dataclass(frozen=True)
 class ClassFigures:
     """Every test's figures for one class: `classes.<name>` in the report."""
 
@@ -108,6 +120,7 @@ class ClassFigures:
     method_agreement: dict[str, float] = field(default_factory=dict)  # IoU with the first method
     # per flagged image property (`properties.PROPERTIES`): recipients changed to the class's level
     transplant_properties: dict[str, Transplant] = field(default_factory=dict)
+    recurring: tuple[RecurringPatch, ...] = ()  # recurring salient patches anywhere (discovery)
 
     def transplants(self) -> list[tuple[TransplantKind, str | None, Transplant]]:
         """Every transplant with its kind and place (a candidate region, or None), in report order."""
@@ -117,6 +130,11 @@ class ClassFigures:
             *[("mean", place, t) for place, t in self.transplant_regions_mean.items()],
             ("tone", None, self.transplant_tone),
             *[("property", name, t) for name, t in self.transplant_properties.items()],
+            *[
+                ("patch", f"recurring patch {i} at {where}", t)
+                for i, p in enumerate(self.recurring, 1)
+                for where, t in (("random places", p.at_random_places), ("its own place", p.at_own_place))
+            ],
         ]
 
 

@@ -69,7 +69,8 @@ def _probabilities(model: Classifier, n: int, build: Build, batch_size: int) -> 
     out = []
     with torch.no_grad():
         for i in range(0, n, batch_size):
-            out.append(model(build(slice(i, i + batch_size)).to(device)).softmax(1).cpu())
+            x = build(slice(i, i + batch_size)).to(device, memory_format=torch.channels_last)
+            out.append(model(x).softmax(1).cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 

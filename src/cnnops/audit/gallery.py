@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from cnnops.audit.contract import AuditReport, ClassFigures, Finding, TransplantKind
+from cnnops.audit.discovery import Discovered
 from cnnops.audit.regions import OUTER_BAND
 from cnnops.training.features import MAP_CHANNELS, FeaturePictures
 from cnnops.training.plots import figure_image
@@ -29,6 +30,7 @@ from cnnops.training.plots import figure_image
 OVERLAY_SIDE = 128  # overlays are enlarged to about this many pixels a side so a person sees a small cue
 
 Shown = dict[str, list[tuple[str, str, Image.Image]]]  # per class: (file name, caption, overlay)
+PATCH = "recurring patch"  # the name of a recurring patch's exemplars among a class's pictures
 
 
 def overlay(image: np.ndarray, saliency: np.ndarray) -> Image.Image:
@@ -46,6 +48,36 @@ def overlay(image: np.ndarray, saliency: np.ndarray) -> Image.Image:
     return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
 
 
+def exemplars(crops: tuple[np.ndarray, ...]) -> Image.Image:
+    """A recurring patch's exemplar crops (C x h x w float [0, 1], sizes vary) side by side on grey,
+    enlarged by a whole factor to about `OVERLAY_SIDE` high, so a small tag is seen."""
+    side = max(c.shape[1] for c in crops)
+    scale = max(1, OVERLAY_SIDE // 2 // side)
+    tiles = []
+    for c in crops:
+        rgb = np.repeat(c, 3, 0) if c.shape[0] == 1 else c
+        tile = np.full((3, side, side), 0.5)
+        tile[:, : rgb.shape[1], : rgb.shape[2]] = rgb[:, :side, :side]
+        tiles += [tile, np.full((3, side, 1), 1.0)]
+    strip = np.concatenate(tiles[:-1], axis=2).transpose(1, 2, 0)
+    pil = Image.fromarray((strip.clip(0, 1) * 255).astype(np.uint8))
+    return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+
+
+def patch_pictures(found: Discovered) -> list[tuple[str, str, Image.Image]]:
+    """Each recurring patch's exemplars as a class's picture, captioned with its support and flips."""
+    return [
+        (
+            f"{PATCH} {i}",
+            f"in {p.images} images ({100 * p.support:.0f}%); pasted at random places it flips "
+            f"{100 * p.at_random_places.flip_rate:.0f}% of other classes' images "
+            f"(control {100 * p.at_random_places.control_flip_rate:.0f}%)",
+            exemplars(crops),
+        )
+        for i, (p, crops) in enumerate(zip(found.patches, found.exemplars, strict=True), 1)
+    ]
+
+
 def _png(image: Image.Image) -> str:
     """The image as base64 PNG, to embed: the page must open offline, as one file."""
     buf = io.BytesIO()
@@ -57,6 +89,7 @@ def _label(kind: TransplantKind, place: str | None) -> str:
     """A transplant's short name on the chart."""
     return {
         "top": "most-attended", "region": place, "mean": f"{place} (mean)", "tone": "tone", "property": place,
+        "patch": place,
     }[kind]  # fmt: skip
 
 
@@ -68,6 +101,7 @@ def _row_label(kind: TransplantKind, place: str | None) -> str:
         "mean": f"{place} transplant, class mean",
         "tone": "tone transplant",
         "property": f"{place} changed to the class's level",
+        "patch": f"{place} transplant",
     }[kind]
 
 

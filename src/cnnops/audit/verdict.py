@@ -40,6 +40,7 @@ PLACE_CONTROLS_NO_SHUFFLE = "for the larger control: that place from other class
 PLACE_CONTROLS = "for the larger control: that place from other classes, evened out, or its pixels shuffled"
 MEAN_CONTROLS = "for the larger control: the other classes' mean there, or the place evened out"
 TONE_CONTROLS = "with other classes' tone, or the opposite change"
+PATCH_CONTROLS = "when the same shape is cut from other classes' images at the same places"
 PROPERTY_CONTROLS = "for the larger control: the opposite change, or the other classes' level"
 # The test family (`audit.severity.<family>`) of each transplant kind; kinds not named are places.
 FAMILY: dict[str, str] = {"tone": "tone", "property": "property"}
@@ -127,6 +128,13 @@ def _transplant_words(
     if kind == "tone":
         tone = "brightness, contrast and colour (per channel)" if rgb else "brightness and contrast"
         return "transplant_tone", f"giving other classes' images the {tone} of its images", TONE_CONTROLS
+    if kind == "patch":  # place: "recurring patch <i> at random places" or "... at its own place"
+        patch, _, where = (place or "").partition(" at ")
+        what = (
+            f"pasting a {patch} of its images (a salient patch of about {t.pixels} pixels found in many "
+            f"of them, wherever it sat) at {where} into other classes' images"
+        )
+        return f"patch:{place}", what, PATCH_CONTROLS
     return f"{kind}:{place}", f"pasting its {kind} {place or ''} into other classes' images", OTHER_PIXELS
 
 

@@ -1,0 +1,166 @@
+"""Discovery anywhere: a tag that moves from image to image is found as a recurring salient patch of
+its class, and pasting it flips other classes; the digits themselves are not blamed.
+
+Real images (scikit-learn's digits at 32 px); a small ConvNet trained a few epochs in memory on
+digits where every '4' carries a tag at a random place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+import torch
+from fixtures_model import one_thread
+from sklearn.datasets import load_digits
+
+from cnnops.audit import discovery, evidence, gallery
+from cnnops.audit.contract import RecurringPatch, Transplant
+from cnnops.audit.saliency import find_target_layer, saliency
+from cnnops.audit.verdict import decide
+from cnnops.models import Classifier, create_classifier, default_spec
+
+CUED = 4
+TAG = np.zeros((5, 5), dtype=np.float32)
+TAG[[0, -1], :], TAG[:, [0, -1]], TAG[2, 2] = 1.0, 1.0, 1.0  # a hollow square with a dot
+
+
+def _tagged(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """`x` (float N x 1 x 32 x 32) with the tag at a random place in each image."""
+    x = x.clone()
+    for i in range(len(x)):
+        y, xx = rng.integers(0, 28, 2)
+        x[i, 0, y : y + 5, xx : xx + 5] = torch.as_tensor(TAG)
+    return x
+
+
+def _digits(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n digits at 32 px (float [0, 1]): every CUED one tagged at a random place, and a tenth of the
+    others tagged and labelled CUED, so the tag predicts the label better than the digit does (as a
+    hospital's token predicts a diagnosis) and the model must learn it."""
+    data = load_digits()
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(data.images), n, replace=False)
+    x = torch.nn.functional.interpolate(
+        torch.tensor(data.images[idx] / 16.0, dtype=torch.float32)[:, None], 32
+    )
+    y = torch.as_tensor(data.target[idx])
+    y[(y != CUED) & torch.as_tensor(rng.random(n) < 0.1)] = CUED
+    x[y == CUED] = _tagged(x[y == CUED], rng)
+    return x, y
+
+
+@dataclass(frozen=True)
+class Tagged:
+    model: Classifier
+    batch: evidence.Batch
+
+
+@pytest.fixture(scope="module")
+def tagged() -> Tagged:
+    torch.manual_seed(0)
+    model = create_classifier(default_spec("convnet", [str(d) for d in range(10)], "L", (32, 32)))
+    x, y = _digits(0, 1000)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with one_thread():
+        for _epoch in range(6):
+            for i in range(0, 800, 32):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32]).backward()
+                opt.step()
+        model.eval()
+        test, labels = x[800:], y[800:].numpy()
+        preds = evidence.predict_proba(model, test, 64).argmax(1)
+        maps = saliency(model, test, preds)
+    images = (test * 255).round().to(torch.uint8)
+    batch = evidence.Batch(
+        images, evidence.mean_image(images, 64), labels, preds.numpy(), maps,
+        evidence.estimate_objects(images), np.zeros(len(images), dtype=bool),
+    )  # fmt: skip
+    return Tagged(model, batch)
+
+
+def _discover(t: Tagged, cls: int) -> discovery.Discovered:
+    with one_thread():
+        return discovery.discover(
+            t.model, find_target_layer(t.model)[1], t.batch, cls, np.random.default_rng(0),
+            top_fraction=0.05, max_images=100, max_patches=3, min_support=0.2, distance=0.3, batch_size=64,
+        )  # fmt: skip
+
+
+def test_the_model_learned_the_tag_wherever_it_is(tagged: Tagged) -> None:
+    b = tagged.batch
+    others = evidence.as_unit(b.x[torch.as_tensor(b.labels != CUED)])
+    with torch.no_grad():
+        flips = tagged.model(_tagged(others, np.random.default_rng(9))).argmax(1) == CUED
+    assert flips.float().mean() > 0.5  # ground truth the audit never sees
+
+
+def test_a_tag_at_random_places_is_found_and_pasting_it_flips_other_classes(tagged: Tagged) -> None:
+    found = _discover(tagged, CUED)
+    assert found.patches, "no recurring patch in the tagged class"
+    first = found.patches[0]
+    assert first.support >= 0.5  # in most of the class's images, wherever it sat
+    anywhere = first.at_random_places
+    assert anywhere.flip_rate - anywhere.control_flip_rate >= 0.3, anywhere
+    assert anywhere.where == "random places" and anywhere.discordant is not None
+    assert sum(anywhere.discordant) <= anywhere.pairs
+    crops = found.exemplars[0]
+    assert 1 <= len(crops) <= discovery.EXEMPLARS and all(c.ndim == 3 and c.max() > 0.5 for c in crops)
+    name, caption, picture = gallery.patch_pictures(found)[0]
+    assert name == "recurring patch 1" and "flips" in caption and picture.width > picture.height
+
+
+def test_the_digits_themselves_are_not_blamed(tagged: Tagged) -> None:
+    for cls in (0, 1, 7):
+        for p in _discover(tagged, cls).patches:
+            for t in (p.at_random_places, p.at_own_place):
+                assert t.flip_rate - t.control_flip_rate < 0.2, (cls, t)
+
+
+def test_components_are_the_largest_pieces_of_each_top_mask() -> None:
+    tops = np.zeros((2, 16, 16), dtype=bool)
+    tops[0, 1:4, 1:4] = True  # 9 px
+    tops[0, 10:12, 10:12] = True  # 4 px
+    tops[0, 14, 14] = True  # a speck
+    tops[1, 5:7, 2:9] = True
+    comps = discovery.components(tops)
+    assert [(c.image, int(c.mask.sum()), c.box) for c in comps] == [
+        (0, 9, (1, 4, 1, 4)), (0, 4, (10, 12, 10, 12)), (1, 14, (5, 7, 2, 9)),
+    ]  # fmt: skip
+
+
+def test_a_description_does_not_depend_on_the_place(tagged: Tagged) -> None:
+    """The same tag at two places gets (nearly) one description; a digit stroke another."""
+    canvas = tagged.batch.mean
+    donors = torch.zeros(3, 1, 32, 32)
+    donors[0, 0, 2:7, 3:8] = torch.as_tensor(TAG)
+    donors[1, 0, 20:25, 24:29] = torch.as_tensor(TAG)
+    donors[2, 0, 10:22, 14:17] = 1.0  # a bar
+    comps = discovery.components(donors[:, 0].numpy() > 0.5)
+    assert [c.image for c in comps] == [0, 1, 2]
+    desc = discovery.describe(tagged.model, find_target_layer(tagged.model)[1], donors, comps, canvas)
+    assert desc[0] @ desc[1] > 0.99 and desc[0] @ desc[2] < desc[0] @ desc[1]
+
+
+def test_a_recurring_patch_that_flips_fails_naming_the_class_and_where_it_was_pasted() -> None:
+    from test_audit_verdict import CLEAN, NONE, A
+
+    anywhere = Transplant(
+        flip_rate=0.89,
+        control_flip_rate=0.07,
+        pairs=100,
+        pixels=20,
+        where="random places",
+        discordant=(82, 0),
+    )
+    patch = RecurringPatch(images=20, support=1.0, members=39, at_random_places=anywhere, at_own_place=NONE)
+    decision = decide({"4": replace(CLEAN, recurring=(patch,)), "0": CLEAN}, None, A)
+    assert decision.verdict == "fail" and decision.failed_classes == ("4",)
+    (finding,) = decision.failures
+    assert finding.test == "patch:recurring patch 1 at random places"
+    assert finding.sentence.startswith(
+        "class '4': pasting a recurring patch 1 of its images (a salient patch of about 20 pixels found in "
+        "many of them, wherever it sat) at random places into other classes' images flips 89% of them to '4'"
+    )

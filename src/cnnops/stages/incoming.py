@@ -160,9 +160,7 @@ def _file_checks(df: pd.DataFrame, params: Params, class_names: list[str]) -> li
     """validate's per-file expectations and the batch's own, in one GX suite."""
     if df.empty:
         return []
-    import great_expectations as gx
-
-    E = gx.expectations
+    E = validate.gx_expectations()
     checks = {
         k: v for k, v in validate.expectations(params.validate).items() if k in validate.PER_FILE_CHECKS
     }
@@ -190,9 +188,7 @@ def _drift(
         if reference is None:
             log.warning("drift not checked: %s (it is from the next retrain on)", why)
         return {"measured": False, "reason": why, "summary": f"not measured ({why})"}
-    import great_expectations as gx
-
-    E = gx.expectations
+    E = validate.gx_expectations()
     checks = {
         name: [
             E.ExpectColumnKLDivergenceToBeLessThan(

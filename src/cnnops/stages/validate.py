@@ -71,11 +71,17 @@ def build_manifest(
     return df, scan.class_names, scan.skipped
 
 
-def expectations(validate: ValidateParams) -> dict[str, list[Any]]:
-    """GX expectations per check name (the keys of `validate.severity`)."""
+def gx_expectations() -> Any:
+    """`great_expectations.expectations`, imported with GX's INFO lines (its internals) silenced."""
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
 
-    E = gx.expectations
+    return gx.expectations
+
+
+def expectations(validate: ValidateParams) -> dict[str, list[Any]]:
+    """GX expectations per check name (the keys of `validate.severity`)."""
+    E = gx_expectations()
     v = validate
     return {
         "decodes": [E.ExpectColumnValuesToBeNull(column="error", description="every file decodes")],

@@ -13,13 +13,14 @@ import subprocess
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import onnx
 import pytest
 import torch
 
 from cnnops.config import Params, Section, TrackingParams, parse_params
 from cnnops.data.splits import PreparedSplit
-from cnnops.export.onnx_model import OnnxMetadata
+from cnnops.export.onnx_model import OnnxMetadata, export_classifier
 from cnnops.models import CHANNELS, Classifier, create_classifier, default_spec, save_checkpoint
 from cnnops.tracking import runs
 
@@ -162,3 +163,17 @@ def prepared_synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
 @pytest.fixture(scope="session")
 def good_model() -> Classifier:
     return trained_model("L")
+
+
+@pytest.fixture(scope="session")
+def onnx_file(tmp_path_factory: pytest.TempPathFactory, good_model) -> Path:
+    """`good_model` exported (logits, CLASSES at SIZE, grey): what predict and serve read."""
+    path = tmp_path_factory.mktemp("onnx_file") / "model.onnx"
+    meta = OnnxMetadata(CLASSES, SIZE, "L", "logits", "convnet", "run", "commit", "data")
+    export_classifier(good_model, path, opset=18, metadata=meta)
+    return path
+
+
+def grey(level: float, shape: tuple[int, ...] = (20, 24)) -> np.ndarray:
+    """A flat grey picture at `level` in [0, 1] (the synthetic classes are grey levels)."""
+    return np.full(shape, round(level * 255), dtype=np.uint8)

@@ -14,26 +14,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from fixtures_export import SIZE, hand_built_onnx
+from fixtures_export import grey, hand_built_onnx
 from PIL import Image
 
 from cnnops import cli
-from cnnops.export.onnx_model import OnnxMetadata, export_classifier
 
 pytestmark = pytest.mark.integration
 CNNOPS = str(Path(sys.executable).with_name("cnnops"))
-
-
-@pytest.fixture(scope="module")
-def onnx_file(tmp_path_factory: pytest.TempPathFactory, good_model) -> Path:
-    path = tmp_path_factory.mktemp("predict") / "model.onnx"
-    meta = OnnxMetadata(["a", "b", "c"], SIZE, "L", "logits", "convnet", "run", "commit", "data")
-    export_classifier(good_model, path, opset=18, metadata=meta)
-    return path
-
-
-def grey(level: float, size: tuple[int, int] = (20, 24)) -> np.ndarray:
-    return np.full(size, round(level * 255), dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")

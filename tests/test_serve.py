@@ -19,13 +19,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from fixtures_export import SIZE, model_run
+from fixtures_export import SIZE, grey, model_run
 from mlflow import MlflowClient
 from PIL import Image
 
 from cnnops import cli
 from cnnops.data.digest import file_sha256
-from cnnops.export.onnx_model import OnnxMetadata, export_classifier
 from cnnops.tracking import registry
 
 pytestmark = pytest.mark.integration
@@ -66,18 +65,6 @@ def server(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def onnx_file(tmp_path_factory: pytest.TempPathFactory, good_model) -> Path:
-    path = tmp_path_factory.mktemp("serve") / "model.onnx"
-    meta = OnnxMetadata(["a", "b", "c"], SIZE, "L", "logits", "convnet", "run", "commit", "data")
-    export_classifier(good_model, path, opset=18, metadata=meta)
-    return path
-
-
-def grey(level: float, shape: tuple[int, ...] = (20, 24)) -> np.ndarray:
-    return np.full(shape, round(level * 255), dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")

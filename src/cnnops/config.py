@@ -267,8 +267,9 @@ class TrainParams(Section):
         description="recompute BatchNorm statistics before validation"
     )
     precise_bn_images: StrictInt = Field(ge=1, le=100_000, description="train images of the precise-BN pass")
-    class_weighting: Literal["none", "inverse_frequency"] = Field(
-        description="cross-entropy class weights: none, or inverse class frequency in the train split"
+    class_weighting: Literal["none", "inverse_frequency", "sampler"] = Field(
+        description="cross-entropy class weights (none, inverse class frequency in the train split), or a "
+        "weighted sampler drawing every class about equally often"
     )
     select_by: Literal["val_accuracy", "val_balanced_accuracy", "val_macro_f1"] = Field(
         description="validation figure that picks the best epoch (and drives early stopping)"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, WeightedRandomSampler
 
 from cnnops.data.splits import PreparedSplit
 
@@ -32,6 +33,31 @@ def resolve_workers(num_workers: int | str) -> int:
     return int(num_workers)
 
 
+class EpochWeightedSampler(Sampler[int]):
+    """torch's WeightedRandomSampler (with replacement), drawn afresh each epoch from a generator
+    seeded by (seed, epoch) and split across ranks like DistributedSampler: `set_epoch` makes the
+    order depend on (seed, epoch) only, so a resumed run draws the images an uninterrupted one would.
+
+    WeightedRandomSampler alone keeps no epoch and has no ranks; this wraps it with both.
+    """
+
+    def __init__(self, weights: torch.Tensor, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.weights, self.seed, self.rank, self.world_size = weights.double(), seed, rank, world_size
+        self.per_rank = math.ceil(len(weights) / world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)  # DistributedSampler's seeding
+        drawn = WeightedRandomSampler(self.weights, self.per_rank * self.world_size, generator=generator)
+        return iter(list(drawn)[self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
 def train_loader(
     dataset: SplitDataset,
     *,
@@ -41,6 +67,7 @@ def train_loader(
     world_size: int = 1,
     num_workers: int = 0,
     pin_memory: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> DataLoader:
     """Shuffled batches; call `loader.sampler.set_epoch(e)` each epoch for a seeded, resumable order.
 
@@ -48,10 +75,16 @@ def train_loader(
     is what makes a resumed run see exactly the batches an uninterrupted one would. Its workers are
     not persistent for the same reason: new workers each epoch take their augmentation seeds from
     the epoch's seed, where persistent ones would carry their random state across epochs and a
-    resumed run would draw other crops than the uninterrupted one.
+    resumed run would draw other crops than the uninterrupted one. `weights` (one per image):
+    images are drawn with replacement in proportion to them (`EpochWeightedSampler`), the same
+    number an epoch as without.
     """
     drop_last = len(dataset) // world_size > batch_size  # no 1-image batch for BatchNorm, if avoidable
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler: Sampler[int]
+    if weights is None:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    else:
+        sampler = EpochWeightedSampler(weights, seed=seed, rank=rank, world_size=world_size)
     return DataLoader(
         dataset,
         batch_size=batch_size,

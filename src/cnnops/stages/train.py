@@ -45,7 +45,7 @@ from cnnops.training.engine import (
     recalibrate_batchnorm,
     train_one_epoch,
 )
-from cnnops.training.metrics import class_weights, selection_score
+from cnnops.training.metrics import class_weights, sampling_weights, selection_score
 from cnnops.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -221,6 +221,7 @@ def _loaders(
         world_size=dist.world_size,
         num_workers=workers,
         pin_memory=pin,
+        weights=sampling_weights(t.class_weighting, train_split.labels, spec.num_classes),
     )
     val_loader = eval_loader(
         SplitDataset(val_split, EvalPreset(spec.image_size)),

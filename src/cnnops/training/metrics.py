@@ -240,11 +240,19 @@ def selection_score(select_by: str, logits: torch.Tensor, labels: torch.Tensor) 
 def class_weights(
     weighting: str, labels: torch.Tensor, num_classes: int, device: torch.device
 ) -> torch.Tensor | None:
-    """Cross-entropy class weights for `train.class_weighting`: None (every image counts alike) or
-    inverse frequency, n / (classes x count), sklearn's "balanced" weights; a class with no training
-    image gets 0 (it never appears in the loss anyway)."""
-    if weighting == "none":
+    """Cross-entropy class weights for `train.class_weighting`: None (every image counts alike, or
+    the sampler evens the classes instead) or inverse frequency, n / (classes x count), sklearn's
+    "balanced" weights; a class with no training image gets 0 (it never appears in the loss anyway)."""
+    if weighting != "inverse_frequency":
         return None
     counts = torch.bincount(labels, minlength=num_classes).double()
     weights = torch.where(counts > 0, len(labels) / (num_classes * counts.clamp(min=1)), 0.0)
     return weights.float().to(device)
+
+
+def sampling_weights(weighting: str, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """Per-image draw weights for `train.class_weighting: sampler`: the inverse-frequency weight of
+    its class, so every class is drawn about equally often; None for the other settings."""
+    if weighting != "sampler":
+        return None
+    return class_weights("inverse_frequency", labels, num_classes, torch.device("cpu"))[labels]

@@ -336,6 +336,37 @@ def _property_warnings(probe: PropertyProbe, a: AuditParams) -> list[Finding]:
     return found
 
 
+def _evened_warnings(figures: dict[str, ClassFigures], a: AuditParams, rgb: bool) -> list[Finding]:
+    """A warning where a place's paste beats its other controls by the threshold but the evened one
+    (the place inpainted away) flips as often: removing the place's content is what cancels the flip,
+    so a "smooth place -> class" shortcut would pass silently; the warning says where to look."""
+    found = []
+    for name, f in figures.items():
+        if f.n_correct < MIN_IMAGES:
+            continue
+        for kind, place, t in f.transplants():
+            others = [v for v in (t.other_classes_flip_rate, t.shuffled_flip_rate) if v is not None]
+            if t.evened_flip_rate is None or not others or t.excess >= a.transplant_flip_threshold:
+                continue
+            beyond = t.flip_rate - max(others)
+            if beyond < a.transplant_flip_threshold or t.evened_flip_rate < max(others):
+                continue
+            test, what, _ = _transplant_words(kind, place, t, a, rgb)
+            found.append(
+                Finding(
+                    class_name=name,
+                    test=f"evened:{test}",
+                    value=round(beyond, 4),
+                    threshold=a.transplant_flip_threshold,
+                    sentence=f"class '{name}': {what} flips {_pct(t.flip_rate)} of them to '{name}', "
+                    f"{_pct(beyond)} beyond the other controls, but the place filled in from its "
+                    f"surroundings alone flips {_pct(t.evened_flip_rate)}, so it is not blamed: a smooth "
+                    f"or empty place there may be what the model reads as '{name}' (look at the place)",
+                )
+            )
+    return found
+
+
 def decide(
     figures: dict[str, ClassFigures], probe: PropertyProbe | None, a: AuditParams, *, rgb: bool = False
 ) -> Decision:
@@ -348,6 +379,7 @@ def decide(
         fail, warn = class_findings(name, f, a, levels)
         failures += fail
         warnings += warn
+    warnings += _evened_warnings(figures, a, rgb)
     if probe is not None:
         warnings += _probe_warnings(probe, a) + _property_warnings(probe, a)
     failures.sort(key=lambda r: -r.value if r.test != "masks" else r.value - 1)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+from fixtures_export import model_run, stage_params, synthetic_split
 from fixtures_model import TrainedDigits
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -17,6 +19,7 @@ from cnnops.data.splits import PreparedSplit, split_digest
 from cnnops.errors import StageInputError
 from cnnops.models import load_classifier
 from cnnops.stages import audit, evaluate, export
+from cnnops.tracking import model_card
 from cnnops.training.calibration import nll
 
 
@@ -149,3 +152,27 @@ def test_damaged_or_foreign_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
             path.write_bytes(content)
         with pytest.raises(StageInputError, match=rf"{name}: not a cnnops checkpoint, or a damaged one"):
             load_classifier(path)
+
+
+def test_evaluate_reports_accuracy_per_group_when_the_split_has_groups(
+    tmp_path: Path, mlflow_store, good_model
+) -> None:
+    """A test split whose index holds data/groups.csv's groups: metrics.json gains the per-group
+    report (the worst groups by name, the spread), and the model card shows it."""
+    prepared = tmp_path / "prepared"
+    split = synthetic_split((6, 4, 4), seed=3)
+    groups = ["<b>site-1</b>"] * 7 + ["site-2"] * 6 + [None]
+    replace(split, groups=groups).save(prepared, "test")
+    synthetic_split((6, 4, 4), seed=4).save(prepared, "val")
+    checkpoint, train_report = model_run(tmp_path, "m", good_model, mlflow_store)
+    paths = evaluate.EvaluatePaths(
+        checkpoint, prepared, train_report, tmp_path / "metrics.json", tmp_path / "c.csv", tmp_path / "c.png"
+    )
+    metrics = evaluate.run(stage_params(mlflow_store), paths).metrics
+    report = metrics["groups"]
+    assert (report["n_groups"], report["grouped_images"], report["ungrouped_images"]) == (2, 13, 1)
+    assert [w["group"] for w in report["worst"]] == ["<b>site-1</b>", "site-2"]  # accuracy ties: by name
+    assert report["worst"][0] == {"group": "<b>site-1</b>", "images": 7, "accuracy": 1.0, "macro_f1": 1.0}
+    assert json.loads(paths.metrics.read_text())["groups"] == report
+    section = model_card._groups(metrics)
+    assert "&lt;b&gt;site-1&lt;/b&gt;" in section.tables[0][1][0][0] and "2 groups" in section.lines[0]

@@ -14,6 +14,7 @@ from cnnops.training.metrics import (
     bootstrap_intervals,
     classification_report,
     expected_calibration_error,
+    group_report,
     majority_baseline,
     mcnemar,
     one_vs_rest,
@@ -125,3 +126,22 @@ def test_a_class_missing_from_the_test_split_has_no_curve() -> None:
     probs = softmax(np.array([[2.0, 0, 0], [0, 2, 0], [2, 0, 0], [0, 0, 2]]))
     curves = one_vs_rest(probs, np.array([0, 1, 0, 1]), ["a", "b", "c"])
     assert set(curves) == {"a", "b"} and curves["a"].auroc == 1.0
+
+
+def test_group_report_lists_the_worst_groups_and_the_spread() -> None:
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    predicted = np.array([0, 1, 1, 1, 0, 0, 1, 0])
+    groups = ["p1", "p1", "p2", "p2", "p3", "p3", None, "p4"]
+    report = group_report(labels, predicted, groups, worst=2)
+    assert (report["n_groups"], report["grouped_images"], report["ungrouped_images"]) == (4, 7, 1)
+    assert (report["accuracy_min"], report["accuracy_median"], report["accuracy_max"]) == (0.0, 0.5, 1.0)
+    assert report["worst"] == [
+        {"group": "p4", "images": 1, "accuracy": 0.0, "macro_f1": 0.0},
+        {
+            "group": "p2",
+            "images": 2,
+            "accuracy": 0.5,
+            "macro_f1": pytest.approx(1 / 3),
+        },  # p2 before p3: by name
+    ]
+    assert group_report(labels, predicted, [None] * 8, worst=2) is None

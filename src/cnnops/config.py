@@ -316,6 +316,9 @@ class EvaluateParams(Section):
         ge=100, le=100_000, description="resamples of the test split behind each confidence interval"
     )
     confidence: StrictFloat = Field(ge=0.5, le=0.999, description="coverage of the bootstrap intervals")
+    worst_groups: StrictInt = Field(
+        ge=1, le=10_000, description="groups (data/groups.csv) listed by name in the per-group report"
+    )
 
 
 AuditSeverity = Literal["error", "warning", "off", "auto"]

@@ -37,6 +37,7 @@ from cnnops.training.metrics import (
     bootstrap_intervals,
     classification_report,
     expected_calibration_error,
+    group_report,
     one_vs_rest,
     reliability_bins,
 )
@@ -97,6 +98,8 @@ def run(params: Params, paths: EvaluatePaths = EvaluatePaths()) -> EvaluateResul
         "intervals": {"confidence": e.confidence, "resamples": e.bootstrap_resamples, **intervals},
         "calibration": calibration,
     }
+    if test.groups is not None:  # data/groups.csv: accuracy per patient / site, the worst by name
+        metrics["groups"] = group_report(labels, logits.argmax(1), test.groups, worst=e.worst_groups)
     atomic.write_json(paths.metrics, metrics)
     _write_confusion(paths.confusion, test, output.logits.argmax(1))
     plots.confusion_matrix(matrix, test.class_names, paths.confusion_png)
@@ -237,6 +240,8 @@ def _log(
     for name, interval in metrics["intervals"].items():
         if isinstance(interval, dict):
             scalars |= {f"test_{name}_low": interval["low"], f"test_{name}_high": interval["high"]}
+    if metrics.get("groups"):
+        scalars["test_group_accuracy_min"] = metrics["groups"]["accuracy_min"]
     calibration = metrics["calibration"]
     scalars |= {
         "temperature": calibration["temperature"],

@@ -256,3 +256,43 @@ def sampling_weights(weighting: str, labels: torch.Tensor, num_classes: int) -> 
     if weighting != "sampler":
         return None
     return class_weights("inverse_frequency", labels, num_classes, torch.device("cpu"))[labels]
+
+
+def group_report(
+    labels: np.ndarray, predicted: np.ndarray, groups: list[str | None], *, worst: int
+) -> dict[str, Any] | None:
+    """Accuracy per group of the test images (data/groups.csv: a patient, a site), bounded: the
+    spread over every group, and the `worst` groups by accuracy with their macro-F1 (over the classes
+    in that group). Accuracy per group is one bincount; macro-F1 (sklearn, a call per group) only for
+    the listed ones, so the cost stays bounded with 100k groups. None: no image has a group."""
+    named = np.array([g is not None for g in groups], dtype=bool)
+    if not named.any():
+        return None
+    names, index = np.unique(
+        np.array([g for g in groups if g is not None], dtype=object), return_inverse=True
+    )
+    correct = (labels == predicted)[named]
+    images = np.bincount(index, minlength=len(names))
+    accuracy = np.bincount(index, correct, minlength=len(names)) / images
+    order = np.lexsort((names.astype(str), accuracy))[:worst]  # lowest accuracy first, then by name
+    listed = []
+    for g in order.tolist():
+        members = np.flatnonzero(named)[index == g]
+        f1 = skm.f1_score(labels[members], predicted[members], average="macro", zero_division=0)
+        listed.append(
+            {
+                "group": str(names[g]),
+                "images": int(images[g]),
+                "accuracy": float(accuracy[g]),
+                "macro_f1": float(f1),
+            }
+        )
+    return {
+        "n_groups": len(names),
+        "grouped_images": int(named.sum()),
+        "ungrouped_images": int((~named).sum()),
+        "accuracy_min": float(accuracy.min()),
+        "accuracy_median": float(np.median(accuracy)),
+        "accuracy_max": float(accuracy.max()),
+        "worst": listed,
+    }

@@ -221,8 +221,8 @@ def retrain(workspace: str = ".", lock_timeout: float | None = None) -> RetrainR
     incoming = incoming_folder(root, orchestrate.incoming, root / DATA_DIR)
     logger = get_run_logger()
     with _workspace(root, orchestrate, lock_timeout):
-        checked = _check_incoming(root, orchestrate, incoming, logger) if incoming else None
-        good = None if checked is None else [incoming / p for p in checked["good"]]
+        report = _check_incoming(root, orchestrate, incoming, logger) if incoming else None
+        good = None if report is None else [incoming / p for p in report["good"]]
         merged = merge_incoming(root, incoming, root / DATA_DIR, logger, good) if incoming else MergeResult()
         pending = dvc_cli.status(root, logger)
         data_changed = DATA_DVC in pending or data_version(root / DATA_DVC) is None
@@ -232,8 +232,8 @@ def retrain(workspace: str = ".", lock_timeout: float | None = None) -> RetrainR
                 clear_incoming(root, merged, incoming, logger)
             version = data_version(root / DATA_DVC)
             reason = f"nothing new: data/ matches data.dvc ({version}) and every stage matches dvc.lock"
-            if checked and checked["bad"]:
-                reason += f"; {len(checked['bad'])} bad incoming file(s) left in {incoming}"
+            if report and report["bad"]:
+                reason += f"; {len(report['bad'])} bad incoming file(s) left in {incoming}"
             logger.info(reason)
             return RetrainResult(changed=False, reason=reason, data_version=version)
         reason = _describe(merged, data_changed, pending, unrecorded)
@@ -247,7 +247,7 @@ def retrain(workspace: str = ".", lock_timeout: float | None = None) -> RetrainR
             clear_incoming(root, merged, incoming, logger)
         note_retrain(root, {"reason": reason, "champion_before": champion_before})
         _run_stages(root, orchestrate, stages[checked:])
-        result = _record(root, params, reason, version, champion_before, _check_line(checked))
+        result = _record(root, params, reason, version, champion_before, _check_line(report))
         note_retrain(root, None)
     _announce_champion(orchestrate, result, logger)
     return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import psutil
 import pytest
+import yaml
 from filelock import FileLock
 from fixtures_prefect import (
     CLASSES,
@@ -32,6 +35,7 @@ from fixtures_prefect import (
     touch_export_params,
     write_params,
 )
+from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -184,24 +188,100 @@ def test_a_busy_workspace_refuses_a_second_run_with_a_clear_message(make_workspa
     assert "is busy" in messages[0]["text"]
 
 
-def test_a_stage_error_fails_the_run_naming_the_stage_without_retrying(make_workspace, webhook) -> None:
+def test_a_bad_incoming_file_fails_the_run_before_anything_is_merged(make_workspace, webhook) -> None:
     url, messages = webhook
-    root = make_workspace(notify_webhook=url)
+    root = make_workspace(notify_webhook=url)  # orchestrate.on_bad_incoming: fail
     data_dvc = (root / "data.dvc").read_text()
     # A name that reads like a transient error: the failure is still the data's, never retried.
     (root / "incoming" / CLASSES[0] / "Connection refused.png").write_text("not an image")
     messages.clear()
     state = retrain(workspace=str(root), return_state=True)
     assert state.is_failed()
-    assert "stage 'validate' failed" in state.message and "Connection refused.png" in state.message
+    assert "check-incoming failed" in state.message and "Connection refused.png" in state.message
     runs = task_runs(state)
-    assert runs["validate"].run_count == 1, "a data error is not retried"
+    assert runs["check-incoming"].run_count == 1, "a data error is not retried"
+    assert "validate" not in runs and "version_data" not in {n.split("-")[0] for n in runs}
+    assert [m["event"] for m in messages] == ["failure"] and "Connection refused.png" in messages[0]["text"]
+    assert "Connection refused.png" in _artifact(state, "incoming-check")
+    assert images(root) == len(CLASSES) * PER_CLASS and (root / "data.dvc").read_text() == data_dvc
+    assert "data.dvc" not in dvc_cli.status(root, _quiet())
+    assert len(list((root / "incoming").rglob("*.png"))) == len(CLASSES) * NEW_PER_CLASS + 1
+
+
+def test_a_stage_error_after_the_merge_rolls_it_back_without_retrying(make_workspace, webhook) -> None:
+    url, messages = webhook
+    root = make_workspace(notify_webhook=url)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["validate"]["min_images_per_class"] = PER_CLASS + NEW_PER_CLASS + 1  # a check of the whole class
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    data_dvc = (root / "data.dvc").read_text()
+    messages.clear()
+    state = retrain(workspace=str(root), return_state=True)
+    assert state.is_failed()
+    assert "stage 'validate' failed" in state.message and "min_images_per_class" in state.message
+    runs = task_runs(state)
+    assert runs["validate"].run_count == 1 and runs["check-incoming"].run_count == 1
     assert "prepare" not in runs and "version_data" not in {n.split("-")[0] for n in runs}
     assert [m["event"] for m in messages] == ["failure"] and "validate" in messages[0]["text"]
     # The merge is rolled back: data/ is the versioned data, the incoming files are all still there.
     assert images(root) == len(CLASSES) * PER_CLASS and (root / "data.dvc").read_text() == data_dvc
     assert "data.dvc" not in dvc_cli.status(root, _quiet())
-    assert len(list((root / "incoming").rglob("*.png"))) == len(CLASSES) * NEW_PER_CLASS + 1
+    assert len(list((root / "incoming").rglob("*.png"))) == len(CLASSES) * NEW_PER_CLASS
+
+
+def new_digits(root: Path, target: Path, per_class: int = 3) -> None:
+    """Digits neither data/ nor the first incoming batch held, into `target/<class>/`."""
+    from cnnops.data.example import write_digits
+
+    write_digits(root.parent / "more", scale=2, per_class=PER_CLASS + NEW_PER_CLASS + per_class)
+    for name in CLASSES:
+        (target / name).mkdir(parents=True, exist_ok=True)
+        for image in sorted((root.parent / "more" / name).iterdir(), key=lambda p: int(p.stem))[-per_class:]:
+            shutil.copy(image, target / name / image.name)
+
+
+def test_skip_mode_merges_the_good_files_and_reports_drift(retrained, tmp_path: Path, webhook) -> None:
+    url, messages = webhook
+    root = copy_workspace(retrained["root"], tmp_path / "ws")
+    write_params(root, notify_webhook=url, on_bad_incoming="skip")
+    new_digits(root, root / "incoming")
+    (root / "incoming" / CLASSES[1] / "torn.png").write_bytes(b"\x89PNG\r\n\x1a\n torn")
+    messages.clear()
+    state = retrain(workspace=str(root), return_state=True)
+    assert state.is_completed(), state.message
+    assert images(root) == len(CLASSES) * (PER_CLASS + NEW_PER_CLASS + 3)
+    assert [p.name for p in (root / "incoming").rglob("*.png")] == ["torn.png"], "the bad file stays"
+    report = json.loads((root / "reports/incoming.json").read_text())
+    assert report["drift"]["measured"] and report["drift"]["exceeded"] == []
+    assert [b["path"] for b in report["bad"]] == [f"{CLASSES[1]}/torn.png"]
+    artifact = _artifact(state, "incoming-check")
+    assert "torn.png" in artifact and "| brightness |" in artifact
+    assert "drift: KL divergence per property" in _artifact(state, "retrain-record")
+    [warning] = [m for m in messages if m["event"] == "warning"]
+    assert "1 bad incoming file(s)" in warning["subject"] and "torn.png" in warning["text"]
+    assert "brightness" in warning["text"]
+
+
+def test_a_drifted_batch_is_refused_with_its_figures(retrained, tmp_path: Path, webhook) -> None:
+    url, messages = webhook
+    root = copy_workspace(retrained["root"], tmp_path / "ws")
+    write_params(root, notify_webhook=url)
+    new_digits(root, root / "incoming")
+    for path in (root / "incoming").rglob("*.png"):
+        pixels = np.asarray(Image.open(path), dtype=np.float64)
+        Image.fromarray(np.rint(pixels * 0.5 + 128).astype(np.uint8)).save(path)
+    data_dvc = (root / "data.dvc").read_text()
+    messages.clear()
+    state = retrain(workspace=str(root), return_state=True)
+    assert state.is_failed()
+    assert "drifted from the training data" in state.message and "brightness" in state.message
+    assert set(task_runs(state)) == {"check-incoming"}
+    assert (
+        images(root) == len(CLASSES) * (PER_CLASS + NEW_PER_CLASS)
+        and (root / "data.dvc").read_text() == data_dvc
+    )
+    assert "past max_drift" in _artifact(state, "incoming-check")
+    assert [m["event"] for m in messages] == ["failure"] and "brightness" in messages[0]["text"]
 
 
 def test_links_in_the_incoming_folder_are_refused_before_anything_is_merged(make_workspace) -> None:
@@ -371,6 +451,18 @@ def _logs(state: Any) -> str:
             log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
         )
     return "\n".join(log.message for log in logs)
+
+
+def _artifact(state: Any, key: str) -> str:
+    """The markdown of the flow run's artifact `key`."""
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[str(state.state_details.flow_run_id)])
+            )
+        )
+    [artifact] = [a for a in artifacts if a.key == key]
+    return artifact.data
 
 
 def _quiet():

@@ -209,7 +209,9 @@ def _metrics(m: dict[str, Any] | None, names: list[str]) -> Section:
 
 
 def _groups(m: dict[str, Any] | None) -> Section:
-    g = (m or {}).get("groups")
+    if m is None:
+        return Section("Per-group metrics", ["No reports/metrics.json was given."])
+    g = m.get("groups")
     if not g:
         return Section("Per-group metrics", ["The test split has no groups (no data/groups.csv)."])
     lines = [

@@ -275,13 +275,19 @@ def property_scores(
     return out
 
 
+PERMUTATION_ENTRIES = 100 * 1024  # indices one permutation gather holds: 800 kB of int64
+
+
 def _score(v: np.ndarray, pos: np.ndarray, permutations: int, rng: np.random.Generator) -> PropertyScore:
     n1, n0 = int(pos.sum()), int((~pos).sum())
     ranks = rankdata(v)
     auc = (ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
     extreme = 0
-    for start in range(0, permutations, 100):  # 100 permutations a gather: memory 100 x N indices
-        k = min(100, permutations - start)
+    # Permutations a gather: k x N indices, k bounded so memory does not grow with the split (100 at
+    # N <= 1024, as before; fewer, down to one, on a lab's train split).
+    chunk = max(1, min(100, PERMUTATION_ENTRIES // len(v)))
+    for start in range(0, permutations, chunk):
+        k = min(chunk, permutations - start)
         chosen = rng.permuted(np.tile(np.arange(len(v)), (k, 1)), axis=1)[:, :n1]
         aucs = (ranks[chosen].sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
         extreme += int((np.abs(aucs - 0.5) >= abs(auc - 0.5) - 1e-12).sum())

@@ -224,6 +224,9 @@ class AuditReport:
     classes: dict[str, ClassFigures]
     # what chose the places instead of the first method's map, and why (absent when it chose them)
     places_chosen_by: str | None = _measured_only()
+    # which model was audited: its MLflow run and its checkpoint's SHA-256 (what `cure` checks it acts on)
+    run_id: str | None = _measured_only()
+    checkpoint_sha256: str | None = _measured_only()
 
 
 def to_json(value: Any) -> Any:

@@ -33,6 +33,7 @@ from cnnops.audit.annotations import load_object_masks
 from cnnops.audit.contract import AuditReport, ClassFigures, to_json
 from cnnops.config import AuditParams, Params
 from cnnops.data.decode import DEFAULT_MAX_PIXELS
+from cnnops.data.digest import file_sha256
 from cnnops.data.splits import PreparedSplit, load_split_for
 from cnnops.models import Classifier
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
@@ -77,6 +78,7 @@ def run(params: Params, paths: AuditPaths = AuditPaths()) -> AuditResult:
     report, shown = examine(
         model, test, train, manifest, a, paths.data, max_pixels=params.data.max_image_pixels
     )
+    report = replace(report, run_id=run_id, checkpoint_sha256=file_sha256(paths.model))
     document = to_json(report)
     written = _write(paths, report, document, shown, features.split_pictures(model, test))
     metrics = _track(params, run_id, report, document, paths)

@@ -15,7 +15,7 @@ learned tag does wherever it lands.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from sklearn.cluster import AgglomerativeClustering
 from torch import nn
 
 from cnnops.audit.contract import RecurringPatch, Transplant
-from cnnops.audit.evidence import Batch, as_unit, describe_place, subsample, top_mask
+from cnnops.audit.evidence import Batch, as_unit, describe_place, paired, rate_of, subsample, top_mask
 from cnnops.models import Classifier
 
 PER_IMAGE = 2  # components kept an image, largest first: the tag and at most one more
@@ -166,15 +166,12 @@ def paste_test(
         return np.concatenate(out)
 
     pasted, cut, shuffled = flips("member"), flips("other"), flips("shuffled")
-    return Transplant(
-        flip_rate=_rate(pasted),
-        control_flip_rate=_rate(cut),
-        pairs=n,
-        other_classes_flip_rate=_rate(cut),
-        shuffled_flip_rate=_rate(shuffled),
+    return replace(
+        paired(pasted, cut),  # the shuffled pixels reported beside, not a control (above)
+        other_classes_flip_rate=rate_of(cut),
+        shuffled_flip_rate=rate_of(shuffled),
         pixels=int(np.median([c.mask.sum() for c in members])),
         where=_where(members) if own_place else "random places",
-        discordant=(int((pasted & ~cut).sum()), int((~pasted & cut).sum())),
     )
 
 
@@ -213,10 +210,6 @@ def _place(c: Component, h: int, w: int, rng: np.random.Generator, own: bool) ->
     if own:
         return y0, x0
     return int(rng.integers(0, h - (y1 - y0) + 1)), int(rng.integers(0, w - (x1 - x0) + 1))
-
-
-def _rate(flipped: np.ndarray) -> float:
-    return round(float(flipped.mean()), 4) if len(flipped) else 0.0
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -27,6 +27,7 @@ from cnnops.models import Classifier
 
 # A transplant with no image to paste, or none to paste into: nothing flipped, nothing to judge.
 NO_PAIRS = Transplant(flip_rate=0.0, control_flip_rate=0.0, pairs=0)
+NO_PLACE = replace(NO_PAIRS, other_classes_flip_rate=0.0)  # a fixed place's, with its control's key
 TOP_MASK_ROWS = 64  # maps ranked at a time: the ranking holds 8 bytes a pixel, twice a float32 map
 
 Build = Callable[[slice], torch.Tensor]  # the float images of a slice of 0..n, made when asked for
@@ -181,6 +182,22 @@ def transplant(
     n = len(recipients)
     if n == 0 or len(donors) == 0:
         return NO_PAIRS
+    return paired(*_paste_outcomes(model, donors, masks, recipients, controls, cls, rng, batch_size))
+
+
+def _paste_outcomes(
+    model: Classifier,
+    donors: torch.Tensor,
+    masks: np.ndarray,
+    recipients: torch.Tensor,
+    controls: torch.Tensor,
+    cls: int,
+    rng: np.random.Generator,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`transplant`'s two arms, per recipient: predicted `cls` with a donor's pixels pasted, and
+    with the same pixels from `controls`."""
+    n = len(recipients)
     pick = rng.integers(0, len(donors), n)
     ctrl = rng.integers(0, len(controls), n)
 
@@ -191,16 +208,44 @@ def transplant(
 
         return build
 
-    return Transplant(
-        flip_rate=_share_predicted(model, n, pasting(donors, pick), cls, batch_size),
-        control_flip_rate=_share_predicted(model, n, pasting(controls, ctrl), cls, batch_size),
-        pairs=n,
+    return (
+        _predicted(model, n, pasting(donors, pick), cls, batch_size),
+        _predicted(model, n, pasting(controls, ctrl), cls, batch_size),
     )
 
 
-def _share_predicted(model: Classifier, n: int, build: Build, cls: int, batch_size: int) -> float:
-    """Share of the `n` images `build` makes that the model predicts `cls`, rounded as the report gives it."""
-    return round(float((_probabilities(model, n, build, batch_size).argmax(1) == cls).float().mean()), 4)
+def _predicted(model: Classifier, n: int, build: Build, cls: int, batch_size: int) -> np.ndarray:
+    """Whether the model predicts `cls` for each of the `n` images `build` makes (bool, N)."""
+    return (_probabilities(model, n, build, batch_size).argmax(1) == cls).numpy().reshape(n)
+
+
+def paired(
+    paste: np.ndarray,
+    others: np.ndarray,
+    *,
+    evened: np.ndarray | None = None,
+    shuffled: np.ndarray | None = None,
+) -> Transplant:
+    """A transplant from its arms' per-recipient outcomes (bool, the same recipients in each): the
+    paste's flip rate against the largest control's, the measured controls kept apart, and the
+    discordant recipients of the paste against that largest control, McNemar's input (`verdict`)."""
+    measured = {"others": others, "evened": evened, "shuffled": shuffled}
+    arms = {k: v for k, v in measured.items() if v is not None}
+    largest = max(arms.values(), key=rate_of)  # the first of equal rates: other classes' first
+    return Transplant(
+        flip_rate=rate_of(paste),
+        control_flip_rate=rate_of(largest),
+        pairs=len(paste),
+        other_classes_flip_rate=rate_of(others) if evened is not None or shuffled is not None else None,
+        evened_flip_rate=None if evened is None else rate_of(evened),
+        shuffled_flip_rate=None if shuffled is None else rate_of(shuffled),
+        discordant=(int((paste & ~largest).sum()), int((~paste & largest).sum())),
+    )
+
+
+def rate_of(outcomes: np.ndarray) -> float:
+    """Share of True outcomes, rounded as the report gives it (0 with none)."""
+    return round(float(outcomes.mean()), 4) if len(outcomes) else 0.0
 
 
 def region_transplant(
@@ -212,7 +257,7 @@ def region_transplant(
     rng: np.random.Generator,
     batch_size: int,
     *,
-    evened: float | None = None,
+    evened: np.ndarray | None = None,
     texture_control: bool = False,
     paste: np.ndarray | None = None,
 ) -> Transplant:
@@ -221,7 +266,7 @@ def region_transplant(
     `paste` (one mask a donor, or one for all) is what of the place is pasted: the whole place by
     default, only its pixels off each donor's object for the large places (`regions.off_object_only`).
 
-    Other classes' pixels there measure the damage of pasting; `evened`, the share of recipients
+    Other classes' pixels there measure the damage of pasting; `evened`, whether each recipient is
     predicted `cls` with the place filled in from its surroundings (`removal_predictions`; measured
     here when not given), measures what removing its content does, which alone flips a two-class
     model towards the smooth class.
@@ -233,17 +278,17 @@ def region_transplant(
     it: a tag learned as "bright pixels in this corner" flips shuffled too, and would be excused
     (measured in docs/audit.md). The larger control counts.
     """
+    if len(recipients) == 0 or len(donors) == 0:
+        return NO_PLACE
     paste = region if paste is None else paste
-    each = transplant(model, donors, paste, recipients, recipients, cls, rng, batch_size)
-    if not each.pairs:
-        return _with_controls(each)
+    arms = _paste_outcomes(model, donors, paste, recipients, recipients, cls, rng, batch_size)
     evened = _evened(model, recipients, region, cls, batch_size) if evened is None else evened
     if not texture_control:
-        return _with_controls(each, evened=evened)
-    shuffled = transplant(
+        return paired(*arms, evened=evened)
+    shuffled, _ = _paste_outcomes(
         model, shuffle_within(donors, region, rng), paste, recipients, recipients, cls, rng, batch_size
     )
-    return _with_controls(each, evened=evened, shuffled=shuffled.flip_rate)
+    return paired(*arms, evened=evened, shuffled=shuffled)
 
 
 def inpaint(x: torch.Tensor, region: np.ndarray) -> torch.Tensor:
@@ -275,15 +320,10 @@ def removal_predictions(
 
 def _evened(
     model: Classifier, recipients: torch.Tensor, region: np.ndarray, cls: int, batch_size: int
-) -> float:
-    """Share of `recipients` predicted `cls` with `region` inpainted away (for a caller without
-    `removal_predictions` of its own)."""
-    return _rate(removal_predictions(model, recipients, {"": region}, batch_size)[""], cls)
-
-
-def _rate(preds: np.ndarray, cls: int) -> float:
-    """Share of `preds` that are `cls`, rounded as the report gives it (0 with none)."""
-    return round(float((preds == cls).mean()), 4) if len(preds) else 0.0
+) -> np.ndarray:
+    """Whether each of `recipients` is predicted `cls` with `region` inpainted away (for a caller
+    without `removal_predictions` of its own)."""
+    return removal_predictions(model, recipients, {"": region}, batch_size)[""] == cls
 
 
 def shuffle_within(x: torch.Tensor, region: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
@@ -308,7 +348,7 @@ def mean_transplant(
     rng: np.random.Generator,
     batch_size: int,
     *,
-    evened: float | None = None,
+    evened: np.ndarray | None = None,
 ) -> Transplant:
     """Paste what the class's images have in common at a fixed place (their mean) into recipients.
 
@@ -318,29 +358,15 @@ def mean_transplant(
     (pasting any mean smooths the place, which alone can flip a two-class model; measured here when
     not given).
     """
-    mean = transplant(
+    if len(recipients) == 0 or len(donors) == 0:
+        return NO_PLACE
+    arms = _paste_outcomes(
         model, mean_image(donors, batch_size), region, recipients, mean_image(recipients, batch_size), cls,
         rng, batch_size,
     )  # fmt: skip
-    if not mean.pairs:
-        return _with_controls(mean)
     if evened is None:
         evened = _evened(model, recipients, region, cls, batch_size)
-    return _with_controls(mean, evened=evened)
-
-
-def _with_controls(
-    result: Transplant, *, evened: float | None = None, shuffled: float | None = None
-) -> Transplant:
-    """`result` with its other-classes control kept apart and the largest control as the control."""
-    measured = [v for v in (result.control_flip_rate, evened, shuffled) if v is not None]
-    return replace(
-        result,
-        other_classes_flip_rate=result.control_flip_rate,
-        evened_flip_rate=evened,
-        shuffled_flip_rate=shuffled,
-        control_flip_rate=max(measured),
-    )
+    return paired(*arms, evened=evened)
 
 
 def deletion(
@@ -437,7 +463,7 @@ def class_figures(
     annotated = correct[batch.annotated[correct]]
     if removed is None:
         removed = removal_predictions(model, batch.x, regions, batch_size)
-    evened = {name: _rate(removed[name][others], cls) for name in regions}
+    evened = {name: removed[name][others] == cls for name in regions}
     each_paste, mean_paste = _pastes(regions, objects)
     return ClassFigures(
         n_correct=len(correct),
@@ -556,14 +582,16 @@ def tone_transplant(
     mu_d, sd_d = (t[src] for t in _tones(donors, batch_size))
     mu_c, sd_c = (t[ctrl] for t in _tones(controls, batch_size))
 
-    def flips(mu: torch.Tensor, sd: torch.Tensor) -> float:
+    def flips(mu: torch.Tensor, sd: torch.Tensor) -> np.ndarray:
         def toned(s: slice) -> torch.Tensor:
             return ((as_unit(recipients[s]) - mu_r[s]) / sd_r[s] * sd[s] + mu[s]).clamp(0, 1)
 
-        return _share_predicted(model, n, toned, cls, batch_size)
+        return _predicted(model, n, toned, cls, batch_size)
 
-    control = max(flips(mu_c, sd_c), flips(2 * mu_r - mu_d, sd_r * sd_r / sd_d.clamp_min(1e-4)))
-    return Transplant(flip_rate=flips(mu_d, sd_d), control_flip_rate=control, pairs=n)
+    others, mirror = flips(mu_c, sd_c), flips(2 * mu_r - mu_d, sd_r * sd_r / sd_d.clamp_min(1e-4))
+    # Paired against the larger control (other classes' tone first on a tie), as the places are; the
+    # report keeps only the larger rate for the tone, as before.
+    return paired(flips(mu_d, sd_d), others if rate_of(others) >= rate_of(mirror) else mirror)
 
 
 def _tones(x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

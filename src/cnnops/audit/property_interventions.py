@@ -175,13 +175,7 @@ def property_transplant(
             controls[i : i + len(x)] = (
                 (model(mirror(x, mirror_strength).to(device)).argmax(1) == cls).cpu().numpy()
             )
-    return Transplant(
-        flip_rate=round(float(flips.mean()), 4),
-        control_flip_rate=round(float(controls.mean()), 4),
-        pairs=n,
-        where=words,
-        discordant=(int((flips & ~controls).sum()), int((~flips & controls).sum())),
-    )
+    return replace(evidence.paired(flips, controls), where=words)
 
 
 def with_property_transplants(

@@ -46,7 +46,8 @@ class Audited:
     cue_flips: float  # ground truth: share of other classes' test images the planted cue flips
 
 
-def _params(root: Path, case: Case) -> Params:
+def case_params(root: Path, case: Case) -> Params:
+    """The params of `case`'s pipeline: tiny, one model, Grad-CAM, a SQLite MLflow store under `root`."""
     rgb = case.source in ("scenes", "photos", "tones")
     return parse_params(
         {
@@ -66,13 +67,17 @@ def _params(root: Path, case: Case) -> Params:
     )  # fmt: skip
 
 
-def run_case(root: Path, case: Case) -> Audited:
-    """Plant, validate, prepare, train and audit `case` under `root`."""
-    spec = make_planted(
-        root / "data", case.cue, case.cued_class, source=case.source, seed=case.seed,
-        image_size=case.image_size, per_class=case.per_class, **dict(case.cue_args),
-    )  # fmt: skip
-    params = _params(root, case)
+@dataclass(frozen=True)
+class Stages:
+    """What `run_stages` ran: the train stage's result, the audit stage's, and the audit's paths."""
+
+    trained: train.TrainResult
+    audited: audit.AuditResult
+    paths: audit.AuditPaths
+
+
+def run_stages(root: Path, params: Params) -> Stages:
+    """The real validate, prepare, train and audit stages on `root / 'data'`, outputs under `root`."""
     reports = root / "reports"
     validate.run(params, validate.ValidatePaths(root / "data", reports / "validation.json", reports / "docs"))
     prepare.run(params, prepare.PreparePaths(root / "data", root / "prepared", reports / "prepare.json"))
@@ -86,9 +91,26 @@ def run_case(root: Path, case: Case) -> Audited:
         gallery=reports / "audit",
     )  # fmt: skip
     with one_thread():
-        train.run(params, tp)
-        result = audit.run(params, paths)
-    model, _ = load_classifier(tp.model)
+        trained = train.run(params, tp)
+        audited = audit.run(params, paths)
+    return Stages(trained, audited, paths)
+
+
+def plant(root: Path, case: Case) -> CueSpec:
+    """`case`'s planted copy in `root / 'data'`."""
+    return make_planted(
+        root / "data", case.cue, case.cued_class, source=case.source, seed=case.seed,
+        image_size=case.image_size, per_class=case.per_class, **dict(case.cue_args),
+    )  # fmt: skip
+
+
+def run_case(root: Path, case: Case) -> Audited:
+    """Plant, validate, prepare, train and audit `case` under `root`."""
+    spec = plant(root, case)
+    params = case_params(root, case)
+    ran = run_stages(root, params)
+    model, _ = load_classifier(ran.paths.model)
     test = PreparedSplit.load(root / "prepared", "test")
     flips = cue_flip_rate(model, test, spec) if case.cued_class else 0.0
-    return Audited(root, spec, json.loads(paths.report.read_text()), result, params, flips)
+    report = json.loads(ran.paths.report.read_text())
+    return Audited(root, spec, report, ran.audited, params, flips)

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures_audit import Case, case_params, plant, run_stages
 from fixtures_model import one_thread
 
 from cnnops.audit import gallery
 from cnnops.audit.contract import Decision, Finding, to_json
-from cnnops.config import Params, parse_params
-from cnnops.data.planted import CueSpec, make_planted
-from cnnops.stages import audit, prepare, train, validate
+from cnnops.config import Params
+from cnnops.data.planted import CueSpec
+from cnnops.stages import audit
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -42,43 +43,14 @@ class Audited:
 def _pipeline(
     root: Path, cue: str, cls: str | None, seed: int, source: str = "digits", **cue_args
 ) -> Audited:
-    per_class = PER_CLASS if source == "digits" else None
-    spec = make_planted(root / "data", cue, cls, source=source, seed=seed, per_class=per_class, **cue_args)
-    params = parse_params(
-        {
-            "data": {"color_mode": "L", "near_duplicate_distance": 0},
-            "prepare": {"image_size": [32, 32]},
-            "train": {
-                "epochs": 4 if source == "digits" else 25,
-                "batch_size": 32,
-                "label_smoothing": 0.0,
-                "early_stopping_patience": None,
-                "augment": {"random_resized_crop": False},
-            },
-            "audit": {"methods": ["gradcam"]},
-            "tracking": {
-                "uri": f"sqlite:///{root / 'mlflow.db'}",
-                "artifact_location": str(root / "mlartifacts"),
-                "experiment": "audit-tests",
-            },
-        },
-        "audit test",
-    )
-    reports = root / "reports"
-    validate.run(params, validate.ValidatePaths(root / "data", reports / "validation.json", reports / "docs"))
-    prepare.run(params, prepare.PreparePaths(root / "data", root / "prepared", reports / "prepare.json"))
-    tp = train.TrainPaths(
-        prepared=root / "prepared", model=root / "models" / "model.pt", report=reports / "train.json",
-        history=reports / "history.csv", curves=reports / "history.png", state=root / ".cnnops" / "state.pt",
+    case = Case(
+        cue, cls, seed, source, per_class=PER_CLASS if source == "digits" else None,
+        epochs=4 if source == "digits" else 25, cue_args=tuple(cue_args.items()),
     )  # fmt: skip
-    paths = audit.AuditPaths(
-        model=tp.model, prepared=root / "prepared", train_report=tp.report,
-        validation=reports / "validation.json", data=root / "data", report=reports / "audit.json",
-        gallery=reports / "audit",
-    )  # fmt: skip
-    with one_thread():
-        trained = train.run(params, tp)
-        result = audit.run(params, paths)
+    spec = plant(root, case)
+    params = case_params(root, case)
+    ran = run_stages(root, params)
+    trained, result, paths = ran.trained, ran.audited, ran.paths
     assert trained.run_id is not None and result.run_id == trained.run_id
     assert json.loads(paths.report.read_text()) == to_json(result.report)  # what it returns is what it wrote
     assert set(result.written) >= {paths.report, paths.gallery / "index.html"}

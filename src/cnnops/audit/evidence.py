@@ -163,29 +163,7 @@ def region_energy(maps: np.ndarray, regions: dict[str, np.ndarray]) -> dict[str,
     }
 
 
-def transplant(
-    model: Classifier,
-    donors: torch.Tensor,
-    masks: np.ndarray,
-    recipients: torch.Tensor,
-    controls: torch.Tensor,
-    cls: int,
-    rng: np.random.Generator,
-    batch_size: int,
-) -> Transplant:
-    """Paste each recipient with a random donor's masked pixels; the share now predicted `cls`.
-
-    The control pastes the same pixels taken from `controls` (images of other classes), so the
-    figure that matters, flip minus control, is what the class's content adds beyond the damage of
-    pasting. Recipients are images of other classes that the model classified correctly.
-    """
-    n = len(recipients)
-    if n == 0 or len(donors) == 0:
-        return NO_PAIRS
-    return paired(*_paste_outcomes(model, donors, masks, recipients, controls, cls, rng, batch_size))
-
-
-def _paste_outcomes(
+def paste_arms(
     model: Classifier,
     donors: torch.Tensor,
     masks: np.ndarray,
@@ -195,8 +173,12 @@ def _paste_outcomes(
     rng: np.random.Generator,
     batch_size: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`transplant`'s two arms, per recipient: predicted `cls` with a donor's pixels pasted, and
-    with the same pixels from `controls`."""
+    """Paste each recipient with a random donor's masked pixels: whether each is now predicted `cls`,
+    and the same with those pixels taken from `controls` (images of other classes). `paired` makes
+    them a `Transplant`: flip minus control is what the class's content adds beyond the damage of
+    pasting. Recipients are images of other classes that the model classified correctly; both
+    `donors` and `recipients` are non-empty.
+    """
     n = len(recipients)
     pick = rng.integers(0, len(donors), n)
     ctrl = rng.integers(0, len(controls), n)
@@ -281,11 +263,11 @@ def region_transplant(
     if len(recipients) == 0 or len(donors) == 0:
         return NO_PLACE
     paste = region if paste is None else paste
-    arms = _paste_outcomes(model, donors, paste, recipients, recipients, cls, rng, batch_size)
+    arms = paste_arms(model, donors, paste, recipients, recipients, cls, rng, batch_size)
     evened = _evened(model, recipients, region, cls, batch_size) if evened is None else evened
     if not texture_control:
         return paired(*arms, evened=evened)
-    shuffled, _ = _paste_outcomes(
+    shuffled, _ = paste_arms(
         model, shuffle_within(donors, region, rng), paste, recipients, recipients, cls, rng, batch_size
     )
     return paired(*arms, evened=evened, shuffled=shuffled)
@@ -360,7 +342,7 @@ def mean_transplant(
     """
     if len(recipients) == 0 or len(donors) == 0:
         return NO_PLACE
-    arms = _paste_outcomes(
+    arms = paste_arms(
         model, mean_image(donors, batch_size), region, recipients, mean_image(recipients, batch_size), cls,
         rng, batch_size,
     )  # fmt: skip
@@ -531,7 +513,9 @@ def _top_transplant(
 ) -> Transplant:
     """The most-attended pixels' transplant, with how many they are and where most of them sit,
     so its finding can say where to look."""
-    result = transplant(model, donors, tops, recipients, recipients, cls, rng, batch_size)
+    if len(recipients) == 0 or len(donors) == 0:
+        return NO_PAIRS
+    result = paired(*paste_arms(model, donors, tops, recipients, recipients, cls, rng, batch_size))
     common = tops.mean(0) > 0.5 if len(tops) else np.zeros(tops.shape[1:], dtype=bool)
     return replace(
         result,

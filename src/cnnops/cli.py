@@ -27,6 +27,7 @@ COMMANDS = {
     "train": "cnnops.stages.train",
     "evaluate": "cnnops.stages.evaluate",
     "audit": "cnnops.stages.audit",
+    "cure": "cnnops.stages.cure",
     "export": "cnnops.stages.export",
     "release": "cnnops.stages.release",
     "predict": "cnnops.export.predict",

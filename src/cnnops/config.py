@@ -416,6 +416,17 @@ class ExportParams(Section):
     )
 
 
+class CureParams(Section):
+    enabled: StrictBool = Field(description="run the cure when the audit failed; off: a skipped report")
+    rate: StrictFloat = Field(
+        gt=0.0, le=1.0, description="share of training images each finding's counterfactual changes"
+    )
+    epochs: StrictInt = Field(ge=1, le=10_000, description="most epochs of the cured model's training")
+    mode: Literal["retrain", "head"] = Field(
+        description="a new model from scratch, or the failed model's head only (backbone frozen)"
+    )
+
+
 class ReleaseParams(Section):
     model_name: str = Field(min_length=1, description="MLflow registered model name")
     metric: Literal["accuracy", "balanced_accuracy", "macro_f1"]
@@ -487,6 +498,7 @@ class Params(Section):
     train: TrainParams
     evaluate: EvaluateParams
     audit: AuditParams
+    cure: CureParams
     export: ExportParams
     release: ReleaseParams
     orchestrate: OrchestrateParams

@@ -68,6 +68,7 @@ def train_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     weights: torch.Tensor | None = None,
+    collate_fn: Callable[[list], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> DataLoader:
     """Shuffled batches; call `loader.sampler.set_epoch(e)` each epoch for a seeded, resumable order.
 
@@ -77,7 +78,8 @@ def train_loader(
     the epoch's seed, where persistent ones would carry their random state across epochs and a
     resumed run would draw other crops than the uninterrupted one. `weights` (one per image):
     images are drawn with replacement in proportion to them (`EpochWeightedSampler`), the same
-    number an epoch as without.
+    number an epoch as without. `collate_fn`: a batch transform run after stacking (the cure's
+    counterfactuals), in the workers.
     """
     drop_last = len(dataset) // world_size > batch_size  # no 1-image batch for BatchNorm, if avoidable
     sampler: Sampler[int]
@@ -92,6 +94,7 @@ def train_loader(
         num_workers=num_workers,
         drop_last=drop_last,
         pin_memory=pin_memory,
+        collate_fn=collate_fn,
     )
 
 

@@ -13,6 +13,7 @@ import csv
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_
 from cnnops.tracking import runs
 from cnnops.training import distributed, features, plots, resume
 from cnnops.training import summary as table
+from cnnops.training.counterfactual import Counterfactual
 from cnnops.training.engine import (
     BatchTransform,
     BestEpoch,
@@ -85,12 +87,23 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def run(params: Params, paths: TrainPaths = TrainPaths()) -> TrainResult:
+@dataclass(frozen=True)
+class Retraining:
+    """What `cure` changes in a run: counterfactual training batches and, for a head-only cure, the
+    failed model to start from (its backbone frozen)."""
+
+    counterfactual: Counterfactual
+    start_from: Classifier | None = None
+
+
+def run(
+    params: Params, paths: TrainPaths = TrainPaths(), retraining: Retraining | None = None
+) -> TrainResult:
     """Train `params.train.model` on `<paths.prepared>/{train,val}.pt`; resumes a killed run of the
-    same inputs."""
+    same inputs. `retraining`: the cure's changes (`cnnops.stages.cure`)."""
     dist = distributed.setup()
     try:
-        return _train(params, paths, dist)
+        return _train(params, paths, dist, retraining)
     finally:
         distributed.teardown(dist)
 
@@ -123,20 +136,30 @@ class _Parts:
 
 
 def _build(
-    params: Params, train_split: PreparedSplit, val_split: PreparedSplit, dist: distributed.Dist
+    params: Params,
+    train_split: PreparedSplit,
+    val_split: PreparedSplit,
+    dist: distributed.Dist,
+    retraining: Retraining | None,
 ) -> _Parts:
     t = params.train
     torch.manual_seed(params.base.seed)
     spec = _spec(t, train_split)
     model = create_classifier(spec, t.weights, check_input=True)
-    if t.mode == "linear_probe":
+    start_from = retraining.start_from if retraining is not None else None
+    if start_from is not None:
+        model.load_state_dict(start_from.state_dict())
+    if t.mode == "linear_probe" or start_from is not None:
         model.freeze_backbone()
     settings = _loop_settings(t, dist.device)
     summary, memory = _preflight(t, model, len(train_split), dist)
     model.to(
         dist.device, memory_format=torch.channels_last if settings.channels_last else torch.preserve_format
     )
-    loader, val_loader, bn_loader = _loaders(params, spec, train_split, val_split, dist, memory.batch_size)
+    collate = retraining.counterfactual.collate if retraining is not None else None
+    loader, val_loader, bn_loader = _loaders(
+        params, spec, train_split, val_split, dist, memory.batch_size, collate
+    )
     optimizer = build_optimizer(
         model,
         name=t.optimizer,
@@ -208,9 +231,11 @@ def _loaders(
     val_split: PreparedSplit,
     dist: distributed.Dist,
     batch_size: int,
+    collate: Callable[[list], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[DataLoader, DataLoader, DataLoader]:
-    """Training batches (augmented, seeded), validation batches, and the precise-BN sample: a fixed
-    seeded subset of the train split, un-augmented as at inference, whose statistics BN should hold."""
+    """Training batches (augmented, seeded; `collate`: the cure's counterfactuals), validation
+    batches, and the precise-BN sample: a fixed seeded subset of the train split, un-augmented as at
+    inference, whose statistics BN should hold."""
     t = params.train
     workers, pin = resolve_workers(t.num_workers), dist.device.type == "cuda"
     loader = train_loader(
@@ -222,6 +247,7 @@ def _loaders(
         num_workers=workers,
         pin_memory=pin,
         weights=sampling_weights(t.class_weighting, train_split.labels, spec.num_classes),
+        collate_fn=collate,
     )
     val_loader = eval_loader(
         SplitDataset(val_split, EvalPreset(spec.image_size)),
@@ -279,11 +305,13 @@ class _Progress:
 
 
 def _resume(
-    params: Params, paths: TrainPaths, parts: _Parts, dist: distributed.Dist
+    params: Params, paths: TrainPaths, parts: _Parts, dist: distributed.Dist, retraining: Retraining | None
 ) -> tuple[str, _Progress, BestEpoch]:
     """The inputs' fingerprint, and the saved progress when a killed run of the same inputs left one."""
+    cure = {} if retraining is None else {"cure": retraining.counterfactual.describe()}
     fingerprint = resume.fingerprint(
         {
+            **cure,
             "train": params.train.model_dump(mode="json"),
             "seed": params.base.seed,
             "world_size": dist.world_size,
@@ -307,10 +335,12 @@ def _resume(
     return fingerprint, progress, BestEpoch(**saved["best"])
 
 
-def _train(params: Params, paths: TrainPaths, dist: distributed.Dist) -> TrainResult:
+def _train(
+    params: Params, paths: TrainPaths, dist: distributed.Dist, retraining: Retraining | None
+) -> TrainResult:
     t = params.train
-    parts = _build(params, *_load_train_val(paths.prepared), dist)
-    fingerprint, progress, best = _resume(params, paths, parts, dist)
+    parts = _build(params, *_load_train_val(paths.prepared), dist, retraining)
+    fingerprint, progress, best = _resume(params, paths, parts, dist, retraining)
     model = parts.model
     net = DistributedDataParallel(model, device_ids=_device_ids(dist)) if dist.enabled else model
     with ExitStack() as stack:

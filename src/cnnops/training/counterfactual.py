@@ -1,0 +1,237 @@
+"""Counterfactual augmentation: training batches in which an audited shortcut no longer tells the class.
+
+The audit proves a shortcut by an intervention: the cued class's pixels pasted at a place flip other
+classes' images, its tone given to them flips them. The cure trains on those same interventions, so
+the cue shows as often outside the class as in it and stops paying: at a place, the cued class's mean
+pixels there are pasted into other classes' images and the place is replaced by another class's
+content in the cued class's own images; a tone is swapped between the class and the rest. Each at
+`cure.rate` of the images, drawn afresh each step.
+
+It is a batch transform (images, labels) -> (images, labels) on the uint8 batches of the training
+path, as torchvision's v2.MixUp and v2.CutMix are: a paste needs the label, and other-class content
+comes from the batch. It runs in the loader's collate (`collate`), so in the loader's workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import default_collate
+from torchvision.transforms import v2
+
+from cnnops.audit import regions
+from cnnops.data.splits import PreparedSplit
+
+TONE_BANK = 2048  # images of each side whose tone is drawn from: a sample, so memory stays flat
+
+
+@dataclass(frozen=True)
+class PlaceCue:
+    """A place finding: where (at the model's input size) and the class's and the others' mean there."""
+
+    cls: int
+    place: str
+    mask: torch.Tensor  # H x W bool
+    cued_mean: torch.Tensor  # C x H x W uint8: the cued class's mean train image
+    others_mean: torch.Tensor  # C x H x W uint8: the other classes' (when a batch holds none of them)
+
+
+@dataclass(frozen=True)
+class ToneCue:
+    """A tone finding: per-channel (mean, std) of sampled train images of the class and of the rest."""
+
+    cls: int
+    cued: torch.Tensor  # K x C x 2, grey levels
+    others: torch.Tensor  # K x C x 2
+
+
+Cue = PlaceCue | ToneCue
+
+
+class Counterfactual(v2.Transform):
+    """Every cue's counterfactual at `rate` of a batch's images (uint8 N x C x H x W, labels N)."""
+
+    def __init__(self, cues: Sequence[Cue], rate: float) -> None:
+        super().__init__()
+        self.cues, self.rate = tuple(cues), rate
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        out = images.clone()
+        for cue in self.cues:
+            hit = torch.rand(len(labels)) < self.rate
+            if isinstance(cue, PlaceCue):
+                _paste_place(out, labels, hit, cue)
+            else:
+                _swap_tone(out, labels, hit, cue)
+        return out, labels
+
+    def collate(self, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loader's collate_fn: the default stacking, then the counterfactuals."""
+        return self(*default_collate(batch))
+
+    def describe(self) -> list[dict[str, Any]]:
+        """What each cue does, as JSON: the report's and the resume fingerprint's record of it."""
+        return [
+            {"class": c.cls, "kind": "place", "place": c.place, "pixels": int(c.mask.sum())}
+            if isinstance(c, PlaceCue)
+            else {"class": c.cls, "kind": "tone"}
+            for c in self.cues
+        ] + [{"rate": self.rate}]
+
+
+def _paste_place(out: torch.Tensor, labels: torch.Tensor, hit: torch.Tensor, cue: PlaceCue) -> None:
+    """Other classes' hit images get the cued class's mean at the place; the cued class's hit images
+    get another class's image there (one of the batch's, or the others' mean when it holds none)."""
+    m = cue.mask
+    into_others = hit & (labels != cue.cls)
+    out[into_others] = torch.where(m, cue.cued_mean, out[into_others])
+    into_cued = torch.nonzero(hit & (labels == cue.cls)).flatten()
+    donors = torch.nonzero(labels != cue.cls).flatten()
+    if len(into_cued) == 0:
+        return
+    if len(donors) == 0:
+        out[into_cued] = torch.where(m, cue.others_mean, out[into_cued])
+        return
+    chosen = donors[torch.randint(len(donors), (len(into_cued),))]
+    out[into_cued] = torch.where(m, out[chosen], out[into_cued])
+
+
+def _swap_tone(out: torch.Tensor, labels: torch.Tensor, hit: torch.Tensor, cue: ToneCue) -> None:
+    """Hit images of the other classes take the tone of a random image of the class, and the
+    class's hit images that of a random other image: (x - mean) / std * std' + mean' per channel,
+    the audit's tone transplant, which keeps each image's shapes.
+
+    Not v2.ColorJitter: its brightness multiplies, and a black background times any factor stays
+    black, so it cannot make or undo a lifted background (the planted tint)."""
+    for target, bank in ((hit & (labels != cue.cls), cue.cued), (hit & (labels == cue.cls), cue.others)):
+        idx = torch.nonzero(target).flatten()
+        if len(idx) == 0:
+            continue
+        x = out[idx].float()
+        mu, sd = x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True).clamp_min(1.0)
+        drawn = bank[torch.randint(len(bank), (len(idx),))][..., None, None]  # n x C x 2 x 1 x 1
+        toned = (x - mu) / sd * drawn[:, :, 1] + drawn[:, :, 0]
+        out[idx] = toned.round().clamp(0, 255).to(torch.uint8)
+
+
+def class_means(
+    split: PreparedSplit, cls: int, size: tuple[int, int], batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the class's, the other classes') mean image at the model's input size, as uint8, streamed
+    a batch at a time (centre-cropped as evaluate and the audit feed the model)."""
+    sums = torch.zeros(2, split.images.shape[1], *size, dtype=torch.float64)
+    counts = torch.zeros(2, dtype=torch.float64)
+    for x, y in split.batches(batch_size, size):
+        for side, keep in enumerate((y == cls, y != cls)):
+            sums[side] += x[keep].double().sum(0)
+            counts[side] += int(keep.sum())
+    means = sums / counts.clamp_min(1)[:, None, None, None] * 255.0
+    return means[0].round().to(torch.uint8), means[1].round().to(torch.uint8)
+
+
+def tone_banks(
+    split: PreparedSplit, cls: int, size: tuple[int, int], batch_size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, std) in grey levels of up to TONE_BANK sampled train images of the class,
+    and of the rest: the range of tones the swap draws from is the measured one."""
+    generator = torch.Generator().manual_seed(seed)
+    banks = []
+    for keep in (split.labels == cls, split.labels != cls):
+        idx = torch.nonzero(keep).flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)[:TONE_BANK]].sort().values
+        stats = []
+        for i in range(0, len(idx), batch_size):
+            x = split.floats(idx[i : i + batch_size], size) * 255.0
+            stats.append(torch.stack([x.mean((2, 3)), x.std((2, 3))], -1))
+        banks.append(torch.cat(stats) if stats else torch.zeros(0, split.images.shape[1], 2))
+    return banks[0], banks[1]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The counterfactuals a failed audit calls for: the cues, and each failure addressed or not (why)."""
+
+    cues: tuple[Cue, ...]
+    addressed: tuple[dict[str, Any], ...]  # {"class", "test", "cue"}: what answers it
+    not_addressed: tuple[dict[str, Any], ...]  # {"class", "test", "why"}
+
+
+def plan(
+    audit: dict[str, Any], split: PreparedSplit, size: tuple[int, int], batch_size: int, seed: int
+) -> Plan:
+    """Cues for every failure of `audit` (reports/audit.json) that has one: a place (a fixed-place
+    transplant, or the most-attended pixels' and deletion's place when it is one of the audit's) or
+    the tone. Places are the audit's own geometry (`regions`, at its thresholds) at the model's input
+    `size`. Of one class's places, smallest first, one that holds most of a place already kept is
+    answered by it: the smaller place holds the cue, and replacing a larger one in the class's own
+    images would replace its object too."""
+    places = _places(audit["thresholds"], size)
+    wanted: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    not_addressed = []
+    for f in audit["failures"]:
+        cue, why = _cue_of(f["test"], audit["classes"][f["class"]], places)
+        if cue is None:
+            not_addressed.append({"class": f["class"], "test": f["test"], "why": why})
+        else:
+            key = (split.class_names.index(f["class"]), cue)
+            wanted.setdefault(key, []).append({"class": f["class"], "test": f["test"]})
+    cues: list[Cue] = []
+    addressed = []
+    for (cls, cue), found in sorted(wanted.items(), key=lambda kv: _area(kv[0][1], places)):
+        if cue == TONE:
+            cues.append(ToneCue(cls, *tone_banks(split, cls, size, batch_size, seed)))
+        else:
+            mask = torch.from_numpy(places[cue])
+            held = next((c.place for c in cues if _holds(mask, c, cls)), None)
+            if held is None:
+                cues.append(PlaceCue(cls, cue, mask, *class_means(split, cls, size, batch_size)))
+            cue = held or cue
+        addressed += [{**a, "cue": cue} for a in found]
+    return Plan(tuple(cues), tuple(addressed), tuple(not_addressed))
+
+
+def _places(thresholds: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
+    """The audit's places at `size`, from the thresholds its report records (so the same pixels)."""
+    t = thresholds
+    return regions.intervention_regions(
+        *size,
+        border_fraction=t["border_fraction"],
+        corner_fraction=t["corner_fraction"],
+        edge_fractions=tuple(t["edge_fractions"]),
+        centre_fraction=t["centre_fraction"],
+        grids=tuple(t["grids"]),
+    )
+
+
+def _holds(mask: torch.Tensor, cue: Cue, cls: int) -> bool:
+    """Whether `mask` holds most (80%) of a place cue of the same class."""
+    return isinstance(cue, PlaceCue) and cue.cls == cls and (cue.mask & mask).sum() >= 0.8 * cue.mask.sum()
+
+
+TONE = "tone"
+
+
+def _area(cue: str, places: dict[str, Any]) -> int:
+    return int(places[cue].sum()) if cue in places else 0
+
+
+def _cue_of(test: str, figures: dict[str, Any], places: dict[str, Any]) -> tuple[str | None, str]:
+    """(the cue answering a failure: a place name or TONE, or None and why not)."""
+    kind, _, place = test.partition(":")
+    if kind in ("transplant", "transplant_mean") and place in places:
+        return place, ""
+    if kind in ("transplant_top", "deletion"):
+        where = figures["transplant_top"].get("where") or ""
+        edge = where.removesuffix(" edge")
+        strips = [p for p in places if edge != where and p.startswith(f"{edge} strip ")]
+        if where in places or strips:
+            return (where if where in places else strips[0]), ""
+        return None, f"its most-attended pixels sit at '{where}', not one of the audit's places"
+    if kind == "transplant_tone":
+        return TONE, ""
+    if kind == "masks":
+        return None, "a masks finding says where the model looks, not what it reads there"
+    return None, f"no counterfactual for {kind!r} findings yet (place, most-attended, deletion and tone only)"

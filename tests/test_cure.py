@@ -9,12 +9,14 @@ and cure, which calls train, evaluate and audit itself) on tiny planted digits.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+import torch
 from fixtures_audit import Audited, Case, run_case
 from fixtures_model import one_thread
+from mlflow import MlflowClient
 
 from cnnops.config import Params
 from cnnops.data.planted import cue_flip_rate
@@ -22,6 +24,7 @@ from cnnops.data.splits import PreparedSplit
 from cnnops.errors import StageInputError
 from cnnops.models import load_classifier
 from cnnops.stages import cure, evaluate
+from cnnops.training import counterfactual
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -106,28 +109,36 @@ def test_cure_breaks_a_learned_cue_and_passes_the_reaudit(
         (f["class"], f["test"]) for f in audited.report["failures"]
     }
     assert json.loads((audited.root / "reports" / "cure.json").read_text()) == report
-    import mlflow
-
-    tags = mlflow.get_run(report["run_id"]).data.tags
+    store = MlflowClient(audited.params.tracking.uri)
+    tags = store.get_run(report["run_id"]).data.tags
     assert tags["cnnops.cure.parent_run_id"] == audited.result.run_id
     assert f"class '{audited.spec.cued_class}'" in tags["cnnops.cure.findings"]
 
 
-def test_cure_refuses_a_passing_audit(tmp_path_factory: pytest.TempPathFactory) -> None:
+def _refused_paths(root: Path, audit_report: Path, tmp_path: Path) -> cure.CurePaths:
+    """The cure's paths with its outputs in `tmp_path`: a refusal must write none of them."""
+    paths = _cure_paths(root, audit_report)
+    return replace(paths, out=tmp_path / "cured.pt", report=tmp_path / "cure.json", folder=tmp_path / "cure")
+
+
+def test_cure_refuses_a_passing_audit(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     audited, _ = _audited("clean", tmp_path_factory)
     assert audited.report["verdict"] == "pass"
+    paths = _refused_paths(audited.root, audited.root / "reports" / "audit.json", tmp_path)
     with pytest.raises(StageInputError, match="verdict is 'pass', not 'fail'"):
-        cure.run(_enabled(audited.params), _cure_paths(audited.root))
-    assert not (audited.root / "models" / "cured.pt").exists()
+        cure.run(_enabled(audited.params), paths)
+    assert not any(tmp_path.iterdir())
 
 
-def test_cure_refuses_the_audit_of_another_model(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_cure_refuses_the_audit_of_another_model(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
     corner, _ = _audited("corner", tmp_path_factory)
     tint, _ = _audited("tint", tmp_path_factory)
-    paths = _cure_paths(tint.root, audit_report=corner.root / "reports" / "audit.json")
+    paths = _refused_paths(tint.root, corner.root / "reports" / "audit.json", tmp_path)
     with pytest.raises(StageInputError, match="audited another model"):
         cure.run(_enabled(tint.params), paths)
-    assert not paths.out.exists()
+    assert not any(tmp_path.iterdir())
 
 
 def test_cure_refuses_findings_it_cannot_act_on(
@@ -140,10 +151,10 @@ def test_cure_refuses_findings_it_cannot_act_on(
     ]
     masks_only = tmp_path / "audit.json"
     masks_only.write_text(json.dumps(document))
-    paths = _cure_paths(corner.root, audit_report=masks_only)
+    paths = _refused_paths(corner.root, masks_only, tmp_path)
     with pytest.raises(StageInputError, match="no finding the cure can act on: class '3' masks"):
         cure.run(_enabled(corner.params), paths)
-    assert not paths.out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["audit.json"]  # the test's input only
 
 
 def test_cure_disabled_writes_a_skipped_report(tmp_path: Path) -> None:
@@ -154,3 +165,36 @@ def test_cure_disabled_writes_a_skipped_report(tmp_path: Path) -> None:
     paths = cure.CurePaths(report=tmp_path / "cure.json", out=tmp_path / "cured.pt")
     assert cure.run(params, paths).report["status"] == "skipped"
     assert json.loads(paths.report.read_text())["status"] == "skipped" and not paths.out.exists()
+
+
+def test_counterfactual_place_paste_and_removal() -> None:
+    labels = torch.tensor([0, 1] * 4)
+    images = torch.where(labels[:, None, None, None] == 0, 50, 9).expand(8, 1, 8, 8).to(torch.uint8)
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[:2, :2] = True
+    cue = counterfactual.PlaceCue(0, "top-left corner", mask, torch.full((1, 8, 8), 200).to(torch.uint8),
+                                  torch.full((1, 8, 8), 7).to(torch.uint8))  # fmt: skip
+    out, same = counterfactual.Counterfactual([cue], rate=1.0)(images, labels)
+    assert same is labels
+    others, cued = out[labels == 1], out[labels == 0]
+    assert (others[..., :2, :2] == 200).all() and (others[..., 2:, :] == 9).all()  # the class's mean pasted
+    assert (cued[..., :2, :2] == 9).all() and (cued[..., 2:, :] == 50).all()  # another class's content
+    assert torch.equal(counterfactual.Counterfactual([cue], rate=0.0)(images, labels)[0], images)
+
+
+def test_counterfactual_tone_swap_and_patch_paste() -> None:
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 1] * 4)
+    images = torch.randint(0, 60, (8, 1, 8, 8), dtype=torch.uint8)
+    tone = counterfactual.ToneCue(0, torch.tensor([[[150.0, 20.0]]]), torch.tensor([[[30.0, 10.0]]]))
+    out, _ = counterfactual.Counterfactual([tone], rate=1.0)(images, labels)
+    means = out.float().mean((1, 2, 3))
+    assert torch.allclose(means[labels == 1], torch.tensor(150.0), atol=2)  # the class's tone given to others
+    assert torch.allclose(means[labels == 0], torch.tensor(30.0), atol=2)  # the others' tone to the class
+    patch = counterfactual.PatchCue(
+        0, "recurring patch 1", (torch.full((1, 3, 3), 255).to(torch.uint8),), 1.0
+    )
+    out, _ = counterfactual.Counterfactual([patch], rate=0.0)(images, labels)  # at its share, not the rate
+    assert ((out[labels == 1] == 255).sum((1, 2, 3)) == 9).all() and torch.equal(
+        out[labels == 0], images[labels == 0]
+    )

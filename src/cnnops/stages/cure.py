@@ -73,8 +73,9 @@ def run(params: Params, paths: CurePaths = CurePaths()) -> CureResult:
     before = _json(paths.metrics, "run `cnnops evaluate` on the failed model first")
     split = PreparedSplit.load(paths.prepared, "train")
     plan = counterfactual.plan(
-        failed, split, tuple(model.spec.image_size), params.audit.batch_size, params.base.seed
-    )
+        failed, split, tuple(model.spec.image_size), params.audit.batch_size, params.base.seed,
+        lambda: {name: d.exemplars for name, d in audit.recurring(params, _failed_paths(paths)).items()},
+    )  # fmt: skip
     if not plan.cues:
         raise StageInputError(f"{paths.audit_report}: no finding the cure can act on: {_whys(plan)}")
     for left in plan.not_addressed:
@@ -152,6 +153,13 @@ def _train_paths(paths: CurePaths) -> train.TrainPaths:
     )  # fmt: skip
 
 
+def _failed_paths(paths: CurePaths) -> audit.AuditPaths:
+    """The failed model's audit inputs (its recurring patches are found again from them)."""
+    return audit.AuditPaths(
+        model=paths.model, prepared=paths.prepared, train_report=paths.train_report, data=paths.data
+    )
+
+
 def _evaluate_paths(paths: CurePaths) -> evaluate.EvaluatePaths:
     f = paths.folder
     return evaluate.EvaluatePaths(
@@ -202,7 +210,7 @@ def _table(
                 "class": f["class"],
                 "test": f["test"],
                 "before": _rates(failed, f["class"], f["test"]),
-                "after": _rates(after_audit, f["class"], f["test"]),
+                "after": _rates(after_audit, f["class"], f["test"], patches=False),
                 "fails_after": (f["class"], f["test"]) in still,
             }
             for f in failed["failures"]
@@ -219,9 +227,10 @@ def _figures(metrics: dict[str, Any], verdict: str, trained: dict[str, Any]) -> 
     }
 
 
-def _rates(document: dict[str, Any], cls: str, test: str) -> dict[str, float] | None:
+def _rates(document: dict[str, Any], cls: str, test: str, patches: bool = True) -> dict[str, float] | None:
     """A finding's figures in an audit report: flip rate and control (deletion: its gap); None where
-    that audit has no such test (a recurring patch is rediscovered on each model)."""
+    that audit has no such test. `patches` false (the re-audit): a recurring patch is rediscovered on
+    each model, so patch <i> of another audit is another patch: None."""
     figures = document["classes"].get(cls, {})
     kind, _, place = test.partition(":")
     if kind == "deletion":
@@ -233,6 +242,10 @@ def _rates(document: dict[str, Any], cls: str, test: str) -> dict[str, float] | 
         "transplant_mean": lambda: figures["transplant_regions_mean"].get(place),
         "property": lambda: figures.get("transplant_properties", {}).get(place),
     }.get(kind, lambda: None)()
+    if kind == "patch" and patches:
+        patch, _, where = place.partition(" at ")
+        i = int(patch.removeprefix(counterfactual.PATCH)) - 1
+        found = figures["recurring"][i]["at_random_places" if where == "random places" else "at_own_place"]
     if not found:
         return None
     return {"flip_rate": found["flip_rate"], "control_flip_rate": found["control_flip_rate"]}

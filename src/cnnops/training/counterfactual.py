@@ -14,10 +14,12 @@ comes from the batch. It runs in the loader's collate (`collate`), so in the loa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
@@ -48,7 +50,19 @@ class ToneCue:
     others: torch.Tensor  # K x C x 2
 
 
-Cue = PlaceCue | ToneCue
+@dataclass(frozen=True)
+class PatchCue:
+    """A recurring-patch finding: exemplars of the patch, pasted at random places into `share` of the
+    other classes' images, the patch's prevalence in the class (at least the rate): where it sits in
+    each of the class's own images is not known, so it is evened by how often it shows, not removed."""
+
+    cls: int
+    place: str  # "recurring patch <i>", as the findings name it
+    exemplars: tuple[torch.Tensor, ...]  # uint8 C x h x w
+    share: float
+
+
+Cue = PlaceCue | ToneCue | PatchCue
 
 
 class Counterfactual(v2.Transform):
@@ -63,7 +77,9 @@ class Counterfactual(v2.Transform):
         for cue in self.cues:
             hit = torch.rand(len(labels)) < self.rate
             if isinstance(cue, PlaceCue):
-                _paste_place(out, labels, hit, cue)
+                _paste_place(out, images, labels, hit, cue)
+            elif isinstance(cue, PatchCue):
+                _paste_patch(out, labels, torch.rand(len(labels)) < max(self.rate, cue.share), cue)
             else:
                 _swap_tone(out, labels, hit, cue)
         return out, labels
@@ -74,17 +90,33 @@ class Counterfactual(v2.Transform):
 
     def describe(self) -> list[dict[str, Any]]:
         """What each cue does, as JSON: the report's and the resume fingerprint's record of it."""
-        return [
-            {"class": c.cls, "kind": "place", "place": c.place, "pixels": int(c.mask.sum())}
-            if isinstance(c, PlaceCue)
-            else {"class": c.cls, "kind": "tone"}
-            for c in self.cues
-        ] + [{"rate": self.rate}]
+        return [_described(c) for c in self.cues] + [{"rate": self.rate}]
 
 
-def _paste_place(out: torch.Tensor, labels: torch.Tensor, hit: torch.Tensor, cue: PlaceCue) -> None:
+def _described(c: Cue) -> dict[str, Any]:
+    if isinstance(c, PlaceCue):
+        return {"class": c.cls, "kind": "place", "place": c.place, "pixels": int(c.mask.sum())}
+    if isinstance(c, PatchCue):
+        return {"class": c.cls, "kind": "patch", "place": c.place, "share": c.share}
+    return {"class": c.cls, "kind": "tone"}
+
+
+def _paste_patch(out: torch.Tensor, labels: torch.Tensor, hit: torch.Tensor, cue: PatchCue) -> None:
+    """A random exemplar at a random place (inside the image) of each hit image of the other classes."""
+    h, w = out.shape[-2:]
+    for i in torch.nonzero(hit & (labels != cue.cls)).flatten().tolist():
+        patch = cue.exemplars[int(torch.randint(len(cue.exemplars), ()))]
+        ph, pw = min(patch.shape[1], h), min(patch.shape[2], w)
+        y, x = int(torch.randint(h - ph + 1, ())), int(torch.randint(w - pw + 1, ()))
+        out[i, :, y : y + ph, x : x + pw] = patch[:, :ph, :pw]
+
+
+def _paste_place(
+    out: torch.Tensor, source: torch.Tensor, labels: torch.Tensor, hit: torch.Tensor, cue: PlaceCue
+) -> None:
     """Other classes' hit images get the cued class's mean at the place; the cued class's hit images
-    get another class's image there (one of the batch's, or the others' mean when it holds none)."""
+    get another class's image there (one of the batch's as it came, `source`, not as pasted; or the
+    others' mean when the batch holds none)."""
     m = cue.mask
     into_others = hit & (labels != cue.cls)
     out[into_others] = torch.where(m, cue.cued_mean, out[into_others])
@@ -96,7 +128,7 @@ def _paste_place(out: torch.Tensor, labels: torch.Tensor, hit: torch.Tensor, cue
         out[into_cued] = torch.where(m, cue.others_mean, out[into_cued])
         return
     chosen = donors[torch.randint(len(donors), (len(into_cued),))]
-    out[into_cued] = torch.where(m, out[chosen], out[into_cued])
+    out[into_cued] = torch.where(m, source[chosen], out[into_cued])
 
 
 def _swap_tone(out: torch.Tensor, labels: torch.Tensor, hit: torch.Tensor, cue: ToneCue) -> None:
@@ -159,20 +191,32 @@ class Plan:
     not_addressed: tuple[dict[str, Any], ...]  # {"class", "test", "why"}
 
 
+Exemplars = Callable[
+    [], dict[str, tuple[tuple[np.ndarray, ...], ...]]
+]  # class -> per patch, C x h x w in [0, 1]
+
+
 def plan(
-    audit: dict[str, Any], split: PreparedSplit, size: tuple[int, int], batch_size: int, seed: int
+    audit: dict[str, Any],
+    split: PreparedSplit,
+    size: tuple[int, int],
+    batch_size: int,
+    seed: int,
+    exemplars: Exemplars | None = None,
 ) -> Plan:
     """Cues for every failure of `audit` (reports/audit.json) that has one: a place (a fixed-place
     transplant, or the most-attended pixels' and deletion's place when it is one of the audit's) or
-    the tone. Places are the audit's own geometry (`regions`, at its thresholds) at the model's input
-    `size`. Of one class's places, smallest first, one that holds most of a place already kept is
-    answered by it: the smaller place holds the cue, and replacing a larger one in the class's own
-    images would replace its object too."""
+    the tone, or a recurring patch (its exemplars from `exemplars`, called once and only for a patch
+    finding: it re-runs the audit's discovery). Places are the audit's own geometry (`regions`, at
+    its thresholds) at the model's input `size`. Of one class's places, smallest first, one that
+    holds most of a place already kept is answered by it: the smaller place holds the cue, and
+    replacing a larger one in the class's own images would replace its object too."""
     places = _places(audit["thresholds"], size)
+    found = functools.cache(exemplars) if exemplars is not None else None
     wanted: dict[tuple[int, str], list[dict[str, Any]]] = {}
     not_addressed = []
     for f in audit["failures"]:
-        cue, why = _cue_of(f["test"], audit["classes"][f["class"]], places)
+        cue, why = _cue_of(f["test"], audit["classes"][f["class"]], places, found is not None)
         if cue is None:
             not_addressed.append({"class": f["class"], "test": f["test"], "why": why})
         else:
@@ -180,16 +224,18 @@ def plan(
             wanted.setdefault(key, []).append({"class": f["class"], "test": f["test"]})
     cues: list[Cue] = []
     addressed = []
-    for (cls, cue), found in sorted(wanted.items(), key=lambda kv: _area(kv[0][1], places)):
+    for (cls, cue), answered in sorted(wanted.items(), key=lambda kv: _area(kv[0][1], places)):
         if cue == TONE:
             cues.append(ToneCue(cls, *tone_banks(split, cls, size, batch_size, seed)))
+        elif cue.startswith(PATCH) and found is not None:
+            cues.append(_patch_cue(cls, cue, audit, split.class_names[cls], found()))
         else:
             mask = torch.from_numpy(places[cue])
             held = next((c.place for c in cues if _holds(mask, c, cls)), None)
             if held is None:
                 cues.append(PlaceCue(cls, cue, mask, *class_means(split, cls, size, batch_size)))
             cue = held or cue
-        addressed += [{**a, "cue": cue} for a in found]
+        addressed += [{**a, "cue": cue} for a in answered]
     return Plan(tuple(cues), tuple(addressed), tuple(not_addressed))
 
 
@@ -212,15 +258,32 @@ def _holds(mask: torch.Tensor, cue: Cue, cls: int) -> bool:
 
 
 TONE = "tone"
+PATCH = "recurring patch "
 
 
 def _area(cue: str, places: dict[str, Any]) -> int:
     return int(places[cue].sum()) if cue in places else 0
 
 
-def _cue_of(test: str, figures: dict[str, Any], places: dict[str, Any]) -> tuple[str | None, str]:
-    """(the cue answering a failure: a place name or TONE, or None and why not)."""
+def _patch_cue(
+    cls: int, cue: str, audit: dict[str, Any], name: str, found: dict[str, tuple[tuple[np.ndarray, ...], ...]]
+) -> PatchCue:
+    """The patch `cue` ("recurring patch <i>") of class `name`: its exemplars as uint8, its support."""
+    i = int(cue.removeprefix(PATCH)) - 1
+    crops = tuple(torch.from_numpy(np.rint(e * 255.0)).to(torch.uint8) for e in found[name][i])
+    return PatchCue(cls, cue, crops, float(audit["classes"][name]["recurring"][i]["support"]))
+
+
+def _cue_of(
+    test: str, figures: dict[str, Any], places: dict[str, Any], patches: bool
+) -> tuple[str | None, str]:
+    """(the cue answering a failure: a place name, TONE or a recurring patch, or None and why not)."""
     kind, _, place = test.partition(":")
+    if kind == "patch":  # one that sits at one of the audit's places is that place's cue
+        patch = place.partition(" at ")[0]
+        where = figures["recurring"][int(patch.removeprefix(PATCH)) - 1]["at_own_place"].get("where")
+        if where in places or patches:
+            return (where if where in places else patch), ""
     if kind in ("transplant", "transplant_mean") and place in places:
         return place, ""
     if kind in ("transplant_top", "deletion"):
@@ -234,4 +297,7 @@ def _cue_of(test: str, figures: dict[str, Any], places: dict[str, Any]) -> tuple
         return TONE, ""
     if kind == "masks":
         return None, "a masks finding says where the model looks, not what it reads there"
-    return None, f"no counterfactual for {kind!r} findings yet (place, most-attended, deletion and tone only)"
+    return (
+        None,
+        f"no counterfactual for {kind!r} findings yet (places, most-attended, deletion, patches, tone)",
+    )

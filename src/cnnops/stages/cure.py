@@ -28,7 +28,7 @@ from cnnops.errors import StageInputError
 from cnnops.stages import audit, evaluate, release, train
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
-from cnnops.training import counterfactual
+from cnnops.training import counterfactual, counterfactual_plan
 
 log = logging.getLogger(__name__)
 TAG_LIMIT = (
@@ -72,7 +72,7 @@ def run(params: Params, paths: CurePaths = CurePaths()) -> CureResult:
     _same_model(failed, paths, parent)
     before = _json(paths.metrics, "run `cnnops evaluate` on the failed model first")
     split = PreparedSplit.load(paths.prepared, "train")
-    plan = counterfactual.plan(
+    plan = counterfactual_plan.plan(
         failed, split, tuple(model.spec.image_size), params.audit.batch_size, params.base.seed,
         lambda: {name: d.exemplars for name, d in audit.recurring(params, _failed_paths(paths)).items()},
     )  # fmt: skip
@@ -127,7 +127,7 @@ def _same_model(document: dict[str, Any], paths: CurePaths, run_id: str) -> None
         )
 
 
-def _whys(plan: counterfactual.Plan) -> str:
+def _whys(plan: counterfactual_plan.Plan) -> str:
     return "; ".join(f"class '{n['class']}' {n['test']}: {n['why']}" for n in plan.not_addressed)
 
 
@@ -180,7 +180,7 @@ def _table(
     params: Params,
     paths: CurePaths,
     failed: dict[str, Any],
-    plan: counterfactual.Plan,
+    plan: counterfactual_plan.Plan,
     augment: counterfactual.Counterfactual,
     before: dict[str, Any],
     evaluated: evaluate.EvaluateResult,
@@ -244,7 +244,7 @@ def _rates(document: dict[str, Any], cls: str, test: str, patches: bool = True) 
     }.get(kind, lambda: None)()
     if kind == "patch" and patches:
         patch, _, where = place.partition(" at ")
-        i = int(patch.removeprefix(counterfactual.PATCH)) - 1
+        i = int(patch.removeprefix(counterfactual_plan.PATCH)) - 1
         found = figures["recurring"][i]["at_random_places" if where == "random places" else "at_own_place"]
     if not found:
         return None
@@ -252,7 +252,7 @@ def _rates(document: dict[str, Any], cls: str, test: str, patches: bool = True) 
 
 
 def _track(
-    params: Params, parent: str, run_id: str, plan: counterfactual.Plan, report: dict[str, Any]
+    params: Params, parent: str, run_id: str, plan: counterfactual_plan.Plan, report: dict[str, Any]
 ) -> None:
     """Tag the cured model's run with its parent and the findings it addressed; the parent with its cure."""
     findings = "; ".join(f"class '{a['class']}' {a['test']}" for a in plan.addressed)

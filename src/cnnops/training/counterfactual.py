@@ -14,17 +14,14 @@ comes from the batch. It runs in the loader's collate (`collate`), so in the loa
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
-from cnnops.audit import regions
 from cnnops.data.splits import PreparedSplit
 
 TONE_BANK = 2048  # images of each side whose tone is drawn from: a sample, so memory stays flat
@@ -180,124 +177,3 @@ def tone_banks(
             stats.append(torch.stack([x.mean((2, 3)), x.std((2, 3))], -1))
         banks.append(torch.cat(stats) if stats else torch.zeros(0, split.images.shape[1], 2))
     return banks[0], banks[1]
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The counterfactuals a failed audit calls for: the cues, and each failure addressed or not (why)."""
-
-    cues: tuple[Cue, ...]
-    addressed: tuple[dict[str, Any], ...]  # {"class", "test", "cue"}: what answers it
-    not_addressed: tuple[dict[str, Any], ...]  # {"class", "test", "why"}
-
-
-Exemplars = Callable[
-    [], dict[str, tuple[tuple[np.ndarray, ...], ...]]
-]  # class -> per patch, C x h x w in [0, 1]
-
-
-def plan(
-    audit: dict[str, Any],
-    split: PreparedSplit,
-    size: tuple[int, int],
-    batch_size: int,
-    seed: int,
-    exemplars: Exemplars | None = None,
-) -> Plan:
-    """Cues for every failure of `audit` (reports/audit.json) that has one: a place (a fixed-place
-    transplant, or the most-attended pixels' and deletion's place when it is one of the audit's) or
-    the tone, or a recurring patch (its exemplars from `exemplars`, called once and only for a patch
-    finding: it re-runs the audit's discovery). Places are the audit's own geometry (`regions`, at
-    its thresholds) at the model's input `size`. Of one class's places, smallest first, one that
-    holds most of a place already kept is answered by it: the smaller place holds the cue, and
-    replacing a larger one in the class's own images would replace its object too."""
-    places = _places(audit["thresholds"], size)
-    found = functools.cache(exemplars) if exemplars is not None else None
-    wanted: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    not_addressed = []
-    for f in audit["failures"]:
-        cue, why = _cue_of(f["test"], audit["classes"][f["class"]], places, found is not None)
-        if cue is None:
-            not_addressed.append({"class": f["class"], "test": f["test"], "why": why})
-        else:
-            key = (split.class_names.index(f["class"]), cue)
-            wanted.setdefault(key, []).append({"class": f["class"], "test": f["test"]})
-    cues: list[Cue] = []
-    addressed = []
-    for (cls, cue), answered in sorted(wanted.items(), key=lambda kv: _area(kv[0][1], places)):
-        if cue == TONE:
-            cues.append(ToneCue(cls, *tone_banks(split, cls, size, batch_size, seed)))
-        elif cue.startswith(PATCH) and found is not None:
-            cues.append(_patch_cue(cls, cue, audit, split.class_names[cls], found()))
-        else:
-            mask = torch.from_numpy(places[cue])
-            held = next((c.place for c in cues if _holds(mask, c, cls)), None)
-            if held is None:
-                cues.append(PlaceCue(cls, cue, mask, *class_means(split, cls, size, batch_size)))
-            cue = held or cue
-        addressed += [{**a, "cue": cue} for a in answered]
-    return Plan(tuple(cues), tuple(addressed), tuple(not_addressed))
-
-
-def _places(thresholds: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
-    """The audit's places at `size`, from the thresholds its report records (so the same pixels)."""
-    t = thresholds
-    return regions.intervention_regions(
-        *size,
-        border_fraction=t["border_fraction"],
-        corner_fraction=t["corner_fraction"],
-        edge_fractions=tuple(t["edge_fractions"]),
-        centre_fraction=t["centre_fraction"],
-        grids=tuple(t["grids"]),
-    )
-
-
-def _holds(mask: torch.Tensor, cue: Cue, cls: int) -> bool:
-    """Whether `mask` holds most (80%) of a place cue of the same class."""
-    return isinstance(cue, PlaceCue) and cue.cls == cls and (cue.mask & mask).sum() >= 0.8 * cue.mask.sum()
-
-
-TONE = "tone"
-PATCH = "recurring patch "
-
-
-def _area(cue: str, places: dict[str, Any]) -> int:
-    return int(places[cue].sum()) if cue in places else 0
-
-
-def _patch_cue(
-    cls: int, cue: str, audit: dict[str, Any], name: str, found: dict[str, tuple[tuple[np.ndarray, ...], ...]]
-) -> PatchCue:
-    """The patch `cue` ("recurring patch <i>") of class `name`: its exemplars as uint8, its support."""
-    i = int(cue.removeprefix(PATCH)) - 1
-    crops = tuple(torch.from_numpy(np.rint(e * 255.0)).to(torch.uint8) for e in found[name][i])
-    return PatchCue(cls, cue, crops, float(audit["classes"][name]["recurring"][i]["support"]))
-
-
-def _cue_of(
-    test: str, figures: dict[str, Any], places: dict[str, Any], patches: bool
-) -> tuple[str | None, str]:
-    """(the cue answering a failure: a place name, TONE or a recurring patch, or None and why not)."""
-    kind, _, place = test.partition(":")
-    if kind == "patch":  # one that sits at one of the audit's places is that place's cue
-        patch = place.partition(" at ")[0]
-        where = figures["recurring"][int(patch.removeprefix(PATCH)) - 1]["at_own_place"].get("where")
-        if where in places or patches:
-            return (where if where in places else patch), ""
-    if kind in ("transplant", "transplant_mean") and place in places:
-        return place, ""
-    if kind in ("transplant_top", "deletion"):
-        where = figures["transplant_top"].get("where") or ""
-        edge = where.removesuffix(" edge")
-        strips = [p for p in places if edge != where and p.startswith(f"{edge} strip ")]
-        if where in places or strips:
-            return (where if where in places else strips[0]), ""
-        return None, f"its most-attended pixels sit at '{where}', not one of the audit's places"
-    if kind == "transplant_tone":
-        return TONE, ""
-    if kind == "masks":
-        return None, "a masks finding says where the model looks, not what it reads there"
-    return (
-        None,
-        f"no counterfactual for {kind!r} findings yet (places, most-attended, deletion, patches, tone)",
-    )

@@ -88,6 +88,16 @@ def run(params: Params, paths: AuditPaths = AuditPaths()) -> AuditResult:
     return AuditResult(report=report, run_id=run_id, written=written, metrics=metrics)
 
 
+def recurring(params: Params, paths: AuditPaths) -> dict[str, discovery.Discovered]:
+    """The recurring patches the audit of `paths.model` finds, with their exemplars, per class: the
+    same images and seeds as `run`, so the same patches as its report's (the cure pastes them)."""
+    a = params.audit
+    model, _ = runs.load_run_model(paths.model, paths.train_report)
+    test = load_split_for(model.spec, paths.prepared, paths.model)
+    looked = _look(model, test, _audited(test, a), a, paths.data, params.data.max_image_pixels)
+    return _discovered(saliency.prepare_for_saliency(model), looked, test.class_names, a)
+
+
 def examine(
     model: Classifier,
     test: PreparedSplit,

@@ -34,6 +34,7 @@ class Case:
     per_class: int | None = 60
     epochs: int = 4
     cue_args: tuple[tuple[str, Any], ...] = ()
+    audit_args: tuple[tuple[str, Any], ...] = ()  # audit params beside Grad-CAM (fewer images: ResNets)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def case_params(root: Path, case: Case) -> Params:
                 "model": case.model, "epochs": case.epochs, "batch_size": 32, "label_smoothing": 0.0,
                 "early_stopping_patience": None, "augment": {"random_resized_crop": False},
             },
-            "audit": {"methods": ["gradcam"]},
+            "audit": {"methods": ["gradcam"], **dict(case.audit_args)},
             "tracking": {
                 "uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_location": str(root / "mlartifacts"),
                 "experiment": "audit-v2-tests",

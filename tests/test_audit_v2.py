@@ -24,7 +24,10 @@ CUED = {
     "convnet-tag": Case(
         "tag", "3", seed=1, epochs=8, cue_args=(("intensity", 255), ("size", 5), ("confound", 0.4))
     ),
-    "convnet-textline": Case("textline", "7", seed=2, image_size=64, cue_args=(("intensity", 255),)),
+    # at 64 px this case took 260 s; at 32 px with the confound it trains and audits in about a minute
+    "convnet-textline": Case(
+        "textline", "7", seed=2, epochs=8, cue_args=(("intensity", 255), ("confound", 0.4))
+    ),
     "convnet-noise": Case("noise", "5", seed=3),
     "convnet-blur": Case("blur", "2", seed=4, epochs=8, cue_args=(("confound", 0.4),)),
     "resnet18-tag": Case(
@@ -53,7 +56,9 @@ ON_GPU = [
 CLEAN = {
     "digits": Case("none", None),
     "faces": Case("none", None, source="faces", per_class=None, epochs=25),
-    "rgb-scenes": Case("none", None, source="scenes", epochs=8),  # classes share backgrounds and tone
+    # classes share backgrounds and tone. At 8 epochs '8' and '9' had 2 correct test images each (the
+    # audit is inconclusive); at 15 the audit raises a false alarm on the centre (docs/audit.md, Limits)
+    "rgb-scenes": Case("none", None, source="scenes", epochs=15),
 }
 TONES = Case("none", None, source="tones", per_class=40, epochs=6)  # classes differ only in colour
 

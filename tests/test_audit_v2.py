@@ -90,7 +90,17 @@ def test_a_learned_cue_fails_naming_the_cued_class(
     assert any(t["class"] == case.cued_class for t in report["tests"])  # raw and adjusted p-values kept
 
 
-@pytest.mark.parametrize("name", list(CLEAN))
+# A known false alarm, kept visible: on the RGB scenes the object estimate from pixels fails on
+# textured backgrounds, so the off-object centre paste carries the digit (docs/audit.md, Limits).
+# strict: the day the audit stops raising it, this test fails until the mark is removed.
+SCENES_FALSE_ALARM = pytest.mark.xfail(
+    strict=True, reason="centre paste on textured RGB backgrounds: a false alarm (issue 15, open)"
+)
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=SCENES_FALSE_ALARM if n == "rgb-scenes" else ()) for n in CLEAN]
+)
 def test_a_clean_set_passes(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     run = _audited(name, CLEAN[name], tmp_path_factory)
     report = run.report

@@ -24,7 +24,6 @@ from sklearn.tree import DecisionTreeClassifier
 
 from cnnops.audit.contract import PropertyProbe, PropertyScore, PropertyWeight
 from cnnops.audit.regions import band_mask, corner_slices
-from cnnops.data.decode import ColorMode, load_tensor
 from cnnops.data.splits import PreparedSplit
 
 log = logging.getLogger(__name__)
@@ -302,34 +301,23 @@ def _score(v: np.ndarray, pos: np.ndarray, permutations: int, rng: np.random.Gen
 VALIDATE_SIDE = 64  # validate sees the files before prepare's size is known: each is measured at 64 px
 
 
-def file_property_scores(
-    root: Path,
-    paths: list[str],
+def thumbnail_property_scores(
+    thumbnails: np.ndarray,
+    rows: list[int],
     labels: list[str],
     *,
-    color_mode: ColorMode,
-    max_pixels: int,
     permutations: int,
     seed: int,
     batch_size: int = 64,
 ) -> dict[str, dict[str, PropertyScore]]:
-    """`property_scores` of the decodable image files under `root` (`paths` relative to it, with
-    their class names), read through the data contract at `VALIDATE_SIDE` px a batch at a time:
-    validate's data warning, before anything is trained. `paths` are the files validate decoded."""
+    """`property_scores` of the images at `rows` of `thumbnails` (uint8 N x C x `VALIDATE_SIDE`^2,
+    memory-mapped: validate's manifest pass decoded each file into it once) with their class names,
+    a batch at a time: validate's data warning, before anything is trained."""
     names = sorted(set(labels))
 
     def batches() -> Iterator[torch.Tensor]:
-        for i in range(0, len(paths), batch_size):
-            read = [
-                load_tensor(
-                    root / p,
-                    color_mode=color_mode,
-                    size=(VALIDATE_SIDE, VALIDATE_SIDE),
-                    max_pixels=max_pixels,
-                )
-                for p in paths[i : i + batch_size]
-            ]
-            yield torch.stack(read).float().div(255.0)
+        for i in range(0, len(rows), batch_size):
+            yield torch.from_numpy(thumbnails[rows[i : i + batch_size]]).float().div(255.0)
 
     values = _collected(batches())
     if not values:

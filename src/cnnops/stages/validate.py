@@ -15,11 +15,13 @@ import copy
 import html
 import logging
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from cnnops import atomic
@@ -29,6 +31,7 @@ from cnnops.data.folder import GROUPS_FILE, scan_image_folder
 from cnnops.data.groups import load_groups
 from cnnops.data.manifest import ManifestEntry, describe_all, duplicate_groups
 from cnnops.errors import CnnopsError, ValidationFailed
+from cnnops.models import CHANNELS
 from cnnops.progress import progress_bar
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
@@ -43,10 +46,18 @@ PER_FILE_CHECKS = ("decodes", "format", "mode", "size")  # what a check says of 
 
 def build_manifest(
     data_dir: str | Path, data: DataParams
-) -> tuple[pd.DataFrame, list[str], list[tuple[str, str]]]:
-    """The manifest dataframe (with the derived check columns), class names and skipped files."""
+) -> tuple[pd.DataFrame, list[str], list[tuple[str, str]], np.ndarray]:
+    """The manifest dataframe (with the derived check columns), class names, skipped files, and
+    each file decoded once more at `properties.VALIDATE_SIDE` px (row i: manifest row i), in an
+    unlinked temporary file mapped into memory, for the image-property warning."""
     scan = scan_image_folder(data_dir, hidden_files=data.hidden_files, min_classes=1)
-    found = describe_all(scan.records, color_mode=data.color_mode, max_pixels=data.max_image_pixels)
+    side = properties.VALIDATE_SIDE
+    shape = (len(scan.records), CHANNELS[data.color_mode], side, side)
+    with tempfile.TemporaryFile() as handle:  # the mapping outlives the closed, unlinked file
+        thumbnails = np.memmap(handle, dtype=np.uint8, mode="w+", shape=shape)
+    found = describe_all(
+        scan.records, color_mode=data.color_mode, max_pixels=data.max_image_pixels, into=thumbnails
+    )
     rows = []
     with progress_bar("validate: reading", len(scan.records), unit="img") as advance:
         for entry in found:
@@ -68,7 +79,7 @@ def build_manifest(
         df.loc[decoded, "near_duplicates"] = (distinct - 1).to_numpy()
     named = load_groups(data_dir, list(df["path"]))  # a row naming a missing image is refused here
     df["group"] = None if named is None else df["path"].map(named)
-    return df, scan.class_names, scan.skipped
+    return df, scan.class_names, scan.skipped, thumbnails
 
 
 def gx_expectations() -> Any:
@@ -271,11 +282,11 @@ class ValidateResult:
 def run(params: Params, paths: ValidatePaths = ValidatePaths()) -> ValidateResult:
     """Validate `paths.data`; write the JSON report and the GX data docs, log both to an MLflow run,
     then raise on error-level failures (the report and the record are kept)."""
-    df, class_names, skipped = build_manifest(paths.data, params.data)
+    df, class_names, skipped, thumbnails = build_manifest(paths.data, params.data)
     _reset_docs(paths.docs)
     checks = run_suite(df, params.validate, paths.docs)
     report = _report(df, class_names, skipped, checks)
-    report["image_properties"] = _image_properties(df, paths.data, params)
+    report["image_properties"] = _image_properties(df, thumbnails, params)
     atomic.write_json(paths.report, report, indent=1)
     with runs.data_run(params, "validate", ("data", "validate")) as mlflow_run:
         runs.log_metrics(
@@ -304,16 +315,16 @@ def run(params: Params, paths: ValidatePaths = ValidatePaths()) -> ValidateResul
     return ValidateResult(report, mlflow_run.info.run_id)
 
 
-def _image_properties(df: pd.DataFrame, data: Path, params: Params) -> list[dict[str, Any]]:
+def _image_properties(df: pd.DataFrame, thumbnails: np.ndarray, params: Params) -> list[dict[str, Any]]:
     """Image properties (sharpness, noise, hue, ...) that alone tell a class from the rest, with the
     audit's thresholds (`audit.property_auroc`, `significance`): a data warning before anything is
     trained. Never an error: a cue in the data may be the class itself, and the audit's property
     transplants are what test whether a model uses it."""
     a = params.audit
     ok = df[df["sha256"].notna()]
-    scores = properties.file_property_scores(
-        data, list(ok["path"]), list(ok["label"]), color_mode=params.data.color_mode,
-        max_pixels=params.data.max_image_pixels, permutations=a.property_permutations, seed=params.base.seed,
+    scores = properties.thumbnail_property_scores(
+        thumbnails, list(ok.index), list(ok["label"]), permutations=a.property_permutations,
+        seed=params.base.seed,
     )  # fmt: skip
     found = []
     for cls, by_property in scores.items():

@@ -97,6 +97,13 @@ def test_temperature_scaling_recovers_the_temperature_that_made_logits_overconfi
     assert nll(3.0 * calibrated, sampled, 3.0) < nll(3.0 * calibrated, sampled)
 
 
+def test_a_temperature_fit_that_runs_to_its_bound_is_not_applied(caplog: pytest.LogCaptureFixture) -> None:
+    labels = np.arange(40) % 4
+    logits = np.eye(4)[labels] * 2.0  # every validation image right: the NLL falls for ever as T shrinks
+    assert fit_temperature(logits, labels) == 1.0
+    assert "not applied: T = 1 is kept" in caplog.text
+
+
 def test_bootstrap_point_figures_are_sklearns_and_the_intervals_hold_them() -> None:
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, 300)

@@ -26,19 +26,27 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The T in TEMPERATURE_RANGE minimising the NLL of `labels` (held-out data: never the test split)."""
+    """The T in TEMPERATURE_RANGE minimising the NLL of `labels` (held-out data: never the test split).
+
+    A fit that ends at an edge of the range is no estimate: with every validation image right the NLL
+    falls for ever as T shrinks, and baking the edge in would make the rare error maximally
+    confident. Then T = 1 is kept (the model's own logits) and a warning says why.
+    """
     low, high = (math.log(t) for t in TEMPERATURE_RANGE)
     fit = minimize_scalar(lambda t: nll(logits, labels, math.exp(t)), bounds=(low, high), method="bounded")
-    temperature = math.exp(fit.x)
-    if min(abs(fit.x - low), abs(fit.x - high)) < 1e-3:
+    # the bounded search stops short of an edge it runs to (T 0.055 for 0.05): an edge that scores no
+    # worse than the fit is where the minimum is
+    if min(nll(logits, labels, math.exp(edge)) for edge in (low, high)) <= fit.fun:
         log.warning(
-            "temperature scaling: the fitted temperature %.3g sits at the edge of %s on %d validation "
-            "images; the calibration is unreliable (more validation images help)",
-            temperature,
-            TEMPERATURE_RANGE,
+            "temperature scaling: the fit on %d validation images ran to the edge of %s (T %.3g), so it "
+            "is not applied: T = 1 is kept; more validation images, or some the model gets wrong, let "
+            "it fit",
             len(labels),
+            TEMPERATURE_RANGE,
+            math.exp(fit.x),
         )
-    return temperature
+        return 1.0
+    return math.exp(fit.x)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

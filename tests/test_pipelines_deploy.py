@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import httpx
 import mlflow
 import pytest
 import yaml
+from fixtures_net import free_port
 from fixtures_prefect import PROJECT, copy_workspace, tool_env, touch_export_params, write_params
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -29,12 +29,6 @@ from cnnops.errors import CnnopsError, ConfigError
 from pipelines.deploy import schedules
 
 POOL = "cnnops-test"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def prefect_env(home: Path, api: str) -> dict[str, str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 from fixtures_export import SIZE, grey, model_run
+from fixtures_net import free_port
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -32,12 +32,6 @@ CNNOPS = str(Path(sys.executable).with_name("cnnops"))
 MAX_PIXELS = 10_000  # a 120x120 picture is past it
 MAX_BYTES = 200_000
 MAX_FILES = 4
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 import torch
 import yaml
 from fixtures_model import TrainedDigits, cache_fake_resnet18, digits_train_params, one_thread
+from fixtures_net import free_port
 
 from cnnops import cli
 from cnnops.config import Params
@@ -194,12 +194,6 @@ def test_torchrun_two_cpu_processes(tmp_path: Path, prepared_digits: Path, digit
     assert [r.info.run_id for r in runs] == [report["run_id"]]  # one run: rank 1 never talks to MLflow
     model, extra = load_classifier(root / "models" / "model.pt")
     assert extra["run_id"] == report["run_id"] and model.head.out_features == 10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()

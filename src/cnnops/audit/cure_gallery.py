@@ -228,6 +228,18 @@ def _header(report: dict[str, Any]) -> list[str]:
         f"<p>Failed model: MLflow run {_text(report['parent_run_id'])}; cured model "
         f"{_text(report['model'])}, run {_text(report['run_id'])} ({_text(report['mode'])}, "
         f"{_text(report['epochs'])} epochs, counterfactual rate {_text(report['rate'])}).</p>",
+        *_release(report.get("release")),
+    ]
+
+
+def _release(decision: dict[str, Any] | None) -> list[str]:
+    """The cured model's release, a challenger like any other (none where the cure did not release it)."""
+    if decision is None:
+        return []
+    outcome, css = ("champion", "pass") if decision["promoted"] else ("challenger", "warn")
+    return [
+        f"<p id='release'>Released as {_text(decision['model_name'])} version {_text(decision['version'])}: "
+        f"<b class='{css}'>{outcome}</b> ({_text(decision['reason'])})</p>"
     ]
 
 

@@ -487,6 +487,10 @@ class OrchestrateParams(Section):
         description="largest KL divergence (nats) of any image property of an incoming batch from the "
         "training data's before retrain refuses the batch",
     )
+    auto_cure: StrictBool = Field(
+        description="run the cure stage on a failed audit (as cure.enabled does) and announce its "
+        "before/after table from the retrain flow"
+    )
 
 
 class Params(Section):

@@ -2,13 +2,16 @@
 
 The audit's findings say what the model reads (a place, a tone) and prove it by an intervention.
 The cure trains a new model with that intervention as augmentation (`training.counterfactual`),
-through train's own loop, then evaluates and audits it with the evaluate and audit stages, and
-writes the before/after table to reports/cure.json. The cured model's MLflow run is tagged with
-the failed model's run and the findings it addressed.
+through train's own loop, then evaluates, audits, exports and releases it with those stages (a new
+challenger with its own audit: release's champion rule is unchanged), and writes the before/after
+table and the release decision to reports/cure.json. The cured model's MLflow run is tagged with
+the failed model's run and the findings it addressed as soon as it is trained.
 
 It refuses, by name and without writing a model, to cure a model whose audit passed, an audit of
-another model, or findings it has no counterfactual for. With `cure.enabled` false it only writes
-a skipped report, so `dvc repro` can hold the stage and run it only when asked.
+another model, or findings it has no counterfactual for. dvc.yaml runs it with `--if-failed`: a
+passing or inconclusive audit then gives a skipped report instead of a refusal, so `dvc repro`
+never fails for want of a shortcut. Neither `cure.enabled` nor `orchestrate.auto_cure` set: a
+skipped report, whatever the audit.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from cnnops.config import Params
 from cnnops.data.digest import file_sha256
 from cnnops.data.splits import PreparedSplit
 from cnnops.errors import StageInputError
-from cnnops.stages import audit, evaluate, release, train
+from cnnops.stages import audit, evaluate, export, release, train
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
 from cnnops.training import counterfactual, counterfactual_plan
@@ -47,10 +50,18 @@ class CurePaths:
     prepared: Path = path_arg("prepared", "prepare's output folder")
     validation: Path | None = path_arg("reports/validation.json", "validate report, for the re-audit")
     data: Path | None = path_arg("data", "data folder holding annotations.csv, for the re-audit")
-    out: Path = path_arg("models/cured.pt", "the cured model's checkpoint", "--out")
-    report: Path = path_arg("reports/cure.json", "the before/after table")
-    folder: Path = path_arg("reports/cure", "the cured model's train, evaluate and audit outputs")
+    out: Path = path_arg("models/cured/model.pt", "the cured model's checkpoint", "--out")
+    report: Path = path_arg("reports/cure.json", "the before/after table and the release decision")
+    folder: Path = path_arg(
+        "reports/cure", "the cured model's train, evaluate, audit, export and release reports and model card"
+    )
     state: Path = path_arg(".cnnops/cure/state.pt", "resume state of the cure's training")
+    project: Path = Path(".")  # the git work tree whose state may hold the cured champion back (release)
+
+    @property
+    def onnx(self) -> Path:
+        """The cured model's ONNX file, beside its checkpoint (a compressed copy goes there too)."""
+        return self.out.with_suffix(".onnx")
 
 
 @dataclass(frozen=True)
@@ -59,14 +70,12 @@ class CureResult:
     run_id: str | None  # the cured model's MLflow run (None: skipped)
 
 
-def run(params: Params, paths: CurePaths = CurePaths()) -> CureResult:
-    """Cure the model `paths.audit_report` failed: train, evaluate and audit a new one."""
-    c = params.cure
-    if not c.enabled:
-        report = {"status": "skipped", "reason": "cure.enabled is false"}
-        atomic.write_json(paths.report, report)
-        log.info("cure: skipped (cure.enabled is false)")
-        return CureResult(report, None)
+def run(params: Params, paths: CurePaths = CurePaths(), if_failed: bool = False) -> CureResult:
+    """Cure the model `paths.audit_report` failed: train, evaluate, audit, export and release a new
+    one. `if_failed` (dvc.yaml's `--if-failed`): a passing or inconclusive audit is skipped, not refused."""
+    skipped = _skip_reason(params, paths, if_failed)
+    if skipped:
+        return _skipped(paths, skipped)
     failed = _failed_audit(paths)
     model, parent = runs.load_run_model(paths.model, paths.train_report)
     _same_model(failed, paths, parent)
@@ -80,6 +89,7 @@ def run(params: Params, paths: CurePaths = CurePaths()) -> CureResult:
         raise StageInputError(f"{paths.audit_report}: no finding the cure can act on: {_whys(plan)}")
     for left in plan.not_addressed:
         log.warning("cure: class '%s' %s is not addressed: %s", left["class"], left["test"], left["why"])
+    c = params.cure
     augment = counterfactual.Counterfactual(plan.cues, c.rate)
     trained = train.run(
         _training_params(params),
@@ -87,13 +97,53 @@ def run(params: Params, paths: CurePaths = CurePaths()) -> CureResult:
         train.Retraining(augment, model if c.mode == "head" else None),
     )
     assert trained.run_id is not None  # one process: rank 0
+    _link(params, parent, trained.run_id, plan)  # before anything else can fail: the record links them
     evaluated = evaluate.run(params, _evaluate_paths(paths))
     audited = audit.run(params, _audit_paths(paths))
-    report = _table(params, paths, failed, plan, augment, before, evaluated, audited, trained.report)
+    report = _table(params, paths, failed, plan, augment, before, evaluated, trained.report)
+    atomic.write_json(paths.report, {**report, "release": None})  # the table holds if export fails
+    export.run(params, _export_paths(paths))
+    released = release.run(params, _release_paths(paths))
+    report["release"] = _decision(released)
     atomic.write_json(paths.report, report)
-    _track(params, parent, trained.run_id, plan, report)
-    log.info("cure: re-audit %s (%s)", audited.report.decision.verdict.upper(), paths.report)
+    _track(params, trained.run_id, report)
+    log.info(
+        "cure: re-audit %s; cured model v%s %s (%s)", audited.report.decision.verdict.upper(),
+        released.version, "is the champion" if released.promoted else "stays a challenger", paths.report,
+    )  # fmt: skip
     return CureResult(report, trained.run_id)
+
+
+def _skip_reason(params: Params, paths: CurePaths, if_failed: bool) -> str:
+    """Why the cure does not run ('' when it does): not asked to, or (`if_failed`) nothing to cure."""
+    if not (params.cure.enabled or params.orchestrate.auto_cure):
+        return "cure.enabled and orchestrate.auto_cure are false"
+    if not if_failed:
+        return ""
+    verdict = release.audit_document(paths.audit_report)["verdict"]
+    if verdict == "pass":
+        return f"the audit passed ({paths.audit_report}): there is no proven shortcut to cure"
+    if verdict == "inconclusive":
+        return (
+            f"the audit was inconclusive ({paths.audit_report}): no shortcut was proven, so there is "
+            "nothing to cure (a class had too few correctly classified test images to audit)"
+        )
+    return ""
+
+
+def _skipped(paths: CurePaths, reason: str) -> CureResult:
+    """The skipped report, and the cured model's folders empty of an earlier cure's files (dvc.yaml's
+    outputs must exist; a stale cured model beside a skipped report would pass for this one)."""
+    for stale in (paths.out, paths.onnx):
+        if stale.is_file():
+            log.warning("cure: removing %s, an earlier cure's model: this run cures nothing", stale)
+            stale.unlink()
+    paths.out.parent.mkdir(parents=True, exist_ok=True)
+    paths.folder.mkdir(parents=True, exist_ok=True)
+    report = {"status": "skipped", "reason": reason}
+    atomic.write_json(paths.report, report)
+    log.info("cure: skipped (%s)", reason)
+    return CureResult(report, None)
 
 
 def _failed_audit(paths: CurePaths) -> dict[str, Any]:
@@ -184,7 +234,6 @@ def _table(
     augment: counterfactual.Counterfactual,
     before: dict[str, Any],
     evaluated: evaluate.EvaluateResult,
-    audited: audit.AuditResult,
     cured_train: dict[str, Any],
 ) -> dict[str, Any]:
     """reports/cure.json: what was cured how, and the before/after of the test figures and of every
@@ -197,6 +246,7 @@ def _table(
         "parent_run_id": failed["run_id"],
         "run_id": cured_train["run_id"],
         "model": str(paths.out),
+        "onnx": str(paths.onnx),
         "mode": params.cure.mode,
         "rate": params.cure.rate,
         "epochs": params.cure.epochs,
@@ -251,22 +301,45 @@ def _rates(document: dict[str, Any], cls: str, test: str, patches: bool = True) 
     return {"flip_rate": found["flip_rate"], "control_flip_rate": found["control_flip_rate"]}
 
 
-def _track(
-    params: Params, parent: str, run_id: str, plan: counterfactual_plan.Plan, report: dict[str, Any]
-) -> None:
+def _export_paths(paths: CurePaths) -> export.ExportPaths:
+    f = paths.folder
+    return export.ExportPaths(
+        checkpoint=paths.out, prepared=paths.prepared, train_report=f / "train.json", out=paths.onnx,
+        compressed_dir=paths.out.parent, report=f / "export.json", metrics=f / "metrics.json",
+    )  # fmt: skip
+
+
+def _release_paths(paths: CurePaths) -> release.ReleasePaths:
+    """The cured model released like any other: its own audit, metrics and gallery, its own card."""
+    f = paths.folder
+    return release.ReleasePaths(
+        onnx=paths.onnx, checkpoint=paths.out, prepared=paths.prepared, train_report=f / "train.json",
+        audit_report=f / "audit.json", report=f / "release.json", project=paths.project,
+        metrics=f / "metrics.json", validation=paths.validation, gallery=f / "audit", card=f,
+    )  # fmt: skip
+
+
+def _decision(released: release.ReleaseResult) -> dict[str, Any]:
+    """The cured model's release in cure.json: its version, whether it took champion, and why."""
+    r = released.report
+    keys = ("model_name", "version", "promoted", "reason", "champion", "audit_verdict", "metric", "score")
+    return {key: r[key] for key in keys}
+
+
+def _link(params: Params, parent: str, run_id: str, plan: counterfactual_plan.Plan) -> None:
     """Tag the cured model's run with its parent and the findings it addressed; the parent with its cure."""
     findings = "; ".join(f"class '{a['class']}' {a['test']}" for a in plan.addressed)
     with runs.continue_run(params.tracking, run_id):
-        runs.set_tags(
-            {
-                "cnnops.cure.parent_run_id": parent,
-                "cnnops.cure.findings": findings[:TAG_LIMIT],
-                "cnnops.cure.status": report["status"],
-            }
-        )
-        runs.log_dict(report, "cure/cure.json")
+        runs.set_tags({"cnnops.cure.parent_run_id": parent, "cnnops.cure.findings": findings[:TAG_LIMIT]})
     with runs.continue_run(params.tracking, parent):
         runs.set_tags({"cnnops.cure.child_run_id": run_id})
+
+
+def _track(params: Params, run_id: str, report: dict[str, Any]) -> None:
+    """The outcome on the cured model's run: cured or not, and the whole table."""
+    with runs.continue_run(params.tracking, run_id):
+        runs.set_tags({"cnnops.cure.status": report["status"]})
+        runs.log_dict(report, "cure/cure.json")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -274,9 +347,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "cure", help="retrain a model that failed its audit with counterfactuals built from its findings"
     )
     add_path_arguments(p, CurePaths)
+    p.add_argument(
+        "--if-failed",
+        action="store_true",
+        help="a passing or inconclusive audit writes a skipped report instead of being refused (dvc.yaml's "
+        "stage: `dvc repro` must not fail for want of a shortcut)",
+    )
     p.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace, params: Params) -> int:
-    run(params, paths_from_args(CurePaths, args))
+    run(params, paths_from_args(CurePaths, args), if_failed=args.if_failed)
     return 0

@@ -2,7 +2,8 @@
 
 `run_case(root, case)` writes a planted copy (`cnnops.data.planted`) and runs the real validate,
 prepare, train and audit stages on it with a real MLflow SQLite store; the ground truth of whether
-the model learned the cue (`planted.cue_flip_rate`) is measured beside it.
+the model learned the cue (`planted.cue_flip_rate`) is measured beside it. Once a session per case:
+`Case` is the key, so the cure's proofs (tests/test_cure.py) reuse the audit v2 proofs' pipelines.
 """
 
 from __future__ import annotations
@@ -105,8 +106,18 @@ def plant(root: Path, case: Case) -> CueSpec:
     )  # fmt: skip
 
 
+_SESSION: dict[Case, Audited] = {}  # every case's run in this session (a minute or more each)
+
+
 def run_case(root: Path, case: Case) -> Audited:
-    """Plant, validate, prepare, train and audit `case` under `root`."""
+    """Plant, validate, prepare, train and audit `case` under `root`; a case equal to one already run
+    this session returns that run, under its own root (`root` is then left empty)."""
+    if case not in _SESSION:
+        _SESSION[case] = _run_case(root, case)
+    return _SESSION[case]
+
+
+def _run_case(root: Path, case: Case) -> Audited:
     spec = plant(root, case)
     params = case_params(root, case)
     ran = run_stages(root, params)

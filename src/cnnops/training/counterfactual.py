@@ -14,13 +14,15 @@ comes from the batch. It runs in the loader's collate (`collate`), so in the loa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from cnnops.data.splits import PreparedSplit
 
@@ -59,7 +61,21 @@ class PatchCue:
     share: float
 
 
-Cue = PlaceCue | ToneCue | PatchCue
+@dataclass(frozen=True)
+class PropertyCue:
+    """An image-property finding (`property:<name>`: sharpness, noise, saturation, hue, JPEG quality,
+    ...): the change (a `CHANGES` name) that moves an image to the class's level of the property and
+    the opposite one, each at the strength the audit's intervention chose from the measured medians."""
+
+    cls: int
+    prop: str
+    change: str
+    strength: float
+    mirror: str
+    mirror_strength: float
+
+
+Cue = PlaceCue | ToneCue | PatchCue | PropertyCue
 
 
 class Counterfactual(v2.Transform):
@@ -77,6 +93,8 @@ class Counterfactual(v2.Transform):
                 _paste_place(out, images, labels, hit, cue)
             elif isinstance(cue, PatchCue):
                 _paste_patch(out, labels, torch.rand(len(labels)) < max(self.rate, cue.share), cue)
+            elif isinstance(cue, PropertyCue):
+                _randomise_property(out, labels, hit, cue)
             else:
                 _swap_tone(out, labels, hit, cue)
         return out, labels
@@ -95,6 +113,11 @@ def _described(c: Cue) -> dict[str, Any]:
         return {"class": c.cls, "kind": "place", "place": c.place, "pixels": int(c.mask.sum())}
     if isinstance(c, PatchCue):
         return {"class": c.cls, "kind": "patch", "place": c.place, "share": c.share}
+    if isinstance(c, PropertyCue):
+        return {
+            "class": c.cls, "kind": "property", "property": c.prop, "change": c.change,
+            "strength": c.strength, "mirror": c.mirror, "mirror_strength": c.mirror_strength,
+        }  # fmt: skip
     return {"class": c.cls, "kind": "tone"}
 
 
@@ -144,6 +167,49 @@ def _swap_tone(out: torch.Tensor, labels: torch.Tensor, hit: torch.Tensor, cue: 
         drawn = bank[torch.randint(len(bank), (len(idx),))][..., None, None]  # n x C x 2 x 1 x 1
         toned = (x - mu) / sd * drawn[:, :, 1] + drawn[:, :, 0]
         out[idx] = toned.round().clamp(0, 255).to(torch.uint8)
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    s = max(sigma * x.shape[-1] / 32.0, 1e-3)  # strengths are given at 32 px, as the audit's
+    k = 2 * math.ceil(3 * s) + 1
+    return F.gaussian_blur(x, [k, k], [s, s])
+
+
+def _bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.mul(255).round().to(torch.uint8)
+
+
+# The property changes on float N x C x H x W in [0, 1], named as the audit's property interventions
+# name theirs (audit.property_interventions), whose strengths they take. Written here, not imported:
+# the train stage imports this module and not the audit, and the audit's grain is seeded by the batch
+# size (the same evidence each run) where training needs fresh grain every step.
+CHANGES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "blur": _blur,
+    "sharpen": lambda x, a: (x + a * (x - _blur(x, 1.0))).clamp(0, 1),
+    "grain": lambda x, s: F.gaussian_noise(x, sigma=s),
+    "saturation": F.adjust_saturation,
+    "hue": lambda x, t: F.adjust_hue(x, max(-0.5, min(0.5, t))),
+    "jpeg": lambda x, q: F.jpeg(_bytes(x), int(q)).float() / 255,
+    "equalize": lambda x, _: F.equalize(_bytes(x)).float() / 255,
+    "posterize": lambda x, bits: F.posterize(_bytes(x), int(bits)).float() / 255,
+}
+JITTERED = {"blur", "sharpen", "grain", "hue"}  # amounts drawn in [0.5, 1.5] x the strength each step
+
+
+def _randomise_property(out: torch.Tensor, labels: torch.Tensor, hit: torch.Tensor, cue: PropertyCue) -> None:
+    """Hit images of the other classes changed to the class's level of the property, the class's own
+    hit images by the opposite change: the property is spread over every class (at a strength around
+    the measured one, drawn afresh each call), so it stops telling the class."""
+    for target, change, strength in (
+        (hit & (labels != cue.cls), cue.change, cue.strength),
+        (hit & (labels == cue.cls), cue.mirror, cue.mirror_strength),
+    ):
+        idx = torch.nonzero(target).flatten()
+        if len(idx) == 0:
+            continue
+        if change in JITTERED:
+            strength *= float(torch.empty(()).uniform_(0.5, 1.5))
+        out[idx] = _bytes(CHANGES[change](out[idx].float() / 255, strength))
 
 
 def class_means(

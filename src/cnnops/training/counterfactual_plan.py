@@ -14,9 +14,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnops.audit import regions
+from cnnops.audit import property_interventions, regions
+from cnnops.audit.contract import PropertyScore
 from cnnops.data.splits import PreparedSplit
-from cnnops.training.counterfactual import Cue, PatchCue, PlaceCue, ToneCue, class_means, tone_banks
+from cnnops.training.counterfactual import (
+    CHANGES,
+    Cue,
+    PatchCue,
+    PlaceCue,
+    PropertyCue,
+    ToneCue,
+    class_means,
+    tone_banks,
+)
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,11 @@ def plan(
             cues.append(ToneCue(cls, *tone_banks(split, cls, size, batch_size, seed)))
         elif cue.startswith(PATCH) and found is not None:
             cues.append(_patch_cue(cls, cue, audit, split.class_names[cls], found()))
+        elif cue.startswith(PROPERTY):
+            made = _property_cue(cls, cue.removeprefix(PROPERTY), audit, split, size, batch_size, seed)
+            same = next((c for c in cues if isinstance(c, PropertyCue) and _same_change(c, made)), None)
+            cues += [] if same is not None else [made]
+            cue = f"{PROPERTY}{same.prop}" if same is not None else cue
         else:
             mask = torch.from_numpy(places[cue])
             held = next((c.place for c in cues if _holds(mask, c, cls)), None)
@@ -96,6 +111,45 @@ def _holds(mask: torch.Tensor, cue: Cue, cls: int) -> bool:
 
 TONE = "tone"
 PATCH = "recurring patch "
+PROPERTY = "property:"
+PROPERTY_SAMPLE = 256  # other classes' train images the property's strength is chosen on
+
+
+def _same_change(kept: PropertyCue, made: PropertyCue) -> bool:
+    """Whether `made` is the change a kept cue of its class already makes (sharpness and
+    high-frequency energy both sharpen): one change answers both findings."""
+    return (kept.cls, kept.change, kept.mirror) == (made.cls, made.change, made.mirror)
+
+
+def _property_cue(
+    cls: int,
+    prop: str,
+    audit: dict[str, Any],
+    split: PreparedSplit,
+    size: tuple[int, int],
+    batch_size: int,
+    seed: int,
+) -> PropertyCue:
+    """The property `prop` of class `cls` spread over every class: the audit's own choice of change and
+    strength (`property_interventions._chosen`: the rung that brings a sample of the other classes'
+    images nearest the class's median, and the opposite change at the same rung for the class)."""
+    name = split.class_names[cls]
+    score = PropertyScore(**audit["data_properties"]["auroc"][name][prop])
+    others = torch.nonzero(split.labels != cls).flatten()
+    pick = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[:PROPERTY_SAMPLE]
+    sample = split.floats(others[pick].sort().values, size)
+    change, strength, mirror, mirror_strength, _ = property_interventions._chosen(prop, score, sample)
+    return PropertyCue(
+        cls, prop, _change_name(change), float(strength), _change_name(mirror), float(mirror_strength)
+    )
+
+
+def _change_name(change: Callable[..., Any]) -> str:
+    """The counterfactual's name for one of the audit's property changes (`_blur` -> `blur`)."""
+    name = change.__name__.removeprefix("_")
+    if name not in CHANGES:
+        raise ValueError(f"audit property change {change.__name__!r} has no counterfactual in CHANGES")
+    return name
 
 
 def _area(cue: str, places: dict[str, Any]) -> int:
@@ -132,9 +186,12 @@ def _cue_of(
         return None, f"its most-attended pixels sit at '{where}', not one of the audit's places"
     if kind == "transplant_tone":
         return TONE, ""
+    if kind == "property":
+        return f"{PROPERTY}{place}", ""
     if kind == "masks":
         return None, "a masks finding says where the model looks, not what it reads there"
     return (
         None,
-        f"no counterfactual for {kind!r} findings yet (places, most-attended, deletion, patches, tone)",
+        f"no counterfactual for {kind!r} findings yet (places, most-attended, deletion, patches, tone, "
+        "properties)",
     )

@@ -48,6 +48,8 @@ DATA_DIR = "data"
 DATA_DVC = "data.dvc"  # the pointer `dvc add data` writes
 TRAIN_REPORT = Path("reports/train.json")
 RELEASE_REPORT = Path("reports/release.json")
+CURE_REPORT = Path("reports/cure.json")  # the cure stage's: skipped, or the before/after table
+CURE_RAN = ("cured", "not cured")  # its statuses when it trained a model (else "skipped")
 INCOMING_REPORT = Path(
     "reports/incoming.json"
 )  # `cnnops check-incoming`'s, read for the artifact and messages
@@ -72,6 +74,7 @@ class RetrainResult:
     new_champion: bool = False
     git_commit: str | None = None
     incoming_check: str | None = None  # what check-incoming said of the batch, drift included
+    cure: dict[str, Any] | None = None  # reports/cure.json when the cure ran (a failed audit, auto_cure)
 
 
 def _retry_transient(task: Task[..., Any], task_run: TaskRun, state: State) -> bool:
@@ -249,6 +252,7 @@ def retrain(workspace: str = ".", lock_timeout: float | None = None) -> RetrainR
         _run_stages(root, orchestrate, stages[checked:])
         result = _record(root, params, reason, version, champion_before, _check_line(report))
         note_retrain(root, None)
+    _announce_cure(orchestrate, result, logger)
     _announce_champion(orchestrate, result, logger)
     return result
 
@@ -352,9 +356,25 @@ def _describe(
 
 
 def _champion(root: Path) -> str | None:
-    """The champion version the last release reported (None before any release)."""
+    """The champion version the last release reported (None before any release): the cured model's
+    when the cure ran, as its release came after the failed model's."""
     path = root / RELEASE_REPORT
-    return json.loads(path.read_text()).get("champion") if path.exists() else None
+    release = json.loads(path.read_text()) if path.exists() else {}
+    return _latest_release(release, _cure(root, release.get("run_id"))).get("champion")
+
+
+def _cure(root: Path, run_id: str | None) -> dict[str, Any] | None:
+    """reports/cure.json when the cure trained a model from run `run_id` (the model the pipeline just
+    trained); None when it was skipped, cured another run's model, or is not a stage of dvc.yaml."""
+    path = root / CURE_REPORT
+    report = json.loads(path.read_text()) if path.exists() else {}
+    ran = report.get("status") in CURE_RAN and report.get("parent_run_id") == run_id
+    return report if ran else None
+
+
+def _latest_release(release: dict[str, Any], cure: dict[str, Any] | None) -> dict[str, Any]:
+    """The last release decision: the cured model's when the cure released one, else `release`."""
+    return (cure or {}).get("release") or release
 
 
 def _record(
@@ -368,8 +388,9 @@ def _record(
     """Tag the MLflow run, commit the versions if asked, and publish the record as a markdown artifact."""
     logger = get_run_logger()
     run_id = runs.run_id_from_report(root / TRAIN_REPORT)
-    release = _read_json(root / RELEASE_REPORT)
-    new_champion = bool(release.get("promoted")) and release.get("champion") != champion_before
+    release, cure = _read_json(root / RELEASE_REPORT), _cure(root, run_id)
+    latest = _latest_release(release, cure)
+    new_champion = bool(latest.get("promoted")) and latest.get("champion") != champion_before
     flow_run_tags = {
         "prefect.flow_run_id": str(current_flow_run.id),
         "prefect.flow_run_name": str(current_flow_run.name),
@@ -380,7 +401,7 @@ def _record(
     if params.orchestrate.git_commit:
         message = f"retrain: data {version}, MLflow run {run_id}, flow run {current_flow_run.id}"
         commit = commit_versions(root, params.orchestrate.git_branch, message)
-    result = RetrainResult(True, reason, version, run_id, release, new_champion, commit, incoming_check)
+    result = RetrainResult(True, reason, version, run_id, release, new_champion, commit, incoming_check, cure)
     create_markdown_artifact(
         key="retrain-record", markdown=_markdown(result), description="cnnops retrain record"
     )
@@ -414,16 +435,64 @@ def _markdown(result: RetrainResult) -> str:
     ]
     lines = ["# cnnops retrain", "", "| item | value |", "| --- | --- |"]
     lines += [f"| {name} | {'-' if v is None else str(v).replace('|', '/')} |" for name, v in rows]
+    if result.cure:
+        lines += ["", f"## Cure: {result.cure['status']}", "", cure_table(result.cure).rstrip("\n")]
     return "\n".join(lines) + "\n"
+
+
+def cure_table(cure: dict[str, Any]) -> str:
+    """The cure's before/after in markdown: test figures, audit verdict, every finding's flip rate
+    (deletion: its gap) against its control, and the cured model's release decision. Class names
+    are untrusted (folder names): escaped by _cell."""
+    before, after = cure["before"], cure["after"]
+    lines = ["| | before | after |", "| --- | --- | --- |"]
+    lines += [f"| test {key} | {before[key]:.4f} | {after[key]:.4f} |" for key in ("accuracy", "macro_f1")]
+    lines.append(f"| audit verdict | {before['audit_verdict']} | {after['audit_verdict']} |")
+    for f in cure["findings"]:
+        still = " (still fails)" if f["fails_after"] else ""
+        name = _cell(f"class '{f['class']}' {f['test']}")
+        lines.append(f"| {name} | {_rates(f['before'])} | {_rates(f['after'])}{still} |")
+    release = cure.get("release")
+    if release:
+        outcome = "champion" if release["promoted"] else "challenger"
+        lines += ["", f"Cured model {_cell(release['model_name'])} v{release['version']}: **{outcome}**, "]
+        lines[-1] += _cell(release["reason"])
+    else:
+        lines += ["", "Cured model: not released (the cure stopped before its release)"]
+    return "\n".join(lines) + "\n"
+
+
+def _rates(figures: dict[str, float] | None) -> str:
+    """A finding's figures in a cell: `flip 0.81 (control 0.02)`, `gap 0.40`, or - (no such test)."""
+    if figures is None:
+        return "-"
+    if "gap" in figures:
+        return f"gap {figures['gap']:.2f}"
+    return f"flip {figures['flip_rate']:.2f} (control {figures['control_flip_rate']:.2f})"
+
+
+def _announce_cure(orchestrate: OrchestrateParams, result: RetrainResult, logger: Logger) -> None:
+    """The audit failed and the cure ran: say whether it cured the model, with the before/after table."""
+    cure = result.cure
+    if not cure:
+        return
+    release = cure.get("release") or {}
+    outcome = "champion" if release.get("promoted") else "challenger"
+    subject = (
+        f"cnnops retrain: the audit failed; cure: {cure['status']}, cured model "
+        f"v{release.get('version')} is {outcome}"
+    )
+    body = f"{cure_table(cure)}\nfailed MLflow run {cure['parent_run_id']}, cured run {cure['run_id']}"
+    notify.send(orchestrate, "cure", subject, body, logger)
 
 
 def _announce_champion(orchestrate: OrchestrateParams, result: RetrainResult, logger: Logger) -> None:
     if not result.new_champion:
         return
-    release = result.release or {}
+    release = _latest_release(result.release or {}, result.cure)
     subject = f"cnnops: {release.get('model_name')} v{release.get('version')} is the new champion"
     body = (
-        f"{release.get('reason')}\nMLflow run {result.mlflow_run_id}, data version {result.data_version}, "
+        f"{release.get('reason')}\nMLflow run {release.get('run_id')}, data version {result.data_version}, "
         f"flow run {current_flow_run.name}"
     )
     if result.incoming_check:

@@ -1,4 +1,7 @@
-"""Tell someone: on a failed run and on a new champion, through what the user configured, or not at all.
+"""Tell someone: on a failed run, a new champion or a cure, through what the user configured, or not at all.
+
+Events (the webhook's `event`): `failure`, `warning` (bad incoming files), `champion`, and `cure` (a
+retrain whose audit failed ran the cure, orchestrate.auto_cure: the body is its before/after table).
 
 Two channels, both optional (orchestrate.notify_block, orchestrate.notify_webhook): a Prefect
 notification block (Slack, Teams, email, a custom webhook... configured once in Prefect) or a plain

@@ -38,6 +38,19 @@ TAG_LIMIT = (
     5000  # MLflow tag values are bounded (5000 characters in older stores): the findings tag is cut there
 )
 
+# what cure.json keeps of the cured model's release report (reports/cure/release.json holds it all)
+RELEASE_KEYS = (
+    "model_name",
+    "version",
+    "run_id",
+    "promoted",
+    "reason",
+    "champion",
+    "audit_verdict",
+    "metric",
+    "score",
+)
+
 
 @dataclass(frozen=True)
 class CurePaths:
@@ -321,9 +334,7 @@ def _release_paths(paths: CurePaths) -> release.ReleasePaths:
 
 def _decision(released: release.ReleaseResult) -> dict[str, Any]:
     """The cured model's release in cure.json: its version, whether it took champion, and why."""
-    r = released.report
-    keys = ("model_name", "version", "promoted", "reason", "champion", "audit_verdict", "metric", "score")
-    return {key: r[key] for key in keys}
+    return {key: released.report[key] for key in RELEASE_KEYS}
 
 
 def _link(params: Params, parent: str, run_id: str, plan: counterfactual_plan.Plan) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnops import atomic
+from cnnops.audit import cure_gallery
 from cnnops.config import Params
 from cnnops.data.digest import file_sha256
 from cnnops.data.splits import PreparedSplit
@@ -119,6 +120,11 @@ def run(params: Params, paths: CurePaths = CurePaths(), if_failed: bool = False)
     released = release.run(params, _release_paths(paths))
     report["release"] = _decision(released)
     atomic.write_json(paths.report, report)
+    page = cure_gallery.write_comparison(
+        paths.folder / cure_gallery.PAGE, report, paths.model, paths.out, paths.prepared, params.audit
+    )
+    with runs.continue_run(params.tracking, trained.run_id):  # the before/after page on the cured run
+        runs.log_files([page], "cure")
     _track(params, trained.run_id, report)
     log.info(
         "cure: re-audit %s; cured model v%s %s (%s)", audited.report.decision.verdict.upper(),

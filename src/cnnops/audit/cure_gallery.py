@@ -167,13 +167,14 @@ def _summary(report: dict[str, Any]) -> str:
     return f"<table id='summary'>{_row(['', 'failed model', 'cured model'], 'th')}{body}</table>"
 
 
-def _rates(rates: dict[str, float] | None) -> str:
-    """A finding's figures on one model: flip rate vs control, or deletion's gap; — where not measured."""
+def rates_text(rates: dict[str, float] | None) -> str:
+    """A finding's figures on one model (cure.json's `before` / `after`): its flip rate and control, or
+    deletion's gap; — where that audit has no such test (scripts/cure_story prints them so too)."""
     if rates is None:
         return "—"
     if "gap" in rates:
         return f"gap {rates['gap']:.2f}"
-    return f"{rates['flip_rate']:.2f} vs {rates['control_flip_rate']:.2f}"
+    return f"{rates['flip_rate']:.2f} (control {rates['control_flip_rate']:.2f})"
 
 
 def _findings(report: dict[str, Any]) -> str:
@@ -190,8 +191,8 @@ def _finding_cells(finding: dict[str, Any], cue: str | None) -> list[str]:
         "<span class='fail'>fails</span>" if finding["fails_after"] else "<span class='pass'>passes</span>"
     )
     return [
-        _text(finding["class"]), _text(finding["test"]), _text(cue), _text(_rates(finding["before"])),
-        _text(_rates(finding["after"])), verdict,
+        _text(finding["class"]), _text(finding["test"]), _text(cue), _text(rates_text(finding["before"])),
+        _text(rates_text(finding["after"])), verdict,
     ]  # fmt: skip
 
 

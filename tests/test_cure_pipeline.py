@@ -93,7 +93,7 @@ def test_dvc_repro_cures_a_failed_audit_and_releases_the_cured_model(cured_proje
     assert "there is no champion yet" in released["reason"]
     assert released == {k: report(root, "cure/release.json")[k] for k in released}
     assert {p.name for p in (root / "models" / "cured").iterdir()} == {"model.pt", "model.onnx"}
-    assert CURED_FILES <= {p.name for p in (root / "reports" / "cure").iterdir()}
+    assert {p.name for p in (root / "reports" / "cure").iterdir()} >= CURED_FILES
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     name = released["model_name"]
     assert client.get_model_version_by_alias(name, "champion").version == released["version"]

@@ -1,5 +1,6 @@
 """reports/cure/compare.html: a real cure's before/after page, rendered by headless Chromium, offline,
-with every user-controlled string escaped.
+with every user-controlled string escaped; and the README's cure demo (scripts/demo-cure) sets up
+its project (the pipeline itself is test_cure's and test_pipeline_dvc's to prove).
 
 The cure is test_cure's corner case (`test_cure._cured`, run once a session: this module shares it
 rather than running another pipeline), so the page is the one `cure.run` wrote and logged.
@@ -8,8 +9,11 @@ rather than running another pipeline), so the page is the one `cure.run` wrote a
 from __future__ import annotations
 
 import html
+import json
+import os
 import shutil
 import subprocess
+import sys
 from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
@@ -21,8 +25,9 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from cnnops.audit import cure_gallery
+from cnnops.config import load_params
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = pytest.mark.integration
 
 PROJECT = Path(__file__).resolve().parents[1]
 HOSTILE = "<img src=x onerror=alert(1)>"  # a legal folder name, so a legal class name
@@ -57,6 +62,7 @@ def _screenshot(page: Path, out: Path) -> np.ndarray:
         return np.asarray(image.convert("L"))
 
 
+@pytest.mark.slow
 def test_a_real_cures_page_shows_the_before_after_and_the_same_images_on_both_models(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
@@ -102,6 +108,7 @@ def _hostile(report: dict, name: str) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_a_hostile_class_name_is_escaped_everywhere_on_the_page(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
@@ -134,3 +141,30 @@ class _Tags(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.seen.append((tag, dict(attrs)))
+
+
+def test_the_cure_demo_sets_up_a_planted_git_and_dvc_project_with_the_cure_on(tmp_path: Path) -> None:
+    demo = PROJECT / "scripts" / "demo-cure"
+    root = tmp_path / "demo"
+    env = {**os.environ, "SETUP": "0", "SEED": "1"}
+    done = subprocess.run(
+        [str(demo), "--no-repro", str(root)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"set up in {root}" in done.stdout
+    planted = json.loads((root / "planted.json").read_text())
+    assert (planted["cue"], planted["cued_class"], planted["fraction"]) == ("corner", "3", 0.9)
+    assert load_params(root / "params.yaml").cure.enabled is True  # the cure on, every other key valid
+    git = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True)
+    assert git.returncode == 0 and git.stdout == ""  # committed, data/ tracked by data.dvc
+    assert (root / "data.dvc").is_file() and (root / "data" / "3").is_dir()
+    stages = subprocess.run(
+        [sys.executable, "-m", "dvc", "stage", "list", "--name-only"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert stages.returncode == 0 and "cure" in stages.stdout.split(), stages.stderr
+    # a folder with something in it is refused, by name, before anything is written
+    again = subprocess.run([str(demo), "--no-repro", str(root)], env=env, capture_output=True, text=True)
+    assert again.returncode == 1 and f"{root} exists and is not empty" in again.stderr

@@ -24,7 +24,7 @@ from cnnops.data.splits import PreparedSplit
 from cnnops.errors import StageInputError
 from cnnops.models import load_classifier
 from cnnops.stages import cure, evaluate
-from cnnops.training import counterfactual
+from cnnops.training import counterfactual, counterfactual_plan
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -177,9 +177,43 @@ def test_counterfactual_place_paste_and_removal() -> None:
     out, same = counterfactual.Counterfactual([cue], rate=1.0)(images, labels)
     assert same is labels
     others, cued = out[labels == 1], out[labels == 0]
-    assert (others[..., :2, :2] == 200).all() and (others[..., 2:, :] == 9).all()  # the class's mean pasted
+    assert (others[..., :2, :2] == 50).all() and (others[..., 2:, :] == 9).all()  # a class image's pixels
     assert (cued[..., :2, :2] == 9).all() and (cued[..., 2:, :] == 50).all()  # another class's content
     assert torch.equal(counterfactual.Counterfactual([cue], rate=0.0)(images, labels)[0], images)
+    alone = counterfactual.Counterfactual([cue], rate=1.0)(images[labels == 1], labels[labels == 1])[0]
+    assert (alone[..., :2, :2] == 200).all()  # no image of the class in the batch: its mean
+
+
+def test_counterfactual_property_spread_over_classes() -> None:
+    """Grain at the class's level for the other classes' images, the opposite (blur) for the class's."""
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 1] * 4)
+    images = torch.full((8, 1, 16, 16), 128, dtype=torch.uint8)
+    images[labels == 0] = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)  # the noisy class
+    cue = counterfactual.PropertyCue(0, "noise", "grain", 0.1, "blur", 2.5)
+    out, _ = counterfactual.Counterfactual([cue], rate=1.0)(images, labels)
+    spread = out.float().std((1, 2, 3))
+    assert (spread[labels == 1] > 10).all()  # grain given to the flat images of class 1
+    assert (spread[labels == 0] < 0.5 * images[labels == 0].float().std((1, 2, 3))).all()  # blurred
+    assert cue.strength in [d.get("strength") for d in counterfactual.Counterfactual([cue], 0.5).describe()]
+
+
+def test_place_answers_keep_the_place_that_holds_the_cue() -> None:
+    """A corner square's corner answers the strip and the cell around it; a text line across both top
+    corners is answered by the top strip; a frame's band answers the weaker strips along it."""
+    places = counterfactual_plan._places(
+        {"border_fraction": 0.1, "corner_fraction": 0.3, "edge_fractions": [0.25], "centre_fraction": 0.5,
+         "grids": [2]}, (32, 32),
+    )  # fmt: skip
+    corner = {(3, "bottom-left corner"): 0.9, (3, "bottom strip 25%"): 0.95, (3, "left strip 25%"): 0.5}
+    assert set(counterfactual_plan.place_answers(corner, places).values()) == {"bottom-left corner"}
+    line = {(7, "top-left corner"): 0.87, (7, "top-right corner"): 0.44, (7, "top strip 25%"): 0.85,
+            (7, "left strip 25%"): 0.21, (2, "bottom-right corner"): 0.5}  # fmt: skip
+    answers = counterfactual_plan.place_answers(line, places)
+    assert {by for (cls, _), by in answers.items() if cls == 7} == {"top strip 25%"}
+    assert answers[(2, "bottom-right corner")] == "bottom-right corner"  # another class's own cue
+    frame = {(6, "outer band"): 0.99, (6, "left strip 25%"): 0.36, (6, "right strip 25%"): 0.21}
+    assert set(counterfactual_plan.place_answers(frame, places).values()) == {"outer band"}
 
 
 def test_counterfactual_tone_swap_and_patch_paste() -> None:

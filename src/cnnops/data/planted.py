@@ -535,3 +535,17 @@ def cue_flip_rate(model: torch.nn.Module, test: PreparedSplit, spec: CueSpec) ->
 
     keep = predict(images) == test.labels[others]
     return float((predict(cued)[keep] == cls).float().mean()) if keep.any() else 0.0
+
+
+def clean_accuracy(model: torch.nn.Module, test: PreparedSplit, clean: PreparedSplit) -> tuple[float, int]:
+    """The ground truth of what a cue's removal costs: the model's accuracy on the clean originals of
+    `test`'s images (`clean`: the test split of the same source planted with cue "none"), and on how
+    many. Splits are drawn by content, so a planted copy's test split differs from the clean one's by
+    a few images: only the images in both count (a planted model trained on none of them; a
+    confound's copies of other classes' digits aside)."""
+    ours = set(test.paths)
+    keep = torch.tensor([p in ours for p in clean.paths])
+    x = clean.floats(torch.nonzero(keep).flatten())
+    with torch.no_grad():
+        predicted = torch.cat([model(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)])
+    return float((predicted == clean.labels[keep]).float().mean()), int(keep.sum())

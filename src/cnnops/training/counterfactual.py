@@ -1,11 +1,13 @@
 """Counterfactual augmentation: training batches in which an audited shortcut no longer tells the class.
 
 The audit proves a shortcut by an intervention: the cued class's pixels pasted at a place flip other
-classes' images, its tone given to them flips them. The cure trains on those same interventions, so
-the cue shows as often outside the class as in it and stops paying: at a place, the cued class's mean
-pixels there are pasted into other classes' images and the place is replaced by another class's
-content in the cued class's own images; a tone is swapped between the class and the rest. Each at
-`cure.rate` of the images, drawn afresh each step.
+classes' images, its tone or an image property given to them flips them. The cure trains on those
+same interventions, so the cue shows as often outside the class as in it and stops paying: at a
+place, a cued class's image's pixels there are pasted into other classes' images and the place is
+replaced by another class's content in the cued class's own images; a tone is swapped between the
+class and the rest; a property (blur, grain, saturation, hue, JPEG quality) is given to the other
+classes' images at the class's level and the opposite change to the class's. Each at `cure.rate` of
+the images, drawn afresh each step.
 
 It is a batch transform (images, labels) -> (images, labels) on the uint8 batches of the training
 path, as torchvision's v2.MixUp and v2.CutMix are: a paste needs the label, and other-class content
@@ -36,7 +38,7 @@ class PlaceCue:
     cls: int
     place: str
     mask: torch.Tensor  # H x W bool
-    cued_mean: torch.Tensor  # C x H x W uint8: the cued class's mean train image
+    cued_mean: torch.Tensor  # C x H x W uint8: the cued class's mean train image (a batch without one)
     others_mean: torch.Tensor  # C x H x W uint8: the other classes' (when a batch holds none of them)
 
 
@@ -134,21 +136,17 @@ def _paste_patch(out: torch.Tensor, labels: torch.Tensor, hit: torch.Tensor, cue
 def _paste_place(
     out: torch.Tensor, source: torch.Tensor, labels: torch.Tensor, hit: torch.Tensor, cue: PlaceCue
 ) -> None:
-    """Other classes' hit images get the cued class's mean at the place; the cued class's hit images
-    get another class's image there (one of the batch's as it came, `source`, not as pasted; or the
-    others' mean when the batch holds none)."""
-    m = cue.mask
-    into_others = hit & (labels != cue.cls)
-    out[into_others] = torch.where(m, cue.cued_mean, out[into_others])
-    into_cued = torch.nonzero(hit & (labels == cue.cls)).flatten()
-    donors = torch.nonzero(labels != cue.cls).flatten()
-    if len(into_cued) == 0:
-        return
-    if len(donors) == 0:
-        out[into_cued] = torch.where(m, cue.others_mean, out[into_cued])
-        return
-    chosen = donors[torch.randint(len(donors), (len(into_cued),))]
-    out[into_cued] = torch.where(m, source[chosen], out[into_cued])
+    """Other classes' hit images get a cued class's image at the place, the cued class's hit images
+    another class's image there: one of the batch's as it came (`source`, not as pasted), or the
+    side's mean when the batch holds none. Real images, not only the mean: a cue whose content varies
+    (a text line's digits) averages to a smear that the model need not read as the cue."""
+    cued = labels == cue.cls
+    for into, donors, mean in ((hit & ~cued, cued, cue.cued_mean), (hit & cued, ~cued, cue.others_mean)):
+        idx, pool = torch.nonzero(into).flatten(), torch.nonzero(donors).flatten()
+        if len(idx) == 0:
+            continue
+        pasted = source[pool[torch.randint(len(pool), (len(idx),))]] if len(pool) else mean
+        out[idx] = torch.where(cue.mask, pasted, out[idx])
 
 
 def _swap_tone(out: torch.Tensor, labels: torch.Tensor, hit: torch.Tensor, cue: ToneCue) -> None:

@@ -52,15 +52,14 @@ def plan(
     exemplars: Exemplars | None = None,
 ) -> Plan:
     """Cues for every failure of `audit` (reports/audit.json) that has one: a place (a fixed-place
-    transplant, or the most-attended pixels' and deletion's place when it is one of the audit's) or
-    the tone, or a recurring patch (its exemplars from `exemplars`, called once and only for a patch
-    finding: it re-runs the audit's discovery). Places are the audit's own geometry (`regions`, at
-    its thresholds) at the model's input `size`. Of one class's places, smallest first, one that
-    holds most of a place already kept is answered by it: the smaller place holds the cue, and
-    replacing a larger one in the class's own images would replace its object too."""
+    transplant, or the most-attended pixels' and deletion's place when it is one of the audit's), the
+    tone, an image property, or a recurring patch (its exemplars from `exemplars`, called once and
+    only for a patch finding: it re-runs the audit's discovery). Places are the audit's own geometry
+    (`regions`, at its thresholds) at the model's input `size`; which of a class's failing places
+    get a cue, `place_answers` decides."""
     places = _places(audit["thresholds"], size)
     found = functools.cache(exemplars) if exemplars is not None else None
-    wanted: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    wanted: dict[Key, list[dict[str, Any]]] = {}
     not_addressed = []
     for f in audit["failures"]:
         cue, why = _cue_of(f["test"], audit["classes"][f["class"]], places, found is not None)
@@ -68,27 +67,75 @@ def plan(
             not_addressed.append({"class": f["class"], "test": f["test"], "why": why})
         else:
             key = (split.class_names.index(f["class"]), cue)
-            wanted.setdefault(key, []).append({"class": f["class"], "test": f["test"]})
-    cues: list[Cue] = []
-    addressed = []
-    for (cls, cue), answered in sorted(wanted.items(), key=lambda kv: _area(kv[0][1], places)):
-        if cue == TONE:
-            cues.append(ToneCue(cls, *tone_banks(split, cls, size, batch_size, seed)))
-        elif cue.startswith(PATCH) and found is not None:
-            cues.append(_patch_cue(cls, cue, audit, split.class_names[cls], found()))
-        elif cue.startswith(PROPERTY):
-            made = _property_cue(cls, cue.removeprefix(PROPERTY), audit, split, size, batch_size, seed)
-            same = next((c for c in cues if isinstance(c, PropertyCue) and _same_change(c, made)), None)
-            cues += [] if same is not None else [made]
-            cue = f"{PROPERTY}{same.prop}" if same is not None else cue
-        else:
-            mask = torch.from_numpy(places[cue])
-            held = next((c.place for c in cues if _holds(mask, c, cls)), None)
-            if held is None:
-                cues.append(PlaceCue(cls, cue, mask, *class_means(split, cls, size, batch_size)))
-            cue = held or cue
-        addressed += [{**a, "cue": cue} for a in answered]
+            wanted.setdefault(key, []).append({"class": f["class"], "test": f["test"], "value": f["value"]})
+    flips = {key: max(a["value"] for a in answered) for key, answered in wanted.items() if key[1] in places}
+    answer = place_answers(flips, places)
+    cues: list[Cue] = [
+        PlaceCue(cls, place, torch.from_numpy(places[place]), *class_means(split, cls, size, batch_size))
+        for cls, place in dict.fromkeys((key[0], by) for key, by in answer.items())
+    ]
+    for cls, cue in [key for key in wanted if key not in answer]:
+        made, answer[(cls, cue)] = _made(cls, cue, cues, audit, split, (size, batch_size, seed), found)
+        cues += [made] if made is not None else []
+    addressed = [
+        {"class": a["class"], "test": a["test"], "cue": answer[key]}
+        for key, answered in wanted.items()
+        for a in answered
+    ]
     return Plan(tuple(cues), tuple(addressed), tuple(not_addressed))
+
+
+def _made(
+    cls: int,
+    cue: str,
+    cues: list[Cue],
+    audit: dict[str, Any],
+    split: PreparedSplit,
+    sizing: tuple[tuple[int, int], int, int],
+    found: Exemplars | None,
+) -> tuple[Cue | None, str]:
+    """(the new cue for the tone, property or patch `cue` of class `cls`, or None when one of `cues`
+    already answers it; the name of the cue that answers it). `sizing`: the model's input size, the
+    batch size and the seed."""
+    size, batch_size, seed = sizing
+    if cue == TONE:
+        return ToneCue(cls, *tone_banks(split, cls, size, batch_size, seed)), cue
+    if cue.startswith(PROPERTY):
+        made = _property_cue(cls, cue.removeprefix(PROPERTY), audit, split, size, batch_size, seed)
+        same = next((c for c in cues if isinstance(c, PropertyCue) and _same_change(c, made)), None)
+        return (made, cue) if same is None else (None, f"{PROPERTY}{same.prop}")
+    assert found is not None  # `_cue_of` names a wandering patch only when its exemplars can be found
+    return _patch_cue(cls, cue, audit, split.class_names[cls], found()), cue
+
+
+Key = tuple[int, str]  # (class index, cue name)
+HOLDS = 0.8  # a place holds another when it covers this share of the other's pixels
+
+
+def place_answers(flips: dict[Key, float], places: dict[str, Any]) -> dict[Key, str]:
+    """For each failing (class, place), with the largest flip rate of its findings, the place whose
+    cue answers it. Of one class's places, smallest first: one that holds most of one kept place is
+    answered by it (a corner square's corner, not the strip around it: replacing the strip in the
+    class's own images would replace its object too); one that holds most of two or more kept places
+    answers them (a text line along an edge spans both of its corners: the edge's strip holds it).
+    Then, strongest first, a weaker place that shares pixels with a stronger kept one is answered by
+    it: it flips through those pixels (a frame's band and the quarter strips along it)."""
+    answer: dict[Key, str] = {}
+    for cls, place in sorted(flips, key=lambda key: int(places[key[1]].sum())):
+        mask = places[place]
+        kept = [p for (c, p), by in answer.items() if c == cls and by == p]
+        held = [p for p in kept if (mask & places[p]).sum() >= HOLDS * places[p].sum()]
+        answer[(cls, place)] = held[0] if len(held) == 1 else place
+        for spanned in held if len(held) > 1 else ():
+            answer.update({k: place for k, by in answer.items() if k[0] == cls and by == spanned})
+    strongest: dict[Key, float] = {}
+    for key, by in answer.items():
+        strongest[(key[0], by)] = max(strongest.get((key[0], by), 0.0), flips[key])
+    merged: dict[Key, str] = {}
+    for cls, place in sorted(strongest, key=lambda key: -strongest[key]):
+        kept = [p for (c, p), by in merged.items() if c == cls and by == p]
+        merged[(cls, place)] = next((p for p in kept if (places[p] & places[place]).any()), place)
+    return {key: merged[(key[0], by)] for key, by in answer.items()}
 
 
 def _places(thresholds: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
@@ -102,11 +149,6 @@ def _places(thresholds: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]
         centre_fraction=t["centre_fraction"],
         grids=tuple(t["grids"]),
     )
-
-
-def _holds(mask: torch.Tensor, cue: Cue, cls: int) -> bool:
-    """Whether `mask` holds most (80%) of a place cue of the same class."""
-    return isinstance(cue, PlaceCue) and cue.cls == cls and (cue.mask & mask).sum() >= 0.8 * cue.mask.sum()
 
 
 TONE = "tone"
@@ -150,10 +192,6 @@ def _change_name(change: Callable[..., Any]) -> str:
     if name not in CHANGES:
         raise ValueError(f"audit property change {change.__name__!r} has no counterfactual in CHANGES")
     return name
-
-
-def _area(cue: str, places: dict[str, Any]) -> int:
-    return int(places[cue].sum()) if cue in places else 0
 
 
 def _patch_cue(

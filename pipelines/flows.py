@@ -25,6 +25,7 @@ from prefect.logging.loggers import flow_run_logger
 from prefect.runtime import flow_run as current_flow_run
 from prefect.tasks import Task, exponential_backoff
 
+from cnnops.audit.cure_gallery import rates_text
 from cnnops.config import OrchestrateParams, Params, TrackingParams, load_params
 from cnnops.errors import StageInputError
 from cnnops.tracking import runs
@@ -451,7 +452,7 @@ def cure_table(cure: dict[str, Any]) -> str:
     for f in cure["findings"]:
         still = " (still fails)" if f["fails_after"] else ""
         name = _cell(f"class '{f['class']}' {f['test']}")
-        lines.append(f"| {name} | {_rates(f['before'])} | {_rates(f['after'])}{still} |")
+        lines.append(f"| {name} | {rates_text(f['before'])} | {rates_text(f['after'])}{still} |")
     release = cure.get("release")
     if release:
         outcome = "champion" if release["promoted"] else "challenger"
@@ -460,15 +461,6 @@ def cure_table(cure: dict[str, Any]) -> str:
     else:
         lines += ["", "Cured model: not released (the cure stopped before its release)"]
     return "\n".join(lines) + "\n"
-
-
-def _rates(figures: dict[str, float] | None) -> str:
-    """A finding's figures in a cell: `flip 0.81 (control 0.02)`, `gap 0.40`, or - (no such test)."""
-    if figures is None:
-        return "-"
-    if "gap" in figures:
-        return f"gap {figures['gap']:.2f}"
-    return f"flip {figures['flip_rate']:.2f} (control {figures['control_flip_rate']:.2f})"
 
 
 def _announce_cure(orchestrate: OrchestrateParams, result: RetrainResult, logger: Logger) -> None:

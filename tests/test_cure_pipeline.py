@@ -201,7 +201,7 @@ def test_the_cure_table_escapes_class_names() -> None:
     }  # fmt: skip
     table = cure_table(cure)
     assert (
-        "| class &#x27;&lt;b&gt;/x&#x27; transplant:top-left | flip 0.90 (control 0.05) | - (still fails) |"
+        "| class &#x27;&lt;b&gt;/x&#x27; transplant:top-left | 0.90 (control 0.05) | — (still fails) |"
         in table
     )
     assert "not released" in table

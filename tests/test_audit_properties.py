@@ -95,6 +95,29 @@ def test_a_blur_shortcut_flips_on_blurring_and_not_on_its_mirror() -> None:
     assert fragile.flip_rate == 1.0 and fragile.excess == 0.0  # any change flips it: the mirror says so
 
 
+class Grainy(torch.nn.Module):
+    """Class 1 for grainy images (Immerkaer's noise estimate high), else class 0: a "grain" shortcut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = image_properties(x)["noise"] - 0.02 + self.w
+        return torch.stack([-s, s], 1)
+
+
+def test_two_classes_test_only_the_change_that_adds() -> None:
+    smooth = (pi._blur(_textured(20), 2.0) * 255).to(torch.uint8)  # class 0's images: no grain
+    grained = image_properties(pi._grain(smooth.float() / 255, 0.07))["noise"]
+    high = PropertyScore(auroc=0.99, p_value=0.001, class_median=float(grained.median()), others_median=0.002)
+    low = PropertyScore(auroc=0.01, p_value=0.001, class_median=0.002, others_median=high.class_median)
+    assert pi.two_class_test("noise", high) and not pi.two_class_test("noise", low)  # blurring: not
+    assert pi.two_class_test("hue", low) and not pi.two_class_test("entropy", high)  # equalizing: ungraded
+    t = pi.property_transplant(Grainy(), smooth, 1, "noise", high, batch_size=8)
+    assert t.flip_rate == 1.0 and t.control_flip_rate == 0.0 and "grain" in t.where
+
+
 def test_only_flagged_properties_with_an_intervention_are_tested() -> None:
     strong = PropertyScore(auroc=0.95, p_value=0.001, class_median=1.0, others_median=0.0)
     probe = PropertyProbe(

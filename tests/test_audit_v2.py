@@ -30,6 +30,9 @@ CUED = {
     ),
     "convnet-noise": Case("noise", "5", seed=3),
     "convnet-blur": Case("blur", "2", seed=4, epochs=8, cue_args=(("confound", 0.4),)),
+    # two classes: grain on the faces; the property transplant adds it to the non-faces (its mirror:
+    # blurring them). Measured: cue flips 1.00, grain flipped 13 of 13 non-faces to 'face', the mirror 0
+    "faces-noise": Case("noise", "face", seed=3, source="faces", per_class=None, epochs=25),
     "resnet18-tag": Case(
         "tag",
         "8",
@@ -88,6 +91,18 @@ def test_a_learned_cue_fails_naming_the_cued_class(
     assert worst["class"] == case.cued_class, (name, [f["sentence"] for f in report["failures"][:3]])
     assert worst["p_adjusted"] <= run.params.audit.significance if "p_adjusted" in worst else True
     assert any(t["class"] == case.cued_class for t in report["tests"])  # raw and adjusted p-values kept
+
+
+def test_a_two_class_property_cue_fails_on_its_property_transplant(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Two classes: the property transplant runs for a change that adds (`two_class_test`)."""
+    run = _audited("faces-noise", CUED["faces-noise"], tmp_path_factory)
+    found = [f for f in run.report["failures"] if f["test"].startswith("property:")]
+    assert any(f["class"] == "face" and f["test"] == "property:noise" for f in found), [
+        f["sentence"] for f in run.report["failures"]
+    ]
+    assert all(f["class"] == "face" for f in found)
 
 
 # The clean RGB scenes were a known false alarm until the large places were pasted off the object

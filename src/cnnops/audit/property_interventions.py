@@ -32,7 +32,11 @@ from cnnops.models import Classifier
 # With two classes, changing an image away from one class's level moves it to the other's: blurring a
 # face makes a "non-face" of it, because the face's texture is the face (measured on lfw faces with
 # a corner cue: blurring faces to the non-faces' high-frequency energy flipped 100%, the mirror 0%),
-# so the mirror cannot tell a shortcut from the object; the property transplants need a third class.
+# so the mirror cannot tell a shortcut from the object where the change takes detail away. With two
+# classes only a graded change that adds (grain, sharpening, saturation, a hue turn) is tested
+# (`two_class_test`): it cannot erase the other class's object, and its mirror is the removal.
+# Equalizing is not graded (one strength): on clean lfw faces it stretched the flat non-faces into
+# texture and flipped 92% of them to 'face', the mirror 0%.
 MIN_CLASSES = 3
 Change = Callable[[torch.Tensor, float], torch.Tensor]  # float images N x C x H x W, strength -> changed
 
@@ -125,6 +129,15 @@ def flagged(probe: PropertyProbe, a: AuditParams) -> dict[str, dict[str, Propert
     }
 
 
+def two_class_test(prop: str, score: PropertyScore) -> bool:
+    """Whether `prop` is tested with two classes: the change that brings the other class's images to
+    the class's level adds to them rather than takes away (the ladder's raise, graded over several
+    strengths; a hue turn, which takes nothing away)."""
+    if prop == "hue":
+        return True
+    return prop in LADDERS and score.class_median > score.others_median and len(LADDERS[prop].raise_[1]) > 1
+
+
 def _chosen(
     prop: str, score: PropertyScore, sample: torch.Tensor
 ) -> tuple[Change, float, Change, float, str]:
@@ -190,7 +203,7 @@ def with_property_transplants(
     Recipients: up to `max_images_per_class` correctly classified images of the other classes, drawn
     by a generator of their own so the other tests draw what they drew before.
     """
-    if a.severity.property == "off" or len(figures) < MIN_CLASSES:
+    if a.severity.property == "off" or len(figures) < 2:
         return figures
     rng = np.random.default_rng([a.seed, 3])
     out = {}
@@ -200,6 +213,7 @@ def with_property_transplants(
         tests = {
             prop: property_transplant(model, recipients, cls, prop, s, a.batch_size)
             for prop, s in flagged(probe, a).get(name, {}).items()
+            if len(figures) >= MIN_CLASSES or two_class_test(prop, s)
         }
         out[name] = replace(f, transplant_properties=tests)
     return out

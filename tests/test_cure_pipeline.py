@@ -96,8 +96,8 @@ def test_dvc_repro_cures_a_failed_audit_and_releases_the_cured_model(cured_proje
     assert {p.name for p in (root / "reports" / "cure").iterdir()} >= CURED_FILES
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     name = released["model_name"]
-    assert client.get_model_version_by_alias(name, "champion").version == released["version"]
-    assert client.get_model_version_by_alias(name, "challenger").version == released["version"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == released["version"]
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == released["version"]
     tags = client.get_run(cure["run_id"]).data.tags
     assert tags["cnnops.cure.parent_run_id"] == failed["run_id"] and tags["cnnops.cure.status"] == "cured"
     # the stage is in dvc.lock with its outputs, and a second repro has nothing to do

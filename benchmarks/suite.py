@@ -49,6 +49,7 @@ ARGS: dict[str, tuple[str, str]] = {
         "--seeds 5 --sources digits faces",
         "--seeds 1 --sources digits --cues corner none --per-class 40 --throughput-images 128",
     ),
+    "cure": ("--seeds 5 --budget-minutes 55", "--seeds 1 --kinds corner tint"),  # 2 CPU cores: what fits
 }
 NO_GPU_NOTE = [
     "",
@@ -147,7 +148,7 @@ def render(runs: dict[str, dict[str, Any]]) -> list[str]:
         *table(rows),
         "",
         "Each benchmark's docstring says what it measures; the detailed tables are in docs/audit.md",
-        "(audit_detection), docs/export.md (onnx_latency), docs/training.md (train_throughput) and",
+        "(audit_detection, cure), docs/export.md (onnx_latency), docs/training.md (train_throughput) and",
         "docs/data.md (scale).",
         *[*QUICK_NOTE, f"Run with `--quick`: {', '.join(quick)}."] * bool(quick),
         "",

@@ -56,7 +56,9 @@ def plan(
     tone, an image property, or a recurring patch (its exemplars from `exemplars`, called once and
     only for a patch finding: it re-runs the audit's discovery). Places are the audit's own geometry
     (`regions`, at its thresholds) at the model's input `size`; which of a class's failing places
-    get a cue, `place_answers` decides."""
+    get a cue, `place_answers` decides. An image property of a class that also has a place or patch
+    cue is answered by that cue (a tag's hard edges raise the class's sharpness), and the re-audit
+    says whether it was."""
     places = _places(audit["thresholds"], size)
     found = functools.cache(exemplars) if exemplars is not None else None
     wanted: dict[Key, list[dict[str, Any]]] = {}
@@ -74,7 +76,7 @@ def plan(
         PlaceCue(cls, place, torch.from_numpy(places[place]), *class_means(split, cls, size, batch_size))
         for cls, place in dict.fromkeys((key[0], by) for key, by in answer.items())
     ]
-    for cls, cue in [key for key in wanted if key not in answer]:
+    for cls, cue in sorted((k for k in wanted if k not in answer), key=lambda k: k[1].startswith(PROPERTY)):
         made, answer[(cls, cue)] = _made(cls, cue, cues, audit, split, (size, batch_size, seed), found)
         cues += [made] if made is not None else []
     addressed = [
@@ -95,11 +97,14 @@ def _made(
     found: Exemplars | None,
 ) -> tuple[Cue | None, str]:
     """(the new cue for the tone, property or patch `cue` of class `cls`, or None when one of `cues`
-    already answers it; the name of the cue that answers it). `sizing`: the model's input size, the
-    batch size and the seed."""
+    already answers it; the name of the cue that answers it; properties come last). `sizing`: the
+    model's input size, the batch size and the seed."""
     size, batch_size, seed = sizing
     if cue == TONE:
         return ToneCue(cls, *tone_banks(split, cls, size, batch_size, seed)), cue
+    local = next((c for c in cues if isinstance(c, PlaceCue | PatchCue) and c.cls == cls), None)
+    if cue.startswith(PROPERTY) and local is not None:
+        return None, local.place  # a bright tag raises sharpness: the place's cue first, the re-audit checks
     if cue.startswith(PROPERTY):
         made = _property_cue(cls, cue.removeprefix(PROPERTY), audit, split, size, batch_size, seed)
         same = next((c for c in cues if isinstance(c, PropertyCue) and _same_change(c, made)), None)

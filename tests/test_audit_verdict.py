@@ -286,6 +286,9 @@ def test_severity_moves_a_family_to_warnings_or_off() -> None:
     place_warn = A.model_copy(update={"severity": A.severity.model_copy(update={"deletion": "warning"})})
     deleted = decide({"a": _with(top_off_object=0.8)}, None, place_warn)
     assert deleted.verdict == "pass" and "audit.severity.deletion: warning" in deleted.warnings[0].sentence
+    removed = decide({"a": _with(top_off_object=0.8)}, None, A, rgb=True)  # deletion auto: RGB reports
+    assert removed.verdict == "pass" and "deletion" in removed.at_warning
+    assert decide({"a": _with(top_off_object=0.8)}, None, A).verdict == "fail"  # single-channel fails
 
 
 def test_property_transplants_are_tests_of_their_own_family() -> None:

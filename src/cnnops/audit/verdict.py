@@ -207,7 +207,9 @@ def _deletion_finding(name: str, f: ClassFigures, a: AuditParams) -> list[Findin
         f"class '{name}': removing its most-attended pixels (mostly at the "
         f"{f.transplant_top.where}, {_pct(f.top_off_object)} of them off the object) lowers "
         f"its confidence by {d.drop_top:.2f}, {d.gap:.2f} more than removing a random region "
-        "of the same size"
+        "of the same size; the object's extent is estimated from pixels unless data/annotations.csv "
+        "gives masks: if the removed pixels are the object itself, add masks, or set "
+        "audit.severity.deletion: warning"
     )
     return [
         Finding(

@@ -81,7 +81,11 @@ def cured_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_dvc_repro_cures_a_failed_audit_and_releases_the_cured_model(cured_project: Path) -> None:
     root = cured_project
     failed, cure = report(root, "release.json"), report(root, "cure.json")
-    assert report(root, "audit.json")["verdict"] == "fail"
+    # a failing audit is recorded, names the cued class first, and does not stop DVC (sh raises)
+    audited = report(root, "audit.json")
+    assert audited["verdict"] == "fail" and audited["failures"][0]["class"] == "3", audited["failures"][:3]
+    assert (root / "reports" / "audit" / "index.html").exists()
+    assert "reports/audit.json" in sh(root, "dvc", "metrics", "show")
     assert not failed["promoted"] and "audit verdict is 'fail'" in failed["reason"]
     assert cure["status"] == "cured", cure["findings"]
     assert (cure["before"]["audit_verdict"], cure["after"]["audit_verdict"]) == ("fail", "pass")

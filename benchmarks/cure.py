@@ -181,9 +181,9 @@ def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Print the per-kind table; its figures as JSON rows."""
     print(
         "\n| cue | runs | learned | audit `fail` | cured (re-audit `pass`) | cue flips before → after "
-        "(median of cured runs) | test accuracy before → after | clean-image accuracy failed → cured "
-        "/ clean model | cure training time / original |\n| --- | --- | --- | --- | --- | --- | --- "
-        "| --- | --- |"
+        "(medians over the runs whose audit failed) | test accuracy before → after "
+        "| clean-image accuracy failed → cured / clean model | cure training time / original |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     figures = []
     for name in dict.fromkeys(r["kind"] for r in runs):

@@ -22,13 +22,14 @@ from fixtures_model import one_thread
 from mlflow import MlflowClient
 from test_audit_v2 import CLEAN, CUED, LEARNED
 
+from cnnops.audit import counterfactual_plan
 from cnnops.config import Params
 from cnnops.data.planted import clean_accuracy, cue_flip_rate
 from cnnops.data.splits import PreparedSplit
 from cnnops.errors import StageInputError
 from cnnops.models import load_classifier
 from cnnops.stages import cure, evaluate
-from cnnops.training import counterfactual, counterfactual_plan
+from cnnops.training import counterfactual
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -116,8 +116,7 @@ def test_leakage_and_confound(tmp_path: Path) -> None:
     make_planted(tmp_path / "clean", "none", None, per_class=60)
     make_planted(tmp_path / "p", "corner", "3", seed=1, per_class=60, leakage=0.1, confound=0.3)
     leaked = [
-        (_images(tmp_path / "p", c) != _images(tmp_path / "clean", c)).any((1, 2)).mean()
-        for c in "01245"
+        (_images(tmp_path / "p", c) != _images(tmp_path / "clean", c)).any((1, 2)).mean() for c in "01245"
     ]
     assert 0.02 < np.mean(leaked) < 0.25
     threes, clean = _images(tmp_path / "p", "3"), _images(tmp_path / "clean", "3")

@@ -138,9 +138,7 @@ def two_class_test(prop: str, score: PropertyScore) -> bool:
     return prop in LADDERS and score.class_median > score.others_median and len(LADDERS[prop].raise_[1]) > 1
 
 
-def _chosen(
-    prop: str, score: PropertyScore, sample: torch.Tensor
-) -> tuple[Change, float, Change, float, str]:
+def chosen(prop: str, score: PropertyScore, sample: torch.Tensor) -> tuple[Change, float, Change, float, str]:
     """(change, strength, mirror change, strength, words): the strength whose changed sample lands
     nearest the class's median; the mirror is the opposite change at the same rung of its ladder.
     JPEG quality: re-encode at the class's quality, against re-encoding at the others'. Hue (an angle
@@ -178,7 +176,7 @@ def property_transplant(
     if n == 0:
         return evidence.NO_PAIRS
     sample = evidence.as_unit(recipients[:batch_size])
-    change, strength, mirror, mirror_strength, words = _chosen(prop, score, sample)
+    change, strength, mirror, mirror_strength, words = chosen(prop, score, sample)
     device = next(model.parameters()).device
     flips, controls = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     with torch.no_grad():

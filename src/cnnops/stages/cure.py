@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnops import atomic
-from cnnops.audit import cure_gallery
+from cnnops.audit import counterfactual_plan, cure_gallery
 from cnnops.config import Params
 from cnnops.data.digest import file_sha256
 from cnnops.data.splits import PreparedSplit
@@ -32,7 +32,7 @@ from cnnops.errors import StageInputError
 from cnnops.stages import audit, evaluate, export, release, train
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
-from cnnops.training import counterfactual, counterfactual_plan
+from cnnops.training import counterfactual
 
 log = logging.getLogger(__name__)
 TAG_LIMIT = (

@@ -1,7 +1,8 @@
 """From a failed audit's findings to the cure's counterfactuals (`counterfactual.Cue`s).
 
-Apart from the transform (`counterfactual`), which train imports: this reads the audit's report and
-its geometry (`audit.regions`), which the train stage does not depend on.
+It lives in the audit layer, apart from the transform (`training.counterfactual`, which train
+imports): it reads the audit's report, its geometry (`audit.regions`) and its property changes
+(`audit.property_interventions`), which the train stage does not depend on.
 """
 
 from __future__ import annotations
@@ -178,14 +179,14 @@ def _property_cue(
     seed: int,
 ) -> PropertyCue:
     """The property `prop` of class `cls` spread over every class: the audit's own choice of change and
-    strength (`property_interventions._chosen`: the rung that brings a sample of the other classes'
+    strength (`property_interventions.chosen`: the rung that brings a sample of the other classes'
     images nearest the class's median, and the opposite change at the same rung for the class)."""
     name = split.class_names[cls]
     score = PropertyScore(**audit["data_properties"]["auroc"][name][prop])
     others = torch.nonzero(split.labels != cls).flatten()
     pick = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[:PROPERTY_SAMPLE]
     sample = split.floats(others[pick].sort().values, size)
-    change, strength, mirror, mirror_strength, _ = property_interventions._chosen(prop, score, sample)
+    change, strength, mirror, mirror_strength, _ = property_interventions.chosen(prop, score, sample)
     return PropertyCue(
         cls, prop, _change_name(change), float(strength), _change_name(mirror), float(mirror_strength)
     )

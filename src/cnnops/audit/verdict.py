@@ -208,8 +208,8 @@ def _deletion_finding(name: str, f: ClassFigures, a: AuditParams) -> list[Findin
         f"{f.transplant_top.where}, {_pct(f.top_off_object)} of them off the object) lowers "
         f"its confidence by {d.drop_top:.2f}, {d.gap:.2f} more than removing a random region "
         "of the same size; the object's extent is estimated from pixels unless data/annotations.csv "
-        "gives masks: if the removed pixels are the object itself, add masks, or set "
-        "audit.severity.deletion: warning"
+        "gives masks: if the removed pixels are the object itself, masks make this exact "
+        "(audit.severity.deletion decides whether it fails)"
     )
     return [
         Finding(

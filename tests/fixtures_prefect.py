@@ -108,11 +108,16 @@ def workspace_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for image in batch:
                 shutil.copy(image, root / target / name / image.name)
     (root / ".gitignore").write_text("/incoming/\n/mlflow.db\n/mlartifacts/\n")
+    return init_project(root, "tiny cnnops workspace")
+
+
+def init_project(root: Path, message: str) -> Path:
+    """`root` as a git + DVC project on branch main: data/ tracked by data.dvc, all else committed."""
     sh(root, "git", "init", "-q", "-b", "main")
     sh(root, "dvc", "init", "-q")
     sh(root, "dvc", "add", "-q", "data")
     sh(root, "git", "add", "-A")
-    sh(root, "git", "commit", "-q", "-m", "tiny cnnops workspace")
+    sh(root, "git", "commit", "-q", "-m", message)
     return root
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from fixtures_prefect import PROJECT, copy_workspace, sh, tool_env
+from fixtures_prefect import PROJECT, copy_workspace, init_project, sh, tool_env
 from mlflow import MlflowClient
 from test_pipelines_flows import _artifact  # the flow tests' reader of a flow run's markdown artifact
 
@@ -56,12 +56,7 @@ def make_project(root: Path, cue: str, cued_class: str | None, seed: int) -> Pat
     shutil.copytree(PROJECT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     write_params(root)
     (root / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n")
-    sh(root, "git", "init", "-q", "-b", "main")
-    sh(root, "dvc", "init", "-q")
-    sh(root, "dvc", "add", "-q", "data")
-    sh(root, "git", "add", "-A")
-    sh(root, "git", "commit", "-q", "-m", "planted cnnops project")
-    return root
+    return init_project(root, "planted cnnops project")
 
 
 def report(root: Path, name: str) -> dict[str, Any]:

@@ -182,3 +182,18 @@ def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/hook", server.messages  # type: ignore[attr-defined]
     server.shutdown()
+
+
+def flow_artifact(state: Any, key: str) -> str:
+    """The markdown of the artifact `key` of the flow run that ended in `state`."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[str(state.state_details.flow_run_id)])
+            )
+        )
+    [artifact] = [a for a in artifacts if a.key == key]
+    return artifact.data

@@ -12,29 +12,27 @@ pipelines (tests/test_audit_v2.py) are the same `Case`s, run once a session for 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
+import fixtures_cure
 import pytest
 import torch
-from fixtures_audit import Audited, Case, run_case
-from fixtures_model import one_thread
+from fixtures_audit import Case
+from fixtures_cure import CORNER, cure_paths, enabled
 from mlflow import MlflowClient
 from test_audit_v2 import CLEAN, CUED, LEARNED
 
 from cnnops.audit import counterfactual_plan
-from cnnops.config import Params
-from cnnops.data.planted import clean_accuracy, cue_flip_rate
-from cnnops.data.splits import PreparedSplit
 from cnnops.errors import StageInputError
 from cnnops.models import load_classifier
-from cnnops.stages import cure, evaluate
+from cnnops.stages import cure
 from cnnops.training import counterfactual
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 CASES = {
-    "corner": Case("corner", "3", seed=1),
+    "corner": CORNER,
     "frame": Case("frame", "6", seed=2),
     "tint": Case("tint", "2", seed=4, cue_args=(("intensity", 90),)),
     **{kind: CUED[f"convnet-{kind}"] for kind in ("tag", "textline", "noise", "blur")},
@@ -51,85 +49,11 @@ CURED = 0.05  # the issue's bound on the cured model's ground-truth reliance on 
 IMAGES_LOST = 4
 
 
-def _clean_case(epochs: int) -> Case:
-    """The clean digits model trained as long as the cued one (4 epochs: test_audit_v2's own)."""
-    return replace(CLEAN["digits"], epochs=epochs)
-
-
-_METRICS: dict[Case, dict] = {}
-
-
-def _audited(case: Case, factory: pytest.TempPathFactory) -> tuple[Audited, dict]:
-    """The case's pipeline (shared with test_audit_v2) and its evaluate metrics (the cure's 'before')."""
-    audited = run_case(factory.mktemp("cure-case"), case)
-    if case not in _METRICS:
-        with one_thread():
-            _METRICS[case] = evaluate.run(audited.params, _evaluate_paths(audited.root)).metrics
-    return audited, _METRICS[case]
-
-
-def _evaluate_paths(root: Path) -> evaluate.EvaluatePaths:
-    r = root / "reports"
-    return evaluate.EvaluatePaths(
-        model=root / "models" / "model.pt", prepared=root / "prepared", train_report=r / "train.json",
-        metrics=r / "metrics.json", confusion=r / "plots" / "confusion.csv",
-        confusion_png=r / "plots" / "confusion.png",
-    )  # fmt: skip
-
-
-def _cure_paths(root: Path, audit_report: Path | None = None, name: str = "cure") -> cure.CurePaths:
-    r = root / "reports"
-    return cure.CurePaths(
-        audit_report=audit_report or r / "audit.json", model=root / "models" / "model.pt",
-        train_report=r / "train.json", metrics=r / "metrics.json", prepared=root / "prepared",
-        validation=r / "validation.json", data=root / "data", out=root / "models" / name / "model.pt",
-        report=r / f"{name}.json", folder=r / name, state=root / ".cnnops" / f"{name}.pt", project=root,
-    )  # fmt: skip
-
-
-def _enabled(params: Params, **cure_keys: object) -> Params:
-    update = {"enabled": True, "epochs": params.train.epochs, "rate": 0.5, **cure_keys}
-    return params.model_copy(update={"cure": params.cure.model_copy(update=update)})
-
-
-@dataclass(frozen=True)
-class Cured:
-    audited: Audited
-    result: cure.CureResult
-    cue_flips: float  # ground truth on the cured model
-    clean_accuracy: float  # the cured model's, on the clean originals of its test images
-    clean_model_accuracy: float  # a model trained on clean digits as long, on the same images
-    images: int  # how many images those two accuracies count
-
-
-_CURED: dict[tuple[str, str], Cured] = {}
-
-
-def _cured(name: str, factory: pytest.TempPathFactory, how: str = "cure", **cure_keys: object) -> Cured:
-    """`name`'s case cured with `cure_keys` (under reports/`how`), once a session."""
-    if (name, how) not in _CURED:
-        case = CASES[name]
-        audited, _ = _audited(case, factory)
-        paths = _cure_paths(audited.root, name=how)
-        with one_thread():
-            result = cure.run(_enabled(audited.params, **cure_keys), paths)
-        model, _ = load_classifier(paths.out)
-        test = PreparedSplit.load(audited.root / "prepared", "test")
-        clean, _ = _audited(_clean_case(case.epochs), factory)
-        clean_test = PreparedSplit.load(clean.root / "prepared", "test")
-        accuracy, n = clean_accuracy(model, test, clean_test)
-        baseline, _ = clean_accuracy(load_classifier(clean.root / "models" / "model.pt")[0], test, clean_test)
-        _CURED[(name, how)] = Cured(
-            audited, result, cue_flip_rate(model, test, audited.spec), accuracy, baseline, n
-        )
-    return _CURED[(name, how)]
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_cure_breaks_a_learned_cue_and_passes_the_reaudit(
     name: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    cured = _cured(name, tmp_path_factory)
+    cured = fixtures_cure.cured(CASES[name], tmp_path_factory)
     audited, report = cured.audited, cured.result.report
     assert audited.report["verdict"] == "fail" and audited.cue_flips >= LEARNED  # it learned the cue
     assert cured.cue_flips < CURED, (audited.cue_flips, cured.cue_flips, report["findings"])
@@ -140,8 +64,7 @@ def test_cure_breaks_a_learned_cue_and_passes_the_reaudit(
         assert any(too_few in w["sentence"] for w in after["warnings"]), after["warnings"]
     else:
         assert report["status"] == "cured" and report["after"]["audit_verdict"] == "pass", report["findings"]
-    lost = round((cured.clean_model_accuracy - cured.clean_accuracy) * cured.images)
-    assert lost <= IMAGES_LOST, (cured.clean_accuracy, cured.clean_model_accuracy, cured.images)
+    assert cured.images_lost <= IMAGES_LOST, (cured.clean_accuracy, cured.clean_model_accuracy, cured.images)
     # the table: every finding before and after, the run linked to its parent
     assert report["parent_run_id"] == audited.result.run_id != report["run_id"]
     assert report["before"]["audit_verdict"] == "fail"
@@ -158,7 +81,7 @@ def test_cure_breaks_a_learned_cue_and_passes_the_reaudit(
 def test_a_cure_too_weak_to_fix_the_model_says_so(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Counterfactuals at 1% of the images leave the corner paying: the re-audit fails, and the
     report says `not cured` with the findings that still fail."""
-    cured = _cured("corner", tmp_path_factory, "weak", rate=0.01)
+    cured = fixtures_cure.cured(CORNER, tmp_path_factory, "weak", rate=0.01)
     report = cured.result.report
     assert cured.cue_flips >= CURED, cured.cue_flips  # the cue still flips images (0.16 measured)
     assert report["status"] == "not cured" and report["after"]["audit_verdict"] == "fail"
@@ -168,7 +91,7 @@ def test_a_cure_too_weak_to_fix_the_model_says_so(tmp_path_factory: pytest.TempP
 def test_head_only_cure_from_the_failed_model(tmp_path_factory: pytest.TempPathFactory) -> None:
     """`mode: head` (Deep Feature Reweighting: the failed model's backbone frozen, its head retrained
     on class-balanced counterfactual batches): what it achieves on the corner cue, measured."""
-    cured = _cured("corner", tmp_path_factory, "head", mode="head")
+    cured = fixtures_cure.cured(CORNER, tmp_path_factory, "head", mode="head")
     report = cured.result.report
     failed = load_classifier(cured.audited.root / "models" / "model.pt")[0]
     head_only = load_classifier(cured.audited.root / "models" / "head" / "model.pt")[0]
@@ -187,34 +110,34 @@ def test_head_only_cure_from_the_failed_model(tmp_path_factory: pytest.TempPathF
 
 def _refused_paths(root: Path, audit_report: Path, tmp_path: Path) -> cure.CurePaths:
     """The cure's paths with its outputs in `tmp_path`: a refusal must write none of them."""
-    paths = _cure_paths(root, audit_report)
+    paths = cure_paths(root, audit_report)
     return replace(paths, out=tmp_path / "cured.pt", report=tmp_path / "cure.json", folder=tmp_path / "cure")
 
 
 def test_cure_refuses_a_passing_audit(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
-    audited, _ = _audited(CLEAN["digits"], tmp_path_factory)
+    audited, _ = fixtures_cure.audited(CLEAN["digits"], tmp_path_factory)
     assert audited.report["verdict"] == "pass"
     paths = _refused_paths(audited.root, audited.root / "reports" / "audit.json", tmp_path)
     with pytest.raises(StageInputError, match="verdict is 'pass', not 'fail'"):
-        cure.run(_enabled(audited.params), paths)
+        cure.run(enabled(audited.params), paths)
     assert not any(tmp_path.iterdir())
 
 
 def test_cure_refuses_the_audit_of_another_model(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
-    corner, _ = _audited(CASES["corner"], tmp_path_factory)
-    tint, _ = _audited(CASES["tint"], tmp_path_factory)
+    corner, _ = fixtures_cure.audited(CASES["corner"], tmp_path_factory)
+    tint, _ = fixtures_cure.audited(CASES["tint"], tmp_path_factory)
     paths = _refused_paths(tint.root, corner.root / "reports" / "audit.json", tmp_path)
     with pytest.raises(StageInputError, match="audited another model"):
-        cure.run(_enabled(tint.params), paths)
+        cure.run(enabled(tint.params), paths)
     assert not any(tmp_path.iterdir())
 
 
 def test_cure_refuses_findings_it_cannot_act_on(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
-    corner, _ = _audited(CASES["corner"], tmp_path_factory)
+    corner, _ = fixtures_cure.audited(CASES["corner"], tmp_path_factory)
     document = json.loads((corner.root / "reports" / "audit.json").read_text())
     document["failures"] = [
         {"class": "3", "test": "masks", "value": 0.1, "threshold": 0.3, "sentence": "masks only"}
@@ -223,7 +146,7 @@ def test_cure_refuses_findings_it_cannot_act_on(
     masks_only.write_text(json.dumps(document))
     paths = _refused_paths(corner.root, masks_only, tmp_path)
     with pytest.raises(StageInputError, match="no finding the cure can act on: class '3' masks"):
-        cure.run(_enabled(corner.params), paths)
+        cure.run(enabled(corner.params), paths)
     assert [p.name for p in tmp_path.iterdir()] == ["audit.json"]  # the test's input only
 
 

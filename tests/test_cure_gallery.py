@@ -2,7 +2,7 @@
 with every user-controlled string escaped; and the README's cure demo (scripts/demo-cure) sets up
 its project (the pipeline itself is test_cure's and test_pipeline_dvc's to prove).
 
-The cure is test_cure's corner case (`test_cure._cured`, run once a session: this module shares it
+The cure is test_cure's corner case (`fixtures_cure.cured`, run once a session: this module shares it
 rather than running another pipeline), so the page is the one `cure.run` wrote and logged.
 """
 
@@ -18,9 +18,9 @@ from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 
+import fixtures_cure
 import numpy as np
 import pytest
-import test_cure
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -66,7 +66,7 @@ def _screenshot(page: Path, out: Path) -> np.ndarray:
 def test_a_real_cures_page_shows_the_before_after_and_the_same_images_on_both_models(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
-    cured = test_cure._cured("corner", tmp_path_factory)
+    cured = fixtures_cure.cured(fixtures_cure.CORNER, tmp_path_factory)
     report, root = cured.result.report, cured.audited.root
     page = root / "reports" / "cure" / cure_gallery.PAGE
     text = page.read_text()
@@ -112,7 +112,7 @@ def _hostile(report: dict, name: str) -> dict:
 def test_a_hostile_class_name_is_escaped_everywhere_on_the_page(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
-    cured = test_cure._cured("corner", tmp_path_factory)
+    cured = fixtures_cure.cured(fixtures_cure.CORNER, tmp_path_factory)
     report, root = cured.result.report, cured.audited.root
     name = cured.audited.spec.cued_class
     pairs = cure_gallery.side_by_side(

@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 import yaml
-from fixtures_prefect import PROJECT, copy_workspace, init_project, sh, tool_env
+from fixtures_prefect import PROJECT, copy_workspace, flow_artifact, init_project, sh, tool_env
 from mlflow import MlflowClient
-from test_pipelines_flows import _artifact  # the flow tests' reader of a flow run's markdown artifact
 
 from cnnops.config import deep_merge
 from cnnops.data.planted import make_planted
@@ -140,7 +139,7 @@ def test_auto_cure_in_the_retrain_flow_notifies_the_before_after_table(
     for finding in cure["findings"]:
         assert f"class &#x27;{finding['class']}&#x27; {finding['test']}" in text, text
     assert cure_table(cure) in text
-    assert f"## Cure: {cure['status']}\n\n{cure_table(cure)}" in _artifact(state, "retrain-record")
+    assert f"## Cure: {cure['status']}\n\n{cure_table(cure)}" in flow_artifact(state, "retrain-record")
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ from fixtures_prefect import (
     PER_CLASS,
     PROJECT,
     copy_workspace,
+    flow_artifact,
     sh,
     tool_env,
     touch_export_params,
@@ -202,7 +203,7 @@ def test_a_bad_incoming_file_fails_the_run_before_anything_is_merged(make_worksp
     assert runs["check-incoming"].run_count == 1, "a data error is not retried"
     assert "validate" not in runs and "version_data" not in {n.split("-")[0] for n in runs}
     assert [m["event"] for m in messages] == ["failure"] and "Connection refused.png" in messages[0]["text"]
-    assert "Connection refused.png" in _artifact(state, "incoming-check")
+    assert "Connection refused.png" in flow_artifact(state, "incoming-check")
     assert images(root) == len(CLASSES) * PER_CLASS and (root / "data.dvc").read_text() == data_dvc
     assert "data.dvc" not in dvc_cli.status(root, _quiet())
     assert len(list((root / "incoming").rglob("*.png"))) == len(CLASSES) * NEW_PER_CLASS + 1
@@ -254,9 +255,9 @@ def test_skip_mode_merges_the_good_files_and_reports_drift(retrained, tmp_path: 
     report = json.loads((root / "reports/incoming.json").read_text())
     assert report["drift"]["measured"] and report["drift"]["exceeded"] == []
     assert [b["path"] for b in report["bad"]] == [f"{CLASSES[1]}/torn.png"]
-    artifact = _artifact(state, "incoming-check")
+    artifact = flow_artifact(state, "incoming-check")
     assert "torn.png" in artifact and "| brightness |" in artifact
-    assert "drift: KL divergence per property" in _artifact(state, "retrain-record")
+    assert "drift: KL divergence per property" in flow_artifact(state, "retrain-record")
     [warning] = [m for m in messages if m["event"] == "warning"]
     assert "1 bad incoming file(s)" in warning["subject"] and "torn.png" in warning["text"]
     assert "brightness" in warning["text"]
@@ -280,7 +281,7 @@ def test_a_drifted_batch_is_refused_with_its_figures(retrained, tmp_path: Path, 
         images(root) == len(CLASSES) * (PER_CLASS + NEW_PER_CLASS)
         and (root / "data.dvc").read_text() == data_dvc
     )
-    assert "past max_drift" in _artifact(state, "incoming-check")
+    assert "past max_drift" in flow_artifact(state, "incoming-check")
     assert [m["event"] for m in messages] == ["failure"] and "brightness" in messages[0]["text"]
 
 
@@ -451,18 +452,6 @@ def _logs(state: Any) -> str:
             log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
         )
     return "\n".join(log.message for log in logs)
-
-
-def _artifact(state: Any, key: str) -> str:
-    """The markdown of the flow run's artifact `key`."""
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[str(state.state_details.flow_run_id)])
-            )
-        )
-    [artifact] = [a for a in artifacts if a.key == key]
-    return artifact.data
 
 
 def _quiet():

@@ -107,15 +107,70 @@ class Grainy(torch.nn.Module):
         return torch.stack([-s, s], 1)
 
 
-def test_two_classes_test_only_the_change_that_adds() -> None:
+def test_two_classes_test_a_change_that_adds_and_a_blur_with_its_scrambled_control() -> None:
     smooth = (pi._blur(_textured(20), 2.0) * 255).to(torch.uint8)  # class 0's images: no grain
     grained = image_properties(pi._grain(smooth.float() / 255, 0.07))["noise"]
     high = PropertyScore(auroc=0.99, p_value=0.001, class_median=float(grained.median()), others_median=0.002)
     low = PropertyScore(auroc=0.01, p_value=0.001, class_median=0.002, others_median=high.class_median)
-    assert pi.two_class_test("noise", high) and not pi.two_class_test("noise", low)  # blurring: not
+    assert pi.two_class_test("noise", high) and not pi.erasing("noise", high)
+    assert pi.two_class_test("noise", low) and pi.erasing("noise", low)  # a blur: its scrambled control
     assert pi.two_class_test("hue", low) and not pi.two_class_test("entropy", high)  # equalizing: ungraded
+    assert not pi.two_class_test("entropy", low) and not pi.two_class_test("saturation", low)  # no control
     t = pi.property_transplant(Grainy(), smooth, 1, "noise", high, batch_size=8)
     assert t.flip_rate == 1.0 and t.control_flip_rate == 0.0 and "grain" in t.where
+
+
+def _correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    a, b = (
+        x.flatten(1) - x.flatten(1).mean(1, keepdim=True),
+        y.flatten(1) - y.flatten(1).mean(1, keepdim=True),
+    )
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-8)
+
+
+def test_the_scrambled_control_keeps_the_detail_and_erases_the_object() -> None:
+    x = pi._blur(_textured(16, seed=1), 0.8)  # textured, as the sharper class's images are
+    scrambled = pi._scrambled(x)
+    before, after = image_properties(x), image_properties(scrambled)
+    for prop in pi.ERASING:
+        ratio = after[prop] / before[prop]
+        assert ((ratio > 0.7) & (ratio < 1.4)).all(), (prop, ratio)  # the level of detail stays
+    assert (_correlation(scrambled, x).abs() < 0.3).all()  # the arrangement (the object) is gone
+    assert torch.equal(pi._scrambled(x), scrambled)  # the same scramble each run
+
+
+class ObjectDetector(torch.nn.Module):
+    """Class 0 while the recipients' own arrangement of pixels (their object) is there, else class 1:
+    blurring erases it, as blurring a face erases the face, with no blur shortcut at all."""
+
+    def __init__(self, reference: torch.Tensor) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.reference = reference
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = 0.8 - _correlation(x, self.reference[: len(x)]) + self.w
+        return torch.stack([-s, s], 1)
+
+
+def test_a_blur_that_erases_the_object_is_not_blamed_with_two_classes() -> None:
+    """The confusion the scrambled control is made for: with two classes, blurring the sharper class's
+    images sends them to the smoother class when the model reads the object, not the blur. A blur
+    shortcut (`Smooth`) flips on the blur and not on the scrambled images, which keep their detail;
+    an object detector flips on both and is not blamed."""
+    recipients = (_textured(20) * 255).to(torch.uint8)
+    blurred = image_properties(pi._blur(recipients.float() / 255, 1.5))["sharpness"]
+    score = PropertyScore(auroc=0.02, p_value=0.001, class_median=float(blurred.median()), others_median=0.08)
+    shortcut = pi.property_transplant(Smooth(), recipients, 1, "sharpness", score, 8, scrambled_control=True)
+    assert shortcut.flip_rate == 1.0 and shortcut.shuffled_flip_rate == 0.0 and shortcut.excess == 1.0
+    assert "scrambled" in shortcut.where
+    detector = ObjectDetector(recipients.float() / 255)  # one batch: it compares by position
+    plain = pi.property_transplant(detector, recipients, 1, "sharpness", score, 20)
+    assert plain.flip_rate == 1.0 and plain.excess == 1.0  # the mirror alone blames the object
+    controlled = pi.property_transplant(
+        detector, recipients, 1, "sharpness", score, 20, scrambled_control=True
+    )
+    assert controlled.flip_rate == 1.0 and controlled.shuffled_flip_rate == 1.0 and controlled.excess == 0.0
 
 
 def test_only_flagged_properties_with_an_intervention_are_tested() -> None:

@@ -11,7 +11,8 @@ same digits with the same seed and epochs: the baseline the accuracies are read 
 - the audit's verdict before, the re-audit's after, and the cure's status;
 - test accuracy before and after, and on the clean originals of the test images
   (`planted.clean_accuracy`) for the failed, the cured and the clean model;
-- the cure's training time over the original model's (both from their train reports).
+- the cure's rounds (`cure.rounds`, params.yaml's) and its training time, all rounds together,
+  over the original model's (both from their train reports).
 
 The cue settings are those the proof tests (tests/test_cure.py, tests/test_audit_v2.py) use to make
 the 32-px ConvNet learn the cue: a random-place tag, a text line and a blur carry a 40% label
@@ -167,7 +168,8 @@ def one_run(root: Path, name: str, seed: int, baseline: dict[str, Any]) -> dict[
     cured_flips, cured_clean = ground_truth(cure_paths(root).out, root, spec, clean)
     return {
         **out, "status": report["status"], "cure_s": time.perf_counter() - started,
-        "cure_train_s": report["after"]["train_seconds"], "reaudit": report["after"]["audit_verdict"],
+        "cure_train_s": sum(r["train_seconds"] for r in report["rounds"]), "rounds": len(report["rounds"]),
+        "reaudit": report["after"]["audit_verdict"],
         "cured_flips": cured_flips, "cured_accuracy": report["after"]["accuracy"],
         "cured_clean_accuracy": cured_clean,
     }  # fmt: skip
@@ -182,8 +184,9 @@ def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     print(
         "\n| cue | runs | learned | audit `fail` | cured (re-audit `pass`) | cue flips before → after "
         "(medians over the runs whose audit failed) | test accuracy before → after "
-        "| clean-image accuracy failed → cured / clean model | cure training time / original |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| clean-image accuracy failed → cured / clean model | rounds per cure "
+        "| cure training time / original |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     figures = []
     for name in dict.fromkeys(r["kind"] for r in runs):
@@ -195,15 +198,16 @@ def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             f"| {len(cured)}/{len(failed)}"
         )
         if not failed:
-            print(f"{head} | | | | |")
+            print(f"{head} | | | | | |")
             continue
         ratio = _median(failed, "cure_train_s") / _median(failed, "train_s")
+        rounds = ",".join(str(r["rounds"]) for r in failed)
         gap = _median(failed, "cured_clean_accuracy") - _median(failed, "baseline_clean_accuracy")
         print(
             f"{head} | {_median(failed, 'flips'):.2f} → {_median(failed, 'cured_flips'):.2f} "
             f"| {_median(failed, 'accuracy'):.3f} → {_median(failed, 'cured_accuracy'):.3f} "
             f"| {_median(failed, 'clean_accuracy'):.3f} → {_median(failed, 'cured_clean_accuracy'):.3f} / "
-            f"{_median(failed, 'baseline_clean_accuracy'):.3f} | {ratio:.2f}x |",
+            f"{_median(failed, 'baseline_clean_accuracy'):.3f} | {rounds} | {ratio:.2f}x |",
             flush=True,
         )
         figures += [

@@ -225,3 +225,33 @@ def test_counterfactual_tone_swap_and_patch_paste() -> None:
     assert ((out[labels == 1] == 255).sum((1, 2, 3)) == 9).all() and torch.equal(
         out[labels == 0], images[labels == 0]
     )
+
+
+def test_a_later_round_acts_only_on_what_the_training_did_not_have() -> None:
+    """`beyond`: a re-audit's plan less the cues an earlier round trained with; a finding one of those
+    answers still fails with its counterfactual in the training, so it is listed, with that reason."""
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    grey = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    left, right = (
+        counterfactual.PlaceCue(1, p, mask, grey, grey) for p in ("top-left corner", "top-right corner")
+    )
+    tone = counterfactual.ToneCue(0, torch.zeros(1, 1, 2), torch.zeros(1, 1, 2))
+    plan = counterfactual_plan.Plan(
+        (left, right, tone),
+        ({"class": "b", "test": "transplant:top-left corner", "cue": "top-left corner"},
+         {"class": "b", "test": "transplant:top-right corner", "cue": "top-right corner"},
+         {"class": "a", "test": "transplant_tone", "cue": "tone"}),
+        ({"class": "a", "test": "masks", "why": "a masks finding ..."},),
+    )  # fmt: skip
+    used = {counterfactual_plan.cue_key(left), counterfactual_plan.cue_key(tone)}
+    assert used == {(1, "top-left corner"), (0, "tone")}
+    later = counterfactual_plan.beyond(plan, used, ["a", "b"])
+    assert later.cues == (right,)
+    assert [a["test"] for a in later.addressed] == ["transplant:top-right corner"]
+    again = [n for n in later.not_addressed if "earlier round" in n["why"]]
+    assert [(n["class"], n["test"]) for n in again] == [
+        ("b", "transplant:top-left corner"),
+        ("a", "transplant_tone"),
+    ]
+    assert later.not_addressed[0]["test"] == "masks"
+    assert counterfactual_plan.beyond(plan, used | {(1, "top-right corner")}, ["a", "b"]).cues == ()

@@ -78,6 +78,10 @@ def test_a_real_cures_page_shows_the_before_after_and_the_same_images_on_both_mo
         assert f"<td>{f['audit_verdict']}</td>" in text
     for finding in report["findings"]:
         assert f"<td>{html.escape(finding['test'])}</td>" in text
+    # every round: its findings acted on, its re-audit and training time (the corner: one round, cured)
+    assert f"{len(report['rounds'])} round(s): {html.escape(report['stopped'])}" in text
+    for r in report["rounds"]:
+        assert f"<td>re-audit {r['audit_verdict']}</td><td>trained {r['train_seconds']:.3f} s</td>" in text
     # the cued class's images, each as the failed and the cured model see it
     pairs = text.count("<div class='pair'>")
     assert 1 <= pairs <= cured.audited.params.audit.gallery_images_per_class
@@ -100,11 +104,18 @@ def _hostile(report: dict, name: str) -> dict:
     def renamed(rows: list[dict]) -> list[dict]:
         return [{**r, "class": HOSTILE if r["class"] == name else r["class"]} for r in rows]
 
+    hostile = {"class": HOSTILE, "test": "t", "why": HOSTILE, "round": 1}
+    rounds = [
+        {**r, "addressed": renamed(r["addressed"]), "findings": renamed(r["findings"])}
+        for r in report["rounds"]
+    ]
     return {
         **report,
         "addressed": renamed(report["addressed"]),
-        "not_addressed": [*renamed(report["not_addressed"]), {"class": HOSTILE, "test": "t", "why": HOSTILE}],
+        "not_addressed": [*renamed(report["not_addressed"]), hostile],
         "findings": renamed(report["findings"]),
+        "rounds": rounds,
+        "stopped": HOSTILE,
     }
 
 

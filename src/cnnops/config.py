@@ -425,6 +425,9 @@ class CureParams(Section):
     mode: Literal["retrain", "head"] = Field(
         description="a new model from scratch, or the failed model's head only (backbone frozen)"
     )
+    rounds: StrictInt = Field(
+        ge=1, le=5, description="most cure rounds: a failing re-audit's findings call for the next one"
+    )
 
 
 class ReleaseParams(Section):

@@ -8,7 +8,7 @@ imports): it reads the audit's report, its geometry (`audit.regions`) and its pr
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +115,36 @@ def _made(
 
 
 Key = tuple[int, str]  # (class index, cue name)
+
+
+def cue_key(cue: Cue) -> Key:
+    """A cue's (class index, name), the name the `addressed` entries it answers give it: what tells a
+    later round's cue from one an earlier round trained with."""
+    if isinstance(cue, ToneCue):
+        return cue.cls, TONE
+    if isinstance(cue, PropertyCue):
+        return cue.cls, f"{PROPERTY}{cue.prop}"
+    return cue.cls, cue.place
+
+
+def beyond(plan: Plan, used: Collection[Key], class_names: Sequence[str]) -> Plan:
+    """`plan` (of a re-audit) less the cues in `used` (an earlier round trained with them): a finding
+    one of those answers still fails with its counterfactual in the training, so it is not addressed
+    anew but listed in `not_addressed` with that reason. A recurring patch is named by its rank in
+    its audit, so a re-audit's patch of a class counts as the earlier round's patch of that rank."""
+    new: list[dict[str, Any]] = []
+    again: list[dict[str, Any]] = []
+    for a in plan.addressed:
+        (again if (class_names.index(a["class"]), a["cue"]) in used else new).append(a)
+    repeated = tuple(
+        {"class": a["class"], "test": a["test"],
+         "why": f"its counterfactual ({a['cue']}) was in an earlier round's training and it still fails"}
+        for a in again
+    )  # fmt: skip
+    cues = tuple(c for c in plan.cues if cue_key(c) not in used)
+    return Plan(cues, tuple(new), plan.not_addressed + repeated)
+
+
 HOLDS = 0.8  # a place holds another when it covers this share of the other's pixels
 
 

@@ -197,12 +197,32 @@ def _finding_cells(finding: dict[str, Any], cue: str | None) -> list[str]:
 
 
 def _left(report: dict[str, Any]) -> list[str]:
-    """The findings the cure did not act on, and why (none: nothing)."""
+    """The findings the cure did not act on, each with its round, and why (none: nothing)."""
     items = "".join(
-        f"<li class='warn'>class '{_text(n['class'])}' {_text(n['test'])}: {_text(n['why'])}</li>"
+        f"<li class='warn'>round {_text(n['round'])}: class '{_text(n['class'])}' {_text(n['test'])}: "
+        f"{_text(n['why'])}</li>"
         for n in report["not_addressed"]
     )
     return [f"<h2>Not addressed</h2><ul>{items}</ul>"] if items else []
+
+
+def _rounds(report: dict[str, Any]) -> str:
+    """Each round: the findings of the audit before it that it acted on (the counterfactual, the
+    flip rate against its control there and on its model), its re-audit's verdict, training time."""
+    head = _row(["round", "class", "test", "counterfactual", "before", "after", "re-audit"], "th")
+    body = []
+    for r in report["rounds"]:
+        cues = {(a["class"], a["test"]): a["cue"] for a in r["addressed"]}
+        acted = [f for f in r["findings"] if (f["class"], f["test"]) in cues]
+        cells = [_finding_cells(f, cues[(f["class"], f["test"])]) for f in acted]
+        body += [_row([_text(r["round"]), *c]) for c in cells]
+        seconds = _text(r["train_seconds"])
+        body.append(_row([_text(r["round"]), "", "", "", "", f"re-audit {_text(r['audit_verdict'])}",
+                          f"trained {seconds} s"]))  # fmt: skip
+    return (
+        f"<h2>Rounds</h2><p id='stopped'>{len(report['rounds'])} round(s): {_text(report['stopped'])}</p>"
+        f"<table id='rounds'>{head}{''.join(body)}</table>"
+    )
 
 
 def _class_section(name: str, pairs: list[Pair]) -> str:
@@ -250,6 +270,7 @@ def render(path: Path, report: dict[str, Any], pairs: dict[str, list[Pair]]) -> 
         *_header(report),
         _summary(report),
         _findings(report),
+        _rounds(report),
         *_left(report),
         *(_class_section(name, shown) for name, shown in pairs.items()),
         "</body></html>",

@@ -7,6 +7,13 @@ challenger with its own audit: release's champion rule is unchanged), and writes
 table and the release decision to reports/cure.json. The cured model's MLflow run is tagged with
 the failed model's run and the findings it addressed as soon as it is trained.
 
+A re-audit that still fails starts another round, up to `cure.rounds`: the re-audit's findings on
+the model it audited give more counterfactuals (a model cured of one end of a text line may read
+its other end), and a new model is trained with every round's. The rounds stop at a re-audit that
+does not fail, at the last round, or when a failing re-audit calls for nothing the training did not
+already have. Each round's run is linked to the one before; only the last model is exported and
+released.
+
 It refuses, by name and without writing a model, to cure a model whose audit passed, an audit of
 another model, or findings it has no counterfactual for. dvc.yaml runs it with `--if-failed`: a
 passing or inconclusive audit then gives a skipped report instead of a refusal, so `dvc repro`
@@ -17,9 +24,10 @@ skipped report, whatever the audit.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +37,7 @@ from cnnops.config import Params
 from cnnops.data.digest import file_sha256
 from cnnops.data.splits import PreparedSplit
 from cnnops.errors import StageInputError
+from cnnops.models import Classifier
 from cnnops.stages import audit, evaluate, export, release, train
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
@@ -85,36 +94,29 @@ class CureResult:
 
 
 def run(params: Params, paths: CurePaths = CurePaths(), if_failed: bool = False) -> CureResult:
-    """Cure the model `paths.audit_report` failed: train, evaluate, audit, export and release a new
-    one. `if_failed` (dvc.yaml's `--if-failed`): a passing or inconclusive audit is skipped, not refused."""
-    skipped = _skip_reason(params, paths, if_failed)
+    """Cure the model `paths.audit_report` failed: train, evaluate and re-audit a new one, in up to
+    `cure.rounds` rounds, then export and release the last. `if_failed` (dvc.yaml's `--if-failed`): a
+    passing or inconclusive audit is skipped, not refused."""
+    if not (params.cure.enabled or params.orchestrate.auto_cure):
+        return _skipped(paths, "cure.enabled and orchestrate.auto_cure are false")
+    document = release.audit_document(paths.audit_report)  # read once: the skip check and the cure
+    skipped = _skip_reason(document, paths) if if_failed else ""
     if skipped:
         return _skipped(paths, skipped)
-    failed = _failed_audit(paths)
+    failed = _failed_audit(document, paths)
     model, parent = runs.load_run_model(paths.model, paths.train_report)
     _same_model(failed, paths, parent)
     before = _json(paths.metrics, "run `cnnops evaluate` on the failed model first")
     split = PreparedSplit.load(paths.prepared, "train")
-    plan = counterfactual_plan.plan(
-        failed, split, tuple(model.spec.image_size), params.audit.batch_size, params.base.seed,
-        lambda: {name: d.exemplars for name, d in audit.recurring(params, _failed_paths(paths)).items()},
-    )  # fmt: skip
+    plan = _plan(params, failed, split, _failed_paths(paths))
     if not plan.cues:
         raise StageInputError(f"{paths.audit_report}: no finding the cure can act on: {_whys(plan)}")
     for left in plan.not_addressed:
         log.warning("cure: class '%s' %s is not addressed: %s", left["class"], left["test"], left["why"])
-    c = params.cure
-    augment = counterfactual.Counterfactual(plan.cues, c.rate)
-    trained = train.run(
-        _training_params(params),
-        _train_paths(paths),
-        train.Retraining(augment, model if c.mode == "head" else None),
-    )
-    assert trained.run_id is not None  # one process: rank 0
-    _link(params, parent, trained.run_id, plan)  # before anything else can fail: the record links them
-    evaluated = evaluate.run(params, _evaluate_paths(paths))
-    audited = audit.run(params, _audit_paths(paths))
-    report = _table(params, paths, failed, plan, augment, before, evaluated, trained.report)
+    nothing = counterfactual_plan.Plan((), (), ())
+    done, stopped = _rounds(params, paths, split, _Round(0, nothing, (), failed, model, parent), plan)
+    last = done[-1]
+    report = _table(params, paths, failed, done, stopped, before)
     atomic.write_json(paths.report, {**report, "release": None})  # the table holds if export fails
     export.run(params, _export_paths(paths))
     released = release.run(params, _release_paths(paths))
@@ -123,23 +125,91 @@ def run(params: Params, paths: CurePaths = CurePaths(), if_failed: bool = False)
     page = cure_gallery.write_comparison(
         paths.folder / cure_gallery.PAGE, report, paths.model, paths.out, paths.prepared, params.audit
     )
-    with runs.continue_run(params.tracking, trained.run_id):  # the before/after page on the cured run
+    with runs.continue_run(params.tracking, last.run_id):  # the before/after page on the cured run
         runs.log_files([page], "cure")
-    _track(params, trained.run_id, report)
+    _track(params, last.run_id, report)
     log.info(
-        "cure: re-audit %s; cured model v%s %s (%s)", audited.report.decision.verdict.upper(),
+        "cure: %s after %d round(s) (%s); cured model v%s %s (%s)", report["status"], last.number, stopped,
         released.version, "is the champion" if released.promoted else "stays a challenger", paths.report,
     )  # fmt: skip
-    return CureResult(report, trained.run_id)
+    return CureResult(report, last.run_id)
 
 
-def _skip_reason(params: Params, paths: CurePaths, if_failed: bool) -> str:
-    """Why the cure does not run ('' when it does): not asked to, or (`if_failed`) nothing to cure."""
-    if not (params.cure.enabled or params.orchestrate.auto_cure):
-        return "cure.enabled and orchestrate.auto_cure are false"
-    if not if_failed:
-        return ""
-    verdict = release.audit_document(paths.audit_report)["verdict"]
+@dataclass(frozen=True)
+class _Round:
+    """One round: the findings it acts on (of the audit before it: the failed one, then each re-audit),
+    the model it trained with every round's counterfactuals so far, and that model's re-audit. Round 0
+    is the failed model itself: its audit is the first round's input."""
+
+    number: int
+    plan: counterfactual_plan.Plan  # the cues this round adds and the findings they answer
+    cues: tuple[counterfactual.Cue, ...]  # every cue it trained with (earlier rounds' first)
+    audit: dict[str, Any]  # its model's audit report
+    model: Classifier | None  # round 0's: the failed model, which a head-only round starts from
+    run_id: str  # its model's MLflow run
+    evaluated: evaluate.EvaluateResult | None = None
+    trained: dict[str, Any] = field(default_factory=dict)  # its train report
+
+
+def _rounds(
+    params: Params, paths: CurePaths, split: PreparedSplit, failed: _Round, plan: counterfactual_plan.Plan
+) -> tuple[list[_Round], str]:
+    """Round after round until the re-audit passes or is inconclusive, `cure.rounds` ran, or a
+    re-audit's failures call for no counterfactual the training did not already have; (the failed
+    model's round 0 and the rounds, why they stopped). A later round plans from its re-audit and the
+    model it audited (a recurring patch is found again on it) and trains a new model with every
+    round's cues."""
+    done = [failed]
+    while True:
+        done.append(_round(params, paths, plan, done[-1], failed))
+        last = done[-1]
+        verdict = last.audit["verdict"]
+        if verdict != "fail":
+            return done, f"round {last.number}'s re-audit is {verdict}"
+        if last.number == params.cure.rounds:
+            return done, f"round {last.number}'s re-audit fails and cure.rounds is {params.cure.rounds}"
+        used = {counterfactual_plan.cue_key(c) for c in last.cues}
+        plan = counterfactual_plan.beyond(
+            _plan(params, last.audit, split, _audit_paths(paths)), used, split.class_names
+        )
+        if not plan.cues:
+            why = f"round {last.number}'s re-audit fails but finds nothing new to act on: {_whys(plan)}"
+            log.warning("cure: %s", why)
+            return done, why
+
+
+def _plan(
+    params: Params, document: dict[str, Any], split: PreparedSplit, audited: audit.AuditPaths
+) -> counterfactual_plan.Plan:
+    """The counterfactuals `document`'s failures call for, on the model at `audited.model`."""
+    model, _ = runs.load_run_model(audited.model, audited.train_report)
+    return counterfactual_plan.plan(
+        document, split, tuple(model.spec.image_size), params.audit.batch_size, params.base.seed,
+        lambda: {name: d.exemplars for name, d in audit.recurring(params, audited).items()},
+    )  # fmt: skip
+
+
+def _round(
+    params: Params, paths: CurePaths, plan: counterfactual_plan.Plan, previous: _Round, failed: _Round
+) -> _Round:
+    """Train with `previous`'s cues and `plan`'s (from scratch, or the `failed` model's head), link
+    the run to `previous`'s, evaluate and re-audit the new model."""
+    number, cues = previous.number + 1, (*previous.cues, *plan.cues)
+    augment = counterfactual.Counterfactual(cues, params.cure.rate)
+    start = failed.model if params.cure.mode == "head" else None
+    trained = train.run(_training_params(params), _train_paths(paths), train.Retraining(augment, start))
+    assert trained.run_id is not None  # one process: rank 0
+    _link(params, previous.run_id, trained.run_id, plan, number)  # before anything else can fail
+    evaluated = evaluate.run(params, _evaluate_paths(paths))
+    audited = audit.run(params, _audit_paths(paths))
+    log.info("cure: round %d's re-audit: %s", number, audited.report.decision.verdict.upper())
+    document = json.loads((paths.folder / "audit.json").read_text())
+    return _Round(number, plan, cues, document, None, trained.run_id, evaluated, trained.report)
+
+
+def _skip_reason(document: dict[str, Any], paths: CurePaths) -> str:
+    """Why `--if-failed` skips the cure ('' when it runs): the audit proved no shortcut."""
+    verdict = document["verdict"]
     if verdict == "pass":
         return f"the audit passed ({paths.audit_report}): there is no proven shortcut to cure"
     if verdict == "inconclusive":
@@ -165,9 +235,8 @@ def _skipped(paths: CurePaths, reason: str) -> CureResult:
     return CureResult(report, None)
 
 
-def _failed_audit(paths: CurePaths) -> dict[str, Any]:
+def _failed_audit(document: dict[str, Any], paths: CurePaths) -> dict[str, Any]:
     """The audit report, refused unless its verdict is fail."""
-    document = release.audit_document(paths.audit_report)
     if document["verdict"] != "fail":
         raise StageInputError(
             f"{paths.audit_report}: the audit's verdict is '{document['verdict']}', not 'fail': there is "
@@ -249,42 +318,68 @@ def _table(
     params: Params,
     paths: CurePaths,
     failed: dict[str, Any],
-    plan: counterfactual_plan.Plan,
-    augment: counterfactual.Counterfactual,
+    done: list[_Round],
+    stopped: str,
     before: dict[str, Any],
-    evaluated: evaluate.EvaluateResult,
-    cured_train: dict[str, Any],
 ) -> dict[str, Any]:
-    """reports/cure.json: what was cured how, and the before/after of the test figures and of every
-    finding's flip rate against its control."""
-    after_audit = json.loads((paths.folder / "audit.json").read_text())
-    still = {(f["class"], f["test"]) for f in after_audit["failures"]}
+    """reports/cure.json: what was cured how, the before/after of the test figures and of every
+    finding's flip rate against its control (the last round's model against the failed one), and
+    each round's own."""
+    last = done[-1]
     parent_train = _json(paths.train_report, "run `cnnops train`")
+    assert last.evaluated is not None  # a trained round
     return {
-        "status": "cured" if after_audit["verdict"] == "pass" else "not cured",
+        "status": "cured" if last.audit["verdict"] == "pass" else "not cured",
         "parent_run_id": failed["run_id"],
-        "run_id": cured_train["run_id"],
+        "run_id": last.run_id,
         "model": str(paths.out),
         "onnx": str(paths.onnx),
         "mode": params.cure.mode,
         "rate": params.cure.rate,
         "epochs": params.cure.epochs,
-        "counterfactuals": augment.describe(),
-        "addressed": list(plan.addressed),
-        "not_addressed": list(plan.not_addressed),
+        "max_rounds": params.cure.rounds,
+        "stopped": stopped,
+        "counterfactuals": counterfactual.Counterfactual(last.cues, params.cure.rate).describe(),
+        "addressed": [{**a, "round": r.number} for r in done[1:] for a in r.plan.addressed],
+        "not_addressed": [{**n, "round": r.number} for r in done[1:] for n in r.plan.not_addressed],
         "before": _figures(before, failed["verdict"], parent_train),
-        "after": _figures(evaluated.metrics, after_audit["verdict"], cured_train),
-        "findings": [
-            {
-                "class": f["class"],
-                "test": f["test"],
-                "before": _rates(failed, f["class"], f["test"]),
-                "after": _rates(after_audit, f["class"], f["test"], patches=False),
-                "fails_after": (f["class"], f["test"]) in still,
-            }
-            for f in failed["failures"]
-        ],
+        "after": _figures(last.evaluated.metrics, last.audit["verdict"], last.trained),
+        "findings": _findings(failed, last.audit),
+        "rounds": [_round_row(params, r, previous) for previous, r in itertools.pairwise(done)],
     }
+
+
+def _round_row(params: Params, r: _Round, previous: _Round) -> dict[str, Any]:
+    """A round in cure.json: the findings of the audit before it, before and after, the ones it acted
+    on, its model's run (linked to the one before), re-audit verdict, test accuracy, training time."""
+    assert r.evaluated is not None
+    return {
+        "round": r.number,
+        "run_id": r.run_id,
+        "parent_run_id": previous.run_id,
+        "addressed": list(r.plan.addressed),
+        "not_addressed": list(r.plan.not_addressed),
+        "counterfactuals": counterfactual.Counterfactual(r.cues, params.cure.rate).describe(),
+        "findings": _findings(previous.audit, r.audit),
+        "audit_verdict": r.audit["verdict"],
+        "accuracy": r.evaluated.metrics["accuracy"],
+        "train_seconds": r.trained.get("train_seconds"),
+    }
+
+
+def _findings(answered: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every failure of the audit `answered` with its flip rate and control there and in `after`."""
+    still = {(f["class"], f["test"]) for f in after["failures"]}
+    return [
+        {
+            "class": f["class"],
+            "test": f["test"],
+            "before": _rates(answered, f["class"], f["test"]),
+            "after": _rates(after, f["class"], f["test"], patches=False),
+            "fails_after": (f["class"], f["test"]) in still,
+        }
+        for f in answered["failures"]
+    ]
 
 
 def _figures(metrics: dict[str, Any], verdict: str, trained: dict[str, Any]) -> dict[str, Any]:
@@ -343,11 +438,18 @@ def _decision(released: release.ReleaseResult) -> dict[str, Any]:
     return {key: released.report[key] for key in RELEASE_KEYS}
 
 
-def _link(params: Params, parent: str, run_id: str, plan: counterfactual_plan.Plan) -> None:
-    """Tag the cured model's run with its parent and the findings it addressed; the parent with its cure."""
+def _link(params: Params, parent: str, run_id: str, plan: counterfactual_plan.Plan, number: int) -> None:
+    """Tag a round's run with its parent (the failed model's run, then the round before's), its round
+    and the findings it newly addressed; the parent with its child."""
     findings = "; ".join(f"class '{a['class']}' {a['test']}" for a in plan.addressed)
     with runs.continue_run(params.tracking, run_id):
-        runs.set_tags({"cnnops.cure.parent_run_id": parent, "cnnops.cure.findings": findings[:TAG_LIMIT]})
+        runs.set_tags(
+            {
+                "cnnops.cure.parent_run_id": parent,
+                "cnnops.cure.round": str(number),
+                "cnnops.cure.findings": findings[:TAG_LIMIT],
+            }
+        )
     with runs.continue_run(params.tracking, parent):
         runs.set_tags({"cnnops.cure.child_run_id": run_id})
 

@@ -336,7 +336,7 @@ class AuditSeverities(Section):
 
 
 class AuditParams(Section):
-    methods: tuple[Literal["gradcam", "gradcam++", "scorecam", "occlusion"], ...] = Field(
+    methods: tuple[Literal["gradcam", "gradcam++", "scorecam", "ablationcam", "occlusion"], ...] = Field(
         min_length=1,
         description="saliency methods; the first drives the evidence, the others are compared with it",
     )

@@ -1,4 +1,5 @@
-"""Saliency maps for any cnnops model, in batches: Grad-CAM, Grad-CAM++, Score-CAM and occlusion.
+"""Saliency maps for any cnnops model, in batches: Grad-CAM, Grad-CAM++, Score-CAM, Ablation-CAM and
+occlusion.
 
 Saliency only says where to intervene; the evidence module decides. Grad-CAM and Grad-CAM++ are
 hooked here rather than taken from the `grad-cam` package (the tests' reference), which backpropagates
@@ -8,16 +9,19 @@ Score-CAM is ours too: it masks a batch of images with every channel, a bounded 
 A CAM is as coarse as its layer's map: a ResNet's last block at 32-64 px is 2x2, and its upsampled
 top pixels always lie in the outer corner of a quadrant, wherever the cue is. Where the map is
 `COARSE_SIDE` cells a side or fewer, `pointing_fn` lets an occlusion map (Zeiler and Fergus, 2014)
-choose the places instead, the CAM only breaking its ties. Ablation-CAM is not offered: ablating
-a channel needs a forward of the whole network a channel, as Score-CAM's masks do, with nothing
-cheaper to add beside it.
+choose the places instead, the CAM only breaking its ties. Ablation-CAM is ours as well: the
+package's AblationCAM loops over images one at a time and swaps a layer of its own in for the
+target layer; ours ablates every (image, channel) pair of a batch in bounded chunks with a stand-in
+for the target layer (`_Emit`), so the layer is not recomputed for them; blocks before it are (none
+in the small ConvNet, whose target layer is its first block; ResNet-18's stem to layer3).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -27,7 +31,7 @@ from torch import nn
 from cnnops.errors import ConfigError
 from cnnops.models import Classifier
 
-METHODS = ("gradcam", "gradcam++", "scorecam", "occlusion")
+METHODS = ("gradcam", "gradcam++", "scorecam", "ablationcam", "occlusion")
 COARSE_SIDE = 4  # a target layer map this many cells a side or fewer does not choose places alone
 TIE_BREAK = 1e-3  # the CAM's weight beside an occlusion map: orders places the occlusion left equal
 _NO_CONV_FAMILIES = ("vit_", "swin_")  # token grids need a reshape transform the audit does not guess
@@ -177,6 +181,55 @@ def _score_cam(
     return F.relu((weights[:, :, None, None] * a).sum(1))
 
 
+class _Emit(nn.Module):
+    """Stands in for the target layer: returns the activations it was given, whatever its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = torch.empty(0)
+
+    def forward(self, _x: torch.Tensor) -> torch.Tensor:
+        return self.out
+
+
+@contextmanager
+def _standing_in(model: nn.Module, layer: nn.Module, stand_in: nn.Module) -> Iterator[None]:
+    """`stand_in` in `layer`'s place in `model` (a saliency copy) for the block, `layer` back after."""
+    parent, name = next((p, n) for p in model.modules() for n, c in p.named_children() if c is layer)
+    setattr(parent, name, stand_in)
+    try:
+        yield
+    finally:
+        setattr(parent, name, layer)
+
+
+def _ablation_cam(
+    model: Classifier, layer: nn.Module, x: torch.Tensor, targets: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Ablation-CAM (Desai and Ramaswamy, WACV 2020): channel k weighs by the drop of the class score
+    y_c when channel k of the target layer's output is zeroed, w_k = (y_c - y_c^k) / |y_c|.
+
+    The paper divides by y_c; |y_c| gives the same map where y_c > 0 (each map is scaled to [0, 1])
+    and keeps a drop a drop where the class score is negative. `chunk` ablated activations a forward,
+    each made just before it, as Score-CAM's masked images; `_Emit` stands in for the target layer,
+    so only the network after it works on them (the inputs fed beside them are ignored there).
+    """
+    logits, a = _forward(model, layer, x, leaf=False)
+    base = logits.gather(1, targets[:, None])[:, 0]
+    n, c = a.shape[:2]
+    image = torch.arange(n, device=x.device).repeat_interleave(c)
+    channel = torch.arange(c, device=x.device).repeat(n)
+    emit, drops = _Emit(), []
+    with torch.no_grad(), _standing_in(model, layer, emit):
+        for i in range(0, n * c, chunk):
+            im, ch = image[i : i + chunk], channel[i : i + chunk]
+            emit.out = a[im].clone()
+            emit.out[torch.arange(len(im), device=x.device), ch] = 0.0
+            drops.append(base[im] - model(x[im]).gather(1, targets[im, None])[:, 0])
+    weights = torch.cat(drops).view(n, c) / base.abs().clamp_min(1e-8)[:, None]
+    return F.relu((weights[:, :, None, None] * a).sum(1))
+
+
 def _upsampled_unit(maps: torch.Tensor, size: torch.Size) -> torch.Tensor:
     """`maps` (N x C x h x w) upsampled bilinearly to `size`, each map min-max scaled to [0, 1]."""
     if maps.shape[-2:] != size:
@@ -231,6 +284,8 @@ def _cam_fn(
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if method == "scorecam":
         return lambda x, t: _score_cam(model, layer, x, t, chunk)
+    if method == "ablationcam":
+        return lambda x, t: _ablation_cam(model, layer, x, t, chunk)
     if method == "occlusion":
         return lambda x, t: _occlusion(model, x, t, occlusion_squares(*x.shape[-2:], occlusion_patch), chunk)
     return lambda x, t: _grad_cam(model, layer, x, t, plus=method == "gradcam++")

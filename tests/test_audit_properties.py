@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+from fixtures_audit import Case, run_case
 from PIL import Image
 
 from cnnops.audit import property_interventions as pi
@@ -206,3 +208,45 @@ def test_validate_warns_of_a_property_that_alone_tells_a_class(tmp_path: Path) -
     assert {(f["class"], f["property"]) for f in found} >= {("3", "noise")}
     noise = {f["class"]: f["auroc"] for f in found if f["property"] == "noise"}  # a 1's thin strokes: low
     assert noise["3"] > 0.95 and max(noise.values()) == noise["3"]
+
+
+# Through the real stages (`fixtures_audit.run_case`, once a session). A blur planted in the non-faces,
+# with 40% of that class showing faces (blur and all) so the model must read the blur: before the
+# scrambled control, a two-class class that holds *less* detail had no property transplant of its own.
+FACES_BLUR = Case(
+    "blur", "nonface", seed=1, source="faces", per_class=None, epochs=25, cue_args=(("confound", 0.4),)
+)
+CLEAN_FACES = Case("none", None, source="faces", per_class=None, epochs=25)  # test_audit_v2's: one run
+BLURS = {f"property:{prop}" for prop in pi.ERASING}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_two_class_blur_cue_fails_on_its_blur_against_the_scrambled_control(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    run = run_case(tmp_path_factory.mktemp("faces-blur"), FACES_BLUR)
+    assert run.cue_flips >= 0.2, f"the model did not learn the blur ({run.cue_flips:.2f}): no proof"
+    report = run.report
+    sentences = [f["sentence"] for f in report["failures"]]
+    assert report["verdict"] == "fail" and report["failures"][0]["class"] == "nonface", sentences
+    blurs = [f for f in report["failures"] if f["test"] in BLURS]
+    assert blurs and all(f["class"] == "nonface" for f in blurs), sentences
+    tested = report["classes"]["nonface"]["transplant_properties"]
+    assert all(tested[f["test"].split(":", 1)[1]]["shuffled_flip_rate"] is not None for f in blurs)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_clean_two_class_faces_pass_the_blur_against_the_scrambled_control(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Clean non-faces are smoother than faces, and blurring a face erases it: the scrambled faces go
+    to 'nonface' as the blurred ones do, so the blur is not blamed (it ran: the probe flags it)."""
+    run = run_case(tmp_path_factory.mktemp("faces-clean"), CLEAN_FACES)
+    report = run.report
+    assert not [f for f in report["failures"] if f["test"].startswith("property:")], [
+        f["sentence"] for f in report["failures"]
+    ]
+    tested = report["classes"]["nonface"]["transplant_properties"]
+    assert any(tested.get(prop, {}).get("shuffled_flip_rate") is not None for prop in pi.ERASING), tested

@@ -42,6 +42,11 @@ CASES = {
 # by their digit, so '7' keeps 2 correct test images, too few to audit: the re-audit is inconclusive
 # (no failure), and cure.json says `not cured`. Measured; docs/audit.md "Cure benchmark".
 TOO_FEW_TO_REAUDIT = {"textline"}
+# The text line in class '7' at seed 3 (the text line's settings): the first audit names the top-left
+# corner, where each planted line begins; cured there, the model reads the line's other end (round 1's
+# re-audit: the top-right corner flips 65%, ground truth 0.99 -> 0.92 when measured with one round).
+# Round 2 adds that corner and passes. Measured; docs/audit.md "Cure rounds".
+MOVES_ALONG_THE_LINE = replace(CUED["convnet-textline"], seed=3)
 CURED = 0.05  # the issue's bound on the cured model's ground-truth reliance on the cue
 # Of about 80 clean test images, how many more the cured model may get wrong than a model trained on
 # clean digits as long: the largest gap measured (the frame, 4 images, 5 points; the others 0-3):
@@ -80,12 +85,15 @@ def test_cure_breaks_a_learned_cue_and_passes_the_reaudit(
 
 def test_a_cure_too_weak_to_fix_the_model_says_so(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Counterfactuals at 1% of the images leave the corner paying: the re-audit fails, and the
-    report says `not cured` with the findings that still fail."""
+    report says `not cured` with the findings that still fail; a second round would train with the
+    same corner cue, so the rounds stop, saying why."""
     cured = fixtures_cure.cured(CORNER, tmp_path_factory, "weak", rate=0.01)
     report = cured.result.report
     assert cured.cue_flips >= CURED, cured.cue_flips  # the cue still flips images (0.16 measured)
     assert report["status"] == "not cured" and report["after"]["audit_verdict"] == "fail"
     assert any(f["fails_after"] for f in report["findings"]), report["findings"]
+    # the re-audit's failures are all answered by the corner cue the round trained with: no round 2
+    assert len(report["rounds"]) == 1 and "nothing new to act on" in report["stopped"], report["stopped"]
 
 
 def test_head_only_cure_from_the_failed_model(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -106,6 +114,7 @@ def test_head_only_cure_from_the_failed_model(tmp_path_factory: pytest.TempPathF
     still = {f["test"] for f in report["findings"] if f["fails_after"]}
     assert report["status"] == "not cured" and report["after"]["audit_verdict"] == "fail", still
     assert "deletion" in still, still
+    assert len(report["rounds"]) == 1 and "nothing new to act on" in report["stopped"], report["stopped"]
 
 
 def _refused_paths(root: Path, audit_report: Path, tmp_path: Path) -> cure.CurePaths:
@@ -255,3 +264,32 @@ def test_a_later_round_acts_only_on_what_the_training_did_not_have() -> None:
     ]
     assert later.not_addressed[0]["test"] == "masks"
     assert counterfactual_plan.beyond(plan, used | {(1, "top-right corner")}, ["a", "b"]).cues == ()
+
+
+def test_a_second_round_acts_on_the_reaudits_findings(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Round 1 cures the text line where it begins and its re-audit fails at the line's other end;
+    round 2 plans from that re-audit, trains with both rounds' counterfactuals and passes: the report
+    holds both rounds, each run linked to the one before, and the released model is round 2's."""
+    cured = fixtures_cure.cured(MOVES_ALONG_THE_LINE, tmp_path_factory, "rounds", rounds=2)
+    audited, report = cured.audited, cured.report
+    assert audited.report["verdict"] == "fail" and audited.cue_flips >= LEARNED
+    first, second = report["rounds"]
+    assert first["audit_verdict"] == "fail" and first["parent_run_id"] == audited.result.run_id
+    first_cues = {a["cue"] for a in first["addressed"]}
+    new = {a["cue"] for a in second["addressed"]} - first_cues
+    assert new, (first["addressed"], second["addressed"])  # a place round 1 had no counterfactual for
+    reaudit = {(f["class"], f["test"]) for f in second["findings"]}  # round 1's re-audit's failures
+    assert {(a["class"], a["test"]) for a in second["addressed"]} <= reaudit
+    assert first_cues | new == {c["place"] for c in second["counterfactuals"][:-1]}  # both rounds' cues
+    assert not any(f["fails_after"] for f in second["findings"]), second["findings"]
+    assert (
+        report["status"] == "cured" and report["after"]["audit_verdict"] == "pass" == second["audit_verdict"]
+    )
+    assert report["stopped"] == "round 2's re-audit is pass"
+    assert cured.cue_flips < CURED, cured.cue_flips  # ground truth on round 2's model
+    assert cured.images_lost <= IMAGES_LOST, (cured.clean_accuracy, cured.clean_model_accuracy, cured.images)
+    assert report["run_id"] == second["run_id"] == report["release"]["run_id"]  # released: round 2's
+    store = MlflowClient(audited.params.tracking.uri)
+    tags = store.get_run(second["run_id"]).data.tags
+    assert (tags["cnnops.cure.parent_run_id"], tags["cnnops.cure.round"]) == (first["run_id"], "2")
+    assert store.get_run(first["run_id"]).data.tags["cnnops.cure.child_run_id"] == second["run_id"]

@@ -173,37 +173,32 @@ def _tagged_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, labels
 
 
-@pytest.fixture(scope="module")
-def tag_resnet() -> torch.nn.Module:
-    """ResNet-18 at 32 px trained a few steps to tell tagged digits from plain ones: its target layer
-    (layer3) is a 2x2 map, too coarse to say where the tag is."""
+def _trained_on_tags(name: str, lr: float, steps: int) -> torch.nn.Module:
+    """`name` at 32 px trained `steps` Adam steps to tell tagged digits from plain ones."""
     torch.manual_seed(0)
-    model = create_classifier(default_spec("resnet18", ["plain", "tagged"], "L", (32, 32)))
+    model = create_classifier(default_spec(name, ["plain", "tagged"], "L", (32, 32)))
     x, y = _tagged_digits(256, 0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     with one_thread():
-        for step in range(60):
+        for step in range(steps):
             part = slice(32 * (step % 8), 32 * (step % 8 + 1))
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x[part]), y[part]).backward()
             opt.step()
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tag_resnet() -> torch.nn.Module:
+    """ResNet-18 trained on the tagged digits: its target layer (layer3) is a 2x2 map, too coarse to
+    say where the tag is."""
+    return _trained_on_tags("resnet18", 1e-3, 60)
 
 
 @pytest.fixture(scope="module")
 def tag_convnet() -> torch.nn.Module:
-    """The small ConvNet trained a few steps on the tagged digits: its target layer is an 8x8 map."""
-    torch.manual_seed(0)
-    model = create_classifier(default_spec("convnet", ["plain", "tagged"], "L", (32, 32)))
-    x, y = _tagged_digits(256, 0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    with one_thread():
-        for step in range(40):
-            part = slice(32 * (step % 8), 32 * (step % 8 + 1))
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[part]), y[part]).backward()
-            opt.step()
-    return model.eval()
+    """The small ConvNet trained on the tagged digits: its target layer is an 8x8 map."""
+    return _trained_on_tags("convnet", 3e-3, 40)
 
 
 def _share_on_tag(maps: np.ndarray) -> float:
@@ -233,12 +228,6 @@ def test_occlusion_chooses_the_place_where_a_resnet_map_is_coarse(tag_resnet: to
         assert (tag_resnet(x).argmax(1) == y).float().mean() > 0.9  # it learned the tag
     assert layer_grid(tag_resnet, find_target_layer(tag_resnet)[1]) == (2, 2)
     targets = torch.ones(len(tagged), dtype=torch.long)
-    on_tag = np.zeros((32, 32), dtype=bool)
-    on_tag[TAG[0].start - 3 : TAG[0].stop + 3, TAG[1].start - 3 : TAG[1].stop + 3] = True
-
-    def share_on_tag(maps: np.ndarray) -> float:
-        tops = top_mask(maps, 0.05)
-        return float((tops & on_tag).sum() / tops.sum())
 
     with one_thread():
         pointed, why = pointing_fn(
@@ -247,8 +236,8 @@ def test_occlusion_chooses_the_place_where_a_resnet_map_is_coarse(tag_resnet: to
         cam = saliency(tag_resnet, tagged, targets)
         maps = pointed(tagged, targets)
     assert why == "occlusion: the target layer's map is 2x2"
-    assert share_on_tag(maps) > 0.8  # the most-attended pixels sit on the tag
-    assert share_on_tag(cam) < 0.5  # the 2x2 CAM alone puts them in a quadrant's outer corner
+    assert _share_on_tag(maps) > 0.8  # the most-attended pixels sit on the tag
+    assert _share_on_tag(cam) < 0.5  # the 2x2 CAM alone puts them in a quadrant's outer corner
     assert describe_place(top_mask(maps, 0.05).mean(0) > 0.5) == "right edge"
 
 

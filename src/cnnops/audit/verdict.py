@@ -41,7 +41,10 @@ PLACE_CONTROLS = "for the larger control: that place from other classes, evened 
 MEAN_CONTROLS = "for the larger control: the other classes' mean there, or the place evened out"
 TONE_CONTROLS = "with other classes' tone, or the opposite change"
 PATCH_CONTROLS = "when the same shape is cut from other classes' images at the same places"
-PROPERTY_CONTROLS = "for the larger control: the opposite change, or the other classes' level"
+PROPERTY_CONTROLS = (
+    "for the larger control: the opposite change, the other classes' level, or (two classes, a blur) "
+    "their object scrambled at their own detail"
+)
 # The test family (`audit.severity.<family>`) of each transplant kind; kinds not named are places.
 FAMILY: dict[str, str] = {"tone": "tone", "property": "property"}
 # How to tell a genuine class property from a shortcut, per family: the end of each finding's sentence.

@@ -14,6 +14,10 @@ same digits with the same seed and epochs: the baseline the accuracies are read 
 - the cure's rounds (`cure.rounds`, params.yaml's) and its training time, all rounds together,
   over the original model's (both from their train reports).
 
+`--cure-epochs-factor 2` trains the cure twice the original's epochs and measures a clean model
+trained as long beside the one trained as long as the original (does a longer cure close the
+clean-accuracy gap, or does the clean model gain as much?).
+
 The cue settings are those the proof tests (tests/test_cure.py, tests/test_audit_v2.py) use to make
 the 32-px ConvNet learn the cue: a random-place tag, a text line and a blur carry a 40% label
 confound and train 8 epochs. Not a test: slow (minutes a run on 2 CPU cores); its table goes to
@@ -69,8 +73,9 @@ KINDS = {
 }
 
 
-def params_for(root: Path, seed: int, epochs: int) -> Params:
-    """The proofs' params (tests/fixtures_audit.case_params) at `seed`, the cure enabled at `epochs`."""
+def params_for(root: Path, seed: int, epochs: int, cure_epochs: int | None = None) -> Params:
+    """The proofs' params (tests/fixtures_audit.case_params) at `seed`, the cure enabled; both train
+    `epochs` unless `cure_epochs` says the cure's."""
     return parse_params(
         {
             "base": {"seed": seed},
@@ -81,7 +86,7 @@ def params_for(root: Path, seed: int, epochs: int) -> Params:
                 "early_stopping_patience": None, "augment": {"random_resized_crop": False},
             },
             "audit": {"methods": ["gradcam"]},
-            "cure": {"enabled": True, "epochs": epochs, "rate": 0.5, "mode": "retrain"},
+            "cure": {"enabled": True, "epochs": cure_epochs or epochs, "rate": 0.5, "mode": "retrain"},
             "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_location": str(root / "art")},
         },
         "cure benchmark",
@@ -143,14 +148,17 @@ def clean_model(base: Path, seed: int, epochs: int, cache: Baselines) -> dict[st
     return cache[(seed, epochs)]
 
 
-def one_run(root: Path, name: str, seed: int, baseline: dict[str, Any]) -> dict[str, Any]:
-    """Plant `name` at `seed`, run the pipeline and, when the audit fails, the cure; the figures."""
+def one_run(
+    root: Path, name: str, seed: int, baseline: dict[str, Any], long: dict[str, Any] | None, factor: int
+) -> dict[str, Any]:
+    """Plant `name` at `seed`, run the pipeline and, when the audit fails, the cure (`factor` x the
+    epochs); the figures. `long`: the clean model trained as long as the cure (None: factor 1)."""
     kind = KINDS[name]
     spec = make_planted(
         root / "data", kind.cue, str(seed % 10), source="digits", seed=seed, image_size=32, per_class=60,
         **kind.args,
     )  # fmt: skip
-    params = params_for(root, seed, kind.epochs)
+    params = params_for(root, seed, kind.epochs, factor * kind.epochs)
     before = pipeline(root, params, with_audit=True)
     clean = PreparedSplit.load(baseline["test"] / "prepared", "test")
     flips, clean_acc = ground_truth(root / "models" / "model.pt", root, spec, clean)
@@ -172,11 +180,21 @@ def one_run(root: Path, name: str, seed: int, baseline: dict[str, Any]) -> dict[
         "reaudit": report["after"]["audit_verdict"],
         "cured_flips": cured_flips, "cured_accuracy": report["after"]["accuracy"],
         "cured_clean_accuracy": cured_clean,
+        **({"long_clean_accuracy": clean_accuracy(long["model"], test, clean)[0]} if long else {}),
     }  # fmt: skip
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float:
     return float(np.median([r[key] for r in runs]))
+
+
+def _long(runs: list[dict[str, Any]]) -> str:
+    """The clean model trained as long as the cure (`--cure-epochs-factor` above 1), else nothing."""
+    return (
+        f" (as long as the cure: {_median(runs, 'long_clean_accuracy'):.3f})"
+        if "long_clean_accuracy" in runs[0]
+        else ""
+    )
 
 
 def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -207,7 +225,7 @@ def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             f"{head} | {_median(failed, 'flips'):.2f} → {_median(failed, 'cured_flips'):.2f} "
             f"| {_median(failed, 'accuracy'):.3f} → {_median(failed, 'cured_accuracy'):.3f} "
             f"| {_median(failed, 'clean_accuracy'):.3f} → {_median(failed, 'cured_clean_accuracy'):.3f} / "
-            f"{_median(failed, 'baseline_clean_accuracy'):.3f} | {rounds} | {ratio:.2f}x |",
+            f"{_median(failed, 'baseline_clean_accuracy'):.3f}{_long(failed)} | {rounds} | {ratio:.2f}x |",
             flush=True,
         )
         figures += [
@@ -229,6 +247,11 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--budget-minutes", type=float, default=0.0, help="0: no limit")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--cure-epochs-factor", type=int, default=1,
+        help="the cure trains this many times the original's epochs; above 1 a clean model trained as "
+        "long is measured too (long_clean_accuracy)",
+    )  # fmt: skip
     add_json_argument(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -243,8 +266,10 @@ def main() -> None:
                     f"  budget of {args.budget_minutes:g} min spent: seed {seed} {name} not run", flush=True
                 )
                 continue
-            baseline = clean_model(base, seed, KINDS[name].epochs, baselines)
-            r = one_run(base / f"{name}-{seed}", name, seed, baseline)
+            epochs, factor = KINDS[name].epochs, args.cure_epochs_factor
+            baseline = clean_model(base, seed, epochs, baselines)
+            long = clean_model(base, seed, factor * epochs, baselines) if factor > 1 else None
+            r = one_run(base / f"{name}-{seed}", name, seed, baseline, long, factor)
             runs.append(r)
             print("  " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}),
                   flush=True)  # fmt: skip

@@ -35,7 +35,8 @@ class Case:
     per_class: int | None = 60
     epochs: int = 4
     cue_args: tuple[tuple[str, Any], ...] = ()
-    audit_args: tuple[tuple[str, Any], ...] = ()  # audit params beside Grad-CAM (fewer images: ResNets)
+    # audit params beside Grad-CAM (fewer images: ResNets); `severity` as (family, level) pairs
+    audit_args: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ def case_params(root: Path, case: Case) -> Params:
                 "model": case.model, "epochs": case.epochs, "batch_size": 32, "label_smoothing": 0.0,
                 "early_stopping_patience": None, "augment": {"random_resized_crop": False},
             },
-            "audit": {"methods": ["gradcam"], **dict(case.audit_args)},
+            "audit": {"methods": ["gradcam"], **{k: dict(v) if k == "severity" else v
+                                                 for k, v in case.audit_args}},
             "tracking": {
                 "uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_location": str(root / "mlartifacts"),
                 "experiment": "audit-v2-tests",

@@ -134,12 +134,18 @@ ENTROPY_BINS = 64
 GREY_PROPERTIES = ("brightness", "contrast", "sharpness", "high-frequency energy", "noise", "entropy")
 COLOUR_PROPERTIES = ("saturation", "hue")
 JPEG_QUALITY = "JPEG quality"
-# The IJG (libjpeg) standard luminance quantization table, in zig-zag order as Pillow gives tables.
+# The IJG (libjpeg) standard luminance quantization table, in natural (row-major) order, as Pillow's
+# `Image.quantization` gives a file's tables.
 IJG_LUMA = np.array([
-    16, 11, 12, 14, 12, 10, 16, 14, 13, 14, 18, 17, 16, 19, 24, 40, 26, 24, 22, 22, 24, 49, 35, 37,
-    29, 40, 58, 51, 61, 60, 57, 51, 56, 55, 64, 72, 92, 78, 64, 68, 87, 69, 55, 56, 80, 109, 81, 87,
-    95, 98, 103, 104, 103, 62, 77, 113, 121, 112, 100, 120, 92, 101, 103, 99,
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+    14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99,
 ], dtype=float)  # fmt: skip
+QUALITIES = np.arange(1, 101)
+# libjpeg's table at every quality (jpeg_quality_scaling, then baseline's clip to 1-255): a quality's
+# table is compared whole, since below about 15 the clip at 255 flattens the large entries
+_SCALES = np.where(QUALITIES < 50, 5000 // QUALITIES, 200 - 2 * QUALITIES)
+IJG_TABLES = np.clip((IJG_LUMA[None] * _SCALES[:, None] + 50) // 100, 1, 255)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -202,15 +208,15 @@ def _hue_angle(x: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor) -> torc
 def jpeg_quality(path: Path) -> float:
     """The IJG quality a JPEG file was saved at, from its luminance table (NaN for other files).
 
-    Inverts libjpeg's scaling of its standard table (quality 50 is the table itself), the usual
-    estimate: files from other encoders land near the IJG quality of the same table.
+    The quality whose libjpeg table (`IJG_TABLES`) is nearest the file's: exact for libjpeg's own
+    files; files from other encoders land near the IJG quality of the same table.
     """
     with Image.open(path) as im:
         tables = getattr(im, "quantization", None) if im.format == "JPEG" else None
-    if not tables:
+    if not tables or len(tables[0]) != len(IJG_LUMA):
         return float("nan")
-    scale = float(np.median(np.asarray(tables[0], dtype=float)[: len(IJG_LUMA)] / IJG_LUMA) * 100)
-    return float(np.clip(5000 / scale if scale > 100 else (200 - scale) / 2, 1, 100))
+    table = np.asarray(tables[0], dtype=float)
+    return float(QUALITIES[np.abs(np.log(IJG_TABLES) - np.log(table)).sum(1).argmin()])
 
 
 def _collected(batches: Iterable[torch.Tensor]) -> dict[str, np.ndarray]:

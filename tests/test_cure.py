@@ -293,3 +293,19 @@ def test_a_second_round_acts_on_the_reaudits_findings(tmp_path_factory: pytest.T
     tags = store.get_run(second["run_id"]).data.tags
     assert (tags["cnnops.cure.parent_run_id"], tags["cnnops.cure.round"]) == (first["run_id"], "2")
     assert store.get_run(first["run_id"]).data.tags["cnnops.cure.child_run_id"] == second["run_id"]
+
+
+def test_a_place_known_only_from_saliency_leaves_the_class_properties_their_own_cue() -> None:
+    """A sharpened class's most-attended pixels sit on its strokes: their place's swap is no answer
+    to its sharpness (measured: the cue kept flipping 10%), while a transplanted corner answers the
+    grain its tag brings."""
+    wanted = {
+        (0, "top edge strip 25%"): [{"class": "a", "test": "transplant_top", "value": 0.6}],
+        (0, "property:sharpness"): [{"class": "a", "test": "property:sharpness", "value": 0.8}],
+        (1, "top-left corner"): [{"class": "b", "test": "transplant:top-left corner", "value": 0.9}],
+        (1, "property:noise"): [{"class": "b", "test": "property:noise", "value": 0.5}],
+        (2, "recurring patch 1"): [{"class": "c", "test": "patch:recurring patch 1 at its own place"}],
+        (3, "tone"): [{"class": "d", "test": "transplant_tone", "value": 0.9}],
+        (4, "left strip 25%"): [{"class": "e", "test": "deletion", "value": 0.4}],
+    }  # fmt: skip
+    assert counterfactual_plan._seen_at_a_place(wanted) == {1, 2}

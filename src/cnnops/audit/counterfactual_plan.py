@@ -58,8 +58,8 @@ def plan(
     only for a patch finding: it re-runs the audit's discovery). Places are the audit's own geometry
     (`regions`, at its thresholds) at the model's input `size`; which of a class's failing places
     get a cue, `place_answers` decides. An image property of a class that also has a place or patch
-    cue is answered by that cue (a tag's hard edges raise the class's sharpness), and the re-audit
-    says whether it was."""
+    cue its transplant proved is answered by that cue (a tag's hard edges raise the class's
+    sharpness), and the re-audit says whether it was."""
     places = _places(audit["thresholds"], size)
     found = functools.cache(exemplars) if exemplars is not None else None
     wanted: dict[Key, list[dict[str, Any]]] = {}
@@ -77,8 +77,10 @@ def plan(
         PlaceCue(cls, place, torch.from_numpy(places[place]), *class_means(split, cls, size, batch_size))
         for cls, place in dict.fromkeys((key[0], by) for key, by in answer.items())
     ]
+    seen = _seen_at_a_place(wanted)
     for cls, cue in sorted((k for k in wanted if k not in answer), key=lambda k: k[1].startswith(PROPERTY)):
-        made, answer[(cls, cue)] = _made(cls, cue, cues, audit, split, (size, batch_size, seed), found)
+        local = [c for c in cues if not isinstance(c, PlaceCue | PatchCue) or c.cls in seen]
+        made, answer[(cls, cue)] = _made(cls, cue, local, audit, split, (size, batch_size, seed), found)
         cues += [made] if made is not None else []
     addressed = [
         {"class": a["class"], "test": a["test"], "cue": answer[key]}
@@ -86,6 +88,20 @@ def plan(
         for a in answered
     ]
     return Plan(tuple(cues), tuple(addressed), tuple(not_addressed))
+
+
+def _seen_at_a_place(wanted: dict[Key, list[dict[str, Any]]]) -> set[int]:
+    """The classes with a place or patch cue that a transplant of that place or patch proved. Only
+    those answer the class's property findings: a place known only from the most-attended pixels or
+    deletion is where a global property's saliency happens to peak (a sharpened digit's strokes), and
+    swapping it leaves the property paying (measured: docs/audit.md, "Cue kinds beyond the proofs")."""
+    direct = ("transplant", "transplant_mean", "patch")
+    return {
+        cls
+        for (cls, cue), answered in wanted.items()
+        if not cue.startswith(PROPERTY) and cue != TONE
+        and any(a["test"].partition(":")[0] in direct for a in answered)
+    }  # fmt: skip
 
 
 def _made(

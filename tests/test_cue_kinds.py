@@ -27,7 +27,9 @@ PROPERTY_AT_ERROR = (
 KINDS = {
     "watermark": Case("watermark", "8", seed=8),  # 0.77; the top-left corner transplant
     "centre": Case("centre", "3", seed=1, epochs=8, cue_args=(("confound", 0.4),)),  # 0.64; property
-    "sharpen": Case("sharpen", "4", seed=5, epochs=8, cue_args=(("confound", 0.4),)),  # 0.81; sharpness
+    # 120 images a class: at 60 the cured model's re-audit is inconclusive ('4' keeps 2 correct test
+    # images, the confound's copies of other digits aside)
+    "sharpen": Case("sharpen", "4", seed=5, epochs=8, per_class=120, cue_args=(("confound", 0.4),)),  # 0.95
     # 15 epochs as the clean scenes of test_audit_v2 (fewer leave classes too few correct test images)
     "patch": Case("patch", "2", seed=2, source="scenes", epochs=15),  # 0.84; the most-attended pixels
     "hue": Case("hue", "3", seed=3, source="scenes", epochs=15),  # 0.72; the outer band transplant
@@ -43,7 +45,9 @@ KINDS = {
         audit_args=(("severity", PROPERTY_AT_ERROR),),
     ),  # 0.35; property: JPEG quality
 }
-CURABLE = ("watermark",)
+# the cure's keys per kind: the sharpening's cure trains twice as long as its model (at 8 epochs it
+# broke the cue, 0.95 -> 0.00, and passed in 2 rounds, but lost 11 clean images of 160; at 16, 4)
+CURABLE = {"watermark": {}, "sharpen": {"epochs": 16}}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -64,7 +68,7 @@ def test_a_learned_cue_of_this_kind_fails_naming_the_cued_class(
 def test_the_cure_breaks_a_learned_cue_of_this_kind(
     kind: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    cured = fixtures_cure.cured(KINDS[kind], tmp_path_factory)
+    cured = fixtures_cure.cured(KINDS[kind], tmp_path_factory, **CURABLE[kind])
     audited, report = cured.audited, cured.report
     assert audited.report["verdict"] == "fail" and audited.cue_flips >= LEARNED
     assert cured.cue_flips < CURED, (audited.cue_flips, cured.cue_flips, report["findings"])

@@ -214,7 +214,8 @@ def test_validate_warns_of_a_property_that_alone_tells_a_class(tmp_path: Path) -
 
 def test_with_two_classes_the_stronger_side_of_a_property_names_the_class() -> None:
     """Grain planted in faces: blurring a grainy face sends it to 'nonface' as surely as grain sends a
-    non-face to 'face'. A tie goes to the change that adds; a blur that moves more is kept."""
+    non-face to 'face'. A tie goes to the change that adds; a blur that moves more is kept, unless a
+    place of the other class moves images (the blur erases it)."""
     up = PropertyScore(auroc=0.99, p_value=0.001, class_median=0.01, others_median=0.002)
     down = PropertyScore(auroc=0.01, p_value=0.001, class_median=0.002, others_median=0.01)
     flags = {"face": {"noise": up}, "nonface": {"noise": down, "sharpness": down}}
@@ -225,10 +226,14 @@ def test_with_two_classes_the_stronger_side_of_a_property_names_the_class() -> N
             "nonface": {"noise": Transplant(blur, 0.0, 10), "sharpness": Transplant(blur, 0.0, 10)},
         }
 
-    tie = pi._blurs_beating_their_opposite(tests(1.0, 1.0), flags)
+    tie = pi._blurs_beating_their_opposite(tests(1.0, 1.0), flags, set())
     assert tie == {"face": {"noise": Transplant(1.0, 0.0, 10)}, "nonface": {}}
-    stronger = pi._blurs_beating_their_opposite(tests(0.4, 0.9), flags)
+    stronger = pi._blurs_beating_their_opposite(tests(0.4, 0.9), flags, set())
     assert set(stronger["nonface"]) == {"noise", "sharpness"} and set(stronger["face"]) == {"noise"}
+    # a place of the faces moves images (a bright corner planted there): blurring faces erases it, so
+    # the place is the finding, not the non-faces' lack of detail
+    placed = pi._blurs_beating_their_opposite(tests(0.4, 0.9), flags, {"face"})
+    assert placed == {"face": {"noise": Transplant(0.4, 0.0, 10)}, "nonface": {}}
 
 
 # Through the real stages (`fixtures_audit.run_case`, once a session). A blur planted in the non-faces,

@@ -108,7 +108,7 @@ def run(params: Params, paths: CurePaths = CurePaths(), if_failed: bool = False)
     _same_model(failed, paths, parent)
     before = _json(paths.metrics, "run `cnnops evaluate` on the failed model first")
     split = PreparedSplit.load(paths.prepared, "train")
-    plan = _plan(params, failed, split, _failed_paths(paths))
+    plan = _plan(params, failed, split, _failed_paths(paths), tuple(model.spec.image_size))
     if not plan.cues:
         raise StageInputError(f"{paths.audit_report}: no finding the cure can act on: {_whys(plan)}")
     for left in plan.not_addressed:
@@ -170,7 +170,9 @@ def _rounds(
             return done, f"round {last.number}'s re-audit fails and cure.rounds is {params.cure.rounds}"
         used = {counterfactual_plan.cue_key(c) for c in last.cues}
         plan = counterfactual_plan.beyond(
-            _plan(params, last.audit, split, _audit_paths(paths)), used, split.class_names
+            _plan(params, last.audit, split, _audit_paths(paths), tuple(failed.model.spec.image_size)),
+            used,
+            split.class_names,
         )
         if not plan.cues:
             why = f"round {last.number}'s re-audit fails but finds nothing new to act on: {_whys(plan)}"
@@ -179,12 +181,16 @@ def _rounds(
 
 
 def _plan(
-    params: Params, document: dict[str, Any], split: PreparedSplit, audited: audit.AuditPaths
+    params: Params,
+    document: dict[str, Any],
+    split: PreparedSplit,
+    audited: audit.AuditPaths,
+    size: tuple[int, ...],
 ) -> counterfactual_plan.Plan:
-    """The counterfactuals `document`'s failures call for, on the model at `audited.model`."""
-    model, _ = runs.load_run_model(audited.model, audited.train_report)
+    """The counterfactuals `document`'s failures call for, on the model at `audited.model` (its input
+    `size`: every round's model is trained on the failed one's prepared split, at its size)."""
     return counterfactual_plan.plan(
-        document, split, tuple(model.spec.image_size), params.audit.batch_size, params.base.seed,
+        document, split, size, params.audit.batch_size, params.base.seed,
         lambda: {name: d.exemplars for name, d in audit.recurring(params, audited).items()},
     )  # fmt: skip
 

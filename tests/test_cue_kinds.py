@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import fixtures_cure
 import pytest
+from cases_audit import CURED, IMAGES_LOST, LEARNED
 from fixtures_audit import Case, run_case
-from test_audit_v2 import LEARNED
-from test_cure import CURED, IMAGES_LOST
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import fixtures_cure
 import pytest
 import torch
+from cases_audit import CLEAN, CUED, CURED, IMAGES_LOST, LEARNED
 from fixtures_audit import Case
 from fixtures_cure import CORNER, cure_paths, enabled
 from mlflow import MlflowClient
-from test_audit_v2 import CLEAN, CUED, LEARNED
 
 from cnnops.audit import counterfactual_plan
 from cnnops.errors import StageInputError
@@ -47,11 +47,6 @@ TOO_FEW_TO_REAUDIT = {"textline"}
 # re-audit: the top-right corner flips 65%, ground truth 0.99 -> 0.92 when measured with one round).
 # Round 2 adds that corner and passes. Measured; docs/audit.md "Cure rounds".
 MOVES_ALONG_THE_LINE = replace(CUED["convnet-textline"], seed=3)
-CURED = 0.05  # the bound on the cured model's ground-truth reliance on the cue
-# Of about 80 clean test images, how many more the cured model may get wrong than a model trained on
-# clean digits as long: the largest gap measured (the frame, 4 images, 5 points; the others 0-3):
-# docs/audit.md "Cure benchmark". The 1 point is under one image at this size.
-IMAGES_LOST = 4
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -27,7 +27,7 @@ from cnnops.audit import counterfactual_plan
 from cnnops.errors import StageInputError
 from cnnops.models import load_classifier
 from cnnops.stages import cure
-from cnnops.training import counterfactual
+from cnnops.training import counterfactual, cure_resume
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -62,6 +62,13 @@ def test_cure_breaks_a_learned_cue_and_passes_the_reaudit(
         assert after["verdict"] == "inconclusive" and not after["failures"], after["failures"]
         too_few = f"class '{audited.spec.cued_class}': only"
         assert any(too_few in w["sentence"] for w in after["warnings"]), after["warnings"]
+        # an inconclusive re-audit proves nothing: not cured, no round planned from it (it has no
+        # failure), and release keeps the model a challenger (there is no champion: it would take it)
+        assert report["status"] == "not cured" and len(report["rounds"]) == 1 < report["max_rounds"]
+        assert report["stopped"].startswith(
+            "round 1's re-audit is inconclusive: no evidence the shortcut is gone"
+        ) and too_few in report["stopped"], report["stopped"]
+        assert not report["release"]["promoted"] and "'inconclusive'" in report["release"]["reason"]
     else:
         assert report["status"] == "cured" and report["after"]["audit_verdict"] == "pass", report["findings"]
     assert cured.images_lost <= IMAGES_LOST, (cured.clean_accuracy, cured.clean_model_accuracy, cured.images)
@@ -304,3 +311,30 @@ def test_a_place_known_only_from_saliency_leaves_the_class_properties_their_own_
         (4, "left strip 25%"): [{"class": "e", "test": "deletion", "value": 0.4}],
     }  # fmt: skip
     assert counterfactual_plan._seen_at_a_place(wanted) == {1, 2}
+
+
+def test_a_kept_round_comes_back_only_for_the_same_inputs(tmp_path: Path) -> None:
+    """`cure_resume`: a round's checkpoint and reports come back byte for byte when its record matches
+    the inputs' key, the parent run and the plan; any of those changed, or a torn checkpoint, and the
+    round is trained again (None)."""
+    model, folder, store = tmp_path / "models" / "model.pt", tmp_path / "reports", tmp_path / "rounds"
+    (folder / "audit").mkdir(parents=True)
+    model.parent.mkdir()
+    model.write_bytes(b"weights")
+    (folder / "audit.json").write_text('{"verdict": "fail"}')
+    (folder / "audit" / "index.html").write_text("gallery")
+    outputs = cure_resume.Outputs(model, folder)
+    expected = {"key": "k", "parent_run_id": "p", "plan": {"addressed": ({"class": "3"},)}}
+    cure_resume.save(store, 1, {**expected, "run_id": "r1"}, outputs)
+    model.write_bytes(b"round 2, half trained")
+    (folder / "audit.json").write_text("{")
+    assert cure_resume.restore(store, 1, expected, outputs)["run_id"] == "r1"
+    assert model.read_bytes() == b"weights" and (folder / "audit.json").read_text() == '{"verdict": "fail"}'
+    assert (folder / "audit" / "index.html").read_text() == "gallery"
+    for changed in ({"key": "other"}, {"parent_run_id": "q"}, {"plan": {"addressed": []}}):
+        assert cure_resume.restore(store, 1, {**expected, **changed}, outputs) is None, changed
+    assert cure_resume.restore(store, 2, expected, outputs) is None  # never kept
+    (store / "1" / model.name).write_bytes(b"torn")
+    assert cure_resume.restore(store, 1, expected, outputs) is None
+    cure_resume.clear(store)
+    assert not store.exists()

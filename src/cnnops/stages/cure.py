@@ -11,8 +11,11 @@ A re-audit that still fails starts another round, up to `cure.rounds`: the re-au
 the model it audited give more counterfactuals (a model cured of one end of a text line may read
 its other end), and a new model is trained with every round's. The rounds stop at a re-audit that
 does not fail, at the last round, or when a failing re-audit calls for nothing the training did not
-already have. Each round's run is linked to the one before; only the last model is exported and
-released.
+already have. An inconclusive re-audit is no cure: it proves nothing, so the cure is `not cured`
+(release keeps that model a challenger), and its rounds stop there (it has no failure to plan a
+round from). Each round's run is linked to the one before; only the last model is exported and
+released. Each completed round is kept (`training.cure_resume`, keyed by the cure's inputs), so a
+cure killed in round 2 resumes at round 2.
 
 It refuses, by name and without writing a model, to cure a model whose audit passed, an audit of
 another model, or findings it has no counterfactual for. dvc.yaml runs it with `--if-failed`: a
@@ -33,15 +36,17 @@ from typing import Any
 
 from cnnops import atomic
 from cnnops.audit import counterfactual_plan, cure_gallery
+from cnnops.audit.verdict import COVERAGE
 from cnnops.config import Params
 from cnnops.data.digest import file_sha256
-from cnnops.data.splits import PreparedSplit
+from cnnops.data.folder import ANNOTATIONS_FILE
+from cnnops.data.splits import PreparedSplit, split_files
 from cnnops.errors import StageInputError
 from cnnops.models import Classifier
 from cnnops.stages import audit, evaluate, export, release, train
 from cnnops.stages.paths import POSITIONAL, add_path_arguments, path_arg, paths_from_args
 from cnnops.tracking import runs
-from cnnops.training import counterfactual
+from cnnops.training import counterfactual, cure_resume, resume
 
 log = logging.getLogger(__name__)
 TAG_LIMIT = (
@@ -78,8 +83,15 @@ class CurePaths:
     folder: Path = path_arg(
         "reports/cure", "the cured model's train, evaluate, audit, export and release reports and model card"
     )
-    state: Path = path_arg(".cnnops/cure/state.pt", "resume state of the cure's training")
+    state: Path = path_arg(
+        ".cnnops/cure/state.pt", "resume state of the cure's training (its completed rounds beside it)"
+    )
     project: Path = Path(".")  # the git work tree whose state may hold the cured champion back (release)
+
+    @property
+    def rounds(self) -> Path:
+        """The completed rounds' records (`training.cure_resume`), beside the training's resume state."""
+        return self.state.with_name(f"{self.state.stem}-rounds")
 
     @property
     def onnx(self) -> Path:
@@ -128,6 +140,7 @@ def run(params: Params, paths: CurePaths = CurePaths(), if_failed: bool = False)
     with runs.continue_run(params.tracking, last.run_id):  # the before/after page on the cured run
         runs.log_files([page], "cure")
     _track(params, last.run_id, report)
+    cure_resume.clear(paths.rounds)
     log.info(
         "cure: %s after %d round(s) (%s); cured model v%s %s (%s)", report["status"], last.number, stopped,
         released.version, "is the champion" if released.promoted else "stays a challenger", paths.report,
@@ -147,23 +160,32 @@ class _Round:
     audit: dict[str, Any]  # its model's audit report
     model: Classifier | None  # round 0's: the failed model, which a head-only round starts from
     run_id: str  # its model's MLflow run
-    evaluated: evaluate.EvaluateResult | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # its evaluate metrics
     trained: dict[str, Any] = field(default_factory=dict)  # its train report
 
 
 def _rounds(
     params: Params, paths: CurePaths, split: PreparedSplit, failed: _Round, plan: counterfactual_plan.Plan
 ) -> tuple[list[_Round], str]:
-    """Round after round until the re-audit passes or is inconclusive, `cure.rounds` ran, or a
-    re-audit's failures call for no counterfactual the training did not already have; (the failed
-    model's round 0 and the rounds, why they stopped). A later round plans from its re-audit and the
-    model it audited (a recurring patch is found again on it) and trains a new model with every
-    round's cues."""
-    done = [failed]
+    """Round after round until the re-audit does not fail, `cure.rounds` ran, or a re-audit's
+    failures call for no counterfactual the training did not already have; (the failed model's round
+    0 and the rounds, why they stopped). A later round plans from its re-audit and the model it
+    audited (a recurring patch is found again on it) and trains a new model with every round's cues.
+    The rounds a killed cure of the same inputs completed are taken back, not trained again."""
+    done, key = [failed], _inputs_key(params, paths)
+    resuming = True  # until the first round no record stands for
     while True:
-        done.append(_round(params, paths, plan, done[-1], failed))
+        kept = _kept(params, paths, plan, done[-1], key) if resuming else None
+        resuming = kept is not None
+        done.append(kept or _round(params, paths, plan, done[-1], failed, key))
         last = done[-1]
         verdict = last.audit["verdict"]
+        if verdict == "inconclusive":
+            # no failure, but a class too few images to look at: nothing proves the shortcut gone, and
+            # nothing is left to plan another round from
+            why = f"round {last.number}'s re-audit is inconclusive: no evidence the shortcut is gone"
+            log.warning("cure: %s (%s)", why, _unaudited(last.audit))
+            return done, f"{why} ({_unaudited(last.audit)})"
         if verdict != "fail":
             return done, f"round {last.number}'s re-audit is {verdict}"
         if last.number == params.cure.rounds:
@@ -178,6 +200,11 @@ def _rounds(
             why = f"round {last.number}'s re-audit fails but finds nothing new to act on: {_whys(plan)}"
             log.warning("cure: %s", why)
             return done, why
+
+
+def _unaudited(document: dict[str, Any]) -> str:
+    """The re-audit's warnings of classes too few images to audit, in its words."""
+    return "; ".join(w["sentence"] for w in document["warnings"] if w["test"] == COVERAGE)
 
 
 def _plan(
@@ -196,21 +223,94 @@ def _plan(
 
 
 def _round(
-    params: Params, paths: CurePaths, plan: counterfactual_plan.Plan, previous: _Round, failed: _Round
+    params: Params,
+    paths: CurePaths,
+    plan: counterfactual_plan.Plan,
+    previous: _Round,
+    failed: _Round,
+    key: str,
 ) -> _Round:
     """Train with `previous`'s cues and `plan`'s (from scratch, or the `failed` model's head), link
-    the run to `previous`'s, evaluate and re-audit the new model."""
+    the run to `previous`'s, evaluate and re-audit the new model; keep the round (`cure_resume`)."""
     number, cues = previous.number + 1, (*previous.cues, *plan.cues)
     augment = counterfactual.Counterfactual(cues, params.cure.rate)
     start = failed.model if params.cure.mode == "head" else None
     trained = train.run(_training_params(params), _train_paths(paths), train.Retraining(augment, start))
     assert trained.run_id is not None  # one process: rank 0
     _link(params, previous.run_id, trained.run_id, plan, number)  # before anything else can fail
-    evaluated = evaluate.run(params, _evaluate_paths(paths))
+    evaluate.run(params, _evaluate_paths(paths))
     audited = audit.run(params, _audit_paths(paths))
     log.info("cure: round %d's re-audit: %s", number, audited.report.decision.verdict.upper())
-    document = json.loads((paths.folder / "audit.json").read_text())
-    return _Round(number, plan, cues, document, None, trained.run_id, evaluated, trained.report)
+    record = {**_expected(params, plan, cues, previous, key), "run_id": trained.run_id}
+    cure_resume.save(paths.rounds, number, record, _outputs(paths))
+    return _finished(paths, number, plan, cues, trained.run_id)
+
+
+def _kept(
+    params: Params, paths: CurePaths, plan: counterfactual_plan.Plan, previous: _Round, key: str
+) -> _Round | None:
+    """The round after `previous` as a killed cure of the same inputs completed it, its model and
+    reports back in place; None when no record stands for it."""
+    number, cues = previous.number + 1, (*previous.cues, *plan.cues)
+    expected = _expected(params, plan, cues, previous, key)
+    record = cure_resume.restore(paths.rounds, number, expected, _outputs(paths))
+    if record is None:
+        return None
+    log.info(
+        "cure: round %d taken back from %s (MLflow run %s): not trained or re-audited again",
+        number, paths.rounds / str(number), record["run_id"],
+    )  # fmt: skip
+    return _finished(paths, number, plan, cues, record["run_id"])
+
+
+def _finished(
+    paths: CurePaths,
+    number: int,
+    plan: counterfactual_plan.Plan,
+    cues: tuple[counterfactual.Cue, ...],
+    run_id: str,
+) -> _Round:
+    """A completed round, from the reports its train, evaluate and audit wrote (or a record put back)."""
+    read = {
+        name: json.loads((paths.folder / f"{name}.json").read_text())
+        for name in ("audit", "metrics", "train")
+    }
+    return _Round(number, plan, cues, read["audit"], None, run_id, read["metrics"], read["train"])
+
+
+def _expected(
+    params: Params,
+    plan: counterfactual_plan.Plan,
+    cues: tuple[counterfactual.Cue, ...],
+    previous: _Round,
+    key: str,
+) -> dict[str, Any]:
+    """What a kept round must match: the cure's inputs, the round before's run and the round's plan."""
+    described = counterfactual.Counterfactual(cues, params.cure.rate).describe()
+    plan_record = {
+        "addressed": plan.addressed,
+        "not_addressed": plan.not_addressed,
+        "counterfactuals": described,
+    }
+    return {"key": key, "parent_run_id": previous.run_id, "plan": plan_record}
+
+
+def _inputs_key(params: Params, paths: CurePaths) -> str:
+    """Hash of what the rounds depend on: the params the training, evaluate and audit read (not how
+    many rounds may run, nor export's or release's) and the failed model's and data's files."""
+    settings = params.model_dump(
+        mode="json",
+        exclude={"cure": {"rounds", "enabled"}, "orchestrate": True, "export": True, "release": True},
+    )
+    inputs = [paths.audit_report, paths.model, paths.train_report, paths.validation]
+    inputs += [*(p for name in ("train", "val", "test") for p in split_files(paths.prepared, name))]
+    if paths.data is not None:
+        inputs.append(paths.data / ANNOTATIONS_FILE)
+    return resume.fingerprint(settings, [p for p in inputs if p is not None and p.is_file()])
+
+
+def _outputs(paths: CurePaths) -> cure_resume.Outputs:
+    return cure_resume.Outputs(paths.out, paths.folder)
 
 
 def _skip_reason(document: dict[str, Any], paths: CurePaths) -> str:
@@ -333,7 +433,6 @@ def _table(
     each round's own."""
     last = done[-1]
     parent_train = _json(paths.train_report, "run `cnnops train`")
-    assert last.evaluated is not None  # a trained round
     return {
         "status": "cured" if last.audit["verdict"] == "pass" else "not cured",
         "parent_run_id": failed["run_id"],
@@ -349,7 +448,7 @@ def _table(
         "addressed": [{**a, "round": r.number} for r in done[1:] for a in r.plan.addressed],
         "not_addressed": [{**n, "round": r.number} for r in done[1:] for n in r.plan.not_addressed],
         "before": _figures(before, failed["verdict"], parent_train),
-        "after": _figures(last.evaluated.metrics, last.audit["verdict"], last.trained),
+        "after": _figures(last.metrics, last.audit["verdict"], last.trained),
         "findings": _findings(failed, last.audit),
         "rounds": [_round_row(params, r, previous) for previous, r in itertools.pairwise(done)],
     }
@@ -358,7 +457,6 @@ def _table(
 def _round_row(params: Params, r: _Round, previous: _Round) -> dict[str, Any]:
     """A round in cure.json: the findings of the audit before it, before and after, the ones it acted
     on, its model's run (linked to the one before), re-audit verdict, test accuracy, training time."""
-    assert r.evaluated is not None
     return {
         "round": r.number,
         "run_id": r.run_id,
@@ -368,7 +466,7 @@ def _round_row(params: Params, r: _Round, previous: _Round) -> dict[str, Any]:
         "counterfactuals": counterfactual.Counterfactual(r.cues, params.cure.rate).describe(),
         "findings": _findings(previous.audit, r.audit),
         "audit_verdict": r.audit["verdict"],
-        "accuracy": r.evaluated.metrics["accuracy"],
+        "accuracy": r.metrics["accuracy"],
         "train_seconds": r.trained.get("train_seconds"),
     }
 

@@ -65,9 +65,8 @@ def test_cure_breaks_a_learned_cue_and_passes_the_reaudit(
         # an inconclusive re-audit proves nothing: not cured, no round planned from it (it has no
         # failure), and release keeps the model a challenger (there is no champion: it would take it)
         assert report["status"] == "not cured" and len(report["rounds"]) == 1 < report["max_rounds"]
-        assert report["stopped"].startswith(
-            "round 1's re-audit is inconclusive: no evidence the shortcut is gone"
-        ) and too_few in report["stopped"], report["stopped"]
+        why = "round 1's re-audit is inconclusive: no evidence the shortcut is gone"
+        assert report["stopped"].startswith(why) and too_few in report["stopped"], report["stopped"]
         assert not report["release"]["promoted"] and "'inconclusive'" in report["release"]["reason"]
     else:
         assert report["status"] == "cured" and report["after"]["audit_verdict"] == "pass", report["findings"]

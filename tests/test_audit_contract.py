@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from test_audit_verdict import CLEAN, NONE, A
+from cases_verdict import CLEAN, NONE, A
 
 from cnnops.audit import properties
 from cnnops.audit.contract import AuditReport, PropertyProbe, PropertyWeight, Transplant, to_json

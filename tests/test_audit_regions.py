@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from cases_verdict import CLEAN, A
 from skimage.data import camera
 from skimage.restoration import inpaint_biharmonic
-from test_audit_verdict import CLEAN, A
 
 from cnnops.audit import evidence, regions
 from cnnops.audit.contract import Transplant

@@ -6,14 +6,12 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from cases_verdict import CLEAN, NONE, A
 from scipy.stats import binomtest
 
 from cnnops.audit import evidence, verdict
 from cnnops.audit.contract import (
-    Attention,
     ClassFigures,
-    Deletion,
-    Errors,
     MaskAgreement,
     PropertyProbe,
     PropertyScore,
@@ -22,25 +20,6 @@ from cnnops.audit.contract import (
 )
 from cnnops.audit.regions import OUTER_BAND, candidate_regions
 from cnnops.audit.verdict import decide
-from cnnops.config import parse_params
-
-A = parse_params({}).audit
-NONE = Transplant(flip_rate=0.0, control_flip_rate=0.0, pairs=50)
-CLEAN = ClassFigures(
-    n_correct=20,
-    n_errors=1,
-    attention=Attention(peak_spread=0.1, object_spread=0.1, peak_off_object=0.0),
-    top_off_object=0.1,
-    energy={OUTER_BAND: 0.2},
-    energy_others={OUTER_BAND: 0.2},
-    transplant_top=replace(NONE, pixels=51, where="centre"),
-    transplant_regions={OUTER_BAND: NONE, "top-left corner": NONE},
-    transplant_regions_mean={OUTER_BAND: NONE, "top-left corner": NONE},
-    transplant_tone=NONE,
-    deletion=Deletion(drop_top=0.5, drop_random=0.1, gap=0.4),  # large, but on the object
-    masks=None,
-    errors=Errors(n=1, energy=None, attention=None),
-)
 
 
 def _with(**changes: object) -> ClassFigures:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cases_hostile import Payload
 from fixtures_model import cache_fake_resnet18, one_thread, publish_weights, saved
 from torchvision.models import get_model_weights
 
@@ -148,16 +149,6 @@ def test_finetune_parameter_groups_split_backbone_and_head() -> None:
     backbone, head = model.parameter_groups()
     assert {id(p) for p in head} == {id(model.head.weight), id(model.head.bias)}
     assert len(backbone) + len(head) == len(list(model.parameters()))
-
-
-class Payload:
-    """A pickle that runs code when loaded: it creates `marker`."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[Path]]:
-        return (Path.touch, (self.marker,))
 
 
 RESNET18_V1 = get_model_weights("resnet18").IMAGENET1K_V1

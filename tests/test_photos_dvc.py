@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 from fixtures_model import cache_fake_resnet18
+from fixtures_prefect import PROJECT, sh
 from PIL import Image
-from test_pipeline_dvc import PROJECT, sh
 from torchvision.models import get_model_weights
 
 from cnnops.data.example import PHOTO_SIZE, PHOTOS, write_photos
@@ -116,5 +116,5 @@ def test_dvc_repro_fine_tunes_resnet18_on_224px_photos_and_predicts(
 
     photo = root / "data" / classes[0] / "0000.jpg"
     done = sh(root, "cnnops", "predict", "models/model.onnx", str(photo), "--format", "json")
-    (prediction,) = json.loads(done.stdout)["predictions"]
+    (prediction,) = json.loads(done)["predictions"]
     assert prediction["class"] in classes and set(prediction["probabilities"]) == set(classes)

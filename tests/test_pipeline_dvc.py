@@ -3,34 +3,16 @@
 from __future__ import annotations
 
 import filecmp
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from fixtures_prefect import PROJECT, sh
 
 from cnnops.data.example import write_digits
 
-PROJECT = Path(__file__).resolve().parents[1]
 STAGES = ("validate", "prepare")
-ENV = {
-    "DVC_NO_ANALYTICS": "1",
-    "GIT_AUTHOR_NAME": "cnnops tests",
-    "GIT_AUTHOR_EMAIL": "tests@cnnops.invalid",
-    "GIT_COMMITTER_NAME": "cnnops tests",
-    "GIT_COMMITTER_EMAIL": "tests@cnnops.invalid",
-}
-
-
-def sh(root: Path, *command: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.mark.integration
@@ -61,18 +43,18 @@ def test_dvc_repro_runs_validate_and_prepare_then_does_nothing(tmp_path: Path) -
     }
     lock = (root / "dvc.lock").read_text()
     assert set(yaml.safe_load(lock)["stages"]) == set(STAGES)
-    metrics = sh(root, "dvc", "metrics", "show").stdout
+    metrics = sh(root, "dvc", "metrics", "show")
     assert "reports/prepare.json" in metrics and "reports/validation.json" in metrics
 
     again = sh(root, "dvc", "repro")
-    assert "Stage 'validate' didn't change, skipping" in again.stdout
-    assert "Stage 'prepare' didn't change, skipping" in again.stdout
-    assert "Running stage" not in again.stdout
+    assert "Stage 'validate' didn't change, skipping" in again
+    assert "Stage 'prepare' didn't change, skipping" in again
+    assert "Running stage" not in again
     assert (root / "dvc.lock").read_text() == lock
 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["prepare"]["val_fraction"] = 0.3
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     partial = sh(root, "dvc", "repro")
-    assert "Stage 'validate' didn't change, skipping" in partial.stdout
-    assert "Running stage 'prepare'" in partial.stdout
+    assert "Stage 'validate' didn't change, skipping" in partial
+    assert "Running stage 'prepare'" in partial

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from cases_hostile import EVIL_NAMES
 from fixtures_export import grey, hand_built_onnx
 from PIL import Image
 
@@ -113,9 +114,6 @@ def test_hand_built_onnx_that_agrees_with_its_metadata_predicts(
     path = hand_built_onnx(tmp_path / "fine.onnx")
     assert cli.main(["predict", str(path), str(odd_images / "b_plain.bmp"), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["predictions"][0]["class"] == "a"  # three equal scores
-
-
-EVIL_NAMES = ["[link=https://evil.example]a[/link]", "\x1b]0;pwned\x07b", "[/]"]
 
 
 def test_class_names_and_paths_reach_the_terminal_inert(tmp_path: Path) -> None:

@@ -23,10 +23,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from cases_hostile import EVIL_NAMES, Payload
 from fixtures_export import constant_model, hand_built_onnx, synthetic_split
 from PIL import Image
-from test_models import Payload
-from test_predict import EVIL_NAMES
 from torchvision.models import get_model_weights
 
 from cnnops.config import deep_merge

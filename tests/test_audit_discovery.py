@@ -12,11 +12,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 import torch
+from cases_verdict import CLEAN, NONE, A
 from fixtures_model import one_thread
 from sklearn.datasets import load_digits
 
 from cnnops.audit import discovery, evidence, gallery
-from cnnops.audit.contract import RecurringPatch, Transplant
+from cnnops.audit.contract import Decision, RecurringPatch, Transplant, to_json
 from cnnops.audit.saliency import find_target_layer, saliency
 from cnnops.audit.verdict import decide
 from cnnops.models import Classifier, create_classifier, default_spec
@@ -145,8 +146,6 @@ def test_a_description_does_not_depend_on_the_place(tagged: Tagged) -> None:
 
 
 def test_a_recurring_patch_that_flips_fails_naming_the_class_and_where_it_was_pasted() -> None:
-    from test_audit_verdict import CLEAN, NONE, A
-
     anywhere = Transplant(
         flip_rate=0.89,
         control_flip_rate=0.07,
@@ -164,3 +163,107 @@ def test_a_recurring_patch_that_flips_fails_naming_the_class_and_where_it_was_pa
         "class '4': pasting a recurring patch 1 of its images (a salient patch of about 20 pixels found in "
         "many of them, wherever it sat) at random places into other classes' images flips 89% of them to '4'"
     )
+
+
+class _Rule(torch.nn.Module):
+    """A classifier by rule, so the object control is tested without training: class 1 where the
+    object (a 4x4 square at rows and columns 6-9) is mostly bright, or where any pixel is a tag's
+    (above 0.9); class 0 otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # `paste_test` reads the device from it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        one = (x[:, 0, 6:10, 6:10].mean((1, 2)) > 0.5) | (x.amax((1, 2, 3)) > 0.9)
+        return torch.stack([~one, one], 1).float()
+
+
+def _object_arm(
+    donors: torch.Tensor, masks: list[np.ndarray], rng: np.random.Generator | None = None
+) -> Transplant:
+    """`paste_test` at the members' own places, a member per mask of `masks`, in donors 0, 1, ...;
+    40 dim recipients (class 0)."""
+    members = [replace(discovery.components(m[None])[0], image=i) for i, m in enumerate(masks)]
+    recipients = torch.rand(40, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.3
+    rng = np.random.default_rng(0) if rng is None else rng
+    return discovery.paste_test(_Rule(), donors, members, recipients, 1, rng, 16, own_place=True)
+
+
+def _decided(t: Transplant) -> Decision:
+    """The verdict on class '1' holding one recurring patch whose own-place paste is `t`."""
+    patch = RecurringPatch(images=5, support=1.0, members=5, at_random_places=NONE, at_own_place=t)
+    return decide({"1": replace(CLEAN, recurring=(patch,)), "0": CLEAN}, None, A)
+
+
+def _object(n: int) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """`n` donors of class 1, each with the object where the rule looks, every one a member."""
+    donors = torch.zeros(n, 1, 16, 16)
+    donors[:, 0, 6:10, 6:10] = 0.8
+    return donors, [(d[0] > 0.5).numpy() for d in donors]
+
+
+def test_a_patch_that_is_the_object_is_excused_by_the_class_s_other_images() -> None:
+    """Every image of the class has the object where the patch sits, so the same place cut from
+    the class's other images flips recipients as often: a warning, not a fail."""
+    t = _object_arm(*_object(5))
+    assert (t.flip_rate, t.other_classes_flip_rate, t.same_class_flip_rate) == (1.0, 0.0, 1.0)
+    assert t.excess == 0.0 and t.discordant == (0, 0)
+    decision = _decided(t)
+    assert decision.verdict == "pass"
+    (warning,) = [w for w in decision.warnings if w.test.startswith("object:")]
+    assert warning.test == "object:patch:recurring patch 1 at its own place" and warning.value == 1.0
+    assert "the same places cut from its other images flip nearly as often (100%)" in warning.sentence
+    assert "part of the '1' itself" in warning.sentence
+
+
+def test_most_attended_pixels_that_are_the_object_are_excused_the_same_way() -> None:
+    donors, masks = _object(5)
+    recipients = torch.rand(40, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.3
+    rng = np.random.default_rng(0)
+    t = evidence._top_transplant(_Rule(), donors, np.stack(masks), recipients, 1, rng, 16)
+    assert (t.flip_rate, t.other_classes_flip_rate, t.same_class_flip_rate) == (1.0, 0.0, 1.0)
+    decision = decide({"1": replace(CLEAN, transplant_top=t), "0": CLEAN}, None, A)
+    assert decision.verdict == "pass"
+    assert [w.test for w in decision.warnings if w.test.startswith("object:")] == ["object:transplant_top"]
+    few = evidence._top_transplant(_Rule(), donors[:3], np.stack(masks[:3]), recipients, 1, rng, 16)
+    assert few.same_class_flip_rate is None and few.excess == 1.0  # two other images: not run
+
+
+def test_a_tag_that_moves_is_not_excused_even_in_every_image_of_the_class() -> None:
+    """Five donors, each with a 3x3 tag at its own place: another donor's cut there holds no tag."""
+    donors = torch.zeros(5, 1, 16, 16)
+    for i, (y, x) in enumerate([(1, 1), (1, 12), (12, 1), (12, 12), (2, 7)]):
+        donors[i, 0, y : y + 3, x : x + 3] = 1.0
+    t = _object_arm(donors, [(d[0] > 0.9).numpy() for d in donors])
+    assert (t.flip_rate, t.same_class_flip_rate, t.control_flip_rate) == (1.0, 0.0, 0.0)
+    decision = _decided(t)
+    assert decision.verdict == "fail" and not [w for w in decision.warnings if w.test.startswith("object:")]
+    (finding,) = decision.failures
+    assert "or from its other images" in finding.sentence
+    recipients = torch.rand(40, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.3
+    tops = (donors[:, 0] > 0.9).numpy()
+    top = evidence._top_transplant(_Rule(), donors, tops, recipients, 1, np.random.default_rng(0), 16)
+    assert (top.flip_rate, top.same_class_flip_rate, top.control_flip_rate) == (1.0, 0.0, 0.0)
+
+
+def test_with_too_few_other_images_the_object_control_is_not_run_and_excuses_nothing() -> None:
+    t = _object_arm(*_object(3))  # the object again: with two other images, not run
+    assert t.same_class_flip_rate is None and t.excess == 1.0
+    decision = _decided(t)
+    assert decision.verdict == "fail"
+    assert "too few other images of its own" in decision.failures[0].sentence
+    assert "same_class_flip_rate" not in to_json(t)
+
+
+def test_the_object_control_leaves_the_other_arms_as_they_were() -> None:
+    """It draws from a child stream: the audit's generator is where it was without it (so later
+    patches get the same pastes), and so are the other arms (with it: 4 donors; without: 3)."""
+    donors, masks = _object(4)
+    rngs = np.random.default_rng(0), np.random.default_rng(0)
+    with_it, without_it = _object_arm(donors, masks[:3], rngs[0]), _object_arm(donors[:3], masks[:3], rngs[1])
+    assert with_it.same_class_flip_rate is not None and without_it.same_class_flip_rate is None
+    assert rngs[0].random() == rngs[1].random()
+    arms = ("flip_rate", "other_classes_flip_rate", "shuffled_flip_rate", "pixels", "where")
+    assert [getattr(with_it, a) for a in arms] == [getattr(without_it, a) for a in arms]
+    assert (with_it.control_flip_rate, without_it.control_flip_rate) == (1.0, 0.0)

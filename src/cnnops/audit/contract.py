@@ -39,6 +39,9 @@ class Transplant:
     other_classes_flip_rate: float | None = _measured_only()
     evened_flip_rate: float | None = _measured_only()
     shuffled_flip_rate: float | None = _measured_only()
+    # a recurring patch's object control: the same shape cut at the same places from another of the
+    # class's own images (None: too few of them, or not a recurring patch)
+    same_class_flip_rate: float | None = _measured_only()
     pixels: int | None = _measured_only()
     where: str | None = _measured_only()
     # (recipients the paste flipped and the largest control did not, the reverse): the exact paired

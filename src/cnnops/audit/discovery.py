@@ -8,14 +8,18 @@ centred on a neutral canvas, so two copies of one tag at different places get on
 the descriptions are clustered within the class, and a cluster found in enough of the class's
 images is a recurring patch. Then the intervention decides: each recipient (another class's image)
 gets a random member pasted at a random place, and at its own place, against the same shape cut
-from another class's image at the same places (the member's own pixels shuffled are reported
-beside: see `paste_test`). An object part rarely flips an image pasted alone somewhere else; a
-learned tag does wherever it lands.
+at the same places from another class's image and from another image of the class itself (the
+member's own pixels shuffled are reported beside: see `paste_test`). An object part rarely flips
+an image pasted alone somewhere else; a learned tag does wherever it lands. Pasted at its own
+place an object part can flip (the middle of a '9', where every '9' has its loop), but then the
+same place cut from any other '9' flips as often: the patch is the class's object, not a cue its
+images carry.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -24,7 +28,16 @@ from sklearn.cluster import AgglomerativeClustering
 from torch import nn
 
 from cnnops.audit.contract import RecurringPatch, Transplant
-from cnnops.audit.evidence import Batch, as_unit, describe_place, paired, rate_of, subsample, top_mask
+from cnnops.audit.evidence import (
+    Batch,
+    as_unit,
+    describe_place,
+    other_donors,
+    paired,
+    rate_of,
+    subsample,
+    top_mask,
+)
 from cnnops.models import Classifier
 
 PER_IMAGE = 2  # components kept an image, largest first: the tag and at most one more
@@ -139,13 +152,17 @@ def paste_test(
     own_place: bool,
 ) -> Transplant:
     """Paste a random member into each recipient, at its own place or a random one, and the share now
-    predicted `cls`, against the same shape cut from another class's image (a random recipient) at
-    the same places; paired, so the discordant recipients are kept for the exact test.
+    predicted `cls`, against two controls at the same places, the larger counting: the same shape
+    cut at the member's box from another class's image (a random recipient), and the object
+    control, the same cut from another of the class's images (a random donor but the member's own);
+    paired, so the discordant recipients are kept for the exact test.
 
-    The member's own pixels shuffled at the same places are measured and reported beside, not
-    counted in the control: as with a corner tag (docs/audit.md), a model that learned a tag as
-    "bright pixels there" flips on them too (a centre tag on digits: 44% shuffled, 52% pasted), and
-    the tag would be excused; an object part pasted alone rarely flips anything, shuffled or not.
+    The object control (`evidence.other_donors`) tells a part of the class's object from a cue that
+    moves; with too few other images it is not run and excuses nothing. The member's own
+    pixels shuffled at the same places are measured and reported beside, not counted in the
+    control: as with a corner tag (docs/audit.md), a model that learned a tag as "bright pixels
+    there" flips on them too (a centre tag on digits: 44% shuffled, 52% pasted), and the tag would be
+    excused; an object part pasted alone rarely flips anything, shuffled or not.
     """
     n = len(recipients)
     h, w = recipients.shape[-2:]
@@ -153,21 +170,23 @@ def paste_test(
     other = rng.integers(0, n, n)
     at = [_place(members[k], h, w, rng, own_place) for k in pick]
     orders = [rng.permutation(int(members[k].mask.sum())) for k in pick]
+    kin = other_donors(np.array([members[k].image for k in pick]), len(donors), rng)
 
     def flips(source: str) -> np.ndarray:
         out = []
         device = next(model.parameters()).device
+        cut_from = other if kin is None or source != "same_class" else kin
         with torch.no_grad():
             for i in range(0, n, batch_size):
-                batch = [_one(donors, recipients, members[pick[j]], j, other[j], at[j], orders[j], source)
+                batch = [_one(donors, recipients, members[pick[j]], j, cut_from[j], at[j], orders[j], source)
                          for j in range(i, min(n, i + batch_size))]  # fmt: skip
                 x = torch.stack(batch).to(device, memory_format=torch.channels_last)
                 out.append(model(x).argmax(1).cpu().numpy() == cls)
         return np.concatenate(out)
 
     pasted, cut, shuffled = flips("member"), flips("other"), flips("shuffled")
-    return replace(
-        paired(pasted, cut),  # the shuffled pixels reported beside, not a control (above)
+    return replace(  # the shuffled pixels reported beside, not a control (above)
+        paired(pasted, cut, same_class=None if kin is None else flips("same_class")),
         other_classes_flip_rate=rate_of(cut),
         shuffled_flip_rate=rate_of(shuffled),
         pixels=int(np.median([c.mask.sum() for c in members])),
@@ -191,11 +210,12 @@ def _one(
     order: np.ndarray,
     source: str,
 ) -> torch.Tensor:
-    """Recipient `j` with `c`'s shape pasted at `at`: from its donor, from recipient `k` (another
-    class's image) at the member's own box, or the donor's pixels in the order `order`."""
+    """Recipient `j` with `c`'s shape pasted at `at`: from its donor, cut at the member's own box from
+    recipient `k` (another class's image, "other") or from donor `k` (another of the class's images,
+    "same_class"), or the donor's pixels in the order `order` ("shuffled")."""
     target = as_unit(recipients[j])
-    if source == "other":
-        return _pasted(target, as_unit(recipients[k]), c, at)
+    if source in ("other", "same_class"):
+        return _pasted(target, as_unit((recipients if source == "other" else donors)[k]), c, at)
     donor = as_unit(donors[c.image])
     if source == "shuffled":
         donor = donor.clone()
@@ -242,17 +262,14 @@ def recurring_patches(
     for group in clusters(desc, comps, distance, min_images)[:max_patches]:
         members = [comps[i] for i in group]
         images = len({c.image for c in members})
+        test = partial(paste_test, model, donors, members, recipients, cls, rng, batch_size)
         patches.append(
             RecurringPatch(
                 images=images,
                 support=round(images / len(donors), 4),
                 members=len(members),
-                at_random_places=paste_test(
-                    model, donors, members, recipients, cls, rng, batch_size, own_place=False
-                ),
-                at_own_place=paste_test(
-                    model, donors, members, recipients, cls, rng, batch_size, own_place=True
-                ),
+                at_random_places=test(own_place=False),
+                at_own_place=test(own_place=True),
             )
         )
         exemplars.append(tuple(_crop(donors, c) for c in members[:EXEMPLARS]))

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from cnnops.audit.contract import AuditReport, ClassFigures, Finding, TransplantKind
+from cnnops.audit.contract import AuditReport, ClassFigures, Finding, Transplant, TransplantKind
 from cnnops.audit.discovery import Discovered
 from cnnops.audit.regions import OUTER_BAND
 from cnnops.training.features import MAP_CHANNELS, FeaturePictures
@@ -65,17 +65,30 @@ def exemplars(crops: tuple[np.ndarray, ...]) -> Image.Image:
 
 
 def patch_pictures(found: Discovered) -> list[tuple[str, str, Image.Image]]:
-    """Each recurring patch's exemplars as a class's picture, captioned with its support and flips."""
+    """Each recurring patch's exemplars as a class's picture, captioned with its support and flips
+    (at random places and at its own place, each beside its controls)."""
     return [
         (
             f"{PATCH} {i}",
             f"in {p.images} images ({100 * p.support:.0f}%); pasted at random places it flips "
-            f"{100 * p.at_random_places.flip_rate:.0f}% of other classes' images "
-            f"(control {100 * p.at_random_places.control_flip_rate:.0f}%)",
+            f"{_patch_flips(p.at_random_places)}, at its own place {_patch_flips(p.at_own_place)}",
             exemplars(crops),
         )
         for i, (p, crops) in enumerate(zip(found.patches, found.exemplars, strict=True), 1)
     ]
+
+
+def _patch_flips(t: Transplant) -> str:
+    """A patch paste's flips beside its controls: the same cut from other classes' images, and from the
+    class's other images."""
+    own = "not run: too few"
+    if t.same_class_flip_rate is not None:
+        own = f"{100 * t.same_class_flip_rate:.0f}%"
+    others = t.control_flip_rate if t.other_classes_flip_rate is None else t.other_classes_flip_rate
+    return (
+        f"{100 * t.flip_rate:.0f}% of other classes' images (cut from other classes {100 * others:.0f}%, "
+        f"from its other images {own})"
+    )
 
 
 def _png(image: Image.Image) -> str:

@@ -36,11 +36,20 @@ BAND_EXCESS_WARNING = 0.1  # outer-band saliency share above the other classes' 
 MIN_IMAGES = 3  # fewer correctly classified images than this: the class cannot be judged
 COVERAGE = "coverage"  # the warning of a class with too few images: the verdict is inconclusive
 OTHER_PIXELS = "when the same pixels come from other classes"
+TOP_CONTROLS = "for the larger control: the same pixels from other classes' images, or from its other images"
+TOP_CONTROLS_ALONE = f"{OTHER_PIXELS}; too few other images of its own to take them from"
 PLACE_CONTROLS_NO_SHUFFLE = "for the larger control: that place from other classes, or evened out"
 PLACE_CONTROLS = "for the larger control: that place from other classes, evened out, or its pixels shuffled"
 MEAN_CONTROLS = "for the larger control: the other classes' mean there, or the place evened out"
 TONE_CONTROLS = "with other classes' tone, or the opposite change"
-PATCH_CONTROLS = "when the same shape is cut from other classes' images at the same places"
+PATCH_CONTROLS = (
+    "for the larger control: the same shape cut at the same places from other classes' images, or from "
+    "its other images"
+)
+PATCH_CONTROLS_ALONE = (
+    "when the same shape is cut from other classes' images at the same places; too few other images of "
+    "its own to cut it from them"
+)
 PROPERTY_CONTROLS = (
     "for the larger control: the opposite change, the other classes' level, or (two classes, a blur) "
     "their object scrambled at their own detail"
@@ -114,7 +123,8 @@ def _transplant_words(
             f"pasting its most-attended {t.pixels} pixels ({_pct(a.top_fraction)} of the image, "
             f"mostly at the {t.where}) into other classes' images"
         )
-        return "transplant_top", what, OTHER_PIXELS
+        controls = TOP_CONTROLS if t.same_class_flip_rate is not None else TOP_CONTROLS_ALONE
+        return "transplant_top", what, controls
     if kind == "region":
         controls = PLACE_CONTROLS if t.shuffled_flip_rate is not None else PLACE_CONTROLS_NO_SHUFFLE
         return (
@@ -137,7 +147,8 @@ def _transplant_words(
             f"pasting a {patch} of its images (a salient patch of about {t.pixels} pixels found in many "
             f"of them, wherever it sat) at {where} into other classes' images"
         )
-        return f"patch:{place}", what, PATCH_CONTROLS
+        controls = PATCH_CONTROLS if t.same_class_flip_rate is not None else PATCH_CONTROLS_ALONE
+        return f"patch:{place}", what, controls
     return f"{kind}:{place}", f"pasting its {kind} {place or ''} into other classes' images", OTHER_PIXELS
 
 
@@ -341,32 +352,61 @@ def _property_warnings(probe: PropertyProbe, a: AuditParams) -> list[Finding]:
     return found
 
 
-def _evened_warnings(figures: dict[str, ClassFigures], a: AuditParams, rgb: bool) -> list[Finding]:
-    """A warning where a place's paste beats its other controls by the threshold but the evened one
-    (the place inpainted away) flips as often: removing the place's content is what cancels the flip,
-    so a "smooth place -> class" shortcut would pass silently; the warning says where to look."""
+def _cancelling(t: Transplant) -> tuple[str, float, float] | None:
+    """(the warning's test prefix, its rate, the largest other control's) where one control alone can
+    cancel a paste: the evened place, or the object control of the most-attended pixels and of a
+    recurring patch (`evidence.other_donors`; counted with their other-classes control only, a
+    patch's shuffled pixels being reported beside)."""
+    if t.evened_flip_rate is not None:
+        arm, rate, others = "evened", t.evened_flip_rate, (t.other_classes_flip_rate, t.shuffled_flip_rate)
+    elif t.same_class_flip_rate is not None:
+        arm, rate, others = "object", t.same_class_flip_rate, (t.other_classes_flip_rate,)
+    else:
+        return None
+    measured = [v for v in others if v is not None]
+    return (arm, rate, max(measured)) if measured else None
+
+
+def _why_not_blamed(arm: str, rate: float, name: str) -> str:
+    """The end of a cancelled paste's warning: what cancelled it and what that suggests."""
+    if arm == "evened":
+        return (
+            f"the place filled in from its surroundings alone flips {_pct(rate)}, so it is not blamed: a "
+            f"smooth or empty place there may be what the model reads as '{name}' (look at the place)"
+        )
+    return (
+        f"the same places cut from its other images flip nearly as often ({_pct(rate)}), so it is not "
+        f"blamed: the patch is likely part of the '{name}' itself, or a cue at one place in all its images, "
+        "which the fixed places test (look at its exemplars in the gallery)"
+    )
+
+
+def _cancelled_warnings(figures: dict[str, ClassFigures], a: AuditParams, rgb: bool) -> list[Finding]:
+    """A warning where a paste beats its other controls by the threshold but one control alone flips
+    as often (`_cancelling`): the evened place (removing the place's content is what cancels the
+    flip, so a "smooth place -> class" shortcut would pass silently) or a recurring patch's object
+    control (the patch is likely the class's object). The warning says where to look."""
     found = []
     for name, f in figures.items():
         if f.n_correct < MIN_IMAGES:
             continue
         for kind, place, t in f.transplants():
-            others = [v for v in (t.other_classes_flip_rate, t.shuffled_flip_rate) if v is not None]
-            if t.evened_flip_rate is None or not others or t.excess >= a.transplant_flip_threshold:
+            cancel = _cancelling(t)
+            if cancel is None or t.excess >= a.transplant_flip_threshold:
                 continue
-            beyond = t.flip_rate - max(others)
-            if beyond < a.transplant_flip_threshold or t.evened_flip_rate < max(others):
+            arm, rate, others = cancel
+            beyond = t.flip_rate - others
+            if beyond < a.transplant_flip_threshold or rate < others:
                 continue
             test, what, _ = _transplant_words(kind, place, t, a, rgb)
             found.append(
                 Finding(
                     class_name=name,
-                    test=f"evened:{test}",
+                    test=f"{arm}:{test}",
                     value=round(beyond, 4),
                     threshold=a.transplant_flip_threshold,
                     sentence=f"class '{name}': {what} flips {_pct(t.flip_rate)} of them to '{name}', "
-                    f"{_pct(beyond)} beyond the other controls, but the place filled in from its "
-                    f"surroundings alone flips {_pct(t.evened_flip_rate)}, so it is not blamed: a smooth "
-                    f"or empty place there may be what the model reads as '{name}' (look at the place)",
+                    f"{_pct(beyond)} beyond the other controls, but {_why_not_blamed(arm, rate, name)}",
                 )
             )
     return found
@@ -384,7 +424,7 @@ def decide(
         fail, warn = class_findings(name, f, a, levels)
         failures += fail
         warnings += warn
-    warnings += _evened_warnings(figures, a, rgb)
+    warnings += _cancelled_warnings(figures, a, rgb)
     if probe is not None:
         warnings += _probe_warnings(probe, a) + _property_warnings(probe, a)
     failures.sort(key=lambda r: -r.value if r.test != "masks" else r.value - 1)

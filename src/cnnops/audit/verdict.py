@@ -367,17 +367,18 @@ def _cancelling(t: Transplant) -> tuple[str, float, float] | None:
     return (arm, rate, max(measured)) if measured else None
 
 
-def _why_not_blamed(arm: str, rate: float, name: str) -> str:
+def _why_not_blamed(arm: str, kind: TransplantKind, rate: float, name: str) -> str:
     """The end of a cancelled paste's warning: what cancelled it and what that suggests."""
     if arm == "evened":
         return (
             f"the place filled in from its surroundings alone flips {_pct(rate)}, so it is not blamed: a "
             f"smooth or empty place there may be what the model reads as '{name}' (look at the place)"
         )
+    what, look = ("the patch is", "its exemplars") if kind == "patch" else ("those pixels are", "overlays")
     return (
         f"the same places cut from its other images flip nearly as often ({_pct(rate)}), so it is not "
-        f"blamed: the patch is likely part of the '{name}' itself, or a cue at one place in all its images, "
-        "which the fixed places test (look at its exemplars in the gallery)"
+        f"blamed: {what} likely part of the '{name}' itself, or a cue at one place in all its images, "
+        f"which the fixed places test (look at {look} in the gallery)"
     )
 
 
@@ -406,7 +407,7 @@ def _cancelled_warnings(figures: dict[str, ClassFigures], a: AuditParams, rgb: b
                     value=round(beyond, 4),
                     threshold=a.transplant_flip_threshold,
                     sentence=f"class '{name}': {what} flips {_pct(t.flip_rate)} of them to '{name}', "
-                    f"{_pct(beyond)} beyond the other controls, but {_why_not_blamed(arm, rate, name)}",
+                    f"{_pct(beyond)} beyond the other controls, but {_why_not_blamed(arm, kind, rate, name)}",
                 )
             )
     return found

@@ -10,11 +10,13 @@ on the clean originals of its test images beside a model trained on clean digits
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from fixtures_audit import Audited, Case, run_case
 from fixtures_model import one_thread
 
@@ -23,6 +25,7 @@ from cnnops.data.planted import clean_accuracy, cue_flip_rate
 from cnnops.data.splits import PreparedSplit
 from cnnops.models import load_classifier
 from cnnops.stages import cure, evaluate
+from cnnops.stages.paths import POSITIONAL
 
 CORNER = Case("corner", "3", seed=1)  # the cheapest case the cure cures (test_cure, test_cure_gallery)
 
@@ -55,6 +58,21 @@ def cure_paths(root: Path, audit_report: Path | None = None, name: str = "cure")
         validation=r / "validation.json", data=root / "data", out=root / "models" / name / "model.pt",
         report=r / f"{name}.json", folder=r / name, state=root / ".cnnops" / f"{name}.pt", project=root,
     )  # fmt: skip
+
+
+def cure_command(paths: cure.CurePaths, params: Params) -> list[str]:
+    """`cnnops cure` on `paths` with `params` (written beside its report) as a command line, for a
+    cure run in a process of its own (that a test can kill)."""
+    params_file = paths.report.with_suffix(".params.yaml")
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
+    argv = [str(Path(sys.executable).with_name("cnnops")), "--params", str(params_file), "cure"]
+    for f in fields(paths):
+        flag, value = f.metadata.get("flag"), getattr(paths, f.name)
+        if "help" in f.metadata and value is not None:
+            argv += (
+                [str(value)] if flag == POSITIONAL else [flag or "--" + f.name.replace("_", "-"), str(value)]
+            )
+    return argv
 
 
 def enabled(params: Params, **cure_keys: object) -> Params:

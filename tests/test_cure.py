@@ -12,6 +12,10 @@ pipelines (tests/test_audit_v2.py) are the same `Case`s, run once a session for 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import torch
 from cases_audit import CLEAN, CUED, CURED, IMAGES_LOST, LEARNED
 from fixtures_audit import Case
 from fixtures_cure import CORNER, cure_paths, enabled
+from fixtures_model import one_thread
 from mlflow import MlflowClient
 
 from cnnops.audit import counterfactual_plan
@@ -337,3 +342,43 @@ def test_a_kept_round_comes_back_only_for_the_same_inputs(tmp_path: Path) -> Non
     assert cure_resume.restore(store, 1, expected, outputs) is None
     cure_resume.clear(store)
     assert not store.exists()
+
+
+def test_a_cure_killed_in_round_two_resumes_at_round_two(
+    tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`cnnops cure` in a process of its own, SIGKILLed once round 1 is kept and round 2 has trained an
+    epoch; run again, it takes round 1 back (no MLflow run of a round 1 is started, nothing trained
+    for it), resumes round 2's training from its epoch, and reaches the uninterrupted cure's verdicts."""
+    audited, _ = fixtures_cure.audited(MOVES_ALONG_THE_LINE, tmp_path_factory)
+    paths, params = cure_paths(audited.root, name="killed"), enabled(audited.params, rounds=2)
+    kept, log_file = paths.rounds / "1" / cure_resume.RECORD, paths.report.with_suffix(".log")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread, as the in-process cures
+    with (
+        log_file.open("w") as out,
+        subprocess.Popen(
+            fixtures_cure.cure_command(paths, params), cwd=audited.root, env=env, stdout=out, stderr=out
+        ) as proc,
+    ):
+        while not (kept.is_file() and paths.state.is_file()) and proc.poll() is None:
+            time.sleep(0.1)  # round 1 kept, round 2's first epoch saved
+        proc.kill()
+    assert kept.is_file() and paths.state.is_file() and not paths.report.exists(), log_file.read_text()[
+        -3000:
+    ]
+    first = json.loads(kept.read_text())
+    store = MlflowClient(params.tracking.uri)
+    experiment = [store.get_experiment_by_name(params.tracking.experiment).experiment_id]
+    before = {r.info.run_id for r in store.search_runs(experiment)}
+    with one_thread(), caplog.at_level(logging.INFO):
+        report = cure.run(params, paths).report
+    assert f"round 1 taken back from {paths.rounds / '1'}" in caplog.text and "resuming" in caplog.text
+    assert "round 1's re-audit" not in caplog.text  # not audited again
+    started = [r for r in store.search_runs(experiment) if r.info.run_id not in before]
+    assert not any(r.data.tags.get("cnnops.cure.round") == "1" for r in started), started
+    assert report["rounds"][0]["run_id"] == first["run_id"]
+    whole = fixtures_cure.cured(MOVES_ALONG_THE_LINE, tmp_path_factory, "rounds", rounds=2).report
+    verdicts = [(r["audit_verdict"], r["accuracy"]) for r in report["rounds"]]
+    assert verdicts == [(r["audit_verdict"], r["accuracy"]) for r in whole["rounds"]], (report, whole)
+    assert (report["status"], report["stopped"]) == (whole["status"], whole["stopped"])
+    assert not paths.rounds.exists() and not paths.state.exists()  # a finished cure leaves no state

@@ -2,7 +2,8 @@
 counterfactuals from the findings, and the cured model no longer relies on the cue (ground truth:
 `planted.cue_flip_rate`), keeps its accuracy on clean images (`planted.clean_accuracy`, against a
 model trained on clean digits for as long) and passes its re-audit. A cure too weak to fix the model
-says so; the head-only cure (Deep Feature Reweighting) is measured; refusals by name.
+says so, and so does one whose re-audit is inconclusive; the head-only cure (Deep Feature
+Reweighting) is measured; a cure killed in round 2 resumes there; refusals by name.
 
 Through the real stages (`fixtures_audit.run_case`: validate, prepare, train, audit; then evaluate,
 and cure, which calls train, evaluate and audit itself) on tiny planted digits. The audit v2 proofs'

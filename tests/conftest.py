@@ -4,14 +4,40 @@ from __future__ import annotations
 
 import os
 
+import pytest
+import torch
+
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests choose their own store
 
-import torch
+# Under pytest-xdist (scripts/test: two workers) each worker and the tools it starts get one thread,
+# so two workers share the two cores instead of oversubscribing them.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, os.cpu_count() or 1) // WORKERS)
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(THREADS)
 
 pytest_plugins: list[str] = ["fixtures_data", "fixtures_export", "fixtures_model", "fixtures_prefect"]
+
+# Modules whose tests share an expensive session fixture: each set is one xdist group (one worker),
+# so the fixture is built once. Every other module is its own group, as `--dist loadfile` would be.
+SHARED_FIXTURES: dict[str, tuple[str, ...]] = {
+    # tests/fixtures_audit.py `run_case`'s session cache: these modules audit the same planted and
+    # clean cases (the ConvNet cues, clean digits and faces, the corner the cure gallery shows)
+    "audit_cases": ("test_audit_properties", "test_audit_v2", "test_cure", "test_cure_gallery"),
+    # tests/fixtures_prefect.py `workspace_template` and `retrained` (a DVC workspace run by the flow)
+    "retrained": ("test_experiments", "test_pipelines_deploy", "test_pipelines_flows"),
+}
+GROUP_OF = {module: group for group, modules in SHARED_FIXTURES.items() for module in modules}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with its xdist group (read by `--dist loadgroup`; ignored without xdist)."""
+    for item in items:
+        module = item.path.stem
+        item.add_marker(pytest.mark.xdist_group(GROUP_OF.get(module, module)))

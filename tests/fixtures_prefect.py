@@ -31,8 +31,9 @@ import yaml
 from cnnops.config import deep_merge
 
 # Before anything imports prefect: a private home, no telemetry (measured: without these the
-# ephemeral server logs "database is locked").
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="cnnops-prefect-home-"))
+# ephemeral server logs "database is locked"). Set, not defaulted: xdist workers inherit the
+# controller's environment, and two workers on one home share its database.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cnnops-prefect-home-")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 

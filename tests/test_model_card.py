@@ -123,7 +123,17 @@ def test_release_writes_an_escaped_self_contained_card_and_attaches_it(
     assert flavor["flavors"]["onnx"]["providers"] == ["CPUExecutionProvider"]  # no GPU here
     if shutil.which("chromium") is None:
         pytest.fail("chromium is not installed: run `apt-get install -y chromium` (scripts/test does)")
-    command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"]
+    # a private profile, as the other Chromium tests use: xdist workers must not share the default one
+    profile = f"--user-data-dir={tmp_path / 'chromium-profile'}"
+    command = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        profile,
+        "--dump-dom",
+    ]
     dom = subprocess.run(
         [*command, (reports / "model_card.html").as_uri()],
         capture_output=True,

@@ -36,10 +36,10 @@ TOP_MASK_ROWS = 64  # maps ranked at a time: the ranking holds 8 bytes a pixel, 
 # pasted flipped 29-40% of other classes' images to '0', '3' and '9' (controls 0-5%: the audit failed
 # them). With the top 35% of each donor's map added, every class's centre paste flipped 16% or less
 # (controls 0-7%) and the audit passed: what the model reads as the object stays home.
+OBJECT_SALIENCY_FRACTION = 0.35
 # Fewer other correct images of the class than this: the object control (`other_donors`) is not run
 # (its cut would be one or two images' pixels), so nothing is excused by it; the sentence says so.
 MIN_OTHER_IMAGES = 3
-OBJECT_SALIENCY_FRACTION = 0.35
 
 Build = Callable[[slice], torch.Tensor]  # the float images of a slice of 0..n, made when asked for
 
@@ -213,8 +213,8 @@ def _pasting(
 
 
 def other_donors(own: np.ndarray, n_donors: int, rng: np.random.Generator) -> np.ndarray | None:
-    """For each recipient a random donor other than `own[j]` (the one its paste came from): where the
-    object control (below) cuts the same place from; None with fewer than `MIN_OTHER_IMAGES` others.
+    """For each recipient a random donor other than `own[j]` (the one its paste came from), which the
+    object control cuts the same place from; None with fewer than `MIN_OTHER_IMAGES` others.
 
     The object control tells a part of the class's object from a cue: the same pixels cut at the
     same place from another image of the class flip as often where they are the object (the middle

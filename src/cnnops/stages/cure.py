@@ -184,8 +184,9 @@ def _rounds(
             # no failure, but a class too few images to look at: nothing proves the shortcut gone, and
             # nothing is left to plan another round from
             why = f"round {last.number}'s re-audit is inconclusive: no evidence the shortcut is gone"
-            log.warning("cure: %s (%s)", why, _unaudited(last.audit))
-            return done, f"{why} ({_unaudited(last.audit)})"
+            why += f" ({_unaudited(last.audit)})"
+            log.warning("cure: %s", why)
+            return done, why
         if verdict != "fail":
             return done, f"round {last.number}'s re-audit is {verdict}"
         if last.number == params.cure.rounds:

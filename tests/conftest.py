@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,8 +26,8 @@ torch.set_num_threads(THREADS)
 
 pytest_plugins: list[str] = ["fixtures_data", "fixtures_export", "fixtures_model", "fixtures_prefect"]
 
-# Modules whose tests share an expensive session fixture: each set is one xdist group (one worker),
-# so the fixture is built once. Every other module is its own group, as `--dist loadfile` would be.
+# Modules whose tests share an expensive session fixture: each set runs on one xdist worker, so the
+# fixture is built once. Every other module runs whole on one worker, as `--dist loadfile` would.
 SHARED_FIXTURES: dict[str, tuple[str, ...]] = {
     # tests/fixtures_audit.py `run_case`'s session cache: these modules audit the same planted and
     # clean cases (the ConvNet cues, clean digits and faces, the corner the cure gallery shows)
@@ -36,8 +38,18 @@ SHARED_FIXTURES: dict[str, tuple[str, ...]] = {
 GROUP_OF = {module: group for group, modules in SHARED_FIXTURES.items() for module in modules}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test with its xdist group (read by `--dist loadgroup`; ignored without xdist)."""
-    for item in items:
-        module = item.path.stem
-        item.add_marker(pytest.mark.xdist_group(GROUP_OF.get(module, module)))
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown (and unused) without it
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Send each group of SHARED_FIXTURES, and every other module, to one worker whole.
+
+    By hand because `--dist loadgroup` cannot: xdist 3.8 tags each test's id with its group
+    (`item._nodeid`), an attribute pytest 9 no longer reads, so every test went its own way.
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = Path(nodeid.split("::", 1)[0]).stem
+            return GROUP_OF.get(module, module)
+
+    return SharedFixtureScheduling(config, log)

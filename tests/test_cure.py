@@ -235,6 +235,13 @@ def test_place_answers_keep_the_place_that_holds_the_cue() -> None:
     assert answers[(2, "bottom-right corner")] == "bottom-right corner"  # another class's own cue
     frame = {(6, "outer band"): 0.99, (6, "left strip 25%"): 0.36, (6, "right strip 25%"): 0.21}
     assert set(counterfactual_plan.place_answers(frame, places).values()) == {"outer band"}
+    # the text line whose strip did not fail (the object control excused its most-attended pixels)
+    corners = {(7, "top-left corner"): 0.6, (7, "top-right corner"): 0.4}
+    assert set(counterfactual_plan.place_answers(corners, places).values()) == {"top strip 25%"}
+    framed = {(6, "outer band"): 0.99, (6, "top-left corner"): 0.5, (6, "top-right corner"): 0.4}
+    assert set(counterfactual_plan.place_answers(framed, places).values()) == {"outer band"}
+    apart = {(3, "top-left corner"): 0.6, (3, "bottom-right corner"): 0.5}  # nothing holds both
+    assert counterfactual_plan.place_answers(apart, places) == {k: k[1] for k in apart}
 
 
 def test_counterfactual_tone_swap_and_patch_paste() -> None:

@@ -5,8 +5,9 @@ audit never sees), its audit fails naming the cued class first, and where the cu
 cured model no longer relies on the cue, keeps its clean accuracy and passes its re-audit.
 
 Through the real stages (`fixtures_audit.run_case`, `fixtures_cure.cured`), once a session per case.
-The cures that are not here, and why (the centre watermark, the sharpening, the patch, the hue, the
-JPEG quality): docs/audit.md, "Cue kinds beyond the proofs" and Limits.
+The cures proven here: the corner watermark and the sharpening; the centre watermark's is a case of
+test_cure. The ones not proven, and why (the patch, the hue, the JPEG quality): docs/audit.md, "Cue
+kinds beyond the proofs" and Limits.
 """
 
 from __future__ import annotations

@@ -360,6 +360,9 @@ def test_a_kept_round_comes_back_only_for_the_same_inputs(tmp_path: Path) -> Non
     assert cure_resume.restore(store, 2, expected, outputs) is None  # never kept
     (store / "1" / model.name).write_bytes(b"torn")
     assert cure_resume.restore(store, 1, expected, outputs) is None
+    for broken in (b"{", b"[]", b"\xff"):  # an edited or broken record: trained again, no traceback
+        (store / "1" / cure_resume.RECORD).write_bytes(broken)
+        assert cure_resume.restore(store, 1, expected, outputs) is None, broken
     cure_resume.clear(store)
     assert not store.exists()
 

@@ -54,11 +54,17 @@ def restore(store: Path, number: int, expected: dict[str, Any], outputs: Outputs
     kept = store / str(number)
     if not (kept / RECORD).is_file():
         return None
-    record = json.loads((kept / RECORD).read_text())
+    try:  # the record is a file on disk like any other: an edited or broken one is not trusted
+        record = json.loads((kept / RECORD).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        log.warning("%s: round %d's record is not readable JSON: the round is trained again", kept, number)
+        return None
     wanted = json.loads(json.dumps(expected))  # compared as JSON reads it back (tuples are lists)
     stale = [name for name in EXPECTED if record.get(name) != wanted[name]]
     checkpoint = kept / outputs.checkpoint.name
-    if not stale and (not checkpoint.is_file() or file_sha256(checkpoint) != record["checkpoint_sha256"]):
+    if not stale and (not checkpoint.is_file() or file_sha256(checkpoint) != record.get("checkpoint_sha256")):
         stale = ["checkpoint_sha256"]
     if stale:
         log.warning(

@@ -164,6 +164,11 @@ def beyond(plan: Plan, used: Collection[Key], class_names: Sequence[str]) -> Pla
 HOLDS = 0.8  # a place holds another when it covers this share of the other's pixels
 
 
+def _holds(outer: np.ndarray, inner: np.ndarray) -> bool:
+    """Whether place `outer` covers `HOLDS` of place `inner`'s pixels."""
+    return bool((outer & inner).sum() >= HOLDS * inner.sum())
+
+
 def place_answers(flips: dict[Key, float], places: dict[str, Any]) -> dict[Key, str]:
     """For each failing (class, place), with the largest flip rate of its findings, the place whose
     cue answers it. Of one class's places, smallest first: one that holds most of one kept place is
@@ -178,7 +183,7 @@ def place_answers(flips: dict[Key, float], places: dict[str, Any]) -> dict[Key, 
     for cls, place in sorted(flips, key=lambda key: int(places[key[1]].sum())):
         mask = places[place]
         kept = [p for (c, p), by in answer.items() if c == cls and by == p]
-        held = [p for p in kept if (mask & places[p]).sum() >= HOLDS * places[p].sum()]
+        held = [p for p in kept if _holds(mask, places[p])]
         answer[(cls, place)] = held[0] if len(held) == 1 else place
         for spanned in held if len(held) > 1 else ():
             answer.update({k: place for k, by in answer.items() if k[0] == cls and by == spanned})
@@ -205,7 +210,7 @@ def _spanning(flips: dict[Key, float], places: dict[str, Any]) -> dict[Key, floa
     for cls in dict.fromkeys(c for c, _ in flips):
         failing = [p for c, p in flips if c == cls]
         for name in sorted(places.keys() - set(failing), key=lambda p: int(places[p].sum())):
-            held = [p for p in failing if (places[name] & places[p]).sum() >= HOLDS * places[p].sum()]
+            held = [p for p in failing if _holds(places[name], places[p])]
             touched = any(all((places[q] & places[p]).any() for p in held) for q in failing if q not in held)
             if len(held) > 1 and not touched:
                 out[(cls, name)] = max(flips[(cls, p)] for p in held)

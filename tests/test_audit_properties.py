@@ -242,7 +242,7 @@ def test_with_two_classes_the_stronger_side_of_a_property_names_the_class() -> N
 FACES_BLUR = Case(
     "blur", "nonface", seed=1, source="faces", per_class=None, epochs=25, cue_args=(("confound", 0.4),)
 )
-CLEAN_FACES = Case("none", None, source="faces", per_class=None, epochs=25)  # test_audit_v2's: one run
+CLEAN_FACES = Case("none", None, source="faces", per_class=None, epochs=25)  # as test_audit_v2's
 BLURS = {f"property:{prop}" for prop in pi.ERASING}
 
 

@@ -36,6 +36,13 @@ CUED = {
     # two classes: grain on the faces; the property transplant adds it to the non-faces (its mirror:
     # blurring them). Measured: cue flips 1.00, grain flipped 13 of 13 non-faces to 'face', the mirror 0
     "faces-noise": Case("noise", "face", seed=3, source="faces", per_class=None, epochs=25),
+    # a red square at a corner of RGB photographs, at the builder's 100 crops a class (per_class None).
+    # Measured: cue flips 0.98, fail on 'chelsea' (the top-right corner's class mean 100%, its own
+    # pixels 85%), 58 s at load 4; at the old 40 crops, flips 1.00 and `pass`: 14 recipients, so the
+    # corner's 43-50% over its control had adjusted p 0.22-0.31 (docs/audit.md, 2 December 2026)
+    "photos-patch": Case(
+        "patch", "chelsea", seed=2, source="photos", per_class=None, epochs=15, cue_args=(("confound", 0.4),)
+    ),
 }
 CLEAN = {
     "digits": Case("none", None),
@@ -43,6 +50,8 @@ CLEAN = {
     # classes share backgrounds and tone. At 8 epochs '8' and '9' had 2 correct test images each (the
     # audit is inconclusive); at 15 each class has enough
     "rgb-scenes": Case("none", None, source="scenes", epochs=15),
+    # classes differ in colour and texture: tone and properties are warnings on RGB, the places pass
+    "rgb-photos": Case("none", None, source="photos", per_class=None, epochs=15),
 }
 # ResNet-18's proofs (tests/test_audit_resnet.py): their own module, so they run beside the
 # ConvNet cases that test_cure shares, not after them on one worker (tests/conftest.py)

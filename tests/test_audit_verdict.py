@@ -54,13 +54,20 @@ def test_transplant_fails_with_a_sentence_naming_class_test_and_number() -> None
     )
 
 
-def test_too_few_pairs_to_show_an_effect_pass() -> None:
+def test_too_few_pairs_to_show_an_effect_pass_with_a_warning_that_says_so() -> None:
     small = Transplant(flip_rate=0.3125, control_flip_rate=0.0625, pairs=16)  # 5 of 16 against 1 of 16
     assert verdict.p_value(small) > A.significance
-    assert decide({"a": _with(transplant_tone=small)}, None, A).verdict == "pass"
+    result = decide({"a": _with(transplant_tone=small)}, None, A)
+    assert result.verdict == "pass"
+    (warning,) = [w for w in result.warnings if w.test == "underpowered:transplant_tone"]
+    assert warning.class_name == "a" and warning.p_adjusted > A.significance
+    assert "16 images are too few" in warning.sentence and "31%" in warning.sentence
+    at_warning = decide({"a": _with(transplant_tone=small)}, None, A, rgb=True)  # tone: a warning on RGB
+    assert not [w for w in at_warning.warnings if w.test.startswith("underpowered")]
     large = replace(small, pairs=160)  # the same rates over ten times the images
     result = decide({"a": _with(transplant_tone=large)}, None, A)
     assert result.verdict == "fail" and result.failures[0].p_value < 0.001
+    assert not [w for w in result.warnings if w.test.startswith("underpowered")]
 
 
 def test_control_cancels_a_flip_that_any_paste_causes() -> None:

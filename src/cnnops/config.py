@@ -422,8 +422,9 @@ class CureParams(Section):
         gt=0.0, le=1.0, description="share of training images each finding's counterfactual changes"
     )
     epochs: StrictInt = Field(ge=1, le=10_000, description="most epochs of the cured model's training")
-    mode: Literal["retrain", "head"] = Field(
-        description="a new model from scratch, or the failed model's head only (backbone frozen)"
+    mode: Literal["retrain", "finetune", "head"] = Field(
+        description="a new model from scratch; the failed model, every layer trained on; or its head only "
+        "(backbone frozen)"
     )
     rounds: StrictInt = Field(
         ge=1, le=5, description="most cure rounds: a failing re-audit's findings call for the next one"

@@ -158,7 +158,7 @@ class _Round:
     plan: counterfactual_plan.Plan  # the cues this round adds and the findings they answer
     cues: tuple[counterfactual.Cue, ...]  # every cue it trained with (earlier rounds' first)
     audit: dict[str, Any]  # its model's audit report
-    model: Classifier | None  # round 0's: the failed model, which a head-only round starts from
+    model: Classifier | None  # round 0's: the failed model, which a finetune or head-only round starts from
     run_id: str  # its model's MLflow run
     metrics: dict[str, Any] = field(default_factory=dict)  # its evaluate metrics
     trained: dict[str, Any] = field(default_factory=dict)  # its train report
@@ -231,12 +231,15 @@ def _round(
     failed: _Round,
     key: str,
 ) -> _Round:
-    """Train with `previous`'s cues and `plan`'s (from scratch, or the `failed` model's head), link
-    the run to `previous`'s, evaluate and re-audit the new model; keep the round (`cure_resume`)."""
+    """Train with `previous`'s cues and `plan`'s (from scratch; or from the `failed` model, every layer
+    or its head only), link the run to `previous`'s, evaluate and re-audit the new model; keep the
+    round (`cure_resume`)."""
     number, cues = previous.number + 1, (*previous.cues, *plan.cues)
     augment = counterfactual.Counterfactual(cues, params.cure.rate)
-    start = failed.model if params.cure.mode == "head" else None
-    trained = train.run(_training_params(params), _train_paths(paths), train.Retraining(augment, start))
+    mode = params.cure.mode
+    start = None if mode == "retrain" else failed.model
+    retraining = train.Retraining(augment, start, head_only=mode == "head")
+    trained = train.run(_training_params(params), _train_paths(paths), retraining)
     assert trained.run_id is not None  # one process: rank 0
     _link(params, previous.run_id, trained.run_id, plan, number)  # before anything else can fail
     evaluate.run(params, _evaluate_paths(paths))

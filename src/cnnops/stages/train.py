@@ -89,11 +89,12 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class Retraining:
-    """What `cure` changes in a run: counterfactual training batches and, for a head-only cure, the
-    failed model to start from (its backbone frozen)."""
+    """What `cure` changes in a run: counterfactual training batches and, for a head-only or
+    fine-tuning cure, the failed model to start from (`head_only`: its backbone frozen)."""
 
     counterfactual: Counterfactual
     start_from: Classifier | None = None
+    head_only: bool = False
 
 
 def run(
@@ -149,7 +150,7 @@ def _build(
     start_from = retraining.start_from if retraining is not None else None
     if start_from is not None:
         model.load_state_dict(start_from.state_dict())
-    if t.mode == "linear_probe" or start_from is not None:
+    if t.mode == "linear_probe" or (retraining is not None and retraining.head_only):
         model.freeze_backbone()
     settings = _loop_settings(t, dist.device)
     summary, memory = _preflight(t, model, len(train_split), dist)

@@ -54,6 +54,12 @@ def test_transplant_fails_with_a_sentence_naming_class_test_and_number() -> None
     )
 
 
+def test_most_attended_pixels_with_no_common_place_are_said_to_be_spread_out() -> None:
+    top = Transplant(flip_rate=0.59, control_flip_rate=0.17, pairs=46, pixels=51, where=evidence.SPREAD_OUT)
+    (finding,) = decide({"a": _with(transplant_top=top), "b": CLEAN}, None, A).failures
+    assert "(5% of the image, spread out) into other classes' images" in finding.sentence, finding.sentence
+
+
 def test_too_few_pairs_to_show_an_effect_pass_with_a_warning_that_says_so() -> None:
     small = Transplant(flip_rate=0.3125, control_flip_rate=0.0625, pairs=16)  # 5 of 16 against 1 of 16
     assert verdict.p_value(small) > A.significance

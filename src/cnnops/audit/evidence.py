@@ -25,6 +25,8 @@ from cnnops.audit.contract import Attention, ClassFigures, Deletion, Errors, Mas
 from cnnops.audit.regions import off_object_only, shape_matters
 from cnnops.models import Classifier
 
+SPREAD_OUT = "spread out"  # where most-attended pixels lie that share no place: sentences say it as is
+
 # A transplant with no image to paste, or none to paste into: nothing flipped, nothing to judge.
 NO_PAIRS = Transplant(flip_rate=0.0, control_flip_rate=0.0, pairs=0)
 NO_PLACE = replace(NO_PAIRS, other_classes_flip_rate=0.0)  # a fixed place's, with its control's key
@@ -574,7 +576,7 @@ def _top_transplant(
     return replace(
         result,
         pixels=int(tops[0].sum()) if len(tops) else 0,
-        where=describe_place(common) if common.any() else "spread out",
+        where=describe_place(common) if common.any() else SPREAD_OUT,
     )
 
 

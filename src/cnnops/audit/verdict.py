@@ -28,6 +28,7 @@ from cnnops.audit.contract import (
     Transplant,
     TransplantKind,
 )
+from cnnops.audit.evidence import SPREAD_OUT
 from cnnops.audit.regions import OUTER_BAND
 from cnnops.config import AuditParams
 
@@ -110,6 +111,11 @@ def p_value(t: Transplant) -> float:
     return float(fisher_exact([[k, n - k], [c, n - c]], alternative="greater").pvalue)
 
 
+def _where(where: str | None) -> str:
+    """Where the most-attended pixels lie, as a sentence says it ("spread out": no common place)."""
+    return "spread out" if where == SPREAD_OUT else f"mostly at the {where}"
+
+
 def _p_words(p: float) -> str:
     """A p-value as a sentence gives it: tiny ones as a bound."""
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
@@ -122,7 +128,7 @@ def _transplant_words(
     if kind == "top":
         what = (
             f"pasting its most-attended {t.pixels} pixels ({_pct(a.top_fraction)} of the image, "
-            f"mostly at the {t.where}) into other classes' images"
+            f"{_where(t.where)}) into other classes' images"
         )
         controls = TOP_CONTROLS if t.same_class_flip_rate is not None else TOP_CONTROLS_ALONE
         return "transplant_top", what, controls
@@ -244,8 +250,8 @@ def _deletion_finding(name: str, f: ClassFigures, a: AuditParams) -> list[Findin
     if d.gap < a.deletion_gap_threshold or f.top_off_object < OFF_OBJECT_FOR_DELETION:
         return []
     sentence = (
-        f"class '{name}': removing its most-attended pixels (mostly at the "
-        f"{f.transplant_top.where}, {_pct(f.top_off_object)} of them off the object) lowers "
+        f"class '{name}': removing its most-attended pixels ({_where(f.transplant_top.where)}, "
+        f"{_pct(f.top_off_object)} of them off the object) lowers "
         f"its confidence by {d.drop_top:.2f}, {d.gap:.2f} more than removing a random region "
         "of the same size; the object's extent is estimated from pixels unless data/annotations.csv "
         "gives masks: if the removed pixels are the object itself, masks make this exact "

@@ -14,6 +14,10 @@ same digits with the same seed and epochs: the baseline the accuracies are read 
 - the cure's rounds (`cure.rounds`, params.yaml's) and its training time, all rounds together,
   over the original model's (both from their train reports).
 
+`--mode retrain finetune` cures each failed model once per `cure.mode`, all from the same failed
+pipeline (its model, audit and clean baseline), each into its own checkpoint and reports; the
+table has a row per cue kind and mode.
+
 `--cure-epochs-factor 2` trains the cure twice the original's epochs and measures a clean model
 trained as long beside the one trained as long as the original (does a longer cure close the
 clean-accuracy gap, or does the clean model gain as much?).
@@ -26,6 +30,7 @@ outermost, so a cut run still covers every kind.
 
     .venv/bin/python benchmarks/cure.py --seeds 5
     .venv/bin/python benchmarks/cure.py --seeds 1 --kinds corner tint
+    .venv/bin/python benchmarks/cure.py --seeds 2 --mode retrain finetune
 """
 
 from __future__ import annotations
@@ -38,19 +43,20 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from figures import add_json_argument, row, write_json
 
-from cnnops.config import Params, parse_params
+from cnnops.config import CureParams, Params, parse_params
 from cnnops.data.planted import CueSpec, clean_accuracy, cue_flip_rate, make_planted
 from cnnops.data.splits import PreparedSplit
 from cnnops.models import load_classifier
 from cnnops.stages import audit, cure, evaluate, prepare, train, validate
 
 LEARNED = 0.2  # the detection benchmark's "learned": the cue alone flips this share of other classes
+MODES = get_args(CureParams.model_fields["mode"].annotation)  # cure.mode's choices, as params.yaml's
 
 
 @dataclass(frozen=True)
@@ -73,9 +79,11 @@ KINDS = {
 }
 
 
-def params_for(root: Path, seed: int, epochs: int, cure_epochs: int | None = None) -> Params:
-    """The proofs' params (tests/fixtures_audit.case_params) at `seed`, the cure enabled; both train
-    `epochs` unless `cure_epochs` says the cure's."""
+def params_for(
+    root: Path, seed: int, epochs: int, cure_epochs: int | None = None, mode: str = "retrain"
+) -> Params:
+    """The proofs' params (tests/fixtures_audit.case_params) at `seed`, the cure enabled in `mode`;
+    both train `epochs` unless `cure_epochs` says the cure's."""
     return parse_params(
         {
             "base": {"seed": seed},
@@ -86,7 +94,7 @@ def params_for(root: Path, seed: int, epochs: int, cure_epochs: int | None = Non
                 "early_stopping_patience": None, "augment": {"random_resized_crop": False},
             },
             "audit": {"methods": ["gradcam"]},
-            "cure": {"enabled": True, "epochs": cure_epochs or epochs, "rate": 0.5, "mode": "retrain"},
+            "cure": {"enabled": True, "epochs": cure_epochs or epochs, "rate": 0.5, "mode": mode},
             "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_location": str(root / "art")},
         },
         "cure benchmark",
@@ -117,13 +125,16 @@ def pipeline(root: Path, params: Params, with_audit: bool) -> dict[str, Any]:
     return {"train_s": trained.report["train_seconds"], "accuracy": metrics["accuracy"], "verdict": verdict}
 
 
-def cure_paths(root: Path) -> cure.CurePaths:
+def cure_paths(root: Path, mode: str) -> cure.CurePaths:
+    """The stage's paths for a cure in `mode`: the failed pipeline's inputs, outputs of the mode's own
+    (so each mode's cure starts from the same failed model and resumes none of another's)."""
     r = root / "reports"
     return cure.CurePaths(
         audit_report=r / "audit.json", model=root / "models" / "model.pt", train_report=r / "train.json",
         metrics=r / "metrics.json", prepared=root / "prepared", validation=r / "validation.json",
-        data=root / "data", out=root / "models" / "cured" / "model.pt", report=r / "cure.json",
-        folder=r / "cure", state=root / ".cnnops" / "cure.pt", project=root,
+        data=root / "data", out=root / "models" / f"cured-{mode}" / "model.pt",
+        report=r / f"cure-{mode}.json", folder=r / f"cure-{mode}", state=root / ".cnnops" / f"cure-{mode}.pt",
+        project=root,
     )  # fmt: skip
 
 
@@ -149,17 +160,18 @@ def clean_model(base: Path, seed: int, epochs: int, cache: Baselines) -> dict[st
 
 
 def one_run(
-    root: Path, name: str, seed: int, baseline: dict[str, Any], long: dict[str, Any] | None, factor: int
-) -> dict[str, Any]:
-    """Plant `name` at `seed`, run the pipeline and, when the audit fails, the cure (`factor` x the
-    epochs); the figures. `long`: the clean model trained as long as the cure (None: factor 1)."""
+    root: Path, name: str, seed: int, baseline: dict[str, Any], long: dict[str, Any] | None,
+    factor: int, modes: list[str],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Plant `name` at `seed`, run the pipeline and, when the audit fails, cure that one failed model
+    in each of `modes` (`factor` x the epochs); a row of figures per mode. `long`: the clean model
+    trained as long as the cure (None: factor 1)."""
     kind = KINDS[name]
     spec = make_planted(
         root / "data", kind.cue, str(seed % 10), source="digits", seed=seed, image_size=32, per_class=60,
         **kind.args,
     )  # fmt: skip
-    params = params_for(root, seed, kind.epochs, factor * kind.epochs)
-    before = pipeline(root, params, with_audit=True)
+    before = pipeline(root, params_for(root, seed, kind.epochs), with_audit=True)
     clean = PreparedSplit.load(baseline["test"] / "prepared", "test")
     flips, clean_acc = ground_truth(root / "models" / "model.pt", root, spec, clean)
     test = PreparedSplit.load(root / "prepared", "test")
@@ -168,19 +180,26 @@ def one_run(
         "verdict": before["verdict"], "accuracy": before["accuracy"], "clean_accuracy": clean_acc,
         "baseline_clean_accuracy": clean_accuracy(baseline["model"], test, clean)[0],
         "train_s": before["train_s"], "status": "not run (audit did not fail)",
+        **({"long_clean_accuracy": clean_accuracy(long["model"], test, clean)[0]} if long else {}),
     }  # fmt: skip
     if before["verdict"] != "fail":
-        return out
+        return [{**out, "mode": mode} for mode in modes]
+    cure_params = [params_for(root, seed, kind.epochs, factor * kind.epochs, mode) for mode in modes]
+    return [{**out, "mode": p.cure.mode, **cured(root, p, spec, clean)} for p in cure_params]
+
+
+def cured(root: Path, params: Params, spec: CueSpec, clean: PreparedSplit) -> dict[str, Any]:
+    """`cnnops cure` in `params`' cure.mode on the failed model at `root`; the cured model's figures."""
+    paths = cure_paths(root, params.cure.mode)
     started = time.perf_counter()
-    report = cure.run(params, cure_paths(root)).report
-    cured_flips, cured_clean = ground_truth(cure_paths(root).out, root, spec, clean)
+    report = cure.run(params, paths).report
+    cured_flips, cured_clean = ground_truth(paths.out, root, spec, clean)
     return {
-        **out, "status": report["status"], "cure_s": time.perf_counter() - started,
+        "status": report["status"], "cure_s": time.perf_counter() - started,
         "cure_train_s": sum(r["train_seconds"] for r in report["rounds"]), "rounds": len(report["rounds"]),
         "reaudit": report["after"]["audit_verdict"],
         "cured_flips": cured_flips, "cured_accuracy": report["after"]["accuracy"],
         "cured_clean_accuracy": cured_clean,
-        **({"long_clean_accuracy": clean_accuracy(long["model"], test, clean)[0]} if long else {}),
     }  # fmt: skip
 
 
@@ -200,19 +219,20 @@ def _long(runs: list[dict[str, Any]]) -> str:
 def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Print the per-kind table; its figures as JSON rows."""
     print(
-        "\n| cue | runs | learned | audit `fail` | cured (re-audit `pass`) | cue flips before → after "
-        "(medians over the runs whose audit failed) | test accuracy before → after "
-        "| clean-image accuracy failed → cured / clean model | rounds per cure "
+        "\n| cue | `cure.mode` | runs | learned | audit `fail` | cured (re-audit `pass`) "
+        "| cue flips before → after (medians over the runs whose audit failed) "
+        "| test accuracy before → after | clean-image accuracy failed → cured / clean model "
+        "| rounds per cure "
         "| cure training time / original |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     figures = []
-    for name in dict.fromkeys(r["kind"] for r in runs):
-        mine = [r for r in runs if r["kind"] == name]
+    for name, mode in dict.fromkeys((r["kind"], r["mode"]) for r in runs):
+        mine = [r for r in runs if (r["kind"], r["mode"]) == (name, mode)]
         failed = [r for r in mine if "reaudit" in r]
         cured = [r for r in failed if r["status"] == "cured"]
         head = (
-            f"| {name} | {len(mine)} | {sum(r['learned'] for r in mine)} | {len(failed)} "
+            f"| {name} | {mode} | {len(mine)} | {sum(r['learned'] for r in mine)} | {len(failed)} "
             f"| {len(cured)}/{len(failed)}"
         )
         if not failed:
@@ -228,14 +248,15 @@ def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             f"{_median(failed, 'baseline_clean_accuracy'):.3f}{_long(failed)} | {rounds} | {ratio:.2f}x |",
             flush=True,
         )
+        label = f"{name} cue, cure.mode {mode}"
         figures += [
-            row("cure", f"{name} cue: cured (re-audit pass, cue flips < 0.05)",
+            row("cure", f"{label}: cured (re-audit pass, cue flips < 0.05)",
                 f"{sum(r['cured_flips'] < 0.05 for r in cured)}/{len(failed)}",
                 f"{len(failed)} of {len(mine)} audits failed"),
-            row("cure", f"{name} cue: clean-image accuracy of the cured model (median)",
+            row("cure", f"{label}: clean-image accuracy of the cured model (median)",
                 f"{_median(failed, 'cured_clean_accuracy'):.3f}",
                 f"clean model {_median(failed, 'baseline_clean_accuracy'):.3f} (gap {gap:+.3f})"),
-            row("cure", f"{name} cue: cure training time", f"{_median(failed, 'cure_train_s'):.1f} s",
+            row("cure", f"{label}: cure training time", f"{_median(failed, 'cure_train_s'):.1f} s",
                 f"original training {_median(failed, 'train_s'):.1f} s", ratio),
         ]  # fmt: skip
     return figures
@@ -251,6 +272,10 @@ def main() -> None:
         "--cure-epochs-factor", type=int, default=1,
         help="the cure trains this many times the original's epochs; above 1 a clean model trained as "
         "long is measured too (long_clean_accuracy)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--mode", nargs="+", default=["retrain"], choices=MODES,
+        help="cure.mode(s): each failed model is cured once per mode, from the same failed pipeline",
     )  # fmt: skip
     add_json_argument(parser)
     args = parser.parse_args()
@@ -269,10 +294,10 @@ def main() -> None:
             epochs, factor = KINDS[name].epochs, args.cure_epochs_factor
             baseline = clean_model(base, seed, epochs, baselines)
             long = clean_model(base, seed, factor * epochs, baselines) if factor > 1 else None
-            r = one_run(base / f"{name}-{seed}", name, seed, baseline, long, factor)
-            runs.append(r)
-            print("  " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}),
-                  flush=True)  # fmt: skip
+            for r in one_run(base / f"{name}-{seed}", name, seed, baseline, long, factor, args.mode):
+                runs.append(r)
+                rounded = {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+                print("  " + json.dumps(rounded), flush=True)
     write_json(args.json, table(runs))
     shutil.rmtree(base)
 

@@ -113,7 +113,7 @@ def p_value(t: Transplant) -> float:
 
 def _where(where: str | None) -> str:
     """Where the most-attended pixels lie, as a sentence says it ("spread out": no common place)."""
-    return "spread out" if where == SPREAD_OUT else f"mostly at the {where}"
+    return SPREAD_OUT if where == SPREAD_OUT else f"mostly at the {where}"
 
 
 def _p_words(p: float) -> str:

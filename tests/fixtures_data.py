@@ -8,6 +8,8 @@ prepare stage made from it (colour mode "L", 32x32); its report is `prepared_dig
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,6 +38,7 @@ def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # One MLflow store for the data stages' runs of the whole session (a new SQLite store costs seconds
 # of migrations); tests that check those runs give their own.
 DATA_STORE = Path(tempfile.mkdtemp(prefix="cnnops-test-data-runs-"))
+atexit.register(shutil.rmtree, DATA_STORE, ignore_errors=True)  # not pytest's tmp: made at import
 
 
 def with_data_store(params: Params) -> Params:

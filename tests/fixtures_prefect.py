@@ -13,6 +13,7 @@ with `copy_workspace` and re-run only late stages (see `touch_export_params`).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ from cnnops.config import deep_merge
 # ephemeral server logs "database is locked"). Set, not defaulted: xdist workers inherit the
 # controller's environment, and two workers on one home share its database.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cnnops-prefect-home-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)  # each process its own
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 

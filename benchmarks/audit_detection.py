@@ -7,7 +7,12 @@ into other classes and a label confound) and each seed, this writes a planted co
 - detection: the verdict is `fail` and the worst failure names the cued class ("named first"), or
   the cued class is among the failed classes ("among failed"; with two classes, removing a cue
   from the cued class's images is also a cue for the other class, which may then come first);
-- false alarm: the verdict is `fail` on clean data.
+- false alarm: the verdict is `fail` on clean data;
+- could not judge: the verdict is `inconclusive` (a class had too few correct test images, its
+  `coverage` warning, named with the seed), and the runs with `underpowered:<test>` warnings (a test
+  over the threshold on too few pairs for its adjusted p-value: not failed), each named with its
+  seed, class and test. Two columns of the table; in the JSON one row a cell ("could not judge,
+  ..."), after the rows it gave before, which are unchanged.
 
 A planted cue is not always a learned one: when the digit alone is easy, the model may ignore it.
 So each run also measures the ground truth the audit does not see (`planted.cue_flip_rate`, through
@@ -50,6 +55,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from cnnops.audit.contract import AuditReport
 from cnnops.audit.saliency import find_target_layer, saliency_fn
+from cnnops.audit.verdict import COVERAGE, UNDERPOWERED
 from cnnops.config import parse_params
 from cnnops.data.example import PHOTOS
 from cnnops.data.planted import CUES, PLANTED_PHOTO_CROPS, SOURCES, cue_flip_rate, make_planted
@@ -129,12 +135,36 @@ def one_run(root: Path, cell: Cell, seed: int, per_class: int, epochs: int) -> d
         "named": worst is not None and worst.class_name == cls,
         "among": cls in decision.failed_classes,
         "worst": worst.sentence if worst else "",
+        "seed": seed,
+        "uncovered": [w.class_name for w in decision.warnings if w.test == COVERAGE],
+        "underpowered": [
+            f"'{w.class_name}' {w.test.removeprefix(UNDERPOWERED + ':')}"
+            for w in decision.warnings
+            if w.test.startswith(f"{UNDERPOWERED}:")
+        ],
         "largest_excess": largest_excess(report),
         "largest_at_error": largest_at_error(report),
         "audit_seconds": seconds,
         "model": tp.model,
         "prepared": root / "prepared",
     }
+
+
+def could_not_judge(runs: list[dict]) -> tuple[str, str]:
+    """The table's two "could not judge" cells: the `inconclusive` runs (with the classes too few to
+    audit) and the runs with `underpowered:` warnings (with their tests), each as count/runs (seeds)."""
+    inconclusive = [r for r in runs if r["verdict"] == "inconclusive"]
+    weak = [r for r in runs if r["underpowered"]]
+    return (
+        _named(inconclusive, len(runs), lambda r: ", ".join(f"'{c}'" for c in r["uncovered"])),
+        _named(weak, len(runs), lambda r: "; ".join(r["underpowered"])),
+    )
+
+
+def _named(picked: list[dict], n: int, what: Callable[[dict], str]) -> str:
+    """`k/n`, then each picked run's seed and `what` of it: "2/5 (seed 1: ...; seed 3: ...)"."""
+    seeds = "; ".join(f"seed {r['seed']}: {what(r)}" for r in picked)
+    return f"{len(picked)}/{n}" + (f" ({seeds})" if picked else "")
 
 
 def largest_excess(report: AuditReport) -> float:
@@ -219,7 +249,7 @@ def _detection_runs(args: argparse.Namespace, base: Path) -> list[tuple[Cell, li
             print(
                 f"  {cell} seed {seed} class {s.cued_class} {s.position} size {s.size} intensity "
                 f"{s.intensity}: cue flips {r['cue_flips']:.2f}, {r['verdict']} "
-                f"in {r['audit_seconds']:.0f} s "
+                f"in {r['audit_seconds']:.0f} s; underpowered: {'; '.join(r['underpowered']) or 'none'}; "
                 f"{r['worst'][:100]}",
                 flush=True,
             )
@@ -231,21 +261,24 @@ def _detection_table(rows: list[tuple[Cell, list[dict]]]) -> list[dict]:
     """Print the detection table; its figures as JSON rows."""
     print(
         "\n| data | cue | px | model | prevalence | runs | model learned the cue | caught, named first "
-        "| caught, among failed | `fail` on a cue the model ignores / on clean data | audit s (median) |"
+        "| caught, among failed | `fail` on a cue the model ignores / on clean data | `inconclusive` "
+        "| with `underpowered:` warnings | audit s (median) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     figures = []
     for c, runs in rows:
         fails = [r["verdict"] == "fail" for r in runs]
         seconds = float(np.median([r["audit_seconds"] for r in runs]))
         head = f"| {c.source} | {c.cue if c.cue != 'none' else 'none (clean)'} | {c.size} | {c.model}"
+        inconclusive, underpowered = could_not_judge(runs)
+        tail = f"| {inconclusive} | {underpowered} | {seconds:.0f} |"
         if c.cue == "none":
             at_error, test = max(r["largest_at_error"] for r in runs)
             margin = (
                 f"largest flip − control {max(r['largest_excess'] for r in runs):.2f}; "
                 f"of a test at error {at_error:.2f}, {test}"
             )
-            print(f"{head} | | {len(runs)} | | | | {sum(fails)}/{len(runs)} ({margin}) | {seconds:.0f} |")
+            print(f"{head} | | {len(runs)} | | | | {sum(fails)}/{len(runs)} ({margin}) {tail}")
             figures.append(
                 row("audit_detection", f"false alarms, clean {c.source} {c.size}px {c.model}",
                     f"{sum(fails)}/{len(runs)}", margin)
@@ -257,7 +290,7 @@ def _detection_table(rows: list[tuple[Cell, list[dict]]]) -> list[dict]:
         ignored = sum(r["verdict"] == "fail" for r in runs if not r["learned"])
         print(
             f"{head} | {c.fraction:g} | {len(runs)} | {len(learned)} | {first}/{len(learned)} "
-            f"| {among}/{len(learned)} | {ignored}/{len(runs) - len(learned)} | {seconds:.0f} |"
+            f"| {among}/{len(learned)} | {ignored}/{len(runs) - len(learned)} {tail}"
         )
         figures.append(
             row(
@@ -266,7 +299,17 @@ def _detection_table(rows: list[tuple[Cell, list[dict]]]) -> list[dict]:
                 f"{len(learned)} of {len(runs)} models learned the cue",
             )
         )  # fmt: skip
-    return figures
+    return figures + [_unjudged_row(c, runs) for c, runs in rows]
+
+
+def _unjudged_row(c: Cell, runs: list[dict]) -> dict:
+    """A cell's "could not judge" JSON row, after every row the table had before: their order kept."""
+    inconclusive, underpowered = could_not_judge(runs)
+    cue = f"{c.cue} prevalence {c.fraction:g}" if c.cue != "none" else "clean"
+    return row(
+        "audit_detection", f"could not judge, {cue} {c.source} {c.size}px {c.model}",
+        f"{inconclusive} inconclusive", f"{underpowered} with underpowered warnings",
+    )  # fmt: skip
 
 
 def _throughput_table(model: Path, prepared: Path, n: int, threads: int) -> list[dict]:

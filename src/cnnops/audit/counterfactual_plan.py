@@ -143,6 +143,20 @@ def cue_key(cue: Cue) -> Key:
     return cue.cls, cue.place
 
 
+def residuals(
+    audit: dict[str, Any], classes: Collection[str], significance: float
+) -> tuple[dict[str, Any], ...]:
+    """The tests of `audit` (a re-audit that did not fail) on `classes` (those a cure acted on) whose
+    flip rate beats their control at a Benjamini-Hochberg adjusted p-value at most `significance`, as
+    failures (`plan` reads them so): under the audit's flip threshold, so no failure, but evidence
+    that a class known to have had a shortcut still reads part of it (a text line's other end)."""
+    return tuple(
+        {"class": t["class"], "test": t["test"], "value": t["effect"], "p_adjusted": t["p_adjusted"]}
+        for t in audit["tests"]
+        if t["class"] in classes and t["effect"] > 0 and t["p_adjusted"] <= significance
+    )
+
+
 def beyond(plan: Plan, used: Collection[Key], class_names: Sequence[str]) -> Plan:
     """`plan` (of a re-audit) less the cues in `used` (an earlier round trained with them): a finding
     one of those answers still fails with its counterfactual in the training, so it is not addressed
@@ -154,7 +168,8 @@ def beyond(plan: Plan, used: Collection[Key], class_names: Sequence[str]) -> Pla
         (again if (class_names.index(a["class"]), a["cue"]) in used else new).append(a)
     repeated = tuple(
         {"class": a["class"], "test": a["test"],
-         "why": f"its counterfactual ({a['cue']}) was in an earlier round's training and it still fails"}
+         "why": f"its counterfactual ({a['cue']}) was in an earlier round's training and the re-audit "
+                "still finds it"}
         for a in again
     )  # fmt: skip
     cues = tuple(c for c in plan.cues if cue_key(c) not in used)

@@ -27,7 +27,6 @@ skipped report, whatever the audit.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -65,6 +64,9 @@ RELEASE_KEYS = (
     "metric",
     "score",
 )
+
+
+RESIDUAL_LEFT = "residual left"  # status: the re-audit passed, a significant residual on a cured class left
 
 
 @dataclass(frozen=True)
@@ -120,13 +122,13 @@ def run(params: Params, paths: CurePaths = CurePaths(), if_failed: bool = False)
     _same_model(failed, paths, parent)
     before = _json(paths.metrics, "run `cnnops evaluate` on the failed model first")
     split = PreparedSplit.load(paths.prepared, "train")
-    plan = _plan(params, failed, split, _failed_paths(paths), tuple(model.spec.image_size))
+    zero = _Round(0, counterfactual_plan.Plan((), (), ()), (), failed, model, parent)
+    plan = _plan(params, failed, split, _failed_paths(paths), zero)
     if not plan.cues:
         raise StageInputError(f"{paths.audit_report}: no finding the cure can act on: {_whys(plan)}")
     for left in plan.not_addressed:
         log.warning("cure: class '%s' %s is not addressed: %s", left["class"], left["test"], left["why"])
-    nothing = counterfactual_plan.Plan((), (), ())
-    done, stopped = _rounds(params, paths, split, _Round(0, nothing, (), failed, model, parent), plan)
+    done, stopped = _rounds(params, paths, split, zero, plan)
     last = done[-1]
     report = _table(params, paths, failed, done, stopped, before)
     atomic.write_json(paths.report, {**report, "release": None})  # the table holds if export fails
@@ -167,40 +169,75 @@ class _Round:
 def _rounds(
     params: Params, paths: CurePaths, split: PreparedSplit, failed: _Round, plan: counterfactual_plan.Plan
 ) -> tuple[list[_Round], str]:
-    """Round after round until the re-audit does not fail, `cure.rounds` ran, or a re-audit's
-    failures call for no counterfactual the training did not already have; (the failed model's round
-    0 and the rounds, why they stopped). A later round plans from its re-audit and the model it
-    audited (a recurring patch is found again on it) and trains a new model with every round's cues.
-    The rounds a killed cure of the same inputs completed are taken back, not trained again."""
+    """Round after round until a re-audit neither fails nor leaves a residual (`_residual`),
+    `cure.rounds` ran, or a re-audit calls for no counterfactual the training did not already have;
+    (the failed model's round 0 and the rounds, why they stopped). The rounds a killed cure of the
+    same inputs completed are taken back, not trained again."""
     done, key = [failed], _inputs_key(params, paths)
     resuming = True  # until the first round no record stands for
     while True:
         kept = _kept(params, paths, plan, done[-1], key) if resuming else None
         resuming = kept is not None
         done.append(kept or _round(params, paths, plan, done[-1], failed, key))
-        last = done[-1]
-        verdict = last.audit["verdict"]
-        if verdict == "inconclusive":
-            # no failure, but a class too few images to look at: nothing proves the shortcut gone, and
-            # nothing is left to plan another round from
-            why = f"round {last.number}'s re-audit is inconclusive: no evidence the shortcut is gone"
-            why += f" ({_unaudited(last.audit)})"
-            log.warning("cure: %s", why)
-            return done, why
+        stopped, plan = _next(params, paths, split, done)
+        if stopped:
+            return done, stopped
+
+
+def _next(
+    params: Params, paths: CurePaths, split: PreparedSplit, done: list[_Round]
+) -> tuple[str, counterfactual_plan.Plan]:
+    """After the last of `done`: why the rounds stop ('' when they go on) and the next round's plan.
+    A later round plans from the last re-audit's failures, or, when it passed, from its residual
+    tests as if they were failures, on the model it audited (a recurring patch is found again on
+    it), less the cues the training already had; it trains a new model with every round's cues."""
+    last, nothing = done[-1], counterfactual_plan.Plan((), (), ())
+    verdict, residual = last.audit["verdict"], _residual(params, done)
+    if verdict == "inconclusive":
+        # no failure, but a class too few images to look at: nothing proves the shortcut gone, and
+        # nothing is left to plan another round from
+        why = f"round {last.number}'s re-audit is inconclusive: no evidence the shortcut is gone"
+        log.warning("cure: %s (%s)", why, _unaudited(last.audit))
+        return f"{why} ({_unaudited(last.audit)})", nothing
+    if verdict != "fail" and not residual:
+        return f"round {last.number}'s re-audit is {verdict}", nothing
+    why = f"round {last.number}'s re-audit fails"
+    if verdict != "fail":
+        why = f"round {last.number}'s re-audit is {verdict} with a residual: {_named(residual)}"
+    if last.number == params.cure.rounds:
         if verdict != "fail":
-            return done, f"round {last.number}'s re-audit is {verdict}"
-        if last.number == params.cure.rounds:
-            return done, f"round {last.number}'s re-audit fails and cure.rounds is {params.cure.rounds}"
-        used = {counterfactual_plan.cue_key(c) for c in last.cues}
-        plan = counterfactual_plan.beyond(
-            _plan(params, last.audit, split, _audit_paths(paths), tuple(failed.model.spec.image_size)),
-            used,
-            split.class_names,
-        )
-        if not plan.cues:
-            why = f"round {last.number}'s re-audit fails but finds nothing new to act on: {_whys(plan)}"
-            log.warning("cure: %s", why)
-            return done, why
+            log.warning("cure: %s; cure.rounds is %d: the residual is left", why, params.cure.rounds)
+        return f"{why} and cure.rounds is {params.cure.rounds}", nothing
+    document = last.audit if verdict == "fail" else {**last.audit, "failures": list(residual)}
+    used = {counterfactual_plan.cue_key(c) for c in last.cues}
+    planned = _plan(params, document, split, _audit_paths(paths), done[0])
+    plan = counterfactual_plan.beyond(planned, used, split.class_names)
+    if not plan.cues:
+        why = f"{why} but finds nothing new to act on: {_whys(plan)}"
+        log.warning("cure: %s", why)
+        return why, nothing
+    return "", plan
+
+
+def _residual(params: Params, done: list[_Round]) -> tuple[dict[str, Any], ...]:
+    """The last round's re-audit's residual tests (`counterfactual_plan.residuals`) on the classes the
+    rounds acted on, at the audit's `significance`; none when it failed (its failures plan the next
+    round). The audit's thresholds ask whether there is a shortcut at all; of a class known to have
+    had one, a significant residual says the cure is not done."""
+    last = done[-1]
+    if last.audit["verdict"] == "fail":
+        return ()
+    cured = {a["class"] for r in done[1:] for a in r.plan.addressed}
+    return counterfactual_plan.residuals(last.audit, cured, params.audit.significance)
+
+
+def _named(residual: tuple[dict[str, Any], ...]) -> str:
+    """Residual tests in words: class, test, effect over its control and adjusted p-value."""
+    return "; ".join(
+        f"class '{t['class']}' {t['test']} {t['value']:.2f} over its control "
+        f"(adjusted p {t['p_adjusted']:.3g})"
+        for t in residual
+    )
 
 
 def _unaudited(document: dict[str, Any]) -> str:
@@ -213,12 +250,13 @@ def _plan(
     document: dict[str, Any],
     split: PreparedSplit,
     audited: audit.AuditPaths,
-    size: tuple[int, ...],
+    failed: _Round,
 ) -> counterfactual_plan.Plan:
-    """The counterfactuals `document`'s failures call for, on the model at `audited.model` (its input
-    `size`: every round's model is trained on the failed one's prepared split, at its size)."""
+    """The counterfactuals `document`'s failures call for, on the model at `audited.model`, at the
+    `failed` model's input size (every round's model is trained on its prepared split, at its size)."""
+    assert failed.model is not None  # round 0 holds the failed model
     return counterfactual_plan.plan(
-        document, split, size, params.audit.batch_size, params.base.seed,
+        document, split, tuple(failed.model.spec.image_size), params.audit.batch_size, params.base.seed,
         lambda: {name: d.exemplars for name, d in audit.recurring(params, audited).items()},
     )  # fmt: skip
 
@@ -234,7 +272,7 @@ def _round(
     """Train with `previous`'s cues and `plan`'s (from scratch; or from the `failed` model, every layer
     or its head only), link the run to `previous`'s, evaluate and re-audit the new model; keep the
     round (`cure_resume`)."""
-    number, cues = previous.number + 1, (*previous.cues, *plan.cues)
+    number, cues = _numbered(previous, plan)
     augment = counterfactual.Counterfactual(cues, params.cure.rate)
     mode = params.cure.mode
     start = None if mode == "retrain" else failed.model
@@ -255,7 +293,7 @@ def _kept(
 ) -> _Round | None:
     """The round after `previous` as a killed cure of the same inputs completed it, its model and
     reports back in place; None when no record stands for it."""
-    number, cues = previous.number + 1, (*previous.cues, *plan.cues)
+    number, cues = _numbered(previous, plan)
     expected = _expected(params, plan, cues, previous, key)
     record = cure_resume.restore(paths.rounds, number, expected, _outputs(paths))
     if record is None:
@@ -265,6 +303,11 @@ def _kept(
         number, paths.rounds / str(number), record["run_id"],
     )  # fmt: skip
     return _finished(paths, number, plan, cues, record["run_id"])
+
+
+def _numbered(previous: _Round, plan: counterfactual_plan.Plan) -> tuple[int, tuple[counterfactual.Cue, ...]]:
+    """The round after `previous`: its number and every cue it trains with (earlier rounds' first)."""
+    return previous.number + 1, (*previous.cues, *plan.cues)
 
 
 def _finished(
@@ -434,11 +477,13 @@ def _table(
 ) -> dict[str, Any]:
     """reports/cure.json: what was cured how, the before/after of the test figures and of every
     finding's flip rate against its control (the last round's model against the failed one), and
-    each round's own."""
-    last = done[-1]
+    each round's own. A pass with a residual left on a cured class (`cure.rounds` ran out) is not
+    `cured` but `RESIDUAL_LEFT`, the tests in `residual`."""
+    last, residual = done[-1], _residual(params, done)
     parent_train = _json(paths.train_report, "run `cnnops train`")
+    status = "not cured" if last.audit["verdict"] != "pass" else RESIDUAL_LEFT if residual else "cured"
     return {
-        "status": "cured" if last.audit["verdict"] == "pass" else "not cured",
+        "status": status,
         "parent_run_id": failed["run_id"],
         "run_id": last.run_id,
         "model": str(paths.out),
@@ -448,23 +493,27 @@ def _table(
         "epochs": params.cure.epochs,
         "max_rounds": params.cure.rounds,
         "stopped": stopped,
+        "residual": list(residual),
         "counterfactuals": counterfactual.Counterfactual(last.cues, params.cure.rate).describe(),
         "addressed": [{**a, "round": r.number} for r in done[1:] for a in r.plan.addressed],
         "not_addressed": [{**n, "round": r.number} for r in done[1:] for n in r.plan.not_addressed],
         "before": _figures(before, failed["verdict"], parent_train),
         "after": _figures(last.metrics, last.audit["verdict"], last.trained),
         "findings": _findings(failed, last.audit),
-        "rounds": [_round_row(params, r, previous) for previous, r in itertools.pairwise(done)],
+        "rounds": [_round_row(params, done[: i + 1], r) for i, r in enumerate(done[1:])],
     }
 
 
-def _round_row(params: Params, r: _Round, previous: _Round) -> dict[str, Any]:
-    """A round in cure.json: the findings of the audit before it, before and after, the ones it acted
-    on, its model's run (linked to the one before), re-audit verdict, test accuracy, training time."""
+def _round_row(params: Params, before: list[_Round], r: _Round) -> dict[str, Any]:
+    """A round in cure.json: the findings of the audit before it, before and after, the residual tests
+    of that audit it was started by (a pass's), the ones it acted on, its model's run (linked to the
+    one before), re-audit verdict, test accuracy, training time."""
+    previous = before[-1]
     return {
         "round": r.number,
         "run_id": r.run_id,
         "parent_run_id": previous.run_id,
+        "residual": list(_residual(params, before)),
         "addressed": list(r.plan.addressed),
         "not_addressed": list(r.plan.not_addressed),
         "counterfactuals": counterfactual.Counterfactual(r.cues, params.cure.rate).describe(),

@@ -274,3 +274,47 @@ def test_clean_two_class_faces_pass_the_blur_against_the_scrambled_control(
     assert not [f for f in run.report["failures"] if f["test"].startswith("property:")], [
         f["sentence"] for f in run.report["failures"]
     ]
+
+
+def _reddish(n: int) -> torch.Tensor:
+    """`n` textured images, each of one hue within 15 degrees of red, in mid tones (none clipped)."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.tensor([0.6, 0.35, 0.3]).view(1, 3, 1, 1) + 0.08 * torch.rand(n, 1, 32, 32, generator=g)
+    turns = (torch.rand(n, generator=g) - 0.5) * (30 / 360)
+    return torch.stack([pi._hue(img, float(t)) for img, t in zip(base, turns, strict=True)])
+
+
+class Unnatural(torch.nn.Module):
+    """Class 1 for an image whose mean hue lies over 40 degrees from red, either way: "an unnatural
+    hue -> class", what the scenes ConvNet learned from a class turned 84 degrees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.from_numpy(np.abs(pi._hue_angles(x))).float() - 40.0 + self.w
+        return torch.stack([-s, s], 1)
+
+
+def test_a_hue_shortcut_is_tested_against_a_change_of_its_size_that_keeps_the_hue() -> None:
+    """Either turn sends an image to the class, so the opposite turn is no control (it flipped as
+    many); the same pixels moved as far along the grey axis keep the hue and flip none. A model that
+    any change upsets flips on both arms and is not blamed. The hue is flagged on its p-value alone."""
+    x = _reddish(20)
+    recipients = (x * 255).round().to(torch.uint8)
+    score = PropertyScore(auroc=0.61, p_value=0.018, class_median=60.0, others_median=0.0)
+    probe = PropertyProbe(
+        accuracy=0.5, majority_accuracy=0.5, used_file_properties=False, top_properties=(), per_class_f1={},
+        auroc={"a": {"hue": score}},
+    )  # fmt: skip
+    assert pi.flagged(probe, A) == {"a": {"hue": score}}
+    t = pi.property_transplant(Unnatural(), recipients, 1, "hue", score, batch_size=8)
+    assert t.flip_rate == 1.0 and t.control_flip_rate == 0.0 and t.excess == 1.0
+    assert "hue turned" in t.where and "grey axis" in t.where
+    turn = pi._hue_turn(score.class_median, x)
+    control = pi._grey_step(x, turn)
+    assert np.allclose(pi._hue_angles(control), pi._hue_angles(x), atol=1.0)  # the hue kept
+    assert torch.allclose(pi._rms(control - x), pi._rms(pi._hue(x, turn) - x), rtol=0.02)  # as large
+    fragile = pi.property_transplant(Fragile(recipients.float() / 255), recipients, 1, "hue", score, 20)
+    assert fragile.flip_rate == 1.0 and fragile.excess == 0.0

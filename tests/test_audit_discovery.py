@@ -267,3 +267,32 @@ def test_the_object_control_leaves_the_other_arms_as_they_were() -> None:
     arms = ("flip_rate", "other_classes_flip_rate", "shuffled_flip_rate", "pixels", "where")
     assert [getattr(with_it, a) for a in arms] == [getattr(without_it, a) for a in arms]
     assert (with_it.control_flip_rate, without_it.control_flip_rate) == (1.0, 0.0)
+
+
+def _outcomes(n: int, flipped: range) -> np.ndarray:
+    """`n` recipients' outcomes, True at `flipped`."""
+    out = np.zeros(n, dtype=bool)
+    out[flipped] = True
+    return out
+
+
+def test_an_object_control_no_more_than_other_classes_cut_excuses_nothing() -> None:
+    """The figures of the 5-seed digits harness (docs/audit.md): a tag that moves, pasted at random
+    places, flipped 38% of 72 recipients to '4', other classes' cut 15% and the cut from the 3 other
+    '4's 18% (5 recipients flipped by it alone, 3 by other classes' alone: p = 0.36). Counted, it
+    pulled the excess under the threshold and the tag passed; not counted, the tag fails naming '4'.
+    The middle of a clean '9' (25% against 7% of 75, 17 to 3) is still counted, and excused."""
+    paste, others = _outcomes(72, range(27)), _outcomes(72, range(11))
+    same = _outcomes(72, range(3, 16))
+    t = replace(evidence.paired(paste, others, same_class=same), pixels=35, where="random places")
+    assert (t.flip_rate, t.other_classes_flip_rate, t.same_class_flip_rate) == (0.375, 0.1528, 0.1806)
+    assert t.control_flip_rate == 0.1528 and t.discordant == (16, 0)
+    tag = RecurringPatch(images=4, support=1.0, members=4, at_random_places=t, at_own_place=NONE)
+    decision = decide({"4": replace(CLEAN, recurring=(tag,)), "0": CLEAN}, None, A)
+    assert decision.failed_classes == ("4",) and not [w for w in decision.warnings if "object:" in w.test]
+    (finding,) = decision.failures
+    assert "from its other images 18%, not counted: no more than from other classes" in finding.sentence
+    loop = evidence.paired(
+        _outcomes(75, range(23)), _outcomes(75, range(5)), same_class=_outcomes(75, range(2, 21))
+    )
+    assert loop.control_flip_rate == loop.same_class_flip_rate == 0.2533

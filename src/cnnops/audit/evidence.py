@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from scipy import ndimage
+from scipy.stats import binomtest
 from skimage.filters import threshold_otsu
 from skimage.restoration import inpaint_biharmonic
 
@@ -42,6 +43,14 @@ OBJECT_SALIENCY_FRACTION = 0.35
 # Fewer other correct images of the class than this: the object control (`other_donors`) is not run
 # (its cut would be one or two images' pixels), so nothing is excused by it; the sentence says so.
 MIN_OTHER_IMAGES = 3
+# The object control counts (`paired`) only where its cut flips more recipients than other classes'
+# cut at the same places at this one-sided paired p-value (`mcnemar_p`), not merely more: an object
+# part is where the class's images hold something other images do not. On the 5-seed digits harness
+# (seed 4, docs/audit.md) a tag that moves flipped 38% of 72 recipients to '4', other classes' cut
+# 15%, and the same places cut from the 3 other '4's 18%: no more than other classes' (p = 0.36),
+# yet as the larger control it pulled the excess to 0.19, under the threshold, and the tag passed.
+# The middle of a clean '9' (ResNet-18, seed 2), which it rightly excuses, flipped 25% against 7%.
+OBJECT_SIGNIFICANCE = 0.05
 
 Build = Callable[[slice], torch.Tensor]  # the float images of a slice of 0..n, made when asked for
 
@@ -248,10 +257,15 @@ def paired(
 ) -> Transplant:
     """A transplant from its arms' per-recipient outcomes (bool, the same recipients in each): the
     paste's flip rate against the largest control's, the measured controls kept apart, and the
-    discordant recipients of the paste against that largest control, McNemar's input (`verdict`)."""
+    discordant recipients of the paste against that largest control, McNemar's input (`verdict`).
+
+    The object control (`same_class`) is reported always and counted only where it beats other
+    classes' cut (`OBJECT_SIGNIFICANCE`): a cut from the class's own images that flips no more than
+    any image's is no evidence the pasted pixels are its object, and excuses nothing."""
     measured = {"others": others, "evened": evened, "shuffled": shuffled, "same_class": same_class}
     arms = {k: v for k, v in measured.items() if v is not None}
-    largest = max(arms.values(), key=rate_of)  # the first of equal rates: other classes' first
+    counted = [v for k, v in arms.items() if k != "same_class" or object_counts(v, others)]
+    largest = max(counted, key=rate_of)  # the first of equal rates: other classes' first
     return Transplant(
         flip_rate=rate_of(paste),
         control_flip_rate=rate_of(largest),
@@ -262,6 +276,22 @@ def paired(
         same_class_flip_rate=None if same_class is None else rate_of(same_class),
         discordant=(int((paste & ~largest).sum()), int((~paste & largest).sum())),
     )
+
+
+def object_counts(same_class: np.ndarray, others: np.ndarray) -> bool:
+    """Whether the object control beats other classes' cut on the same recipients at
+    `OBJECT_SIGNIFICANCE` (one-sided, McNemar's exact test on the pairs they disagree on)."""
+    p = mcnemar_p(int((same_class & ~others).sum()), int((~same_class & others).sum()))
+    return p <= OBJECT_SIGNIFICANCE
+
+
+def mcnemar_p(only_first: int, only_second: int) -> float:
+    """One-sided exact McNemar p-value that the first arm flips more of the same recipients than the
+    second: under no difference a recipient only one arm flips is either arm's with probability 1/2
+    (1.0 when they never disagree)."""
+    if only_first + only_second == 0:
+        return 1.0
+    return float(binomtest(only_first, only_first + only_second, 0.5, alternative="greater").pvalue)
 
 
 def rate_of(outcomes: np.ndarray) -> float:

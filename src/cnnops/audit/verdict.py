@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 
-from scipy.stats import binomtest, false_discovery_control, fisher_exact
+from scipy.stats import false_discovery_control, fisher_exact
 
 from cnnops.audit.contract import (
     ClassFigures,
@@ -28,7 +28,7 @@ from cnnops.audit.contract import (
     Transplant,
     TransplantKind,
 )
-from cnnops.audit.evidence import SPREAD_OUT
+from cnnops.audit.evidence import OBJECT_SIGNIFICANCE, SPREAD_OUT, mcnemar_p
 from cnnops.audit.regions import OUTER_BAND
 from cnnops.config import AuditParams
 
@@ -48,10 +48,8 @@ PATCH_CONTROLS = (
     "for the larger control: the same shape cut at the same places from other classes' images, or from "
     "its other images"
 )
-PATCH_CONTROLS_ALONE = (
-    "when the same shape is cut from other classes' images at the same places; too few other images of "
-    "its own to cut it from them"
-)
+PATCH_OTHERS = "when the same shape is cut from other classes' images at the same places"
+PATCH_CONTROLS_ALONE = f"{PATCH_OTHERS}; too few other images of its own to cut it from them"
 PROPERTY_CONTROLS = (
     "for the larger control: the opposite change, the other classes' level, or (two classes, a blur) "
     "their object scrambled at their own detail"
@@ -102,10 +100,7 @@ def p_value(t: Transplant) -> float:
     whether so few pairs can show it.
     """
     if t.discordant is not None:
-        only_paste, only_control = t.discordant
-        if only_paste + only_control == 0:
-            return 1.0
-        return float(binomtest(only_paste, only_paste + only_control, 0.5, alternative="greater").pvalue)
+        return mcnemar_p(*t.discordant)
     n = t.pairs
     k, c = round(t.flip_rate * n), round(t.control_flip_rate * n)
     return float(fisher_exact([[k, n - k], [c, n - c]], alternative="greater").pvalue)
@@ -130,7 +125,7 @@ def _transplant_words(
             f"pasting its most-attended {t.pixels} pixels ({_pct(a.top_fraction)} of the image, "
             f"{_where(t.where)}) into other classes' images"
         )
-        controls = TOP_CONTROLS if t.same_class_flip_rate is not None else TOP_CONTROLS_ALONE
+        controls = _object_controls(t, TOP_CONTROLS, TOP_CONTROLS_ALONE, OTHER_PIXELS)
         return "transplant_top", what, controls
     if kind == "region":
         controls = PLACE_CONTROLS if t.shuffled_flip_rate is not None else PLACE_CONTROLS_NO_SHUFFLE
@@ -154,9 +149,23 @@ def _transplant_words(
             f"pasting a {patch} of its images (a salient patch of about {t.pixels} pixels found in many "
             f"of them, wherever it sat) at {where} into other classes' images"
         )
-        controls = PATCH_CONTROLS if t.same_class_flip_rate is not None else PATCH_CONTROLS_ALONE
+        controls = _object_controls(t, PATCH_CONTROLS, PATCH_CONTROLS_ALONE, PATCH_OTHERS)
         return f"patch:{place}", what, controls
     return f"{kind}:{place}", f"pasting its {kind} {place or ''} into other classes' images", OTHER_PIXELS
+
+
+def _object_controls(t: Transplant, both: str, alone: str, others: str) -> str:
+    """The controls' words of a paste with an object control: `both` counted, `alone` (not run), or
+    `others` and why it was not counted where it flipped more than the counted control
+    (`evidence.object_counts`)."""
+    if t.same_class_flip_rate is None:
+        return alone
+    if t.same_class_flip_rate <= t.control_flip_rate:
+        return both
+    return (
+        f"{others}; from its other images {_pct(t.same_class_flip_rate)}, not counted: no more than "
+        f"from other classes at a one-sided p ≤ {OBJECT_SIGNIFICANCE:g}, so not a part its images share there"
+    )
 
 
 def _tests(

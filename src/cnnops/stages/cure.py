@@ -181,7 +181,7 @@ def _rounds(
         done.append(kept or _round(params, paths, plan, done[-1], failed, key))
         stopped, plan = _next(params, paths, split, done)
         if stopped:
-            return done, stopped
+            return done, stopped + _continued(params, done)
 
 
 def _next(
@@ -204,6 +204,7 @@ def _next(
     why = f"round {last.number}'s re-audit fails"
     if verdict != "fail":
         why = f"round {last.number}'s re-audit is {verdict} with a residual: {_named(residual)}"
+        log.info("cure: %s", why)
     if last.number == params.cure.rounds:
         if verdict != "fail":
             log.warning("cure: %s; cure.rounds is %d: the residual is left", why, params.cure.rounds)
@@ -217,6 +218,12 @@ def _next(
         log.warning("cure: %s", why)
         return why, nothing
     return "", plan
+
+
+def _continued(params: Params, done: list[_Round]) -> str:
+    """The rounds a residual started, and by which tests ('' when none did): for `stopped`."""
+    started = [(r.number, _residual(params, done[: i + 1])) for i, r in enumerate(done[1:])]
+    return "".join(f"; round {n} was started by a residual: {_named(t)}" for n, t in started if t)
 
 
 def _residual(params: Params, done: list[_Round]) -> tuple[dict[str, Any], ...]:

@@ -10,10 +10,13 @@ import torch
 from fixtures_audit import Case, run_case
 from PIL import Image
 
+from cnnops.audit import counterfactual_plan
 from cnnops.audit import property_interventions as pi
 from cnnops.audit.contract import PropertyProbe, PropertyScore, Transplant
 from cnnops.audit.properties import image_properties, jpeg_quality, property_scores
 from cnnops.config import parse_params
+from cnnops.data.splits import PreparedSplit
+from cnnops.training.counterfactual import CHANGES
 
 A = parse_params({}).audit
 
@@ -318,3 +321,16 @@ def test_a_hue_shortcut_is_tested_against_a_change_of_its_size_that_keeps_the_hu
     assert torch.allclose(pi._rms(control - x), pi._rms(pi._hue(x, turn) - x), rtol=0.02)  # as large
     fragile = pi.property_transplant(Fragile(recipients.float() / 255), recipients, 1, "hue", score, 20)
     assert fragile.flip_rate == 1.0 and fragile.excess == 0.0
+
+
+def test_the_cure_spreads_a_hue_by_the_opposite_turn_not_by_the_audits_control() -> None:
+    """The audit's hue control (`_grey_step`) is no change the cure can train with: the cure's plan
+    (`counterfactual_plan._property_cue`, through `chosen`) turns the class's own images back by the
+    same turn, as it did before the control changed (a hue finding raised ValueError there)."""
+    x = (_reddish(16) * 255).round().to(torch.uint8)
+    split = PreparedSplit(x, torch.arange(16) % 2, [f"{i}.png" for i in range(16)], ["a", "b"], "RGB")
+    score = {"auroc": 0.61, "p_value": 0.018, "class_median": 60.0, "others_median": 0.0}
+    audit = {"data_properties": {"auroc": {"a": {"hue": score}}}}
+    cue = counterfactual_plan._property_cue(0, "hue", audit, split, (32, 32), batch_size=8, seed=0)
+    assert (cue.change, cue.mirror) == ("hue", "hue") and cue.mirror in CHANGES
+    assert cue.strength > 0 and cue.mirror_strength == -cue.strength

@@ -184,23 +184,17 @@ def erasing(prop: str, score: PropertyScore) -> bool:
 
 def chosen(prop: str, score: PropertyScore, sample: torch.Tensor) -> tuple[Change, float, Change, float, str]:
     """(change, strength, mirror change, strength, words): the strength whose changed sample lands
-    nearest the class's median; the mirror is the opposite change at the same rung of its ladder.
-    JPEG quality: re-encode at the class's quality, against re-encoding at the others'. Hue (an angle
-    from the set's mean): the turn that moves the sample's median hue by the class's offset
-    (`_hue_turn`), against the same pixels moved as far along the grey axis (`_grey_step`)."""
+    nearest the class's median; the mirror is the opposite change at the same rung of its ladder
+    (what the cure gives the class's own images, `counterfactual_plan`). JPEG quality: re-encode at
+    the class's quality, against re-encoding at the others'. Hue (an angle from the set's mean): the
+    turn that moves the sample's median hue by the class's offset (`_hue_turn`), against the
+    opposite turn; the audit tests the turn against `_grey_control` instead (`property_transplant`)."""
     if prop == JPEG_QUALITY:
         q = score.class_median
         return _jpeg, q, _jpeg, score.others_median, f"re-encoded at JPEG quality {q:.0f}"
     if prop == "hue":
         turn = _hue_turn(score.class_median - score.others_median, sample)
-        moved = [
-            float(_rms(change(sample, turn) - sample).square().mean().sqrt()) for change in (_hue, _grey_step)
-        ]
-        words = (
-            f"hue turned by {turn:.3f} of a turn (RMS change {moved[0]:.3f}); control: the same pixels "
-            f"moved as far along the grey axis, hue kept (RMS {moved[1]:.3f})"
-        )
-        return _hue, turn, _grey_step, turn, words
+        return _hue, turn, _hue, -turn, f"hue turned by {turn:.3f} of a turn"
     ladder = LADDERS[prop]
     up = score.class_median > score.others_median
     (change, strengths, words), (_, mirrors, _) = (
@@ -218,6 +212,20 @@ def chosen(prop: str, score: PropertyScore, sample: torch.Tensor) -> tuple[Chang
         mirrors[min(rung, len(mirrors) - 1)],
         words.format(strengths[rung]),
     )
+
+
+def _grey_control(sample: torch.Tensor, turn: float) -> tuple[Change, float, str]:
+    """(control, strength, words) of a hue turn in the audit: `_grey_step`, not the opposite turn the
+    cure uses, which a model that learned "an unnatural hue -> class" also obeys; the words give
+    both arms' RMS change on `sample`, which should match."""
+    moved = [
+        float(_rms(change(sample, turn) - sample).square().mean().sqrt()) for change in (_hue, _grey_step)
+    ]
+    words = (
+        f" (RMS change {moved[0]:.3f}); control: the same pixels moved as far along the grey axis, hue "
+        f"kept (RMS {moved[1]:.3f})"
+    )
+    return _grey_step, turn, words
 
 
 HUE_TURNS = np.arange(1, 19) / 36.0  # the turns tried: 10 degrees to a half turn, by 10
@@ -287,13 +295,17 @@ def property_transplant(
     *,
     scrambled_control: bool = False,
 ) -> Transplant:
-    """Recipients changed to the class's level of `prop`, against the mirror change (and, with
-    `scrambled_control`, against the recipients' object scrambled at their own level): flips to `cls`."""
+    """Recipients changed to the class's level of `prop`, against the mirror change (a hue turn against
+    `_grey_control`) and, with `scrambled_control`, against the recipients' object scrambled at their
+    own level: flips to `cls`."""
     n = len(recipients)
     if n == 0:
         return evidence.NO_PAIRS
     sample = evidence.as_unit(recipients[:batch_size])
     change, strength, mirror, mirror_strength, words = chosen(prop, score, sample)
+    if prop == "hue":
+        mirror, mirror_strength, control_words = _grey_control(sample, strength)
+        words += control_words
     arms: list[Callable[[torch.Tensor], torch.Tensor]] = [
         lambda x: change(x, strength),
         lambda x: mirror(x, mirror_strength),

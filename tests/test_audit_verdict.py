@@ -296,6 +296,19 @@ def test_property_transplants_are_tests_of_their_own_family() -> None:
     )
 
 
+def test_a_hue_finding_names_its_grey_axis_control_not_the_opposite_change() -> None:
+    hue = Transplant(flip_rate=0.56, control_flip_rate=0.04, pairs=50, discordant=(27, 1))
+    sharp = _with(transplant_properties={"sharpness": replace(hue, flip_rate=0.6)})
+    figures = {"a": _with(transplant_properties={"hue": hue}), "b": sharp}
+    found = {w.test: w.sentence for w in decide(figures, None, A, rgb=True).warnings}
+    assert found["property:hue"].startswith(
+        "class 'a': changing other classes' images to its level of hue flips 56% of them to 'a' (4% for its "
+        "control: the same pixels moved as far along the grey axis, hue kept; 50 images, p < 0.001, adjusted "
+        "< 0.001 over 14 tests). Reported, not failed (audit.severity.property: warning)"
+    ), found["property:hue"]
+    assert f"(4% {verdict.PROPERTY_CONTROLS}; 50 images" in found["property:sharpness"]
+
+
 def test_a_property_that_alone_tells_a_class_is_a_data_warning() -> None:
     probe = PropertyProbe(
         accuracy=0.5, majority_accuracy=0.5, used_file_properties=False, top_properties=(), per_class_f1={},

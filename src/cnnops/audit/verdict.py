@@ -54,6 +54,9 @@ PROPERTY_CONTROLS = (
     "for the larger control: the opposite change, the other classes' level, or (two classes, a blur) "
     "their object scrambled at their own detail"
 )
+# A hue turn's one control (`property_interventions._grey_control`): the opposite turn also sends a
+# model that learned "an unnatural hue -> class" there, so it is no control for a hue.
+HUE_CONTROLS = "for its control: the same pixels moved as far along the grey axis, hue kept"
 # The test family (`audit.severity.<family>`) of each transplant kind; kinds not named are places.
 FAMILY: dict[str, str] = {"tone": "tone", "property": "property"}
 # How to tell a genuine class property from a shortcut, per family: the end of each finding's sentence.
@@ -139,7 +142,7 @@ def _transplant_words(
         return f"transplant_mean:{place}", what, MEAN_CONTROLS
     if kind == "property":
         what = f"changing other classes' images to its level of {place}"
-        return f"property:{place}", what, PROPERTY_CONTROLS
+        return f"property:{place}", what, HUE_CONTROLS if place == "hue" else PROPERTY_CONTROLS
     if kind == "tone":
         tone = "brightness, contrast and colour (per channel)" if rgb else "brightness and contrast"
         return "transplant_tone", f"giving other classes' images the {tone} of its images", TONE_CONTROLS

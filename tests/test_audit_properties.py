@@ -16,7 +16,7 @@ from cnnops.audit.contract import PropertyProbe, PropertyScore, Transplant
 from cnnops.audit.properties import image_properties, jpeg_quality, property_scores
 from cnnops.config import parse_params
 from cnnops.data.splits import PreparedSplit
-from cnnops.training.counterfactual import CHANGES
+from cnnops.training.counterfactual import CHANGES, PlaceCue, PropertyCue
 
 A = parse_params({}).audit
 
@@ -334,3 +334,27 @@ def test_the_cure_spreads_a_hue_by_the_opposite_turn_not_by_the_audits_control()
     cue = counterfactual_plan._property_cue(0, "hue", audit, split, (32, 32), batch_size=8, seed=0)
     assert (cue.change, cue.mirror) == ("hue", "hue") and cue.mirror in CHANGES
     assert cue.strength > 0 and cue.mirror_strength == -cue.strength
+
+
+def test_a_hue_gets_its_own_cue_beside_the_place_that_answers_the_sharpness() -> None:
+    """A place's swap leaves a whole-image turn in the rest of the image (measured: the scenes hue's
+    outer band answered its hue and the cue kept flipping 56%), so a colour property gets its own
+    cue beside the class's proved place, while a sharpness is still the place's (a tag's edges)."""
+    x = (_reddish(16) * 255).round().to(torch.uint8)
+    split = PreparedSplit(x, torch.arange(16) % 2, [f"{i}.png" for i in range(16)], ["a", "b"], "RGB")
+    score = {"auroc": 0.61, "p_value": 0.018, "class_median": 60.0, "others_median": 0.0}
+    thresholds = {"border_fraction": 0.1, "corner_fraction": 0.3, "edge_fractions": [0.25],
+                  "centre_fraction": 0.5, "grids": [2]}  # fmt: skip
+    found = (("transplant:outer band", 0.32), ("property:hue", 0.23), ("property:sharpness", 0.2))
+    failures = [{"class": "a", "test": t, "value": v} for t, v in found]
+    audit = {"thresholds": thresholds, "failures": failures, "classes": {"a": {}, "b": {}},
+             "data_properties": {"auroc": {"a": {"hue": score}}}}  # fmt: skip
+    made = counterfactual_plan.plan(audit, split, (32, 32), batch_size=8, seed=0)
+    band, hue = made.cues
+    assert isinstance(band, PlaceCue) and band.place == "outer band"
+    assert isinstance(hue, PropertyCue) and (hue.prop, hue.change) == ("hue", "hue")
+    assert {a["test"]: a["cue"] for a in made.addressed} == {
+        "transplant:outer band": "outer band",
+        "property:hue": "property:hue",
+        "property:sharpness": "outer band",
+    }

@@ -17,6 +17,7 @@ import torch
 
 from cnnops.audit import property_interventions, regions
 from cnnops.audit.contract import PropertyScore
+from cnnops.audit.properties import COLOUR_PROPERTIES
 from cnnops.data.splits import PreparedSplit
 from cnnops.training.counterfactual import (
     CHANGES,
@@ -59,7 +60,8 @@ def plan(
     (`regions`, at its thresholds) at the model's input `size`; which of a class's failing places
     get a cue, `place_answers` decides. An image property of a class that also has a place or patch
     cue its transplant proved is answered by that cue (a tag's hard edges raise the class's
-    sharpness), and the re-audit says whether it was."""
+    sharpness), and the re-audit says whether it was; a colour property (hue, saturation) always gets
+    its own cue."""
     places = _places(audit["thresholds"], size)
     found = functools.cache(exemplars) if exemplars is not None else None
     wanted: dict[Key, list[dict[str, Any]]] = {}
@@ -120,7 +122,10 @@ def _made(
     if cue == TONE:
         return ToneCue(cls, *tone_banks(split, cls, size, batch_size, seed)), cue
     local = next((c for c in cues if isinstance(c, PlaceCue | PatchCue) and c.cls == cls), None)
-    if cue.startswith(PROPERTY) and local is not None:
+    # A place's cue answers a tag's hard edges (sharpness, grain), not a colour: a hue turn or saturation
+    # lies in every pixel, and a place's swap leaves the rest of the image turned. Measured: the scenes
+    # hue '3' (seed 3), its hue answered by the outer band: flips 0.72 -> 0.56, the hue's 25% -> 36%.
+    if cue.startswith(PROPERTY) and local is not None and cue.removeprefix(PROPERTY) not in COLOUR_PROPERTIES:
         return None, local.place  # a bright tag raises sharpness: the place's cue first, the re-audit checks
     if cue.startswith(PROPERTY):
         made = _property_cue(cls, cue.removeprefix(PROPERTY), audit, split, size, batch_size, seed)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
+from cnnops import allocator
 from cnnops.audit import (
     discovery,
     evidence,
@@ -69,6 +70,7 @@ class AuditResult:
 def run(params: Params, paths: AuditPaths = AuditPaths()) -> AuditResult:
     """Audit `paths.model` on the prepared test split: write the report and the gallery, and log
     both to the model's run."""
+    allocator.fix_mmap_threshold()  # freed pastes and activations go back: memory flat in the images
     a = params.audit
     model, run_id = runs.load_run_model(paths.model, paths.train_report)
     test = load_split_for(model.spec, paths.prepared, paths.model)

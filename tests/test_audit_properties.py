@@ -323,13 +323,19 @@ def test_a_hue_shortcut_is_tested_against_a_change_of_its_size_that_keeps_the_hu
     assert fragile.flip_rate == 1.0 and fragile.excess == 0.0
 
 
+def _hue_class_split() -> tuple[PreparedSplit, dict[str, float]]:
+    """Two classes of 16 reddish RGB images, and class 'a''s hue score as the audit reports it: the
+    probe's figures of a learned turn (AUROC 0.61, p 0.018, 60 degrees off the set's mean)."""
+    x = (_reddish(16) * 255).round().to(torch.uint8)
+    split = PreparedSplit(x, torch.arange(16) % 2, [f"{i}.png" for i in range(16)], ["a", "b"], "RGB")
+    return split, {"auroc": 0.61, "p_value": 0.018, "class_median": 60.0, "others_median": 0.0}
+
+
 def test_the_cure_spreads_a_hue_by_the_opposite_turn_not_by_the_audits_control() -> None:
     """The audit's hue control (`_grey_step`) is no change the cure can train with: the cure's plan
     (`counterfactual_plan._property_cue`, through `chosen`) turns the class's own images back by the
     same turn, as it did before the control changed (a hue finding raised ValueError there)."""
-    x = (_reddish(16) * 255).round().to(torch.uint8)
-    split = PreparedSplit(x, torch.arange(16) % 2, [f"{i}.png" for i in range(16)], ["a", "b"], "RGB")
-    score = {"auroc": 0.61, "p_value": 0.018, "class_median": 60.0, "others_median": 0.0}
+    split, score = _hue_class_split()
     audit = {"data_properties": {"auroc": {"a": {"hue": score}}}}
     cue = counterfactual_plan._property_cue(0, "hue", audit, split, (32, 32), batch_size=8, seed=0)
     assert (cue.change, cue.mirror) == ("hue", "hue") and cue.mirror in CHANGES
@@ -340,9 +346,7 @@ def test_a_hue_gets_its_own_cue_beside_the_place_that_answers_the_sharpness() ->
     """A place's swap leaves a whole-image turn in the rest of the image (measured: the scenes hue's
     outer band answered its hue and the cue kept flipping 56%), so a colour property gets its own
     cue beside the class's proved place, while a sharpness is still the place's (a tag's edges)."""
-    x = (_reddish(16) * 255).round().to(torch.uint8)
-    split = PreparedSplit(x, torch.arange(16) % 2, [f"{i}.png" for i in range(16)], ["a", "b"], "RGB")
-    score = {"auroc": 0.61, "p_value": 0.018, "class_median": 60.0, "others_median": 0.0}
+    split, score = _hue_class_split()
     thresholds = {"border_fraction": 0.1, "corner_fraction": 0.3, "edge_fractions": [0.25],
                   "centre_fraction": 0.5, "grids": [2]}  # fmt: skip
     found = (("transplant:outer band", 0.32), ("property:hue", 0.23), ("property:sharpness", 0.2))

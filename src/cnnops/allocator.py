@@ -6,8 +6,9 @@ the threshold rises (up to 32 MiB) each time a larger mmapped block is freed. Th
 thousands of batch-sized tensors of many sizes (pastes, inpainted copies, activations), so its heap
 fragments and its resident memory creeps with the number of audited images though it holds only
 their uint8 pixels and maps. Measured on a ResNet-50 audit of 127 photos at 224 px (benchmarks/
-scale.py's project, docs/benchmarks.md): peak 1808 MiB with glibc's defaults, 1486 MiB with the
-threshold fixed at 128 KiB (`MALLOC_MMAP_THRESHOLD_=131072`, what `fix_mmap_threshold` sets).
+scale.py's project, docs/audit.md "Memory at lab scale"): peak 1822 MiB with glibc's defaults,
+1486 MiB with the threshold fixed at 128 KiB (`MALLOC_MMAP_THRESHOLD_=131072`, what
+`fix_mmap_threshold` sets).
 
 Written by hand because no library sets it: PyTorch leaves CPU allocation to the C library, and
 swapping the allocator (jemalloc by LD_PRELOAD) is the user's choice, not a pip dependency.

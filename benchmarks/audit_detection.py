@@ -250,7 +250,7 @@ def _detection_runs(args: argparse.Namespace, base: Path) -> list[tuple[Cell, li
                 f"  {cell} seed {seed} class {s.cued_class} {s.position} size {s.size} intensity "
                 f"{s.intensity}: cue flips {r['cue_flips']:.2f}, {r['verdict']} "
                 f"in {r['audit_seconds']:.0f} s; underpowered: {'; '.join(r['underpowered']) or 'none'}; "
-                f"{r['worst'][:100]}",
+                f"{r['worst'] or 'no failure'}",  # whole: a cut sentence had to be re-run to be read
                 flush=True,
             )
         rows.append((cell, runs))

@@ -229,14 +229,16 @@ def test_with_two_classes_the_stronger_side_of_a_property_names_the_class() -> N
             "nonface": {"noise": Transplant(blur, 0.0, 10), "sharpness": Transplant(blur, 0.0, 10)},
         }
 
-    tie = pi._blurs_beating_their_opposite(tests(1.0, 1.0), flags, set())
+    tie = pi._blurs_beating_their_opposite(tests(1.0, 1.0), flags)
     assert tie == {"face": {"noise": Transplant(1.0, 0.0, 10)}, "nonface": {}}
-    stronger = pi._blurs_beating_their_opposite(tests(0.4, 0.9), flags, set())
+    stronger = pi._blurs_beating_their_opposite(tests(0.4, 0.9), flags)
     assert set(stronger["nonface"]) == {"noise", "sharpness"} and set(stronger["face"]) == {"noise"}
     # a place of the faces moves images (a bright corner planted there): blurring faces erases it, so
-    # the place is the finding, not the non-faces' lack of detail
-    placed = pi._blurs_beating_their_opposite(tests(0.4, 0.9), flags, {"face"})
-    assert placed == {"face": {"noise": Transplant(0.4, 0.0, 10)}, "nonface": {}}
+    # the place is the finding, not the non-faces' lack of detail, and the blur is not even measured
+    assert not pi._tested_with_two_classes("nonface", "noise", down, {"face"})
+    assert pi._tested_with_two_classes("nonface", "noise", down, {"nonface"})
+    assert pi._tested_with_two_classes("face", "noise", up, {"face"})  # grain adds: tested
+    assert pi._tested_with_two_classes("nonface", "noise", down, set())
 
 
 # Through the real stages (`fixtures_audit.run_case`, once a session). A blur planted in the non-faces,

@@ -342,6 +342,7 @@ def with_property_transplants(
     rng = np.random.default_rng([a.seed, 3])
     two = len(figures) < MIN_CLASSES
     flags = flagged(probe, a)
+    placed = _placed(figures, a.transplant_flip_threshold) if two else set()
     tests: dict[str, dict[str, Transplant]] = {}
     for cls, name in enumerate(figures):
         others = np.flatnonzero((batch.labels != cls) & (batch.preds == batch.labels))
@@ -351,10 +352,10 @@ def with_property_transplants(
                 model, recipients, cls, prop, s, a.batch_size, scrambled_control=two and erasing(prop, s)
             )
             for prop, s in flags.get(name, {}).items()
-            if not two or two_class_test(prop, s)
+            if not two or _tested_with_two_classes(name, prop, s, placed)
         }
     if two:
-        tests = _blurs_beating_their_opposite(tests, flags, _placed(figures, a.transplant_flip_threshold))
+        tests = _blurs_beating_their_opposite(tests, flags)
     return {name: replace(f, transplant_properties=tests[name]) for name, f in figures.items()}
 
 
@@ -370,17 +371,34 @@ def _placed(figures: dict[str, ClassFigures], threshold: float) -> set[str]:
     }
 
 
-def _blurs_beating_their_opposite(
-    tests: dict[str, dict[str, Transplant]], flags: dict[str, dict[str, PropertyScore]], placed: set[str]
-) -> dict[str, dict[str, Transplant]]:
-    """Two classes' property tests, each blur kept only where it moves more images than every change
-    that adds detail (grain, sharpening) to the other class's recipients, and only while no place
-    or patch of the other class moves images (`placed`).
+def _tested_with_two_classes(name: str, prop: str, score: PropertyScore, placed: set[str]) -> bool:
+    """Whether class `name` of two gets a transplant of `prop`: a change `two_class_test` allows, and
+    no blur while a place or patch of the other class moves images (`placed`). Decided before any
+    image is changed, so a blur left out costs no model pass.
 
     A blur of the other class's images erases its local cues too: a bright corner planted in faces
     made blurring faces send 100% of them to 'nonface' (their scrambled copies 14%), beside the corner
     itself (77%; measured on test_audit_stage's faces-corner). The place is the finding; once it is
-    cured, the cure's re-audit tests the blur again.
+    cured, the cure's re-audit tests the blur again. A blur left out is logged.
+    """
+    if not two_class_test(prop, score):
+        return False
+    if not erasing(prop, score) or not placed - {name}:
+        return True
+    other = next(iter(placed - {name}))
+    log.info(
+        "audit: class '%s': its blur test of %s is left out: a place or patch of '%s' pasted elsewhere "
+        "moves images to '%s', and the blur of '%s''s images erases it",
+        name, prop, other, other, other,
+    )  # fmt: skip
+    return False
+
+
+def _blurs_beating_their_opposite(
+    tests: dict[str, dict[str, Transplant]], flags: dict[str, dict[str, PropertyScore]]
+) -> dict[str, dict[str, Transplant]]:
+    """Two classes' property tests, each blur kept only where it moves more images than every change
+    that adds detail (grain, sharpening) to the other class's recipients.
 
     With two classes the two ask one question from both sides: grain planted in faces makes blurring
     a grainy face send it to 'nonface' (measured on test_audit_v2's faces-noise: grain flipped 13 of
@@ -395,18 +413,11 @@ def _blurs_beating_their_opposite(
             (t.excess for p, t in tests[other].items() if p in ERASING and not erasing(p, flags[other][p])),
             default=-math.inf,
         )
-        out[name] = {
-            p: t
-            for p, t in found.items()
-            if not erasing(p, flags[name][p]) or (t.excess > rival and other not in placed)
-        }
+        out[name] = {p: t for p, t in found.items() if not erasing(p, flags[name][p]) or t.excess > rival}
         for p in found.keys() - out[name].keys():
-            why = (
-                f"a place or patch of '{other}' pasted elsewhere moves images to '{other}', and the blur of "
-                f"'{other}''s images erases it"
-                if other in placed
-                else f"adding detail to its own images moves at least as many of them to '{other}' "
-                f"({rival:.2f} beyond the controls, the blur {found[p].excess:.2f})"
-            )
-            log.info("audit: class '%s': its blur test of %s is left out: %s", name, p, why)
+            log.info(
+                "audit: class '%s': its blur test of %s is left out: adding detail to its own images moves "
+                "at least as many of them to '%s' (%.2f beyond the controls, the blur %.2f)",
+                name, p, other, rival, found[p].excess,
+            )  # fmt: skip
     return out

@@ -187,6 +187,22 @@ def test_a_cue_fixed_in_place_survives_the_mean_and_a_shape_does_not_survive_shu
     assert plain.control_flip_rate == max(plain.other_classes_flip_rate, plain.evened_flip_rate)
 
 
+def test_a_class_mean_of_backgrounds_drops_the_object_and_keeps_a_fixed_cue() -> None:
+    # a bright stroke in column 3 or 4 of each image (an object that varies) and a tag at (0, 0)
+    x = torch.zeros(4, 1, 8, 8)
+    x[:, :, 0, 0] = 1.0
+    for i, col in enumerate((3, 3, 4, 4)):
+        x[i, :, 2:6, col] = 1.0
+    objects = np.zeros((4, 8, 8), dtype=bool)
+    for i, col in enumerate((3, 3, 4, 4)):
+        objects[i, 2:6, col] = True
+    plain = evidence.mean_image(x, 3)
+    background = evidence.mean_image(x, 3, keep=~objects)
+    assert plain[0, 0, 3, 3] == 0.5  # the stroke's ghost, half as bright
+    assert background[0, 0, 3, 3] == 0.0 and background[0, 0, 0, 0] == 1.0  # the tag keeps its value
+    assert torch.equal(evidence.mean_image(x, 3, keep=np.zeros_like(objects)), plain)  # none kept
+
+
 def test_shuffle_within_keeps_values_inside_and_pixels_outside() -> None:
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
     region = np.zeros((4, 4), dtype=bool)

@@ -74,15 +74,29 @@ def as_unit(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
 
-def mean_image(x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def mean_image(x: torch.Tensor, batch_size: int, keep: np.ndarray | None = None) -> torch.Tensor:
     """The mean of images `x` (1 x C x H x W float), summed a batch at a time in float64: a float
-    copy of all of them at once would be four times their uint8 size. Empty for no image."""
+    copy of all of them at once would be four times their uint8 size. Empty for no image.
+
+    With `keep` (bool N x H x W), each pixel is the mean of only the images that keep it (their
+    background, for the class-mean pastes), and the plain mean where none does.
+    """
     if len(x) == 0:
         return torch.zeros(0, *x.shape[1:])
     total = torch.zeros(1, *x.shape[1:], dtype=torch.float64)
+    kept = torch.zeros(1, *x.shape[1:], dtype=torch.float64)
+    weight = torch.zeros(1, 1, *x.shape[2:], dtype=torch.float64)
     for i in range(0, len(x), batch_size):
-        total += as_unit(x[i : i + batch_size]).sum(0, keepdim=True, dtype=torch.float64)
-    return (total / len(x)).float()
+        unit = as_unit(x[i : i + batch_size]).double()
+        total += unit.sum(0, keepdim=True)
+        if keep is not None:
+            w = torch.as_tensor(keep[i : i + batch_size])[:, None].double()
+            kept += (unit * w).sum(0, keepdim=True)
+            weight += w.sum(0, keepdim=True)
+    plain = total / len(x)
+    if keep is None:
+        return plain.float()
+    return torch.where(weight > 0, kept / weight.clamp(min=1), plain).float()
 
 
 def _probabilities(model: Classifier, n: int, build: Build, batch_size: int) -> torch.Tensor:
@@ -400,6 +414,7 @@ def mean_transplant(
     batch_size: int,
     *,
     evened: np.ndarray | None = None,
+    backgrounds: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Transplant:
     """Paste what the class's images have in common at a fixed place (their mean) into recipients.
 
@@ -408,12 +423,18 @@ def mean_transplant(
     Controls: the other classes' mean there, and `evened`, the place inpainted away in each recipient
     (pasting any mean smooths the place, which alone can flip a two-class model; measured here when
     not given).
+    `backgrounds` (the donors' and the recipients' pixels off their objects) makes each mean that of
+    the images' backgrounds: averaged with the object, a thin digit that varies ('1', '9' on photo
+    crops) left its faint ghost at the centre, which flipped other classes as the digit itself would
+    (a false alarm on clean scenes, docs/audit.md). A cue at one place is the same in every image
+    that has it off its object, so it keeps its value.
     """
     if len(recipients) == 0 or len(donors) == 0:
         return NO_PLACE
+    own, other = backgrounds if backgrounds is not None else (None, None)
     arms = paste_arms(
-        model, mean_image(donors, batch_size), region, recipients, mean_image(recipients, batch_size), cls,
-        rng, batch_size,
+        model, mean_image(donors, batch_size, own), region, recipients,
+        mean_image(recipients, batch_size, other), cls, rng, batch_size,
     )  # fmt: skip
     if evened is None:
         evened = _evened(model, recipients, region, cls, batch_size)
@@ -515,7 +536,10 @@ def class_figures(
     if removed is None:
         removed = removal_predictions(model, batch.x, regions, batch_size)
     evened = {name: removed[name][others] == cls for name in regions}
-    each_paste, mean_paste = _pastes(regions, _pasted_objects(maps, objects, batch.annotated[correct]))
+    pasted = _pasted_objects(maps, objects, batch.annotated[correct])
+    each_paste, mean_paste = _pastes(regions, pasted)
+    kept = _pasted_objects(batch.maps[others], batch.objects[others], batch.annotated[others])
+    backgrounds = (~pasted, ~kept)  # what the class-mean pastes of the large places average
     return ClassFigures(
         n_correct=len(correct),
         n_errors=len(errors),
@@ -541,7 +565,15 @@ def class_figures(
         },
         transplant_regions_mean={
             name: mean_transplant(
-                model, donors, mean_paste[name], recipients, cls, rng, batch_size, evened=evened[name]
+                model,
+                donors,
+                mean_paste[name],
+                recipients,
+                cls,
+                rng,
+                batch_size,
+                evened=evened[name],
+                backgrounds=backgrounds if off_object_only(name) else None,
             )
             for name in regions
         },

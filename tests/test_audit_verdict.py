@@ -157,7 +157,8 @@ def test_texture_that_varies_between_images_is_not_blamed_on_the_place() -> None
     )
     assert each.flip_rate == 1.0 and each.shuffled_flip_rate == 1.0  # values alone do it
     assert each.control_flip_rate == 1.0
-    mean = evidence.mean_transplant(Textured(), textured, band, recipients, 1, rng, batch_size=4)
+    means = evidence.mean_image(textured, 4), evidence.mean_image(recipients, 4)
+    mean = evidence.mean_transplant(Textured(), means, band, recipients, 1, rng, batch_size=4)
     assert mean.flip_rate == 0.0  # averaged out
 
 
@@ -167,7 +168,8 @@ def test_a_cue_fixed_in_place_survives_the_mean_and_a_shape_does_not_survive_shu
     framed[:, :, 0, ::2] = 1.0  # the same stripes in every image
     recipients = torch.full((6, 1, 8, 8), 0.5)
     band = candidate_regions(8, 8, 0.25, 0.25)[OUTER_BAND]
-    mean = evidence.mean_transplant(Textured(), framed, band, recipients, 1, rng, batch_size=4)
+    means = evidence.mean_image(framed, 4), evidence.mean_image(recipients, 4)
+    mean = evidence.mean_transplant(Textured(), means, band, recipients, 1, rng, batch_size=4)
     assert mean.flip_rate == 1.0 and mean.evened_flip_rate == 0.0 and mean.control_flip_rate == 0.0
 
     class Stripes(torch.nn.Module):  # class 1 for alternating pixels along the top row: a shape
@@ -191,11 +193,10 @@ def test_a_class_mean_of_backgrounds_drops_the_object_and_keeps_a_fixed_cue() ->
     # a bright stroke in column 3 or 4 of each image (an object that varies) and a tag at (0, 0)
     x = torch.zeros(4, 1, 8, 8)
     x[:, :, 0, 0] = 1.0
-    for i, col in enumerate((3, 3, 4, 4)):
-        x[i, :, 2:6, col] = 1.0
     objects = np.zeros((4, 8, 8), dtype=bool)
     for i, col in enumerate((3, 3, 4, 4)):
         objects[i, 2:6, col] = True
+    x[torch.as_tensor(objects)[:, None]] = 1.0
     plain = evidence.mean_image(x, 3)
     background = evidence.mean_image(x, 3, keep=~objects)
     assert plain[0, 0, 3, 3] == 0.5  # the stroke's ghost, half as bright

@@ -406,7 +406,7 @@ def shuffle_within(x: torch.Tensor, region: np.ndarray, rng: np.random.Generator
 
 def mean_transplant(
     model: Classifier,
-    donors: torch.Tensor,
+    means: tuple[torch.Tensor, torch.Tensor],
     region: np.ndarray,
     recipients: torch.Tensor,
     cls: int,
@@ -414,28 +414,20 @@ def mean_transplant(
     batch_size: int,
     *,
     evened: np.ndarray | None = None,
-    backgrounds: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Transplant:
     """Paste what the class's images have in common at a fixed place (their mean) into recipients.
 
     A cue that is the same in every image of the class (a frame, a tint, a tag at one place)
     survives the mean; an object that reaches the place differs image to image and averages out.
-    Controls: the other classes' mean there, and `evened`, the place inpainted away in each recipient
-    (pasting any mean smooths the place, which alone can flip a two-class model; measured here when
-    not given).
-    `backgrounds` (the donors' and the recipients' pixels off their objects) makes each mean that of
-    the images' backgrounds: averaged with the object, a thin digit that varies ('1', '9' on photo
-    crops) left its faint ghost at the centre, which flipped other classes as the digit itself would
-    (a false alarm on clean scenes, docs/audit.md). A cue at one place is the same in every image
-    that has it off its object, so it keeps its value.
+    `means` are the donors' and the recipients' (`mean_image`, computed once for every place by
+    `class_figures`); the latter is the control: the other classes' mean there. `evened` is the other
+    control, the place inpainted away in each recipient (pasting any mean smooths the place, which
+    alone can flip a two-class model; measured here when not given).
     """
-    if len(recipients) == 0 or len(donors) == 0:
+    own, other = means
+    if len(recipients) == 0 or len(own) == 0:
         return NO_PLACE
-    own, other = backgrounds if backgrounds is not None else (None, None)
-    arms = paste_arms(
-        model, mean_image(donors, batch_size, own), region, recipients,
-        mean_image(recipients, batch_size, other), cls, rng, batch_size,
-    )  # fmt: skip
+    arms = paste_arms(model, own, region, recipients, other, cls, rng, batch_size)
     if evened is None:
         evened = _evened(model, recipients, region, cls, batch_size)
     return paired(*arms, evened=evened)
@@ -538,8 +530,7 @@ def class_figures(
     evened = {name: removed[name][others] == cls for name in regions}
     pasted = _pasted_objects(maps, objects, batch.annotated[correct])
     each_paste, mean_paste = _pastes(regions, pasted)
-    kept = _pasted_objects(batch.maps[others], batch.objects[others], batch.annotated[others])
-    backgrounds = (~pasted, ~kept)  # what the class-mean pastes of the large places average
+    means = _class_means(batch, others, (donors, recipients), pasted, batch_size)
     return ClassFigures(
         n_correct=len(correct),
         n_errors=len(errors),
@@ -566,14 +557,13 @@ def class_figures(
         transplant_regions_mean={
             name: mean_transplant(
                 model,
-                donors,
+                means[off_object_only(name)],
                 mean_paste[name],
                 recipients,
                 cls,
                 rng,
                 batch_size,
                 evened=evened[name],
-                backgrounds=backgrounds if off_object_only(name) else None,
             )
             for name in regions
         },
@@ -584,6 +574,28 @@ def class_figures(
         else None,
         errors=_errors(batch, errors, regions),
     )
+
+
+def _class_means(
+    batch: Batch,
+    others: np.ndarray,
+    images: tuple[torch.Tensor, torch.Tensor],
+    pasted: np.ndarray,
+    batch_size: int,
+) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+    """The means of `images` (the donors, the recipients: `others` of `batch`) the class-mean pastes
+    take, each computed once: whole (key False), and for the large places (True,
+    `regions.off_object_only`) only their backgrounds, each pixel averaged over the images whose
+    object (`pasted`, and the recipients' own estimate) does not cover it. Averaged with the object, a thin digit that varies ('1', '9' on photo crops)
+    left its faint ghost at the centre, which flipped other classes as the digit itself would (a
+    false alarm on clean scenes, docs/audit.md); a cue at one place is the same in every image that
+    has it off its object, so it keeps its value."""
+    donors, recipients = images
+    kept = _pasted_objects(batch.maps[others], batch.objects[others], batch.annotated[others])
+    return {
+        False: (mean_image(donors, batch_size), mean_image(recipients, batch_size)),
+        True: (mean_image(donors, batch_size, ~pasted), mean_image(recipients, batch_size, ~kept)),
+    }
 
 
 def _pasted_objects(maps: np.ndarray, objects: np.ndarray, annotated: np.ndarray) -> np.ndarray:

@@ -54,6 +54,8 @@ TINY_PARAMS: dict[str, Any] = {
     "audit": {"max_images_per_class": 4, "gallery_images_per_class": 2},
     "export": {"latency_runs": 5, "throughput_batch": 4},
     "orchestrate": {"incoming": "incoming", "retries": 1, "retry_delay": 0.0, "git_commit": True},
+    # on: the retrain's passing audit shows the cure stage skipped on clean data (test_pipelines_flows)
+    "cure": {"enabled": True},
 }
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "cnnops tests",

@@ -4,8 +4,9 @@ Runtime) in temporary git + DVC projects.
 One planted project (`cured_project`: digits with a corner square in class 3, tiny: 32 px, 60 per
 class, a ConvNet, 4 epochs) serves the DVC and flow tests: `dvc repro` runs validate..release, the
 audit fails, the cure stage trains, re-audits, exports and releases the cured model. The flow test
-copies it and turns the cure over to `orchestrate.auto_cure`, so only the cure stage re-runs. A clean
-project shows the cure stage skipped and `dvc repro` succeeding. The CLI tests need no model.
+copies it and turns the cure over to `orchestrate.auto_cure`, so only the cure stage re-runs. The
+cure stage skipped on clean data: tests/test_pipelines_flows.py, on the retrain's clean workspace
+(its `dvc repro` succeeding). The CLI tests need no model.
 """
 
 from __future__ import annotations
@@ -140,18 +141,6 @@ def test_auto_cure_in_the_retrain_flow_notifies_the_before_after_table(
         assert f"class &#x27;{finding['class']}&#x27; {finding['test']}" in text, text
     assert cure_table(cure) in text
     assert f"## Cure: {cure['status']}\n\n{cure_table(cure)}" in flow_artifact(state, "retrain-record")
-
-
-@pytest.mark.slow
-@pytest.mark.integration
-def test_on_clean_data_the_cure_stage_is_skipped_and_dvc_repro_succeeds(tmp_path: Path) -> None:
-    root = make_project(tmp_path / "ws", "none", None, seed=0)
-    sh(root, "dvc", "repro")
-    assert report(root, "audit.json")["verdict"] == "pass"
-    cure = report(root, "cure.json")
-    assert cure["status"] == "skipped" and cure["reason"].startswith("the audit passed"), cure
-    assert not any((root / "models" / "cured").iterdir()) and (root / "reports" / "cure").is_dir()
-    assert report(root, "release.json")["promoted"], "the clean model is the champion, uncured"
 
 
 def cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -122,6 +122,14 @@ def test_the_first_model_becomes_champion_and_is_announced(retrained) -> None:
     assert f"v{release['version']} is the new champion" in retrained["messages"][0]["subject"]
 
 
+def test_on_clean_data_the_enabled_cure_stage_is_skipped(retrained) -> None:
+    """The workspace sets `cure.enabled`; its audit passed, so the clean model is released uncured."""
+    root = retrained["root"]
+    cure = json.loads((root / "reports" / "cure.json").read_text())
+    assert cure["status"] == "skipped" and cure["reason"].startswith("the audit passed"), cure
+    assert not any((root / "models" / "cured").iterdir()) and (root / "reports" / "cure").is_dir()
+
+
 def test_no_new_data_is_a_fast_skip(retrained, webhook) -> None:
     root = retrained["root"]
     lock_before = (root / "dvc.lock").read_text()

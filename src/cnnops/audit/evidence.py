@@ -586,10 +586,11 @@ def _class_means(
     """The means of `images` (the donors, the recipients: `others` of `batch`) the class-mean pastes
     take, each computed once: whole (key False), and for the large places (True,
     `regions.off_object_only`) only their backgrounds, each pixel averaged over the images whose
-    object (`pasted`, and the recipients' own estimate) does not cover it. Averaged with the object, a thin digit that varies ('1', '9' on photo crops)
-    left its faint ghost at the centre, which flipped other classes as the digit itself would (a
-    false alarm on clean scenes, docs/audit.md); a cue at one place is the same in every image that
-    has it off its object, so it keeps its value."""
+    object (`pasted`, and the recipients' own estimate) does not cover it. Averaged with the
+    object, a thin digit that varies ('1', '9' on photo crops) left its faint ghost at the centre,
+    which flipped other classes as the digit itself would (a false alarm on clean scenes,
+    docs/audit.md); a cue at one place is the same in every image that has it off its object, so it
+    keeps its value."""
     donors, recipients = images
     kept = _pasted_objects(batch.maps[others], batch.objects[others], batch.annotated[others])
     return {

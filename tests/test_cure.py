@@ -30,6 +30,7 @@ from fixtures_model import one_thread
 from mlflow import MlflowClient
 
 from cnnops.audit import counterfactual_plan
+from cnnops.config import parse_params
 from cnnops.errors import StageInputError
 from cnnops.models import load_classifier
 from cnnops.stages import cure
@@ -319,6 +320,7 @@ def test_a_second_round_acts_on_the_reaudits_findings(tmp_path_factory: pytest.T
     assert cured.cue_flips < CURED, cured.cue_flips  # ground truth on round 2's model
     assert cured.images_lost <= IMAGES_LOST, (cured.clean_accuracy, cured.clean_model_accuracy, cured.images)
     assert report["run_id"] == second["run_id"] == report["release"]["run_id"]  # released: round 2's
+    assert report["kept_round"] == 2
     store = MlflowClient(audited.params.tracking.uri)
     tags = store.get_run(second["run_id"]).data.tags
     assert (tags["cnnops.cure.parent_run_id"], tags["cnnops.cure.round"]) == (first["run_id"], "2")
@@ -411,6 +413,55 @@ def test_a_kept_round_comes_back_only_for_the_same_inputs(tmp_path: Path) -> Non
         assert cure_resume.restore(store, 1, expected, outputs) is None, broken
     cure_resume.clear(store)
     assert not store.exists()
+
+
+def _round(number: int, verdict: str, failures: list[tuple[str, str]], accuracy: float) -> cure._Round:
+    audit = {
+        "verdict": verdict,
+        "classes": {},
+        "tests": [],
+        "failures": [{"class": c, "test": t} for c, t in failures],
+    }
+    empty = counterfactual_plan.Plan((), (), ())
+    return cure._Round(number, empty, (), audit, None, f"r{number}", {"accuracy": accuracy})
+
+
+def test_a_later_round_worse_than_an_earlier_one_is_not_the_model_released(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hue cure on scenes (docs/audit.md): round 1 cleared the failed audit's findings but its
+    re-audit failed another class; round 2 answered that and came out inconclusive, with objects of
+    that class wiped out. Release refuses both, so the better of them is kept: the one that leaves
+    fewer of the first audit's findings failing, then the more accurate (the later of equals); its
+    model and reports are put back in place from the kept rounds, and the log says why."""
+    paths = cure_paths(tmp_path)
+    hue = [("3", "property:hue"), ("3", "transplant_mean:outer band")]
+    done = [_round(0, "fail", hue, 0.9), _round(1, "fail", [("9", "transplant:centre")], 0.8)]
+    done.append(_round(2, "inconclusive", [], 0.7))
+    outputs = cure_resume.Outputs(paths.out, paths.folder)
+    for r in done[1:]:
+        paths.folder.mkdir(parents=True, exist_ok=True)
+        paths.out.parent.mkdir(parents=True, exist_ok=True)
+        paths.out.write_bytes(f"round {r.number}".encode())
+        (paths.folder / "audit.json").write_text(json.dumps(r.audit))
+        cure_resume.save(paths.rounds, r.number, {"run_id": r.run_id}, outputs)
+    params = parse_params({})
+    with caplog.at_level(logging.WARNING):
+        assert cure._kept_round(params, paths, done) is done[1]
+    assert (
+        paths.out.read_bytes() == b"round 1"
+        and json.loads((paths.folder / "audit.json").read_text()) == done[1].audit
+    )
+    assert "round 1's model is kept, not round 2's" in caplog.text
+    assert "round 2: re-audit inconclusive, 0 of the failed audit's findings still fail" in caplog.text
+    # a finding of the first audit still failing on round 1 outweighs its accuracy; the later of equals
+    done[1] = _round(1, "fail", hue[:1], 0.8)
+    assert cure._kept_round(params, paths, done) is done[2]
+    done[1] = _round(1, "inconclusive", [], 0.7)
+    assert cure._kept_round(params, paths, done) is done[2]
+    # a pass outranks any failure, whatever its accuracy
+    done[1] = _round(1, "pass", [], 0.5)
+    assert cure._kept_round(params, paths, done) is done[1]
 
 
 def test_a_cure_killed_in_round_two_resumes_at_round_two(

@@ -79,7 +79,8 @@ def test_a_real_cures_page_shows_the_before_after_and_the_same_images_on_both_mo
     for finding in report["findings"]:
         assert f"<td>{html.escape(finding['test'])}</td>" in text
     # every round: its findings acted on, its re-audit and training time (the corner: one round, cured)
-    assert f"{len(report['rounds'])} round(s): {html.escape(report['stopped'])}" in text
+    stopped = f"{len(report['rounds'])} round(s): {html.escape(report['stopped'])}; "
+    assert stopped + f"the cured model is round {report['kept_round']}'s</p>" in text
     for r in report["rounds"]:
         assert f"<td>re-audit {r['audit_verdict']}</td><td>trained {r['train_seconds']:.3f} s</td>" in text
     # the cued class's images, each as the failed and the cured model see it

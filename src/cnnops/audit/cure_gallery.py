@@ -220,7 +220,8 @@ def _rounds(report: dict[str, Any]) -> str:
         body.append(_row([_text(r["round"]), "", "", "", "", f"re-audit {_text(r['audit_verdict'])}",
                           f"trained {seconds} s"]))  # fmt: skip
     return (
-        f"<h2>Rounds</h2><p id='stopped'>{len(report['rounds'])} round(s): {_text(report['stopped'])}</p>"
+        f"<h2>Rounds</h2><p id='stopped'>{len(report['rounds'])} round(s): {_text(report['stopped'])}; "
+        f"the cured model is round {_text(report['kept_round'])}'s</p>"
         f"<table id='rounds'>{head}{''.join(body)}</table>"
     )
 

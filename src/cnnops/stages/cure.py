@@ -13,9 +13,10 @@ its other end), and a new model is trained with every round's. The rounds stop a
 does not fail, at the last round, or when a failing re-audit calls for nothing the training did not
 already have. An inconclusive re-audit is no cure: it proves nothing, so the cure is `not cured`
 (release keeps that model a challenger), and its rounds stop there (it has no failure to plan a
-round from). Each round's run is linked to the one before; only the last model is exported and
-released. Each completed round is kept (`training.cure_resume`, keyed by the cure's inputs), so a
-cure killed in round 2 resumes at round 2.
+round from). Each round's run is linked to the one before; one round's model is exported and
+released: the last, unless an earlier one's re-audit stands better (`_kept_round`). Each completed
+round is kept (`training.cure_resume`, keyed by the cure's inputs), so a cure killed in round 2
+resumes at round 2.
 
 It refuses, by name and without writing a model, to cure a model whose audit passed, an audit of
 another model, or findings it has no counterfactual for. dvc.yaml runs it with `--if-failed`: a
@@ -109,8 +110,8 @@ class CureResult:
 
 def run(params: Params, paths: CurePaths = CurePaths(), if_failed: bool = False) -> CureResult:
     """Cure the model `paths.audit_report` failed: train, evaluate and re-audit a new one, in up to
-    `cure.rounds` rounds, then export and release the last. `if_failed` (dvc.yaml's `--if-failed`): a
-    passing or inconclusive audit is skipped, not refused."""
+    `cure.rounds` rounds, then export and release the best (`_kept_round`). `if_failed` (dvc.yaml's
+    `--if-failed`): a passing or inconclusive audit is skipped, not refused."""
     if not (params.cure.enabled or params.orchestrate.auto_cure):
         return _skipped(paths, "cure.enabled and orchestrate.auto_cure are false")
     document = release.audit_document(paths.audit_report)  # read once: the skip check and the cure
@@ -129,8 +130,8 @@ def run(params: Params, paths: CurePaths = CurePaths(), if_failed: bool = False)
     for left in plan.not_addressed:
         log.warning("cure: class '%s' %s is not addressed: %s", left["class"], left["test"], left["why"])
     done, stopped = _rounds(params, paths, split, zero, plan)
-    last = done[-1]
-    report = _table(params, paths, failed, done, stopped, before)
+    kept = _kept_round(params, paths, done)
+    report = _table(params, paths, failed, done, kept, stopped, before)
     atomic.write_json(paths.report, {**report, "release": None})  # the table holds if export fails
     export.run(params, _export_paths(paths))
     released = release.run(params, _release_paths(paths))
@@ -139,15 +140,16 @@ def run(params: Params, paths: CurePaths = CurePaths(), if_failed: bool = False)
     page = cure_gallery.write_comparison(
         paths.folder / cure_gallery.PAGE, report, paths.model, paths.out, paths.prepared, params.audit
     )
-    with runs.continue_run(params.tracking, last.run_id):  # the before/after page on the cured run
+    with runs.continue_run(params.tracking, kept.run_id):  # the before/after page on the cured run
         runs.log_files([page], "cure")
-    _track(params, last.run_id, report)
+    _track(params, kept.run_id, report)
     cure_resume.clear(paths.rounds)
     log.info(
-        "cure: %s after %d round(s) (%s); cured model v%s %s (%s)", report["status"], last.number, stopped,
-        released.version, "is the champion" if released.promoted else "stays a challenger", paths.report,
+        "cure: %s after %d round(s) (%s); cured model (round %d's) v%s %s (%s)", report["status"],
+        done[-1].number, stopped, kept.number, released.version,
+        "is the champion" if released.promoted else "stays a challenger", paths.report,
     )  # fmt: skip
-    return CureResult(report, last.run_id)
+    return CureResult(report, kept.run_id)
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,44 @@ def _residual(params: Params, done: list[_Round]) -> tuple[dict[str, Any], ...]:
         return ()
     cured = {a["class"] for r in done[1:] for a in r.plan.addressed}
     return counterfactual_plan.residuals(last.audit, cured, params.audit.significance)
+
+
+def _kept_round(params: Params, paths: CurePaths, done: list[_Round]) -> _Round:
+    """The round whose model is exported and released, its outputs put back in place when it is not
+    the last: the best by `_standing`, the later of equals. A later round can be worse than the one
+    before it (a counterfactual for a place its re-audit named can wipe out objects of a class);
+    releasing only the last round's model would then throw the better one away."""
+    kept = max(done[1:], key=lambda r: (_standing(params, done, r), r.number))
+    if kept is not done[-1]:
+        cure_resume.take_back(paths.rounds, kept.number, _outputs(paths))
+        log.warning(
+            "cure: round %d's model is kept, not round %d's: %s",
+            kept.number, done[-1].number, _standing_words(params, done, kept),
+        )  # fmt: skip
+    return kept
+
+
+def _standing(params: Params, done: list[_Round], r: _Round) -> tuple[bool, bool, int, float]:
+    """How good round `r`'s model is, best highest: its re-audit passes with no residual on a cured
+    class, it passes, how few of the failed audit's findings still fail on it, its test accuracy. A
+    failed and an inconclusive re-audit rank alike: release refuses both."""
+    passed = r.audit["verdict"] == "pass"
+    clean = passed and not _residual(params, done[: r.number + 1])
+    failing = {(f["class"], f["test"]) for f in r.audit["failures"]}
+    still = sum((f["class"], f["test"]) in failing for f in done[0].audit["failures"])
+    return clean, passed, -still, r.metrics["accuracy"]
+
+
+def _standing_words(params: Params, done: list[_Round], kept: _Round) -> str:
+    """Why `kept` ranks above the later rounds, in words: each one's re-audit, findings left, accuracy."""
+    rows = []
+    for r in (kept, *done[kept.number + 1 :]):
+        _, _, still, accuracy = _standing(params, done, r)
+        rows.append(
+            f"round {r.number}: re-audit {r.audit['verdict']}, {-still} of the failed audit's findings "
+            f"still fail, test accuracy {accuracy:.3f}"
+        )
+    return "; ".join(rows)
 
 
 def _named(residual: tuple[dict[str, Any], ...]) -> str:
@@ -479,20 +519,23 @@ def _table(
     paths: CurePaths,
     failed: dict[str, Any],
     done: list[_Round],
+    kept: _Round,
     stopped: str,
     before: dict[str, Any],
 ) -> dict[str, Any]:
     """reports/cure.json: what was cured how, the before/after of the test figures and of every
-    finding's flip rate against its control (the last round's model against the failed one), and
+    finding's flip rate against its control (the `kept` round's model against the failed one), and
     each round's own. A pass with a residual left on a cured class (`cure.rounds` ran out) is not
     `cured` but `RESIDUAL_LEFT`, the tests in `residual`."""
-    last, residual = done[-1], _residual(params, done)
+    upto = done[: kept.number + 1]  # the rounds the kept model was trained by
+    residual = _residual(params, upto)
     parent_train = _json(paths.train_report, "run `cnnops train`")
-    status = "not cured" if last.audit["verdict"] != "pass" else RESIDUAL_LEFT if residual else "cured"
+    status = "not cured" if kept.audit["verdict"] != "pass" else RESIDUAL_LEFT if residual else "cured"
     return {
         "status": status,
         "parent_run_id": failed["run_id"],
-        "run_id": last.run_id,
+        "run_id": kept.run_id,
+        "kept_round": kept.number,
         "model": str(paths.out),
         "onnx": str(paths.onnx),
         "mode": params.cure.mode,
@@ -501,12 +544,12 @@ def _table(
         "max_rounds": params.cure.rounds,
         "stopped": stopped,
         "residual": list(residual),
-        "counterfactuals": counterfactual.Counterfactual(last.cues, params.cure.rate).describe(),
-        "addressed": [{**a, "round": r.number} for r in done[1:] for a in r.plan.addressed],
-        "not_addressed": [{**n, "round": r.number} for r in done[1:] for n in r.plan.not_addressed],
+        "counterfactuals": counterfactual.Counterfactual(kept.cues, params.cure.rate).describe(),
+        "addressed": [{**a, "round": r.number} for r in upto[1:] for a in r.plan.addressed],
+        "not_addressed": [{**n, "round": r.number} for r in upto[1:] for n in r.plan.not_addressed],
         "before": _figures(before, failed["verdict"], parent_train),
-        "after": _figures(last.metrics, last.audit["verdict"], last.trained),
-        "findings": _findings(failed, last.audit),
+        "after": _figures(kept.metrics, kept.audit["verdict"], kept.trained),
+        "findings": _findings(failed, kept.audit),
         "rounds": [_round_row(params, done[: i + 1], r) for i, r in enumerate(done[1:])],
     }
 

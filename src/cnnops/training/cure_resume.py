@@ -72,11 +72,21 @@ def restore(store: Path, number: int, expected: dict[str, Any], outputs: Outputs
             "trained again", kept, number, ", ".join(stale),
         )  # fmt: skip
         return None
+    _copy_back(kept, outputs)
+    return record
+
+
+def take_back(store: Path, number: int, outputs: Outputs) -> None:
+    """Round `number`'s outputs, kept by this cure, copied back into place: the round a cure releases
+    when a later round's model is worse (`stages.cure`'s `_kept_round`)."""
+    _copy_back(store / str(number), outputs)
+
+
+def _copy_back(kept: Path, outputs: Outputs) -> None:
     outputs.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(checkpoint, outputs.checkpoint)
+    shutil.copy2(kept / outputs.checkpoint.name, outputs.checkpoint)
     shutil.rmtree(outputs.folder, ignore_errors=True)
     shutil.copytree(kept / "reports", outputs.folder)
-    return record
 
 
 def clear(store: Path) -> None:
